@@ -1,0 +1,33 @@
+# gmpi-lightning: `make help` lists the targets.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+export WANDB_MODE ?= offline
+export GLOO_SOCKET_IFNAME ?= lo
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-full lint clean
+
+help:  ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(VENV)/.installed  ## create .venv and install the suite with dev tools (idempotent)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+test: install  ## fast test suite (slow tests excluded)
+	$(PY) -m pytest -q
+
+test-full: install  ## every test, slow ones included
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check .
+
+clean:  ## remove caches and build outputs (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info **/__pycache__
