@@ -16,6 +16,7 @@ The converted format written by :func:`save_converted` (``gmpi import-stylegan2`
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import inspect
 import io
@@ -117,6 +118,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str):
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)  # protocol-2 names, e.g. __builtin__
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:

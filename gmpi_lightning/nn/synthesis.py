@@ -172,6 +172,9 @@ class SynthesisNetwork(nn.Module):
         log2 = int(np.log2(img_resolution))
         if img_resolution < 4 or 2**log2 != img_resolution:
             raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
+        if channel_base // img_resolution < 1:
+            raise ValueError(f"channel_base {channel_base} gives 0 channels at {img_resolution} px; "
+                             f"use channel_base >= {img_resolution}")
         self.w_dim, self.img_resolution, self.img_channels = w_dim, img_resolution, img_channels
         self.block_resolutions = [2**i for i in range(2, log2 + 1)]
         self.channels = {res: min(channel_base // res, channel_max) for res in self.block_resolutions}

@@ -1,0 +1,49 @@
+"""Shared test set-up: offline wandb, a private TORCH_HOME, fixture paths, small seeded helpers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="gmpi-torch-home-"))
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("GMPI_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+def fixture_dir(name: str) -> Path:
+    """Path of ../shared/fixtures/<name>, or skip with the reason when the folder is absent."""
+    path = FIXTURES / name
+    if not path.is_dir():
+        pytest.skip(f"reference fixtures not found at {path} (set GMPI_FIXTURES or check out ../shared)")
+    return path
+
+
+@pytest.fixture
+def sg2_fixture() -> Path:
+    return fixture_dir("stylegan2_ada")
+
+
+@pytest.fixture
+def gmpi_fixture() -> Path:
+    return fixture_dir("gmpi")
+
+
+@pytest.fixture
+def camera_fixture() -> Path:
+    return fixture_dir("camera")
+
+
+def max_err(a, b) -> float:
+    a = a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)
+    b = b.detach().cpu().double().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, np.float64)
+    assert a.shape == b.shape, f"shape mismatch {a.shape} vs {b.shape}"
+    return float(np.abs(a - b).max())
