@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .layers import DEFAULT_FILTER, Conv2dLayer, FullyConnectedLayer, MappingNetwork, compute_dtype
-from .ops import assert_shape, downsample2d, setup_filter
+from .ops import assert_shape, downsample2d, normalize_2nd_moment, setup_filter
 
 
 class DiscriminatorBlock(nn.Module):
@@ -162,8 +162,7 @@ class Discriminator(nn.Module):
             self.add_module(f"b{res}", block)
             layer_idx += block.num_layers
         if c_dim > 0:
-            self.mapping = MappingNetwork(z_dim=0, c_dim=c_dim, w_dim=cmap_dim, num_ws=None, w_avg_beta=None,
-                                          **(mapping_kwargs or {}))
+            self.mapping = self.build_condition_mapping(c_dim, cmap_dim, mapping_kwargs or {})
         self.b4 = DiscriminatorEpilogue(channels[4], cmap_dim=cmap_dim, resolution=4, **(epilogue_kwargs or {}),
                                         **common)
 
@@ -172,5 +171,67 @@ class Discriminator(nn.Module):
         x = None
         for res in self.block_resolutions:
             x, img = getattr(self, f"b{res}")(x, img, force_fp32=force_fp32)
-        cmap = self.mapping(None, c) if self.c_dim > 0 else None
+        cmap = self.embed_condition(c) if self.c_dim > 0 else None
         return self.b4(x, img, cmap)
+
+    def build_condition_mapping(self, c_dim: int, cmap_dim: int, mapping_kwargs: dict) -> nn.Module:
+        """c -> cmap network (NVlabs: an 8-layer mapping network without z)."""
+        return MappingNetwork(z_dim=0, c_dim=c_dim, w_dim=cmap_dim, num_ws=None, w_avg_beta=None, **mapping_kwargs)
+
+    def embed_condition(self, c: torch.Tensor | None) -> torch.Tensor:
+        return self.mapping(None, c)
+
+
+class PoseConditionedDiscriminator(Discriminator):
+    """GMPI's discriminator (GMPI_SPEC §5): StyleGAN2 ResNet D with projection conditioning on the
+    flattened world-to-camera matrix, ``cmap = normalize_2nd_moment(Linear(16, cmap_dim)(w2c))``.
+
+    Minibatch-stddev uses group size 1 by default: a constant channel that keeps the pretrained conv
+    shape while keeping samples independent (needed to score views one by one).
+    """
+
+    def __init__(self, img_resolution: int, img_channels: int = 3, c_dim: int = 16, cmap_dim: int = 16,
+                 mbstd_group_size: int = 1, channel_base: int = 32768, channel_max: int = 512,
+                 num_fp16_res: int = 0, conv_clamp: float | None = None, architecture: str = "resnet",
+                 block_kwargs: dict | None = None, epilogue_kwargs: dict | None = None):
+        epilogue = dict(epilogue_kwargs or {}, mbstd_group_size=mbstd_group_size)
+        super().__init__(c_dim=c_dim, img_resolution=img_resolution, img_channels=img_channels,
+                         architecture=architecture, channel_base=channel_base, channel_max=channel_max,
+                         num_fp16_res=num_fp16_res, conv_clamp=conv_clamp, cmap_dim=cmap_dim,
+                         block_kwargs=block_kwargs, epilogue_kwargs=epilogue)
+        self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, c_dim=c_dim,
+                                cmap_dim=cmap_dim, mbstd_group_size=mbstd_group_size, channel_base=channel_base,
+                                channel_max=channel_max, num_fp16_res=num_fp16_res, conv_clamp=conv_clamp,
+                                architecture=architecture, block_kwargs=dict(block_kwargs or {}),
+                                epilogue_kwargs=dict(epilogue_kwargs or {}))
+
+    def build_condition_mapping(self, c_dim: int, cmap_dim: int, mapping_kwargs: dict) -> nn.Module:
+        return nn.Linear(c_dim, cmap_dim)  # PyTorch default init, as the official code
+
+    def embed_condition(self, c: torch.Tensor | None) -> torch.Tensor:
+        if c is None or c.ndim != 2 or c.shape[1] != self.c_dim:
+            raise ValueError(f"the pose condition must be B x {self.c_dim} (flattened w2c), got "
+                             f"{None if c is None else tuple(c.shape)}")
+        return normalize_2nd_moment(self.mapping(c.to(torch.float32)))
+
+    @classmethod
+    def from_stylegan2(cls, D: Discriminator, c_dim: int = 16, cmap_dim: int = 16,
+                       mbstd_group_size: int = 1) -> PoseConditionedDiscriminator:
+        """Pose-conditioned D initialised from an unconditional pretrained D. The pretrained 1-row output
+        layer is broadcast to all ``cmap_dim`` rows (as the official weight copy does)."""
+        if D.c_dim != 0:
+            raise ValueError("from_stylegan2 expects an unconditional discriminator (c_dim = 0)")
+        kw = D.init_kwargs
+        new = cls(img_resolution=kw["img_resolution"], img_channels=kw["img_channels"], c_dim=c_dim,
+                  cmap_dim=cmap_dim, mbstd_group_size=mbstd_group_size, channel_base=kw["channel_base"],
+                  channel_max=kw["channel_max"], num_fp16_res=kw["num_fp16_res"], conv_clamp=kw["conv_clamp"],
+                  architecture=kw["architecture"], block_kwargs=kw["block_kwargs"],
+                  epilogue_kwargs={k: v for k, v in kw["epilogue_kwargs"].items() if k != "mbstd_group_size"})
+        own = new.state_dict()
+        with torch.no_grad():
+            for name, t in D.state_dict().items():
+                if name not in own:
+                    raise ValueError(f"pretrained D tensor {name} has no counterpart in the pose-conditioned D")
+                own[name].copy_(t.expand_as(own[name]) if name.startswith("b4.out.") else t)
+        new.load_state_dict(own)
+        return new.to(next(D.parameters()).device)

@@ -166,6 +166,8 @@ class SynthesisBlock(nn.Module):
 class SynthesisNetwork(nn.Module):
     """ws -> image. Blocks ``b4 ... b{img_resolution}``; channels ``min(channel_base // res, channel_max)``."""
 
+    block_class = SynthesisBlock
+
     def __init__(self, w_dim: int, img_resolution: int, img_channels: int, channel_base: int = 32768,
                  channel_max: int = 512, num_fp16_res: int = 0, **block_kwargs):
         super().__init__()
@@ -182,7 +184,7 @@ class SynthesisNetwork(nn.Module):
         self.num_ws = 0
         for res in self.block_resolutions:
             in_channels = self.channels[res // 2] if res > 4 else 0
-            block = SynthesisBlock(in_channels, self.channels[res], w_dim=w_dim, resolution=res,
+            block = self.block_class(in_channels, self.channels[res], w_dim=w_dim, resolution=res,
                                    img_channels=img_channels, is_last=(res == img_resolution),
                                    use_fp16=(res >= fp16_resolution), **block_kwargs)
             self.num_ws += block.num_conv
@@ -216,6 +218,9 @@ class Generator(nn.Module):
     def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int, img_channels: int,
                  mapping_kwargs: dict | None = None, synthesis_kwargs: dict | None = None):
         super().__init__()
+        self.init_kwargs = dict(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, img_resolution=img_resolution,
+                                img_channels=img_channels, mapping_kwargs=dict(mapping_kwargs or {}),
+                                synthesis_kwargs=dict(synthesis_kwargs or {}))
         self.z_dim, self.c_dim, self.w_dim = z_dim, c_dim, w_dim
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self.synthesis = SynthesisNetwork(w_dim=w_dim, img_resolution=img_resolution, img_channels=img_channels,

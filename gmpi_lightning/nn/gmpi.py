@@ -1,0 +1,300 @@
+"""The GMPI generator: StyleGAN2 synthesis + a pluggable alpha branch + background plane (GMPI_SPEC §3).
+
+Output: an MPI ``B x L x 4 x R x R`` in [0, 1], plane 0 nearest. All foreground planes share one RGB
+image (the StyleGAN2 ToRGB skip sum); the farthest plane's RGB is a background synthesised from the
+left/right border features; alpha comes from the alpha branch, selected by ``alpha_mode``:
+
+========================  ==========================================================================
+``normalize_add_z``       the paper: ToAlpha(instance_norm(x) + e(z_i)); e is a 4-layer MLP on the
+                          plane's normalised depth, style-modulated by the block's conv1 w
+``add_z``                 as above without the instance normalisation
+``learnable_tokens``      e is a learned token per training plane (interpolated in depth for other L)
+``vanilla``               one ToAlpha with L outputs per block (L fixed at n_train_planes)
+``depth2alpha``           one predicted depth map D; alpha_i = clamp((z_i - D) / (2 delta) + 1/2, 0, 1)
+========================  ==========================================================================
+
+``pos_enc_multires > 0`` feeds ``[z, sin(2^k z), cos(2^k z)]`` to the depth MLP instead of z.
+
+Implementation note: ToAlpha is linear in its input, so ``ToAlpha(x_hat + e_i)`` is computed as
+``ToAlpha-without-bias(x_hat)`` (one R x R map per sample) plus a per-plane scalar: memory is
+O(B C R^2 + B L R^2) instead of the official O(B L C R^2), and any number of planes can be
+generated in chunks with exactly the same result (the backbone runs once; cf. GMPI_SPEC §11.25).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .layers import FullyConnectedLayer, MappingNetwork
+from .ops import bias_act, upsample2d
+from .synthesis import Generator, SynthesisBlock, SynthesisNetwork, ToRGBLayer
+
+ALPHA_MODES = ("normalize_add_z", "add_z", "learnable_tokens", "vanilla", "depth2alpha")
+FINAL_ACTIVATIONS = ("tanh", "sigmoid", "none")
+
+
+def positional_encoding(z: torch.Tensor, multires: int) -> torch.Tensor:
+    """L -> L x (1 + 2M): [z, sin(f_0 z), cos(f_0 z), ...] with f_k = 2^k (no pi)."""
+    feats = [z[:, None]]
+    for f in 2.0 ** torch.linspace(0, multires - 1, multires):
+        feats += [torch.sin(z[:, None] * f), torch.cos(z[:, None] * f)]
+    return torch.cat(feats, dim=1)
+
+
+class DepthEmbedding(nn.Module):
+    """Style-modulated 1x1-conv MLP on the depth code: in -> C/4 -> C/2 -> C -> C, lrelu*sqrt(2) after each layer.
+
+    Parameter names follow the official ``pos_enc_embed`` module (weight1..4, bias1..4, affine1..4).
+    """
+
+    def __init__(self, in_features: int, channels: int, w_dim: int, conv_clamp: float | None = None):
+        super().__init__()
+        self.dims = [in_features, channels // 4, channels // 2, channels, channels]
+        self.conv_clamp = conv_clamp
+        for k in range(1, 5):
+            self.register_parameter(f"weight{k}", nn.Parameter(torch.randn(self.dims[k], self.dims[k - 1], 1, 1)))
+            self.register_parameter(f"bias{k}", nn.Parameter(torch.zeros(self.dims[k])))
+        for k in range(1, 5):
+            self.add_module(f"affine{k}", FullyConnectedLayer(w_dim, self.dims[k - 1], bias_init=1))
+
+    def forward(self, code: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """code: L x in (shared by the batch), w: B x w_dim -> B x L x C."""
+        h = code.to(w.dtype)[None].expand(w.shape[0], -1, -1)
+        for k in range(1, 5):
+            styles = getattr(self, f"affine{k}")(w) / np.sqrt(self.dims[k - 1])
+            weight = getattr(self, f"weight{k}")[:, :, 0, 0]
+            h = torch.einsum("oi,bi,bli->blo", weight, styles, h)
+            h = bias_act(h, getattr(self, f"bias{k}"), dim=2, act="lrelu", clamp=self.conv_clamp)
+        return h
+
+
+def instance_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Per sample and channel over pixels: (x - mean) / (sqrt(unbiased var + 1e-8) + 1e-8)."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = (x.var(dim=(2, 3), keepdim=True, unbiased=True) + 1e-8).sqrt()
+    return (x - mean) / (std + 1e-8)
+
+
+def border_background(x: torch.Tensor, ratio: float = 0.05) -> torch.Tensor:
+    """Background features: left/right borders of x kept, interior columns blended between the
+    columns just inside them. Built without gradient (only ToRGB learns from the background)."""
+    with torch.no_grad():
+        r = x.shape[-1]
+        pad = max(1, int(math.floor(ratio * r)))
+        t = (torch.arange(pad, r - pad, device=x.device, dtype=x.dtype) - pad) / (r - 2 * pad + 1e-8)
+        out = x.detach().clone()
+        out[..., pad:r - pad] = x[..., pad:pad + 1] * (1 - t) + x[..., r - pad - 1:r - pad] * t
+    return out
+
+
+class GMPISynthesisBlock(SynthesisBlock):
+    """A StyleGAN2 synthesis block plus its alpha branch (``pos_enc_embed`` / ``toalpha`` / tokens)."""
+
+    def __init__(self, *args, alpha_mode: str = "normalize_add_z", pos_enc_multires: int = 0,
+                 n_train_planes: int = 32, gen_alpha_largest_res: int = 256, **kwargs):
+        super().__init__(*args, **kwargs)
+        if alpha_mode not in ALPHA_MODES:
+            raise ValueError(f"unknown alpha_mode {alpha_mode!r}; expected one of {ALPHA_MODES}")
+        self.alpha_mode = alpha_mode
+        self.pos_enc_multires = pos_enc_multires
+        # The vanilla branch has no resolution limit (as the official variant).
+        self.gen_alpha = alpha_mode == "vanilla" or self.resolution <= gen_alpha_largest_res
+        c, w_dim, clamp = self.out_channels, self.w_dim, kwargs.get("conv_clamp")
+        if not self.gen_alpha:
+            return
+        if alpha_mode in ("normalize_add_z", "add_z"):
+            self.pos_enc_embed = DepthEmbedding(1 + 2 * pos_enc_multires, c, w_dim, clamp)
+            self.toalpha = ToRGBLayer(c, 1, w_dim=w_dim, conv_clamp=clamp)
+        elif alpha_mode == "learnable_tokens":
+            self.plane_tokens = nn.Parameter(torch.rand(1, n_train_planes, c))
+            self.toalpha = ToRGBLayer(c, 1, w_dim=w_dim, conv_clamp=clamp)
+        elif alpha_mode == "vanilla":
+            self.toalpha = ToRGBLayer(c, n_train_planes, w_dim=w_dim, conv_clamp=clamp)
+        else:  # depth2alpha
+            self.todepth = ToRGBLayer(c, 1, w_dim=w_dim, conv_clamp=clamp)
+        if "pos_enc_embed" in self._modules:  # official parameter order (matters for torch_ema files)
+            self._modules = {"pos_enc_embed": self._modules.pop("pos_enc_embed"), **self._modules}
+
+    def alpha_features(self, x: torch.Tensor, w_conv1: torch.Tensor, w_rgba: torch.Tensor) -> dict | None:
+        """Everything the alpha branch needs from this block that does not depend on the planes."""
+        if not self.gen_alpha:
+            return None
+        x = x.to(torch.float32)
+        if self.alpha_mode == "vanilla":
+            return {"logits": self.toalpha(x, w_rgba)}
+        if self.alpha_mode == "depth2alpha":
+            return {"logits": self.todepth(x, w_rgba)}
+        # ToAlpha(h) = sum_c k[b, c] h[b, c] + bias, with k = weight * styles.
+        k = self.toalpha.weight[0, :, 0, 0] * self.toalpha.affine(w_rgba) * self.toalpha.weight_gain  # B x C
+        feat = instance_normalize(x) if self.alpha_mode != "add_z" else x
+        return {"map": torch.einsum("bc,bchw->bhw", k, feat), "k": k, "w_conv1": w_conv1}
+
+    def alpha_logits(self, feats: dict, depth_code: torch.Tensor, token_weights: torch.Tensor | None):
+        """Per-plane alpha logits B x Lc x R x R for planes with depth code ``depth_code`` (Lc x in)."""
+        if self.alpha_mode in ("vanilla", "depth2alpha"):
+            return feats["logits"]
+        if self.alpha_mode == "learnable_tokens":
+            emb = (token_weights @ self.plane_tokens[0])[None]  # 1 x Lc x C
+        else:
+            emb = self.pos_enc_embed(depth_code, feats["w_conv1"])  # B x Lc x C
+        per_plane = (emb * feats["k"][:, None]).sum(-1)  # B x Lc
+        logits = feats["map"][:, None] + per_plane[:, :, None, None] + self.toalpha.bias[0]
+        return bias_act(logits, clamp=self.toalpha.conv_clamp)
+
+
+class GMPISynthesisNetwork(SynthesisNetwork):
+    block_class = GMPISynthesisBlock
+
+
+def token_interpolation(query: torch.Tensor, token_depths: torch.Tensor) -> torch.Tensor:
+    """Lq x Lt weights: linear interpolation between the neighbouring training depths (clamped)."""
+    q = query.to(torch.float64).clamp(float(token_depths[0]), float(token_depths[-1]))
+    t = token_depths.to(torch.float64)
+    hi = torch.searchsorted(t, q).clamp(1, len(t) - 1)
+    lo = hi - 1
+    lam = (q - t[lo]) / (t[hi] - t[lo])
+    w = torch.zeros(len(q), len(t), dtype=torch.float64)
+    w[torch.arange(len(q)), lo] = 1 - lam
+    w[torch.arange(len(q)), hi] += lam
+    return w.to(torch.float32)
+
+
+class GMPIGenerator(nn.Module):
+    """``G(z, c=None, plane_depths=...) -> MPI B x L x 4 x R x R`` in [0, 1] (plane 0 nearest).
+
+    ``plane_depths`` are the *normalised* depths in [0, 1] fed to the alpha branch (see
+    :meth:`~gmpi_lightning.presets.Preset.normalized_plane_depths`); any L works except for the
+    ``vanilla`` branch, which is fixed at ``n_train_planes``.
+    """
+
+    def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int, img_channels: int = 3,
+                 mapping_kwargs: dict | None = None, synthesis_kwargs: dict | None = None,
+                 alpha_mode: str = "normalize_add_z", pos_enc_multires: int = 0, n_train_planes: int = 32,
+                 token_depths: list[float] | None = None, gen_alpha_largest_res: int = 256,
+                 separate_background: bool = True, background_ratio: float = 0.05,
+                 background_alpha_full: bool = True, final_activation: str = "tanh",
+                 depth2alpha_z_range: float = 1.0, depth2alpha_n_z_bins: int = 256):
+        super().__init__()
+        if final_activation not in FINAL_ACTIVATIONS:
+            raise ValueError(f"final_activation must be one of {FINAL_ACTIVATIONS}, got {final_activation!r}")
+        if img_channels != 3:
+            raise ValueError("GMPI generates RGB planes: img_channels must be 3")
+        self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.init_kwargs["mapping_kwargs"] = dict(mapping_kwargs or {})
+        self.init_kwargs["synthesis_kwargs"] = dict(synthesis_kwargs or {})
+        self.z_dim, self.c_dim, self.w_dim, self.img_resolution = z_dim, c_dim, w_dim, img_resolution
+        self.alpha_mode, self.n_train_planes, self.pos_enc_multires = alpha_mode, n_train_planes, pos_enc_multires
+        self.separate_background, self.background_ratio = separate_background, background_ratio
+        self.background_alpha_full = background_alpha_full and alpha_mode != "vanilla"
+        self.final_activation = final_activation
+        self.depth2alpha_delta = depth2alpha_z_range / depth2alpha_n_z_bins
+        self.synthesis = GMPISynthesisNetwork(
+            w_dim=w_dim, img_resolution=img_resolution, img_channels=3, alpha_mode=alpha_mode,
+            pos_enc_multires=pos_enc_multires, n_train_planes=n_train_planes,
+            gen_alpha_largest_res=gen_alpha_largest_res, **(synthesis_kwargs or {}))
+        self.num_ws = self.synthesis.num_ws
+        self.mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws,
+                                      **(mapping_kwargs or {}))
+        if alpha_mode == "learnable_tokens":
+            td = torch.linspace(0, 1, n_train_planes) if token_depths is None else torch.tensor(token_depths)
+            if td.shape != (n_train_planes,) or bool((td[1:] <= td[:-1]).any()):
+                raise ValueError(f"token_depths must be {n_train_planes} increasing normalised depths")
+            self.register_buffer("token_depths", td.to(torch.float32))
+
+    # ------------------------------------------------------------------------------------------ build
+    @classmethod
+    def from_stylegan2(cls, G: Generator, **gmpi_kwargs) -> GMPIGenerator:
+        """A GMPI generator whose backbone is ``G`` (e.g. an imported G_ema); new modules initialised as
+        the official code does (StyleGAN2 defaults: N(0, 1) weights, affine biases 1, other biases 0)."""
+        gmpi = cls(**G.init_kwargs, **gmpi_kwargs)
+        missing, unexpected = gmpi.load_state_dict(G.state_dict(), strict=False)
+        new = ("pos_enc_embed", "toalpha", "todepth", "plane_tokens", "token_depths")
+        if unexpected or any(not any(n in k for n in new) for k in missing):
+            raise ValueError(f"StyleGAN2 weights do not fit the GMPI backbone: unexpected {unexpected[:5]}, "
+                             f"missing {[k for k in missing if not any(n in k for n in new)][:5]}")
+        return gmpi.to(next(G.parameters()).device)
+
+    # ---------------------------------------------------------------------------------------- forward
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, plane_depths: torch.Tensor | None = None,
+                truncation_psi: float = 1.0, truncation_cutoff: int | None = None, noise_mode: str = "const",
+                plane_chunk: int | None = None, force_fp32: bool = False,
+                fused_modconv: bool | None = None) -> torch.Tensor:
+        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+        return self.synthesize(ws, plane_depths, noise_mode=noise_mode, plane_chunk=plane_chunk,
+                               force_fp32=force_fp32, fused_modconv=fused_modconv)
+
+    def _activation(self, x: torch.Tensor) -> torch.Tensor:
+        if self.final_activation == "tanh":
+            return (torch.tanh(x) + 1) / 2
+        if self.final_activation == "sigmoid":
+            return torch.sigmoid(x)
+        return (x.clamp(-1, 1) + 1) / 2
+
+    def _check_planes(self, plane_depths) -> torch.Tensor:
+        if plane_depths is None:
+            raise ValueError("plane_depths (normalised, L values in [0, 1], index 0 nearest) are required; "
+                             "e.g. get_preset('FFHQ256').normalized_plane_depths(32)")
+        d = torch.as_tensor(plane_depths, dtype=torch.float32).reshape(-1).cpu()
+        if d.numel() < 2 or not bool(torch.isfinite(d).all()):
+            raise ValueError(f"plane_depths must hold at least 2 finite values, got {d.tolist()}")
+        if self.alpha_mode == "vanilla" and d.numel() != self.n_train_planes:
+            raise ValueError(f"the vanilla alpha branch generates exactly {self.n_train_planes} planes, "
+                             f"got {d.numel()} plane depths")
+        return d
+
+    def synthesize(self, ws: torch.Tensor, plane_depths, noise_mode: str = "const", plane_chunk: int | None = None,
+                   force_fp32: bool = False, fused_modconv: bool | None = None) -> torch.Tensor:
+        """ws (B x num_ws x w_dim) -> MPI B x L x 4 x R x R."""
+        depths = self._check_planes(plane_depths)
+        n_planes = depths.numel()
+        rgb = bg = x = None
+        alpha_feats = []
+        for block, bws in zip(self.synthesis.blocks(), self.synthesis.split_ws(ws)):
+            x, fused = block.forward_features(x, bws, force_fp32, fused_modconv, noise_mode)
+            w_rgba, w_conv1 = bws[:, block.num_conv], bws[:, block.num_conv - 1]
+            if rgb is not None:
+                rgb = upsample2d(rgb, block.resample_filter)
+                bg = upsample2d(bg, block.resample_filter) if bg is not None else None
+            y = block.torgb(x, w_rgba, fused_modconv=fused).to(torch.float32)
+            rgb = y if rgb is None else rgb + y
+            if self.separate_background:
+                y = block.torgb(border_background(x, self.background_ratio), w_rgba, fused_modconv=fused)
+                bg = y.to(torch.float32) if bg is None else bg + y.to(torch.float32)
+            alpha_feats.append(block.alpha_features(x, w_conv1, w_rgba))
+
+        alpha = torch.cat([self._alpha_chunk(alpha_feats, depths[i:i + (plane_chunk or n_planes)])
+                           for i in range(0, n_planes, plane_chunk or n_planes)], dim=1)
+        rgb = self._activation(rgb)
+        bg = self._activation(bg) if bg is not None else rgb
+        b, r = rgb.shape[0], rgb.shape[-1]
+        mpi = torch.cat([rgb[:, None].expand(b, n_planes - 1, 3, r, r), bg[:, None]], dim=1)
+        if self.background_alpha_full:
+            alpha = torch.cat([alpha[:, :-1], torch.ones_like(alpha[:, -1:])], dim=1)
+        return torch.cat([mpi, alpha[:, :, None]], dim=2)
+
+    def _alpha_chunk(self, feats: list, depths: torch.Tensor) -> torch.Tensor:
+        """Alpha (after the final activation) for one chunk of planes: B x Lc x R x R."""
+        device = next(self.parameters()).device
+        code = positional_encoding(depths, self.pos_enc_multires).to(device)
+        token_w = token_interpolation(depths, self.token_depths).to(device) if self.alpha_mode == "learnable_tokens" \
+            else None
+        acc = None
+        for block, f in zip(self.synthesis.blocks(), feats):
+            if acc is not None:
+                acc = upsample2d(acc, block.resample_filter)
+            if f is not None:
+                y = block.alpha_logits(f, code, token_w)
+                acc = y if acc is None else acc + y
+        if self.alpha_mode == "depth2alpha":  # soft step: planes behind the predicted surface are opaque
+            surface = self._activation(acc)  # B x 1 x R x R in [0, 1]
+            d = depths.to(device)[None, :, None, None]
+            return ((d - surface) / (2 * self.depth2alpha_delta) + 0.5).clamp(0, 1)
+        return self._activation(acc)
+
+    def extra_repr(self) -> str:
+        return f"alpha_mode={self.alpha_mode}, resolution={self.img_resolution}, num_ws={self.num_ws}"
+

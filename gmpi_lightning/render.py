@@ -1,0 +1,200 @@
+"""MPI rendering and shading (GMPI_SPEC §4). Pure functions of tensors, float32, differentiable in the MPI.
+
+An MPI is ``B x L x 4 x Ht x Wt`` RGBA in [0, 1], plane 0 nearest, fixed in the world frame. A view
+is rendered by intersecting each pixel's ray with every plane ``z = d_i``, sampling the plane's
+texture bilinearly (``align_corners=True``, transparent outside the plane) and compositing front to
+back: ``w_i = a_i * prod_{j<i} (1 - a_j + 1e-10)``, ``rgb = sum w_i rgb_i``, ``depth = sum w_i z_i``
+where ``z_i`` is the z-depth along the camera's optical axis. Colours are *not* renormalised by
+``sum w`` (the background plane is opaque).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+
+from .cameras import pixel_rays, sphere_c2w, truncated_normal
+
+TRANSMITTANCE_EPS = 1e-10
+
+
+def _check_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: torch.Tensor) -> None:
+    if mpi.ndim != 5 or mpi.shape[2] != 4:
+        raise ValueError(f"mpi must be B x L x 4 x H x W (RGBA planes), got shape {tuple(mpi.shape)}")
+    n = mpi.shape[1]
+    if plane_depths.shape != (n,) or plane_extents.shape != (n, 2):
+        raise ValueError(f"an MPI of {n} planes needs plane_depths ({n},) and plane_extents ({n}, 2); got "
+                         f"{tuple(plane_depths.shape)} and {tuple(plane_extents.shape)}")
+    if not bool(torch.isfinite(mpi).all()):
+        raise ValueError("mpi contains NaN or Inf values")
+    lo, hi = float(mpi.detach().amin()), float(mpi.detach().amax())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"mpi values must lie in [0, 1] (RGBA), got range [{lo:.4g}, {hi:.4g}]")
+
+
+def composite(rgb: torch.Tensor, alpha: torch.Tensor, depth: torch.Tensor | None = None,
+              transmittance: torch.Tensor | None = None):
+    """Front-to-back 'over' of a plane stack. rgb: B x L x 3 x H x W, alpha: B x L x 1 x H x W,
+    depth: B x L x 1 x H x W or None; ``transmittance`` (B x 1 x H x W) carries over from nearer planes.
+
+    Returns (rgb B x 3 x H x W, depth or None, accumulated weight B x 1 x H x W, transmittance after).
+    """
+    keep = torch.cumprod(1.0 - alpha + TRANSMITTANCE_EPS, dim=1)
+    before = torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], dim=1)
+    if transmittance is not None:
+        before = before * transmittance[:, None]
+        keep_last = keep[:, -1] * transmittance
+    else:
+        keep_last = keep[:, -1]
+    w = alpha * before
+    out_depth = (w * depth).sum(1) if depth is not None else None
+    return (w * rgb).sum(1), out_depth, w.sum(1), keep_last
+
+
+def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: torch.Tensor, c2w: torch.Tensor,
+               fov_deg: float, height: int, width: int, check_inside: bool = True,
+               plane_chunk: int | None = None) -> dict[str, torch.Tensor]:
+    """Render ``mpi`` (B x L x 4 x Ht x Wt, [0, 1]) from cameras ``c2w`` (B x 4 x 4 or 4 x 4).
+
+    Returns ``rgb`` (B x 3 x H x W in [0, 1]), ``depth`` (z-depth, B x 1 x H x W) and ``alpha``
+    (accumulated opacity, B x 1 x H x W). ``plane_chunk`` warps that many planes at a time (same
+    result, less memory: e.g. 96 planes at 1024 px); by default all planes are warped at once.
+    ``check_inside`` raises if any ray misses the background plane (the official renderer exits).
+    """
+    plane_depths = torch.as_tensor(plane_depths, dtype=torch.float32, device=mpi.device)
+    plane_extents = torch.as_tensor(plane_extents, dtype=torch.float32, device=mpi.device)
+    _check_mpi(mpi, plane_depths, plane_extents)
+    b, n_planes = mpi.shape[:2]
+    c2w = torch.as_tensor(c2w, device=mpi.device)
+    c2w = (c2w[None] if c2w.ndim == 2 else c2w).to(torch.float64)
+    if c2w.shape[0] == 1 and b > 1:
+        c2w = c2w.expand(b, 4, 4)
+    if c2w.shape != (b, 4, 4):
+        raise ValueError(f"c2w must be 4 x 4 or {b} x 4 x 4 for a batch of {b} MPIs, got {tuple(c2w.shape)}")
+    with torch.no_grad():  # cameras are not learned: geometry in float64, no graph
+        rays, origins = pixel_rays(c2w, fov_deg, height, width)
+        oz = origins[:, 2]
+        if bool((oz[:, None] > plane_depths.to(torch.float64)[None, 0] + 1e-9).any()):
+            raise ValueError(f"camera behind the nearest plane (camera z up to {float(oz.max()):.4f}, "
+                             f"nearest plane at {float(plane_depths[0]):.4f}): the MPI cannot render it")
+        axis = c2w[:, :3, 2]
+        ray_dot_axis = torch.einsum("bhwi,bi->bhw", rays, axis)
+    chunk = plane_chunk or n_planes
+    rgb_acc = depth_acc = weight_acc = trans = None
+    with torch.autocast(device_type=mpi.device.type, enabled=False):
+        mpi = mpi.float()
+        for start in range(0, n_planes, chunk):
+            idx = slice(start, min(start + chunk, n_planes))
+            d = plane_depths[idx].to(torch.float64)
+            ext = plane_extents[idx].to(torch.float64)
+            with torch.no_grad():
+                s = (d[None, :, None, None] - oz[:, None, None, None]) / rays[:, None, ..., 2]  # B x Lc x H x W
+                x = origins[:, None, None, None, 0] + s * rays[:, None, ..., 0]
+                y = origins[:, None, None, None, 1] + s * rays[:, None, ..., 1]
+                grid = torch.stack([2 * x / ext[None, :, None, None, 1], 2 * y / ext[None, :, None, None, 0]], -1)
+                z_depth = (s * ray_dot_axis[:, None]).to(torch.float32)[:, :, None]
+                if check_inside and idx.stop == n_planes:
+                    worst = float(grid[:, -1].abs().max())
+                    if worst > 1.0 + 1e-6:
+                        raise ValueError(
+                            f"rays leave the background plane (max |u|,|v| = {worst:.4f} > 1): the camera is outside "
+                            f"the range the MPI was built for. Use poses within the preset's prior, or pass "
+                            f"check_inside=False to render with transparent borders.")
+                grid = grid.to(torch.float32)
+            lc = grid.shape[1]
+            tex = mpi[:, idx].reshape(b * lc, 4, *mpi.shape[-2:])
+            warped = F.grid_sample(tex, grid.reshape(b * lc, height, width, 2), mode="bilinear",
+                                   padding_mode="zeros", align_corners=True).reshape(b, lc, 4, height, width)
+            rgb, depth, weight, trans = composite(warped[:, :, :3], warped[:, :, 3:], z_depth, trans)
+            del warped  # one warped stack alive at a time
+            rgb_acc = rgb if rgb_acc is None else rgb_acc + rgb
+            depth_acc = depth if depth_acc is None else depth_acc + depth
+            weight_acc = weight if weight_acc is None else weight_acc + weight
+    return {"rgb": rgb_acc, "depth": depth_acc, "alpha": weight_acc}
+
+
+# ------------------------------------------------------------------------------------------- shading
+def canonical_depth(alpha: torch.Tensor, plane_depths: torch.Tensor) -> torch.Tensor:
+    """Composite plane depths in texture space (no warping). alpha: B x L x H x W -> B x 1 x H x W."""
+    a = alpha[:, :, None]
+    d = plane_depths.to(alpha)[None, :, None, None, None].expand_as(a)
+    _, depth, _, _ = composite(torch.zeros_like(a).expand(-1, -1, 3, -1, -1), a, d)
+    return depth
+
+
+def gaussian_blur_default_sigma(ksize: int) -> float:
+    """OpenCV's / torchvision's sigma for a kernel size: 0.3 * ((k - 1) / 2 - 1) + 0.8."""
+    return 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
+
+
+def mpi_point_cloud(alpha: torch.Tensor, plane_depths: torch.Tensor, plane_extents: torch.Tensor,
+                    blur_ksize: int = 9) -> torch.Tensor:
+    """World points of the MPI's visible surface, B x H x W x 3: the background plane's texel centres
+    pulled along rays from the origin to the (blurred) canonical composited depth."""
+    from .planes import texel_xyz
+
+    res = alpha.shape[-1]
+    depth = canonical_depth(alpha, plane_depths)
+    if blur_ksize > 1:
+        sigma = gaussian_blur_default_sigma(blur_ksize)
+        depth = TF.gaussian_blur(depth, [blur_ksize, blur_ksize], [sigma, sigma])
+    far = texel_xyz(float(plane_depths[-1]), plane_extents[-1], res).to(alpha)  # H x W x 3
+    return far[None] * (depth[:, 0, :, :, None] / (far[None, :, :, 2:] + 1e-8))
+
+
+def point_cloud_normals(points: torch.Tensor) -> torch.Tensor:
+    """Unit normals of a B x H x W x 3 point grid from 4-neighbour cross products (flat -> (0, 0, -1))."""
+    c = points[:, 1:-1, 1:-1]
+    up, down = points[:, :-2, 1:-1] - c, points[:, 2:, 1:-1] - c
+    left, right = points[:, 1:-1, :-2] - c, points[:, 1:-1, 2:] - c
+    cross = torch.linalg.cross
+    n = cross(up, left) + cross(left, down) + cross(down, right) + cross(right, up)
+    n = F.pad(n.permute(0, 3, 1, 2), [1, 1, 1, 1], mode="replicate").permute(0, 2, 3, 1)
+    return n / (n.norm(dim=-1, keepdim=True) + 1e-8)
+
+
+def light_direction(yaw, pitch, sphere_center_z: float, sphere_r: float) -> torch.Tensor:
+    """Unit direction from a light on the camera sphere at (yaw, pitch) towards the sphere centre, B x 3."""
+    pos = sphere_c2w(yaw, pitch, sphere_center_z, sphere_r)[:, :3, 3]
+    d = torch.tensor([0.0, 0.0, sphere_center_z]) - pos
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+def sample_light(n: int, yaw_mean=0.0, yaw_std=0.2, pitch_mean=0.2, pitch_std=0.05, n_stds=2.0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Light (yaw, pitch) per MPI: in front of the face and slightly above (GMPI_SPEC §4.3)."""
+    return (truncated_normal(n, yaw_mean, yaw_std, n_stds, generator),
+            truncated_normal(n, pitch_mean, pitch_std, n_stds, generator))
+
+
+def shade_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: torch.Tensor,
+              light_dir: torch.Tensor, ka: float, kd: float, blur_ksize: int = 9) -> torch.Tensor:
+    """Lambertian shading of every plane's RGB by the MPI's own canonical surface: rgb * (ka + kd * max(0, -n.l)),
+    clipped to [0, 1]; alpha unchanged. light_dir: 3 or B x 3."""
+    points = mpi_point_cloud(mpi[:, :, 3], plane_depths, plane_extents, blur_ksize)
+    normals = point_cloud_normals(points)
+    light_dir = torch.as_tensor(light_dir, dtype=mpi.dtype, device=mpi.device).reshape(-1, 1, 1, 3)
+    diffuse = (-(normals * light_dir).sum(-1)).clamp(min=0)  # B x H x W
+    factor = (ka + kd * diffuse)[:, None, None]
+    return torch.cat([(mpi[:, :, :3] * factor).clamp(0, 1), mpi[:, :, 3:]], dim=2)
+
+
+SHADING_SCHEDULES = ("as_coded", "ramp")
+
+
+def shading_coefficients(n_calls: int, max_ka: float = 0.9, max_kd: float = 0.1, grow_iters: int = 1000,
+                         schedule: str = "as_coded") -> tuple[float, float]:
+    """(ka, kd) after ``n_calls`` shading calls (this one included).
+
+    ``as_coded`` is the official schedule: both ramp up from 0, so the shaded image starts black and
+    brightens to ka + kd*s in [0.9, 1]. ``ramp`` starts unshaded (ka = 1, kd = 0) and moves
+    monotonically to (max_ka, max_kd).
+    """
+    ratio = min(1.0, max(0, n_calls) / grow_iters)
+    if schedule == "as_coded":
+        return ratio * max_ka, ratio * max_kd
+    if schedule == "ramp":
+        return 1.0 - ratio * (1.0 - max_ka), ratio * max_kd
+    raise ValueError(f"unknown shading schedule {schedule!r}; expected one of {SHADING_SCHEDULES}")
+
