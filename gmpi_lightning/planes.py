@@ -40,8 +40,9 @@ def make_plane_depths(near: float, far: float, n_planes: int, method: str = "inv
 
 
 def normalize_depths(depths: torch.Tensor, near: float, far: float) -> torch.Tensor:
-    """(d - near) / (far - near) in [0, 1]: the depth code of GMPI's alpha branch."""
-    return ((depths.to(torch.float64) - near) / (far - near)).to(torch.float32)
+    """(d - near) / (far - near) in [0, 1]: the depth code of GMPI's alpha branch (float32 arithmetic, as the
+    official code: the nearest plane maps to exactly 0)."""
+    return (torch.as_tensor(depths, dtype=torch.float32) - near) / (far - near)
 
 
 def pose_grid(yaw_mean, yaw_std, pitch_mean, pitch_std, n_stds, n: int = 100) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,340 @@
+"""GMPI generator, alpha-branch variants, pose-conditioned D and released-checkpoint loading."""
+
+import io
+import json
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from gmpi_lightning import cameras as C
+from gmpi_lightning import render as R
+from gmpi_lightning.io import (
+    NetworkFormatError,
+    UnsafePickleError,
+    load_gmpi_checkpoint,
+    load_official_gmpi,
+    read_official_config,
+    save_gmpi_checkpoint,
+)
+from gmpi_lightning.nn import Discriminator, Generator
+from gmpi_lightning.nn.discriminator import PoseConditionedDiscriminator
+from gmpi_lightning.nn.gmpi import (
+    GMPIGenerator,
+    border_background,
+    instance_normalize,
+    positional_encoding,
+    token_interpolation,
+)
+from gmpi_lightning.planes import preset_planes
+from gmpi_lightning.presets import get_preset
+from tests.conftest import max_err
+
+TOL = 1e-4
+FIXTURE_G = dict(z_dim=64, c_dim=0, w_dim=64, img_resolution=32, mapping_kwargs=dict(num_layers=2),
+                 synthesis_kwargs=dict(channel_base=1024, channel_max=64, num_fp16_res=0, conv_clamp=None))
+SMALL = dict(z_dim=16, c_dim=0, w_dim=16, img_resolution=16, mapping_kwargs=dict(num_layers=2),
+             synthesis_kwargs=dict(channel_base=256, channel_max=32))
+
+
+@pytest.fixture(scope="module")
+def fx():
+    from tests.conftest import fixture_dir
+
+    d = fixture_dir("gmpi")
+    return d, np.load(d / "refs.npz")
+
+
+def _keys(path, prefix):
+    return [line.split("\t")[:2] for line in open(path) if line.startswith(prefix)]
+
+
+def test_generator_parity_and_state_dict_contract(fx):
+    d, refs = fx
+    G = GMPIGenerator(**FIXTURE_G).eval()
+    G.load_state_dict(torch.load(d / "generator.pth", weights_only=True), strict=True)
+    ours = [[f"G.{k}", str(list(v.shape))] for k, v in G.state_dict().items()]
+    assert [[k, s.replace(" ", "")] for k, s in _keys(d / "state_dict_keys.txt", "G.")] == \
+        [[k, s.replace(" ", "")] for k, s in ours]
+    z = torch.from_numpy(refs["z"])
+    with torch.no_grad():
+        assert max_err(G.mapping(z, None), refs["ws"]) <= TOL
+        mpi = G(z, None, torch.from_numpy(refs["normalized_plane_depths_L8"]), noise_mode="const")
+    assert mpi.shape == (2, 8, 4, 32, 32)
+    assert max_err(mpi, refs["mpi_rgba_L8"]) <= TOL
+    # alpha is neither saturated nor constant, so the comparison is informative
+    a = mpi[:, :-1, 3]
+    assert 0.05 < float(a.mean()) < 0.95 and float(a.std()) > 0.01
+
+
+def test_discriminator_parity_and_contract(fx):
+    d, refs = fx
+    D = PoseConditionedDiscriminator(img_resolution=32, channel_base=1024, channel_max=64).eval()
+    D.load_state_dict(torch.load(d / "discriminator.pth", weights_only=True), strict=True)
+    assert [k for k, _ in _keys(d / "state_dict_keys.txt", "D.")] == [f"D.{k}" for k in D.state_dict()]
+    with torch.no_grad():
+        for k in range(3):
+            c = torch.from_numpy(refs["cam_w2c_flat_L8"][k]).expand(2, 16)
+            logits = D(torch.from_numpy(refs["render_rgb_L8"][:, k]), c)
+            assert max_err(logits[:, 0], refs["d_logits_L8"][:, k]) <= TOL
+            # group size 1: each sample's logit is independent of the rest of the batch
+            single = D(torch.from_numpy(refs["render_rgb_L8"][:1, k]), c[:1])
+            assert max_err(single, logits[:1]) < 1e-5
+
+
+def test_generate_render_discriminate_pipeline(fx):
+    """z -> MPI -> render from the fixture cameras -> D: the whole GMPI forward against the references."""
+    d, refs = fx
+    G = load_official_gmpi(d / "generator.pth", d / "config.json")
+    D = PoseConditionedDiscriminator(img_resolution=32, channel_base=1024, channel_max=64).eval()
+    D.load_state_dict(torch.load(d / "discriminator.pth", weights_only=True))
+    planes = preset_planes(get_preset("FFHQ256"), 8)
+    c2w = C.sphere_c2w([0.0, 0.3, 0.0], [0.0, 0.0, -0.2], 1.0, 1.0)
+    with torch.no_grad():
+        mpi = G(torch.from_numpy(refs["z"]), None, planes["normalized"])
+        for k in range(3):
+            img = 2 * R.render_mpi(mpi, planes["depths"], planes["extents"], c2w[k], 12.6, 32, 32)["rgb"] - 1
+            assert max_err(img, refs["render_rgb_L8"][:, k]) <= TOL
+            logits = D(img, C.flatten_w2c(c2w[k:k + 1]).expand(2, 16))[:, 0]
+            assert max_err(logits, refs["d_logits_L8"][:, k]) <= TOL
+
+
+def test_mpi_structure_any_plane_count():
+    torch.manual_seed(0)
+    G = GMPIGenerator(**SMALL).eval()
+    z = torch.randn(2, 16)
+    preset = get_preset("FFHQ256")
+    with torch.no_grad():
+        for n in (4, 32, 96):
+            mpi = G(z, plane_depths=preset.normalized_plane_depths(n))
+            assert mpi.shape == (2, n, 4, 16, 16)
+            assert float(mpi.min()) >= 0 and float(mpi.max()) <= 1
+            assert bool((mpi[:, -1, 3] == 1).all())  # background alpha forced to 1
+            assert max_err(mpi[:, 1:-1, :3], mpi[:, :1, :3].expand(-1, n - 2, -1, -1, -1)) == 0  # shared RGB
+            assert max_err(mpi[:, -1, :3], mpi[:, 0, :3]) > 1e-3  # the background RGB differs
+        # alpha is a function of depth: the same depth code gives the same alpha whatever L
+        a32 = G(z, plane_depths=preset.normalized_plane_depths(32))[:, :-1, 3]
+        a96 = G(z, plane_depths=preset.normalized_plane_depths(96))[:, :-1, 3]
+        assert max_err(a32[:, 0], a96[:, 0]) < 1e-6
+        assert max_err(a32[:, 5], a32[:, 6]) > 1e-4
+
+
+def test_chunked_plane_generation_matches():
+    torch.manual_seed(1)
+    G = GMPIGenerator(**SMALL).eval()
+    z, codes = torch.randn(2, 16), get_preset("FFHQ256").normalized_plane_depths(37)
+    with torch.no_grad():
+        full = G(z, plane_depths=codes)
+        for chunk in (1, 5, 16):
+            assert max_err(G(z, plane_depths=codes, plane_chunk=chunk), full) < 1e-6
+
+
+def test_gradients_reach_the_alpha_branch():
+    torch.manual_seed(2)
+    G = GMPIGenerator(**SMALL).train()
+    planes = preset_planes(get_preset("FFHQ256"), 6)
+    mpi = G(torch.randn(2, 16), plane_depths=planes["normalized"], noise_mode="random")
+    out = R.render_mpi(mpi, planes["depths"], planes["extents"], C.sphere_c2w([0.2, -0.1], [0, 0.1], 1, 1),
+                       12.6, 16, 16)
+    (out["rgb"].square().mean() + out["depth"].mean()).backward()
+    for name, p in G.named_parameters():
+        if "pos_enc_embed" in name or "toalpha" in name:
+            assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    assert float(G.synthesis.b16.conv1.weight.grad.abs().sum()) > 0
+
+
+def test_from_stylegan2_keeps_the_2d_image():
+    torch.manual_seed(3)
+    sg2 = Generator(img_channels=3, **SMALL).eval()
+    with torch.no_grad():
+        for p in sg2.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    G = GMPIGenerator.from_stylegan2(sg2).eval()
+    b16 = G.synthesis.b16
+    assert max_err(b16.pos_enc_embed.affine1.bias, torch.ones(1)) == 0 and float(b16.toalpha.bias.abs().sum()) == 0
+    z = torch.randn(3, 16)
+    with torch.no_grad():
+        img = sg2(z, noise_mode="const")
+        mpi = G(z, plane_depths=get_preset("FFHQ256").normalized_plane_depths(8))
+    # the foreground RGB is the pretrained image, squashed by GMPI's tanh into [0, 1]
+    assert max_err(mpi[:, 0, :3], (torch.tanh(img) + 1) / 2) < 1e-5
+
+
+def test_pose_conditioned_d_from_pretrained():
+    torch.manual_seed(4)
+    D0 = Discriminator(c_dim=0, img_resolution=16, img_channels=3, channel_base=256, channel_max=32,
+                       epilogue_kwargs=dict(mbstd_group_size=4)).eval()
+    D = PoseConditionedDiscriminator.from_stylegan2(D0).eval()
+    assert D.b4.mbstd.group_size == 1 and D.b4.out.weight.shape == (16, 32)
+    assert max_err(D.b4.out.weight, D0.b4.out.weight.expand(16, 32)) == 0  # pretrained row broadcast
+    assert max_err(D.b4.out.bias, D0.b4.out.bias.expand(16)) == 0
+    assert max_err(D.b16.conv0.weight, D0.b16.conv0.weight) == 0
+    img, c = torch.randn(2, 3, 16, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        cmap = D.embed_condition(c)
+        assert max_err(cmap.square().mean(1), torch.ones(2)) < 1e-5
+        # with identical rows the logit is the unconditional output times sum(cmap) / 4
+        feats = {}
+        D.b4.out.register_forward_hook(lambda m, i, o: feats.setdefault("o", o))
+        logits = D(img, c)
+        assert max_err(logits[:, 0], feats["o"][:, 0] * cmap.sum(1) / 4) < 1e-5
+    with pytest.raises(ValueError, match="pose condition"):
+        D(img, torch.randn(2, 9))
+
+
+@pytest.mark.parametrize("mode", ["add_z", "learnable_tokens", "vanilla", "depth2alpha"])
+def test_alpha_branch_variants(mode):
+    torch.manual_seed(5)
+    G = GMPIGenerator(**SMALL, alpha_mode=mode, n_train_planes=8).eval()
+    codes = get_preset("FFHQ256").normalized_plane_depths(8)
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        mpi = G(z, plane_depths=codes)
+    assert mpi.shape == (2, 8, 4, 16, 16) and float(mpi.min()) >= 0 and float(mpi.max()) <= 1
+    if mode == "vanilla":
+        assert not hasattr(G.synthesis.b16, "pos_enc_embed") and G.synthesis.b16.toalpha.out_channels == 8
+        assert float((mpi[:, -1, 3] - 1).abs().max()) > 0  # no forced background alpha in this variant
+        with pytest.raises(ValueError, match="exactly 8 planes"):
+            G(z, plane_depths=get_preset("FFHQ256").normalized_plane_depths(12))
+        return
+    assert bool((mpi[:, -1, 3] == 1).all())
+    with torch.no_grad():
+        other = G(z, plane_depths=get_preset("FFHQ256").normalized_plane_depths(20))
+    assert other.shape[1] == 20
+    if mode == "depth2alpha":  # a soft step in depth: alpha never decreases with depth
+        assert bool((mpi[:, 1:, 3] >= mpi[:, :-1, 3] - 1e-6).all())
+    if mode == "learnable_tokens":
+        w = token_interpolation(G.token_depths, G.token_depths)
+        assert max_err(w, torch.eye(8)) < 1e-6  # training depths pick their own token exactly
+        mid = token_interpolation(torch.tensor([0.5 * (float(G.token_depths[2]) + float(G.token_depths[3]))]),
+                                  G.token_depths)
+        assert max_err(mid[0, 2:4], [0.5, 0.5]) < 1e-6 and float(mid.sum()) == pytest.approx(1.0)
+
+
+def test_positional_encoding_and_alpha_resolution_limit():
+    pe = positional_encoding(torch.tensor([0.0, 0.5]), 2)
+    assert max_err(pe[1], [0.5, np.sin(0.5), np.cos(0.5), np.sin(1.0), np.cos(1.0)]) < 1e-6
+    G = GMPIGenerator(**dict(SMALL, img_resolution=32), pos_enc_multires=3, gen_alpha_largest_res=16).eval()
+    assert G.synthesis.b16.pos_enc_embed.weight1.shape[1] == 7 and not hasattr(G.synthesis.b32, "toalpha")
+    codes = get_preset("FFHQ256").normalized_plane_depths(6)
+    z = torch.randn(1, 16)
+    with torch.no_grad():
+        before = G(z, plane_depths=codes)
+        G.synthesis.b32.conv1.weight.mul_(-1.5)  # the 32 px block changes RGB but not alpha
+        after = G(z, plane_depths=codes)
+    assert max_err(before[:, :, 3], after[:, :, 3]) < 1e-6 and max_err(before[:, 0, :3], after[:, 0, :3]) > 1e-3
+
+
+def test_background_features_and_instance_norm():
+    x = torch.arange(64, dtype=torch.float32).reshape(1, 1, 1, 64).expand(1, 1, 2, 64).clone()
+    bg = border_background(x)  # R = 64 -> pad 3: columns 0-2 and 61-63 kept, interior blends cols 3 and 60
+    assert max_err(bg[..., :3], x[..., :3]) == 0 and max_err(bg[..., 61:], x[..., 61:]) == 0
+    t = (torch.arange(3, 61) - 3) / (58 + 1e-8)
+    assert max_err(bg[0, 0, 0, 3:61], 3 * (1 - t) + 60 * t) < 1e-4
+    y = torch.randn(2, 3, 5, 5) * 4 + 2
+    n = instance_normalize(y)
+    assert max_err(n.mean((2, 3)), torch.zeros(2, 3)) < 1e-5
+    assert max_err(n.var((2, 3), unbiased=True), torch.ones(2, 3)) < 1e-4
+
+
+def test_missing_plane_depths_is_a_clear_error():
+    G = GMPIGenerator(**SMALL)
+    with pytest.raises(ValueError, match="plane_depths"):
+        G(torch.randn(1, 16))
+
+
+# --------------------------------------------------------------------------------- checkpoints
+def test_official_checkpoint_loading_generator_and_ema(fx, tmp_path):
+    d, refs = fx
+    codes = torch.from_numpy(refs["normalized_plane_depths_L8"])
+    z = torch.from_numpy(refs["z"])
+    G = load_official_gmpi(d / "generator.pth", json.loads((d / "config.json").read_text()))
+    with torch.no_grad():
+        assert max_err(G(z, None, codes), refs["mpi_rgba_L8"]) <= TOL
+    # torch_ema file: shadow parameters in parameter order, names from the generator.pth beside it
+    run = tmp_path / "run"
+    run.mkdir()
+    sd = torch.load(d / "generator.pth", weights_only=True)
+    torch.save(sd, run / "generator.pth")
+    shifted = [p.detach() + 0.01 for p in G.parameters()]
+    torch.save({"decay": 0.999, "num_updates": 5, "shadow_params": shifted, "collected_params": None},
+               run / "ema.pth")
+    G_ema = load_official_gmpi(run / "ema.pth")
+    assert max_err(G_ema.synthesis.b8.toalpha.weight, G.synthesis.b8.toalpha.weight + 0.01) < 1e-6
+    assert max_err(G_ema.mapping.w_avg, G.mapping.w_avg) == 0  # buffers from generator.pth
+    faithful = load_official_gmpi(run / "ema.pth", keep_init_buffers=True)
+    assert float(faithful.mapping.w_avg.abs().max()) == 0  # the official evaluation's state (GMPI_SPEC §11.18)
+    torch.save({"shadow_params": shifted[:-1]}, run / "ema.pth")
+    with pytest.raises(NetworkFormatError, match="EMA parameters"):
+        load_official_gmpi(run / "ema.pth")
+
+
+def _fake_yacs_config(tmp_path, payload):
+    mod_pkg, mod = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        pass
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    mod.CfgNode = CfgNode
+    sys.modules.update({"yacs": mod_pkg, "yacs.config": mod})
+    try:
+        def node(d):
+            return CfgNode({k: node(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+        path = tmp_path / "config.pth"
+        torch.save(node(payload), path)
+        return path
+    finally:
+        sys.modules.pop("yacs"), sys.modules.pop("yacs.config")
+
+
+def test_config_pth_is_read_without_code(fx, tmp_path):
+    d, refs = fx
+    tree = {"SEED": 123, "GMPI": {"MPI": {"n_gen_planes": 32}, "MODEL": {"STYLEGAN2": {
+        "torgba_cond_on_pos_enc": "normalize_add_z", "torgba_cond_on_pos_enc_embed_func": "modulated_lrelu",
+        "pos_enc_multires": 0, "gen_alpha_largest_res": 256, "background_alpha_full": True,
+        "G_final_img_act": "tanh", "torgba_sep_background": True, "build_background_from_rgb": True,
+        "build_background_from_rgb_ratio": 0.05, "cond_on_pos_enc_only_alpha": True}}}}
+    path = _fake_yacs_config(tmp_path, tree)
+    assert read_official_config(path)["GMPI"]["MPI"]["n_gen_planes"] == 32
+    G = load_official_gmpi(d / "generator.pth", path)
+    assert G.alpha_mode == "normalize_add_z" and G.n_train_planes == 32
+    with torch.no_grad():
+        mpi = G(torch.from_numpy(refs["z"]), None, torch.from_numpy(refs["normalized_plane_depths_L8"]))
+    assert max_err(mpi, refs["mpi_rgba_L8"]) <= TOL
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil_config.pth"
+    buf = io.BytesIO()
+    pickle.dump({"GMPI": Evil()}, buf, protocol=2)
+    evil.write_bytes(buf.getvalue())
+    with pytest.raises(UnsafePickleError, match="system"):
+        read_official_config(evil)
+    with pytest.raises(NetworkFormatError, match="not supported"):
+        load_official_gmpi(d / "generator.pth", {"torgba_cond_on_pos_enc": "cat_xyz"})
+
+
+def test_our_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(6)
+    G = GMPIGenerator(**SMALL, alpha_mode="learnable_tokens", n_train_planes=6).eval()
+    D = PoseConditionedDiscriminator(img_resolution=16, channel_base=256, channel_max=32)
+    path = save_gmpi_checkpoint(tmp_path / "ckpt.pt", G, preset=get_preset("FFHQ256").to_dict(), D=D)
+    blob = torch.load(path, weights_only=True)
+    assert blob["preset"]["name"] == "FFHQ256"
+    loaded = load_gmpi_checkpoint(path)
+    codes = get_preset("FFHQ256").normalized_plane_depths(9)
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        assert max_err(loaded["G"](z, plane_depths=codes), G(z, plane_depths=codes)) == 0
+    assert max_err(loaded["D"].b4.out.weight, D.b4.out.weight) == 0
+    with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
+        load_gmpi_checkpoint(tmp_path / "nope.pt")
