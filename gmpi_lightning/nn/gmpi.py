@@ -221,11 +221,12 @@ class GMPIGenerator(nn.Module):
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, plane_depths: torch.Tensor | None = None,
                 truncation_psi: float = 1.0, truncation_cutoff: int | None = None, noise_mode: str = "const",
-                plane_chunk: int | None = None, force_fp32: bool = False,
-                fused_modconv: bool | None = None) -> torch.Tensor:
+                plane_chunk: int | None = None, force_fp32: bool = False, fused_modconv: bool | None = None,
+                opaque_background: bool | None = None) -> torch.Tensor:
         ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         return self.synthesize(ws, plane_depths, noise_mode=noise_mode, plane_chunk=plane_chunk,
-                               force_fp32=force_fp32, fused_modconv=fused_modconv)
+                               force_fp32=force_fp32, fused_modconv=fused_modconv,
+                               opaque_background=opaque_background)
 
     def _activation(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_activation == "tanh":
@@ -247,8 +248,11 @@ class GMPIGenerator(nn.Module):
         return d
 
     def synthesize(self, ws: torch.Tensor, plane_depths, noise_mode: str = "const", plane_chunk: int | None = None,
-                   force_fp32: bool = False, fused_modconv: bool | None = None) -> torch.Tensor:
-        """ws (B x num_ws x w_dim) -> MPI B x L x 4 x R x R."""
+                   force_fp32: bool = False, fused_modconv: bool | None = None,
+                   opaque_background: bool | None = None) -> torch.Tensor:
+        """ws (B x num_ws x w_dim) -> MPI B x L x 4 x R x R.
+
+        ``opaque_background`` overrides ``background_alpha_full`` (mesh extraction turns it off)."""
         depths = self._check_planes(plane_depths)
         n_planes = depths.numel()
         rgb = bg = x = None
@@ -272,7 +276,7 @@ class GMPIGenerator(nn.Module):
         bg = self._activation(bg) if bg is not None else rgb
         b, r = rgb.shape[0], rgb.shape[-1]
         mpi = torch.cat([rgb[:, None].expand(b, n_planes - 1, 3, r, r), bg[:, None]], dim=1)
-        if self.background_alpha_full:
+        if self.background_alpha_full if opaque_background is None else opaque_background:
             alpha = torch.cat([alpha[:, :-1], torch.ones_like(alpha[:, -1:])], dim=1)
         return torch.cat([mpi, alpha[:, :, None]], dim=2)
 
@@ -298,3 +302,22 @@ class GMPIGenerator(nn.Module):
     def extra_repr(self) -> str:
         return f"alpha_mode={self.alpha_mode}, resolution={self.img_resolution}, num_ws={self.num_ws}"
 
+
+
+class FlatMPIGenerator(nn.Module):
+    """A pretrained 2D StyleGAN2 as an MPI: its image, mapped to [0, 1], on the nearest plane, fully opaque
+    (GMPI's 'flat billboard' sanity baseline). Same call signature as :class:`GMPIGenerator`."""
+
+    def __init__(self, G: Generator):
+        super().__init__()
+        self.G, self.z_dim, self.c_dim, self.img_resolution = G, G.z_dim, G.c_dim, G.img_resolution
+        self.mapping = G.mapping
+
+    def forward(self, z, c=None, plane_depths=None, truncation_psi: float = 1.0, truncation_cutoff=None,
+                noise_mode: str = "const", plane_chunk=None, opaque_background=None, **kwargs) -> torch.Tensor:
+        n = torch.as_tensor(plane_depths).numel()
+        img = self.G(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, noise_mode=noise_mode)
+        rgb = ((img + 1) / 2).clamp(0, 1)
+        mpi = torch.zeros(img.shape[0], n, 4, *img.shape[-2:], device=img.device)
+        mpi[:, 0, :3], mpi[:, 0, 3] = rgb, 1.0
+        return mpi

@@ -1,0 +1,147 @@
+"""Pictures, videos and meshes from MPIs: colour-mapped depth, RGBA plane strips, camera sweeps, PLY.
+
+Shared by ``gmpi render`` and the logging callbacks. Images are uint8 H x W x C numpy arrays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .planes import make_plane_depths, normalize_depths
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """C x H x W in [0, 1] -> H x W x C uint8."""
+    return (img.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def depth_to_color(depth: torch.Tensor, near: float, far: float, coverage: torch.Tensor | None = None,
+                   cmap: str = "turbo") -> np.ndarray:
+    """1 x H x W z-depth -> H x W x 3 uint8 (near = one end of the colour map, far = the other;
+    pixels without coverage are black)."""
+    import matplotlib
+
+    d = ((depth.detach().float()[0] - near) / (far - near)).clamp(0, 1).cpu().numpy()
+    rgb = matplotlib.colormaps[cmap](d)[..., :3]
+    if coverage is not None:
+        rgb = rgb * coverage.detach().float()[0].clamp(0, 1).cpu().numpy()[..., None]
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def plane_strip(mpi: torch.Tensor, max_planes: int = 8) -> np.ndarray:
+    """One MPI (L x 4 x H x W) -> RGBA strip of up to ``max_planes`` evenly chosen planes, near to far."""
+    n = mpi.shape[0]
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_planes)).round().astype(int))
+    return np.concatenate([to_uint8(mpi[i]) for i in idx], axis=1)
+
+
+def save_png(path: str | Path, img: np.ndarray) -> Path:
+    import imageio.v3 as iio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, img)
+    return path
+
+
+def write_video(path: str | Path, frames: list[np.ndarray], fps: int = 8) -> Path:
+    """H.264 mp4 through imageio-ffmpeg's bundled binary (no system ffmpeg needed)."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimwrite(path, frames, fps=fps, codec="libx264", quality=8, macro_block_size=1)
+    return path
+
+
+def sweep_poses(kind: str, n_frames: int, yaw_mean: float = 0.0, pitch_mean: float = 0.0,
+                yaw_range: float = 0.5, pitch_range: float = 0.3) -> list[tuple[float, float]]:
+    """Camera trajectories of the official videos: 'yaw' (left-right at the mean pitch), 'pitch'
+    (up-down at the mean yaw), or 'circle' (an ellipse through both extremes)."""
+    t = np.linspace(0, 1, n_frames)
+    if kind == "yaw":
+        return [(yaw_mean + yaw_range - 2 * yaw_range * s, pitch_mean) for s in t]
+    if kind == "pitch":
+        return [(yaw_mean, pitch_mean + pitch_range - 2 * pitch_range * s) for s in t]
+    if kind == "circle":
+        return [(yaw_mean + yaw_range * np.sin(2 * np.pi * s), pitch_mean + pitch_range * np.cos(2 * np.pi * s))
+                for s in t]
+    raise ValueError(f"unknown trajectory {kind!r}; expected yaw, pitch or circle")
+
+
+def mesh_plane_depths(preset, grid: int) -> torch.Tensor:
+    """Uniformly spaced depths for mesh extraction: the spacing of a grid^3 cube of side equal to the
+    foreground plane width, over [near, far] (GMPI_SPEC §8.4)."""
+    side = 2.0 * preset.far * np.tan(np.radians(preset.fov_deg) / 2)
+    n = max(2, int(np.floor(min(1.0, (preset.far - preset.near) / side) * grid)))
+    return make_plane_depths(preset.near, preset.far, n, "uniform")
+
+
+@torch.no_grad()
+def extract_mesh(G, z: torch.Tensor, preset, extents_hw, grid: int | None = None, level: float = 0.5,
+                 sigma: float = 1.0, plane_chunk: int = 32, **gen_kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Marching cubes over the alpha volume of one latent. Returns (vertices V x 3 world xyz, faces F x 3,
+    vertex colours V x 3 uint8). The background plane's forced opacity is switched off."""
+    from scipy.ndimage import gaussian_filter
+    from skimage.measure import marching_cubes
+
+    grid = grid or G.img_resolution
+    depths = mesh_plane_depths(preset, grid)
+    codes = normalize_depths(depths, preset.near, preset.far)
+    mpi = G(z[:1], None, codes.to(z.device), plane_chunk=plane_chunk, opaque_background=False, **gen_kwargs)[0]
+    alpha = mpi[:, 3].float().cpu().numpy()  # L x H x W, plane 0 nearest
+    if sigma > 0:
+        alpha = gaussian_filter(alpha, sigma)
+    if not alpha.min() < level < alpha.max():
+        raise ValueError(f"the alpha volume never crosses the iso-level {level} (range {alpha.min():.3f}..."
+                         f"{alpha.max():.3f}): nothing to mesh")
+    h, w = float(extents_hw[0]), float(extents_hw[1])
+    res = alpha.shape[-1]
+    dz = float(depths[1] - depths[0])
+    verts, faces, _, _ = marching_cubes(alpha, level=level, spacing=(dz, h / (res - 1), w / (res - 1)))
+    xyz = np.stack([verts[:, 2] - w / 2, verts[:, 1] - h / 2, verts[:, 0] + float(depths[0])], axis=1)
+    rgb = to_uint8(mpi[0, :3])  # the shared foreground colour, sampled at the vertex's texel
+    rows = np.clip(np.round(verts[:, 1] / (h / (res - 1))).astype(int), 0, res - 1)
+    cols = np.clip(np.round(verts[:, 2] / (w / (res - 1))).astype(int), 0, res - 1)
+    return xyz.astype(np.float32), faces.astype(np.int32), rgb[rows, cols]
+
+
+def write_ply(path: str | Path, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> Path:
+    """Binary little-endian PLY with optional per-vertex RGB."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(verts)}",
+              "property float x", "property float y", "property float z"]
+    vdtype = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+    if colors is not None:
+        header += ["property uchar red", "property uchar green", "property uchar blue"]
+        vdtype += [("r", "u1"), ("g", "u1"), ("b", "u1")]
+    header += [f"element face {len(faces)}", "property list uchar int vertex_indices", "end_header"]
+    v = np.empty(len(verts), dtype=vdtype)
+    v["x"], v["y"], v["z"] = verts[:, 0], verts[:, 1], verts[:, 2]
+    if colors is not None:
+        v["r"], v["g"], v["b"] = colors[:, 0], colors[:, 1], colors[:, 2]
+    f = np.empty(len(faces), dtype=[("n", "u1"), ("i", "<i4", (3,))])
+    f["n"], f["i"] = 3, faces
+    with open(path, "wb") as fh:
+        fh.write(("\n".join(header) + "\n").encode("ascii"))
+        fh.write(v.tobytes())
+        fh.write(f.tobytes())
+    return path
+
+
+def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices and faces of a PLY written by :func:`write_ply` (for tests and quick checks)."""
+    data = Path(path).read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    header = data[:end].decode("ascii").splitlines()
+    nv = int(next(h for h in header if h.startswith("element vertex")).split()[-1])
+    nf = int(next(h for h in header if h.startswith("element face")).split()[-1])
+    has_rgb = any("red" in h for h in header)
+    vdtype = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")] + ([("r", "u1"), ("g", "u1"), ("b", "u1")] if has_rgb else [])
+    v = np.frombuffer(data, dtype=vdtype, count=nv, offset=end)
+    f = np.frombuffer(data, dtype=[("n", "u1"), ("i", "<i4", (3,))], count=nf, offset=end + v.nbytes)
+    return np.stack([v["x"], v["y"], v["z"]], 1), f["i"]

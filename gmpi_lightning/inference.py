@@ -1,0 +1,125 @@
+"""Inference helpers behind ``gmpi render``: load any generator checkpoint, seed latents, render and save.
+
+Checkpoint kinds (detected from the file):
+* ours (``gmpi-lightning/gmpi``, written by training or :func:`~gmpi_lightning.io.save_gmpi_checkpoint`);
+* a released GMPI ``generator.pth`` / ``ema.pth`` (with ``--config`` = the run's config.pth or JSON);
+* an NVlabs StyleGAN2-ADA pickle or its converted ``.pt``: the flat 2D baseline (image on the nearest plane).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import cameras
+from .io import load_gmpi_checkpoint, load_official_gmpi, load_stylegan2_pkl
+from .io.gmpi_ckpt import GMPI_FORMAT
+from .io.stylegan2_pkl import FORMAT as SG2_FORMAT
+from .nn.gmpi import FlatMPIGenerator
+from .planes import preset_planes
+from .presets import PRESETS, Preset, get_preset
+from .render import render_mpi
+
+
+@dataclass
+class LoadedGenerator:
+    G: nn.Module
+    preset: Preset
+    kind: str  # 'gmpi' | 'official' | 'stylegan2-flat'
+    source: Path
+
+
+def _preset_for(name: str | None, resolution: int, stored: dict | None = None) -> Preset:
+    if name:
+        preset = get_preset(name)
+    elif stored:
+        known = {k: v for k, v in stored.items() if k in Preset.__dataclass_fields__}
+        return Preset(**known)
+    else:  # an FFHQ preset of the same resolution, else FFHQ geometry at this resolution
+        preset = next((p for p in PRESETS.values() if p.name.startswith("FFHQ") and p.resolution == resolution),
+                      get_preset("FFHQ256"))
+    return preset if preset.resolution == resolution else get_preset(preset.name, resolution=resolution)
+
+
+def _file_kind(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(b"PK"):
+        return "pickle"
+    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(blob, dict) and blob.get("format") == GMPI_FORMAT:
+        return "gmpi"
+    if isinstance(blob, dict) and blob.get("format") == SG2_FORMAT:
+        return "stylegan2"
+    return "official"
+
+
+def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: str | None = None,
+                   device: str | torch.device = "cpu") -> LoadedGenerator:
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}. Nothing is downloaded; pass a local file "
+                                f"(our .pt, an official generator.pth/ema.pth, or a StyleGAN2 .pkl).")
+    kind = _file_kind(path)
+    if kind == "gmpi":
+        blob = load_gmpi_checkpoint(path)
+        G, stored = blob["G"], blob["preset"]
+        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored), "gmpi", path)
+    elif kind == "official":
+        G = load_official_gmpi(path, config)
+        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution), "official", path)
+    else:
+        nets = load_stylegan2_pkl(path)
+        sg2 = nets.get("G_ema") or nets.get("G")
+        if sg2 is None:
+            raise ValueError(f"{path}: holds no generator (G_ema or G)")
+        out = LoadedGenerator(FlatMPIGenerator(sg2).eval(), _preset_for(preset, sg2.img_resolution),
+                              "stylegan2-flat", path)
+    out.G.to(device)
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if m := re.fullmatch(r"(\d+)-(\d+)", part):
+            a, b = int(m.group(1)), int(m.group(2))
+            if b < a:
+                raise ValueError(f"seed range {part!r} is empty")
+            seeds += list(range(a, b + 1))
+        elif part.isdigit():
+            seeds.append(int(part))
+        else:
+            raise ValueError(f"cannot parse seeds {text!r}: use e.g. 0-3,7")
+    return seeds
+
+
+def seed_latent(seed: int, z_dim: int) -> torch.Tensor:
+    """NVlabs' convention (gen_images.py): z = RandomState(seed).randn(1, z_dim)."""
+    return torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim).astype(np.float32))
+
+
+@torch.no_grad()
+def generate_mpi(loaded: LoadedGenerator, seed: int, n_planes: int, truncation_psi: float = 1.0,
+                 noise_mode: str = "const", plane_chunk: int | None = None, device="cpu"):
+    """(MPI 1 x L x 4 x R x R, planes dict) for one seed."""
+    planes = preset_planes(loaded.preset, n_planes)
+    z = seed_latent(seed, loaded.G.z_dim).to(device)
+    mpi = loaded.G(z, None, planes["normalized"].to(device), truncation_psi=truncation_psi, noise_mode=noise_mode,
+                   plane_chunk=plane_chunk)
+    return mpi, planes
+
+
+@torch.no_grad()
+def render_view(mpi, planes, preset: Preset, yaw: float, pitch: float, resolution: int,
+                plane_chunk: int | None = None, check_inside: bool = True) -> dict[str, torch.Tensor]:
+    c2w = cameras.sphere_c2w(yaw, pitch, preset.sphere_center_z, preset.sphere_r).to(mpi.device)
+    return render_mpi(mpi, planes["depths"], planes["extents"], c2w, preset.fov_deg, resolution, resolution,
+                      check_inside=check_inside, plane_chunk=plane_chunk)
