@@ -148,7 +148,8 @@ def test_out_of_volume_is_a_clear_error():
 
 
 def test_presets_table():
-    assert set(PRESETS) == {"FFHQ256", "FFHQ512", "FFHQ1024", "AFHQCat", "MetFaces"}
+    assert set(PRESETS) == {"FFHQ256", "FFHQ512", "FFHQ1024", "AFHQCat", "MetFaces", "synthetic32", "synthetic64",
+                            "synthetic128"}
     assert get_preset("ffhq256").channel_base == 16384 and get_preset("FFHQ512").channel_base == 32768
     assert get_preset("AFHQCat").fov_deg == 13.39 and get_preset("AFHQCat").n_truncated_stds == 3
     assert get_preset("FFHQ256", resolution=64).resolution == 64
