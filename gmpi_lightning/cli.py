@@ -2,6 +2,7 @@
 
     gmpi import-stylegan2 IN.pkl OUT.pt     NVlabs pickle -> plain weights_only file (no code executed)
     gmpi render --ckpt CKPT --seeds 0-3 --planes 96 --out DIR [--video] [--mesh]
+    gmpi data synthetic|ffhq|eg3d|folder ...  posed-image shards + dataset.json + preview.png
 
 Each subcommand is a small function registered in ``COMMANDS``; later subcommands (fit, render,
 evaluate, data) plug in the same way.
@@ -13,8 +14,6 @@ import argparse
 import pickle
 import sys
 from collections.abc import Callable
-
-import numpy as np
 
 
 def _import_stylegan2(argv: list[str]) -> int:
@@ -70,54 +69,62 @@ def _render(argv: list[str]) -> int:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
+    from .inference import run_render
 
-    from pathlib import Path
+    run_render(args)
+    return 0
 
-    from tqdm import tqdm
 
-    from . import export
-    from .inference import generate_mpi, load_generator, parse_seeds, render_view
+def _data(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gmpi data", description="Write WebDataset shards of posed images + a "
+                                "dataset card (dataset.json) and a preview grid.")
+    sub = p.add_subparsers(dest="kind", required=True)
 
-    seeds = parse_seeds(args.seeds)
-    loaded = load_generator(args.ckpt, args.config, args.preset, args.device)
-    preset, out = loaded.preset, Path(args.out)
-    res = args.resolution or loaded.G.img_resolution
-    views = [(y, pt) for pt in args.pitch for y in args.yaw]
-    sweep = export.sweep_poses(args.trajectory, args.frames, preset.yaw_mean, preset.pitch_mean) if args.video else []
-    print(f"{loaded.kind} generator from {loaded.source} | preset {preset.name} | {len(seeds)} seeds x "
-          f"{len(views)} views, {args.planes} planes, {res}px -> {out}")
-    total = len(seeds) * (len(views) + len(sweep) + (1 if args.mesh else 0))
-    bar = tqdm(total=total, unit="render", desc="gmpi render")
-    render_kw = dict(resolution=res, plane_chunk=args.plane_chunk, check_inside=not args.allow_outside)
-    for seed in seeds:
-        mpi, planes = generate_mpi(loaded, seed, args.planes, args.truncation, args.noise_mode, args.plane_chunk,
-                                   args.device)
-        export.save_png(out / f"seed{seed:04d}_planes.png", export.plane_strip(mpi[0]))
-        for v, (yaw, pitch) in enumerate(views):
-            r = render_view(mpi, planes, preset, yaw, pitch, **render_kw)
-            export.save_png(out / f"seed{seed:04d}_view{v:02d}.png", export.to_uint8(r["rgb"][0]))
-            export.save_png(out / f"seed{seed:04d}_view{v:02d}_depth.png",
-                            export.depth_to_color(r["depth"][0], preset.near, preset.far, r["alpha"][0]))
-            bar.update()
-        if sweep:
-            frames = []
-            for yaw, pitch in sweep:
-                r = render_view(mpi, planes, preset, yaw, pitch, **render_kw)
-                depth = export.depth_to_color(r["depth"][0], preset.near, preset.far, r["alpha"][0])
-                frames.append(np.concatenate([export.to_uint8(r["rgb"][0]), depth], axis=1))
-                bar.update()
-            export.write_video(out / f"seed{seed:04d}_{args.trajectory}.mp4", frames, fps=args.fps)
-        if args.mesh:
-            from .inference import seed_latent
+    def common(q, preset):
+        q.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+        q.add_argument("--preset", default=preset, help="camera/plane preset of the data")
+        q.add_argument("--resolution", type=int, help="expected image size (default: the first image's)")
+        q.add_argument("--skip-bad", action="store_true", help="skip bad inputs, listing them in rejected.jsonl")
+        q.add_argument("--overwrite", action="store_true")
+        q.add_argument("--workers", type=int, default=2, help="parallel decode/encode processes (0: inline)")
+        q.add_argument("--samples-per-shard", type=int, default=1000)
 
-            z = seed_latent(seed, loaded.G.z_dim).to(args.device)
-            verts, faces, colors = export.extract_mesh(loaded.G, z, preset, planes["extents"][0],
-                                                       level=args.mesh_level, truncation_psi=args.truncation,
-                                                       noise_mode=args.noise_mode)
-            export.write_ply(out / f"seed{seed:04d}_mesh.ply", verts, faces, colors)
-            bar.update()
-    bar.close()
-    print(f"wrote {len(list(out.glob('seed*')))} files to {out}")
+    q = sub.add_parser("ffhq", help="FFHQ/MetFaces: dataset-tool zip or folder + Deep3DFaceRecon .mat poses")
+    q.add_argument("--images", required=True, help="ffhqRxR.zip (StyleGAN2 dataset_tool) or an image folder")
+    q.add_argument("--poses", required=True, help="folder of Deep3DFaceRecon coefficient .mat files")
+    q.add_argument("--fail-list", help="fail_list.txt: images without a pose estimate (excluded, counted)")
+    q.add_argument("--xflip", action="store_true", help="also write mirrored copies with mirrored poses")
+    common(q, "FFHQ256")
+    q = sub.add_parser("eg3d", help="EG3D-processed folder/zip with dataset.json labels (AFHQv2-Cat)")
+    q.add_argument("--root", required=True)
+    common(q, "AFHQCat")
+    q = sub.add_parser("folder", help="any image folder + poses.json/csv (yaw/pitch or c2w per file)")
+    q.add_argument("--images", required=True)
+    q.add_argument("--poses", required=True)
+    common(q, "FFHQ256")
+    q = sub.add_parser("synthetic", help="procedural heads with ground-truth depth and mask")
+    q.add_argument("--out", required=True)
+    q.add_argument("--num", type=int, default=10000)
+    q.add_argument("--resolution", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--supersample", type=int, default=2)
+    q.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+
+    from datamodules import converters as cv
+
+    if args.kind == "synthetic":
+        out = cv.convert_synthetic(args.out, args.num, args.resolution, args.seed, args.supersample, args.overwrite)
+    else:
+        kw = dict(preset=args.preset, resolution=args.resolution, skip_bad=args.skip_bad, overwrite=args.overwrite,
+                  workers=args.workers, samples_per_shard=args.samples_per_shard)
+        if args.kind == "ffhq":
+            out = cv.convert_ffhq(args.images, args.poses, args.out, fail_list=args.fail_list, xflip=args.xflip, **kw)
+        elif args.kind == "eg3d":
+            out = cv.convert_eg3d(args.root, args.out, **kw)
+        else:
+            out = cv.convert_folder(args.images, args.poses, args.out, **kw)
+    print(f"preview: {cv.write_preview(out)}")
     return 0
 
 
@@ -130,6 +137,7 @@ def _cuda() -> bool:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "import-stylegan2": (_import_stylegan2, "convert an NVlabs StyleGAN2-ADA pickle safely"),
     "render": (_render, "views, depth, plane strip, video and mesh from a checkpoint"),
+    "data": (_data, "convert datasets (ffhq, eg3d, folder) or generate synthetic heads into shards"),
 }
 
 
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]][0](argv[1:])
-    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as e:  # user-facing errors, no traceback
+    except (FileNotFoundError, FileExistsError, ValueError, pickle.UnpicklingError) as e:  # user errors
         print(f"gmpi {argv[0]}: error: {e}", file=sys.stderr)
         return 1
 

@@ -123,3 +123,49 @@ def render_view(mpi, planes, preset: Preset, yaw: float, pitch: float, resolutio
     c2w = cameras.sphere_c2w(yaw, pitch, preset.sphere_center_z, preset.sphere_r).to(mpi.device)
     return render_mpi(mpi, planes["depths"], planes["extents"], c2w, preset.fov_deg, resolution, resolution,
                       check_inside=check_inside, plane_chunk=plane_chunk)
+
+
+def run_render(args) -> None:
+    """The `gmpi render` job (arguments as parsed by the CLI)."""
+    from tqdm import tqdm
+
+    from . import export
+
+    seeds = parse_seeds(args.seeds)
+    loaded = load_generator(args.ckpt, args.config, args.preset, args.device)
+    preset, out = loaded.preset, Path(args.out)
+    res = args.resolution or loaded.G.img_resolution
+    views = [(y, pt) for pt in args.pitch for y in args.yaw]
+    sweep = export.sweep_poses(args.trajectory, args.frames, preset.yaw_mean, preset.pitch_mean) if args.video else []
+    print(f"{loaded.kind} generator from {loaded.source} | preset {preset.name} | {len(seeds)} seeds x "
+          f"{len(views)} views, {args.planes} planes, {res}px -> {out}")
+    total = len(seeds) * (len(views) + len(sweep) + (1 if args.mesh else 0))
+    bar = tqdm(total=total, unit="render", desc="gmpi render")
+    render_kw = dict(resolution=res, plane_chunk=args.plane_chunk, check_inside=not args.allow_outside)
+    for seed in seeds:
+        mpi, planes = generate_mpi(loaded, seed, args.planes, args.truncation, args.noise_mode, args.plane_chunk,
+                                   args.device)
+        export.save_png(out / f"seed{seed:04d}_planes.png", export.plane_strip(mpi[0]))
+        for v, (yaw, pitch) in enumerate(views):
+            r = render_view(mpi, planes, preset, yaw, pitch, **render_kw)
+            export.save_png(out / f"seed{seed:04d}_view{v:02d}.png", export.to_uint8(r["rgb"][0]))
+            export.save_png(out / f"seed{seed:04d}_view{v:02d}_depth.png",
+                            export.depth_to_color(r["depth"][0], preset.near, preset.far, r["alpha"][0]))
+            bar.update()
+        if sweep:
+            frames = []
+            for yaw, pitch in sweep:
+                r = render_view(mpi, planes, preset, yaw, pitch, **render_kw)
+                depth = export.depth_to_color(r["depth"][0], preset.near, preset.far, r["alpha"][0])
+                frames.append(np.concatenate([export.to_uint8(r["rgb"][0]), depth], axis=1))
+                bar.update()
+            export.write_video(out / f"seed{seed:04d}_{args.trajectory}.mp4", frames, fps=args.fps)
+        if args.mesh:
+            z = seed_latent(seed, loaded.G.z_dim).to(args.device)
+            verts, faces, colors = export.extract_mesh(loaded.G, z, preset, planes["extents"][0],
+                                                       level=args.mesh_level, truncation_psi=args.truncation,
+                                                       noise_mode=args.noise_mode)
+            export.write_ply(out / f"seed{seed:04d}_mesh.ply", verts, faces, colors)
+            bar.update()
+    bar.close()
+    print(f"wrote {len(list(out.glob('seed*')))} files to {out}")
