@@ -1,0 +1,291 @@
+"""Procedural "synthetic heads": a fast, deterministic renderer of head-like objects with exact ground truth.
+
+The project's default training data (real face data cannot ship) and the ground truth for 3D metrics. Each
+sample is a small scene in GMPI's world frame (+X right, +Y down, +Z forward; see ``gmpi_lightning.cameras``):
+
+* a head ellipsoid near (0, 0, 1) whose face front is at z ~ 0.95 (the preset's near plane), a nose, two eyes
+  (iris and pupil by normal), a mouth, two ears, a neck, and a hair "sheet": a slightly larger cap ellipsoid kept
+  only where a hairline function of the position says hair (two-sided, so entry and exit roots both count);
+* the background plane z = ``far`` (1.12 for the FFHQ-like presets) with a random linear colour gradient;
+* random skin / hair / iris / lip albedos, a low-frequency sinusoidal albedo modulation, hair streaks and
+  Lambertian shading (ambient + diffuse) under a light fixed in the *world* (near the canonical camera direction),
+  so the colours of a surface point do not depend on the view: multi-view renders of a sample are consistent.
+
+Every primitive is an axis-aligned ellipsoid, intersected in closed form for all rays at once; the visible
+surface is the nearest hit. Camera poses come from the preset's prior (``sample_preset_pose``, ``sphere_c2w``).
+
+Randomness: sample ``i`` draws its pose and then a fixed-length vector of uniforms from its own
+``torch.Generator`` seeded by a hash of (``cfg.seed``, ``i``), and is rendered by itself (a loop over samples,
+identical tensor shapes), so its outputs are bit-identical whatever batch it is rendered in.
+
+Anti-aliasing: RGB averages ``supersample``^2 sub-pixel rays per pixel. Depth and mask come from the single
+*pixel-centre* ray (the ray ``pixel_rays`` gives for pixel (u, v)), so they are exact point samples of the scene
+(not blends of fore- and background) and can be unprojected exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gmpi_lightning.cameras import focal_from_fov, invert_rigid, pixel_rays, sample_preset_pose, sphere_c2w
+from gmpi_lightning.presets import get_preset
+
+# Primitive slots (rows of the per-sample tables).
+HEAD, CAP, NOSE, EYE_L, EYE_R, EAR_L, EAR_R, MOUTH, NECK = range(9)
+N_PRIMS = 9
+_N_UNIFORMS = 96          # fixed draw count per sample, so adding a parameter never shifts the others' stream
+_MASK64 = (1 << 64) - 1
+KEYS = ("image", "depth", "mask", "yaw", "pitch", "c2w", "w2c")
+
+
+@dataclass
+class SyntheticConfig:
+    resolution: int = 64
+    supersample: int = 2            # sub-pixel rays per pixel side for the RGB (depth/mask: the pixel-centre ray)
+    seed: int = 0
+    preset: str = "synthetic64"     # geometry (fov, far plane, camera sphere) and pose prior; resolution from above
+
+
+def _mix64(x: int) -> int:
+    # splitmix64 finaliser: neighbouring (seed, index) pairs get unrelated generator seeds
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The ``torch.Generator`` seed of sample ``index`` (a 63-bit hash of the pair)."""
+    return _mix64((_mix64((int(seed) + 0x9E3779B97F4A7C15) & _MASK64) + int(index)) & _MASK64) >> 1
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(sample_seed(seed, index))
+
+
+def sample_poses(indices: Sequence[int] | torch.Tensor, cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(yaw, pitch), float32 each of length B: the poses ``render_heads`` uses for these samples (cheap)."""
+    preset = get_preset(cfg.preset)
+    poses = [sample_preset_pose(1, preset, generator=_generator(cfg.seed, i)) for i in _as_list(indices)]
+    if not poses:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat([p[0] for p in poses]).float(), torch.cat([p[1] for p in poses]).float()
+
+
+def _scene(g: torch.Generator) -> dict:
+    """Per-sample scene parameters (python floats / small float32 tensors) from the generator ``g``."""
+    it = iter(torch.rand(_N_UNIFORMS, generator=g, dtype=torch.float64).tolist())
+    U = lambda lo, hi: lo + (hi - lo) * next(it)
+    cx, cy, cz = U(-0.004, 0.004), U(-0.004, 0.004), 1.0 + U(-0.004, 0.004)
+    rx, ry, rz = U(0.055, 0.07), U(0.07, 0.085), U(0.045, 0.055)
+
+    def front(x, y):  # z of the head's front surface above (x, y): features are placed relative to it
+        return cz - rz * math.sqrt(max(1.0 - ((x - cx) / rx) ** 2 - ((y - cy) / ry) ** 2, 0.0))
+
+    centres, radii = [None] * N_PRIMS, [None] * N_PRIMS
+    centres[HEAD], radii[HEAD] = (cx, cy, cz), (rx, ry, rz)
+    centres[CAP] = (cx, cy - U(0.003, 0.008), cz + U(0.002, 0.006))
+    radii[CAP] = (rx * U(1.05, 1.09), ry * U(1.04, 1.08), rz * U(1.05, 1.1))
+    ny, nr = cy + U(0.05, 0.18) * ry, (U(0.008, 0.012), U(0.014, 0.02), U(0.009, 0.013))
+    centres[NOSE], radii[NOSE] = (cx, ny, front(cx, ny) - U(0.005, 0.009) + nr[2]), nr  # tip sticks out toward -Z
+    ex, ey, er, sink = U(0.3, 0.4) * rx, cy - U(0.08, 0.2) * ry, U(0.007, 0.0095), U(0.3, 0.45)
+    for slot, sx in ((EYE_L, -1), (EYE_R, 1)):
+        centres[slot], radii[slot] = (cx + sx * ex, ey, front(cx + sx * ex, ey) + sink * er), (er, er, er)
+    ay, ar, az = cy + U(0.0, 0.15) * ry, (U(0.007, 0.01), U(0.015, 0.021), U(0.009, 0.013)), cz + U(0.0, 0.01)
+    half_w = rx * math.sqrt(1.0 - ((ay - cy) / ry) ** 2)
+    for slot, sx in ((EAR_L, -1), (EAR_R, 1)):
+        centres[slot], radii[slot] = (cx + sx * (half_w - 0.2 * ar[0]), ay, az), ar
+    my, mr = cy + U(0.45, 0.55) * ry, (U(0.012, 0.018), U(0.0035, 0.005), U(0.004, 0.006))
+    centres[MOUTH], radii[MOUTH] = (cx, my, front(cx, my) + 0.4 * mr[2]), mr
+    centres[NECK] = (cx, cy + 0.95 * ry, cz + U(0.005, 0.012))
+    radii[NECK] = (rx * U(0.55, 0.65), ry * U(1.0, 1.2), rz * U(0.75, 0.85))
+
+    t = lambda v: torch.tensor(v, dtype=torch.float32)
+    tone, hair_pick = U(0.0, 1.0), int(U(0.0, 4.999))
+    skin = [lo + (hi - lo) * tone + U(-0.04, 0.04) for lo, hi in ((0.36, 0.96), (0.22, 0.78), (0.15, 0.68))]
+    palette = ((0.05, 0.04, 0.04), (0.3, 0.18, 0.1), (0.75, 0.6, 0.35), (0.55, 0.22, 0.1), (0.6, 0.6, 0.62))
+    hair = [min(max(c + U(-0.04, 0.04), 0.0), 1.0) for c in palette[hair_pick]]
+    lips = [skin[0] * U(0.75, 0.9), skin[1] * U(0.45, 0.6), skin[2] * U(0.5, 0.6)]
+    albedo = [skin] * N_PRIMS
+    albedo[CAP], albedo[MOUTH] = hair, lips
+    light = t((U(-0.6, 0.6), U(-0.7, -0.1), -1.0))
+    ka = U(0.25, 0.45)
+    return dict(
+        centres=t(centres), inv_r2=t(radii).pow(-2), radius_max=t(radii).amax(-1), albedo=t(albedo), hair=t(hair), ka=ka, kd=1.0 - ka,
+        light=light / light.norm(),
+        iris=t([U(0.1, 0.4) * 0.6, U(0.1, 0.35) * 0.6, U(0.05, 0.4) * 0.6]),
+        # hairline in the cap's unit coordinates q: hair where q_y < h0 + side*clamp(q_z+1, 0, 1) + back*relu(q_z)
+        # + a wave in q_x (front: forehead line; sides: temples down to the ears; back: down to the neck)
+        hairline=(U(-0.55, -0.35), U(0.3, 0.6), U(0.5, 1.0), U(0.0, 0.1), U(4.0, 9.0), U(0.0, 2 * math.pi)),
+        streak=(U(0.1, 0.25), U(15.0, 30.0), U(2.0, 5.0)),
+        # skin modulation: amplitude x mean of 3 sinusoids of the 3D position (1-3 cycles across the head)
+        mod_amp=U(0.04, 0.1),
+        mod_freq=t([[U(-1, 1) for _ in range(3)] for _ in range(3)]) * t([U(20.0, 60.0) for _ in range(3)])[:, None],
+        mod_phase=t([U(0.0, 2 * math.pi) for _ in range(3)]),
+        bg=t([[U(0.1, 0.9) for _ in range(3)] for _ in range(2)]),
+        bg_dir=(lambda a: (math.cos(a), math.sin(a)))(U(0.0, 2 * math.pi)), bg_scale=U(0.15, 0.4),
+    )
+
+
+def _hair_region(q: list[torch.Tensor], sc: dict) -> torch.Tensor:
+    """Bool: whether points given in the cap's unit coordinates q = (x, y, z) lie in the hair region."""
+    h0, side, back, amp, freq, phase = sc["hairline"]
+    limit = (q[2] + 1).clamp_(0, 1).mul_(side).add_(q[2].clamp(min=0), alpha=back).add_(h0)
+    return q[1] < limit.add_(torch.sin(q[0] * freq + phase), alpha=amp)
+
+
+def _rects(sc: dict, w2c: torch.Tensor, f: float, n: int) -> list[tuple[int, int, int, int]]:
+    """Per primitive, a conservative (y0, y1, x0, x1) pixel window of an n x n grid (focal f) holding its image.
+
+    The bounding sphere (centre c, radius R) lies in the box c +- R, so x/z over it is bounded by the box corners.
+    A 1-2 pixel margin absorbs float rounding, so skipping the rays outside never changes a result.
+    """
+    cam = sc["centres"].double() @ w2c[:3, :3].double().T + w2c[:3, 3].double()
+    r = sc["radius_max"].double()[:, None] * 1.001 + 1e-4
+    if bool((cam[:, 2] - r[:, 0] <= 1e-3).any()):
+        raise ValueError("a head part is behind or too close to the camera")
+    lo, hi = cam[:, :2] - r, cam[:, :2] + r
+    zs = torch.stack([cam[:, 2] - r[:, 0], cam[:, 2] + r[:, 0]], -1)[:, None, :]
+    corners = torch.cat([lo[..., None] / zs, hi[..., None] / zs], -1)         # P x 2 (x, y) x 4
+    pix = torch.stack([corners.amin(-1), corners.amax(-1)], -1) * f + n / 2 - 0.5
+    pix = torch.stack([pix[..., 0].floor() - 1, pix[..., 1].ceil() + 2], -1).clamp(0, n).long().tolist()
+    return [(py[0], py[1], px[0], px[1]) for px, py in pix]
+
+
+def _intersect(sc: dict, o: torch.Tensor, d: torch.Tensor, rects) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest hit distance (inf for none) and primitive id (-1) of the rays d (3 x h x w, unit, world)."""
+    t_near = torch.full(d.shape[1:], torch.inf)
+    prim = torch.full(d.shape[1:], -1, dtype=torch.long)
+    d2 = d * d
+    oc = o - sc["centres"]
+    w = sc["inv_r2"] * oc
+    ks, As, ws = ((w * oc).sum(-1) - 1).tolist(), sc["inv_r2"].tolist(), w.tolist()
+    for j, (y0, y1, x0, x1) in enumerate(rects):
+        if y1 <= y0 or x1 <= x0:
+            continue
+        dv, d2v = d[:, y0:y1, x0:x1], d2[:, y0:y1, x0:x1]
+        # |A^(1/2) (o + t d - c)|^2 = 1  ->  a t^2 + 2 b t + k = 0, k > 0 as the camera is outside the ellipsoid
+        a = (d2v[0] * As[j][0]).add_(d2v[1], alpha=As[j][1]).add_(d2v[2], alpha=As[j][2])
+        b = (dv[0] * ws[j][0]).add_(dv[1], alpha=ws[j][1]).add_(dv[2], alpha=ws[j][2])
+        root = (b * b).sub_(a, alpha=ks[j]).sqrt_()             # NaN on a miss: every comparison below is False
+        t = (-b).sub_(root).div_(a)
+        if j == CAP:
+            # the hair cap is a two-sided sheet restricted to the hair region: its entry, else its exit root
+            t_out = (-b).add_(root).div_(a)
+            s, qo = sc["inv_r2"][CAP].sqrt().tolist(), (oc[CAP] * sc["inv_r2"][CAP].sqrt()).tolist()
+            hair = [_hair_region([dv[i] * (tt * s[i]) + qo[i] for i in range(3)], sc) for tt in (t, t_out)]
+            t = torch.where(hair[0], t, torch.where(hair[1], t_out, torch.inf))
+        tv = t_near[y0:y1, x0:x1]
+        closer = t < tv
+        tv.copy_(torch.where(closer, t, tv))
+        prim[y0:y1, x0:x1].masked_fill_(closer, j)
+    return t_near, prim
+
+
+def _grid_rays(c2w: torch.Tensor, fov: float, n: int) -> torch.Tensor:
+    return pixel_rays(c2w, fov, n, n)[0][0].permute(2, 0, 1).contiguous()    # 3 x n x n
+
+
+def _render_one(sc: dict, c2w: torch.Tensor, res: int, ss: int, fov: float, far: float) -> dict:
+    """One sample: image uint8 R x R x 3, depth float32 R x R, mask bool R x R (c2w: 4 x 4 float32)."""
+    o, fwd = c2w[:3, 3], c2w[:3, 2]
+    w2c, f = invert_rigid(c2w)[0], focal_from_fov(fov, res)
+    # depth and mask: the pixel-centre rays
+    d = _grid_rays(c2w, fov, res)
+    if not bool((d[2] > 0).all()):
+        raise ValueError("a camera ray points away from the background plane; the pose is outside the supported range")
+    t_fg, _ = _intersect(sc, o, d, _rects(sc, w2c, f, res))
+    t_bg = (far - float(o[2])) / d[2]
+    mask = t_fg < t_bg
+    depth = torch.where(mask, t_fg, t_bg) * (d * fwd[:, None, None]).sum(0)      # z-depth along the optical axis
+    # colour: ss x ss sub-pixel rays per pixel (the same pixel_rays on an ss-times finer grid)
+    if ss > 1:
+        d = _grid_rays(c2w, fov, res * ss)
+        t_fg, prim = _intersect(sc, o, d, _rects(sc, w2c, f * ss, res * ss))
+        t_bg = (far - float(o[2])) / d[2]
+    else:
+        t_fg, prim = _intersect(sc, o, d, _rects(sc, w2c, f, res))
+    d, t_fg, t_bg, prim = d.reshape(3, -1), t_fg.reshape(-1), t_bg.reshape(-1), prim.reshape(-1)
+    # background: a linear gradient across the plane
+    p = o[:, None] + t_bg * d
+    gx, gy = sc["bg_dir"]
+    s = (p[0] * gx).add_(p[1], alpha=gy).div_(sc["bg_scale"]).add_(0.5).clamp_(0, 1)
+    c0, c1 = sc["bg"][0][:, None], sc["bg"][1][:, None]
+    rgb = c0 + (c1 - c0) * s
+    # foreground: shade only the rays that hit the head (gathered)
+    hit = (t_fg < t_bg).nonzero()[:, 0]
+    d, prim = d[:, hit], prim[hit]
+    p = o[:, None] + t_fg[hit] * d
+    C, A = sc["centres"].T, sc["inv_r2"].T
+    n = (p - C[:, prim]) * A[:, prim]
+    n = n / n.norm(dim=0)
+    n = torch.where((n * d).sum(0) > 0, -n, n)                # the back of the hair sheet faces the camera
+    q = list((p - C[:, CAP:CAP + 1]) * A[:, CAP:CAP + 1].sqrt())
+    hair = (prim == CAP) | ((prim == HEAD) & _hair_region(q, sc))
+    amp, freq, tilt = sc["streak"]
+    streak = torch.sin(q[0] * freq + q[1] * tilt).mul_(amp).add_(1)
+    skin_mod = torch.sin(sc["mod_freq"] @ p + sc["mod_phase"][:, None]).mean(0).mul_(sc["mod_amp"]).add_(1)
+    albedo = torch.where(hair, sc["hair"][:, None] * streak, sc["albedo"].T[:, prim] * skin_mod)
+    # the eyes look toward -Z: pupil / iris / sclera by how frontal the normal is
+    eye_col = torch.where(n[2] < -0.93, torch.tensor([[0.02], [0.02], [0.02]]),
+                          torch.where(n[2] < -0.72, sc["iris"][:, None], torch.tensor([[0.85], [0.83], [0.8]])))
+    albedo = torch.where((prim == EYE_L) | (prim == EYE_R), eye_col, albedo)
+    rgb[:, hit] = albedo * (sc["light"] @ n).clamp_(min=0).mul_(sc["kd"]).add_(sc["ka"])
+    rgb = rgb.reshape(3, res, ss, res, ss).mean(dim=(2, 4)).permute(1, 2, 0)
+    image = (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
+    return dict(image=image, depth=depth.float(), mask=mask)
+
+
+def _as_list(indices) -> list[int]:
+    if isinstance(indices, torch.Tensor):
+        return [int(i) for i in indices.reshape(-1).tolist()]
+    return [int(i) for i in indices]
+
+
+def render_heads(indices: Sequence[int] | torch.Tensor, cfg: SyntheticConfig, yaw=None, pitch=None
+                 ) -> dict[str, torch.Tensor]:
+    """Render samples ``indices``; a sample's scene and pose are a function of (``cfg.seed``, index) only.
+
+    ``yaw`` / ``pitch`` (length-B tensors or sequences) override the sampled pose of each sample (same scene), e.g.
+    for multi-view ground truth. Returns, with B = len(indices) and R = ``cfg.resolution``:
+    'image' uint8 B x R x R x 3, 'depth' float32 B x R x R (z-depth of the pixel-centre ray's hit, background
+    plane included), 'mask' bool B x R x R (head parts vs background plane, pixel-centre ray), 'yaw' / 'pitch'
+    float32 B, 'c2w' float32 B x 4 x 4 (``sphere_c2w`` of the returned yaw/pitch), 'w2c' float32 B x 4 x 4.
+    """
+    preset = get_preset(cfg.preset)
+    idx = _as_list(indices)
+    res, ss = int(cfg.resolution), int(cfg.supersample)
+    if res < 1 or ss < 1:
+        raise ValueError(f"resolution and supersample must be >= 1, got {res} and {ss}")
+    overrides = [None if v is None else torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in (yaw, pitch)]
+    for v in overrides:
+        if v is not None and v.numel() != len(idx):
+            raise ValueError(f"pose overrides need one value per sample ({len(idx)}), got {v.numel()}")
+    outs = {key: [] for key in KEYS}
+    for j, i in enumerate(idx):
+        g = _generator(cfg.seed, i)
+        y, p = sample_preset_pose(1, preset, generator=g)     # always drawn: the scene stream follows it
+        y = overrides[0][j:j + 1] if overrides[0] is not None else y.float()
+        p = overrides[1][j:j + 1] if overrides[1] is not None else p.float()
+        c2w = sphere_c2w(y, p, preset.sphere_center_z, preset.sphere_r)
+        one = _render_one(_scene(g), c2w[0], res, ss, preset.fov_deg, preset.far)
+        one.update(yaw=y[0], pitch=p[0], c2w=c2w[0], w2c=invert_rigid(c2w)[0])
+        for key in KEYS:
+            outs[key].append(one[key])
+    if not idx:
+        shapes = dict(image=(0, res, res, 3), depth=(0, res, res), mask=(0, res, res), yaw=(0,), pitch=(0,),
+                      c2w=(0, 4, 4), w2c=(0, 4, 4))
+        dtypes = dict(image=torch.uint8, mask=torch.bool)
+        return {key: torch.zeros(shapes[key], dtype=dtypes.get(key, torch.float32)) for key in KEYS}
+    return {key: torch.stack(v) for key, v in outs.items()}
+
+
+def iter_synthetic(num: int, cfg: SyntheticConfig, batch_size: int = 64) -> Iterator[dict]:
+    """Samples 0 .. num-1 one by one: dicts with ``render_heads``' keys, unbatched, plus 'index' (int)."""
+    for start in range(0, num, batch_size):
+        batch = render_heads(range(start, min(start + batch_size, num)), cfg)
+        for j in range(batch["image"].shape[0]):
+            yield {key: batch[key][j] for key in KEYS} | {"index": start + j}
