@@ -48,8 +48,9 @@ def main() -> None:
         planes = preset_planes(preset, n)
         mpi = torch.rand(1, n, 4, res, res, device=dev)
         for chunk in (None, 16):
-            ms = 1000 * timed(lambda: render_mpi(mpi, planes["depths"], planes["extents"], c2w, preset.fov_deg,
-                                                 res, res, plane_chunk=chunk), args.repeat)
+            kw = dict(plane_depths=planes["depths"], plane_extents=planes["extents"], c2w=c2w,
+                      fov_deg=preset.fov_deg, height=res, width=res, plane_chunk=chunk)
+            ms = 1000 * timed(lambda m=mpi, kw=kw: render_mpi(m, **kw), args.repeat)
             print(f"| render_mpi | {res} | {n} | {chunk or 'all'} | {ms:.0f} | {peak_mb():.0f} |")
     G = GMPIGenerator(z_dim=512, c_dim=0, w_dim=512, img_resolution=256,
                       synthesis_kwargs=dict(channel_base=16384, channel_max=512, num_fp16_res=4, conv_clamp=256)).eval()
