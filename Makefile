@@ -7,12 +7,13 @@ export WANDB_MODE ?= offline
 export GLOO_SOCKET_IFNAME ?= lo
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint clean
+.PHONY: help install test test-full lint clean data bench
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 install: $(VENV)/.installed  ## create .venv and install the suite with dev tools (idempotent)
+
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,19 @@ test: install  ## fast test suite (slow tests excluded)
 
 test-full: install  ## every test, slow ones included
 	$(PY) -m pytest -q -m "slow or not slow"
+
+DATA       ?= data/synthetic64
+DATA_NUM   ?= 10000
+DATA_RES   ?= 64
+
+data: $(DATA)/dataset.json  ## generate the default synthetic dataset (DATA, DATA_NUM, DATA_RES) + preview.png
+
+$(DATA)/dataset.json: | install
+	$(VENV)/bin/gmpi data synthetic --out $(DATA) --num $(DATA_NUM) --resolution $(DATA_RES) --overwrite
+
+bench: install  ## speed benchmarks (renderer, generator, synthetic data) on this machine
+	$(PY) benchmarks/bench_render.py
+	$(PY) benchmarks/bench_synthetic.py
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .
