@@ -4,19 +4,23 @@ The project's default training data (real face data cannot ship) and the ground 
 sample is a small scene in GMPI's world frame (+X right, +Y down, +Z forward; see ``gmpi_lightning.cameras``):
 
 * a head ellipsoid near (0, 0, 1) whose face front is at z ~ 0.95 (the preset's near plane), a nose, two eyes
-  (iris and pupil by normal), a mouth, two ears, a neck, and a hair "sheet": a slightly larger cap ellipsoid kept
-  only where a hairline function of the position says hair (two-sided, so entry and exit roots both count);
+  (sclera / iris / pupil by normal), eyebrows, a mouth, two ears, a neck, and a hair "sheet": a slightly larger cap
+  ellipsoid kept only where a hairline function of the position says hair (two-sided: entry and exit roots count);
 * the background plane z = ``far`` (1.12 for the FFHQ-like presets) with a random linear colour gradient;
 * random skin / hair / iris / lip albedos, a low-frequency sinusoidal albedo modulation, hair streaks and
   Lambertian shading (ambient + diffuse) under a light fixed in the *world* (near the canonical camera direction),
   so the colours of a surface point do not depend on the view: multi-view renders of a sample are consistent.
 
-Every primitive is an axis-aligned ellipsoid, intersected in closed form for all rays at once; the visible
-surface is the nearest hit. Camera poses come from the preset's prior (``sample_preset_pose``, ``sphere_c2w``).
+Every primitive is an axis-aligned ellipsoid, intersected in closed form (a quadratic in the ray distance); the
+visible surface is the nearest hit. For speed each primitive is only tested against the rays of a conservative pixel
+window around its projected bounding sphere (exact: the other rays cannot hit it), so the small features cost
+little. Camera poses come from the preset's prior (``sample_preset_pose``, ``sphere_c2w``).
+Throughput on 2 CPU cores: see ``benchmarks/bench_synthetic.py``.
 
 Randomness: sample ``i`` draws its pose and then a fixed-length vector of uniforms from its own
 ``torch.Generator`` seeded by a hash of (``cfg.seed``, ``i``), and is rendered by itself (a loop over samples,
-identical tensor shapes), so its outputs are bit-identical whatever batch it is rendered in.
+identical tensor shapes), so its outputs are bit-identical whatever batch it is rendered in (for a given torch
+build and thread count).
 
 Anti-aliasing: RGB averages ``supersample``^2 sub-pixel rays per pixel. Depth and mask come from the single
 *pixel-centre* ray (the ray ``pixel_rays`` gives for pixel (u, v)), so they are exact point samples of the scene
@@ -25,6 +29,7 @@ Anti-aliasing: RGB averages ``supersample``^2 sub-pixel rays per pixel. Depth an
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,10 +40,11 @@ from gmpi_lightning.cameras import focal_from_fov, invert_rigid, pixel_rays, sam
 from gmpi_lightning.presets import get_preset
 
 # Primitive slots (rows of the per-sample tables).
-HEAD, CAP, NOSE, EYE_L, EYE_R, EAR_L, EAR_R, MOUTH, NECK = range(9)
-N_PRIMS = 9
-_N_UNIFORMS = 96          # fixed draw count per sample, so adding a parameter never shifts the others' stream
+HEAD, CAP, NOSE, EYE_L, EYE_R, EAR_L, EAR_R, MOUTH, NECK, BROW_L, BROW_R = range(11)
+N_PRIMS = 11
+_N_UNIFORMS = 128         # fixed draw count per sample, so adding a parameter never shifts the others' stream
 _MASK64 = (1 << 64) - 1
+_PUPIL, _SCLERA = torch.tensor([[0.02], [0.02], [0.02]]), torch.tensor([[0.85], [0.83], [0.8]])
 KEYS = ("image", "depth", "mask", "yaw", "pitch", "c2w", "w2c")
 
 
@@ -88,39 +94,46 @@ def _scene(g: torch.Generator) -> dict:
     centres, radii = [None] * N_PRIMS, [None] * N_PRIMS
     centres[HEAD], radii[HEAD] = (cx, cy, cz), (rx, ry, rz)
     centres[CAP] = (cx, cy - U(0.003, 0.008), cz + U(0.002, 0.006))
-    radii[CAP] = (rx * U(1.05, 1.09), ry * U(1.04, 1.08), rz * U(1.05, 1.1))
-    ny, nr = cy + U(0.05, 0.18) * ry, (U(0.008, 0.012), U(0.014, 0.02), U(0.009, 0.013))
+    radii[CAP] = (rx * U(1.06, 1.12), ry * U(1.05, 1.1), rz * U(1.06, 1.12))
+    ny, nr = cy + U(0.05, 0.15) * ry, (U(0.007, 0.011), U(0.014, 0.02), U(0.009, 0.013))
     centres[NOSE], radii[NOSE] = (cx, ny, front(cx, ny) - U(0.005, 0.009) + nr[2]), nr  # tip sticks out toward -Z
-    ex, ey, er, sink = U(0.3, 0.4) * rx, cy - U(0.08, 0.2) * ry, U(0.007, 0.0095), U(0.3, 0.45)
-    for slot, sx in ((EYE_L, -1), (EYE_R, 1)):
-        centres[slot], radii[slot] = (cx + sx * ex, ey, front(cx + sx * ex, ey) + sink * er), (er, er, er)
-    ay, ar, az = cy + U(0.0, 0.15) * ry, (U(0.007, 0.01), U(0.015, 0.021), U(0.009, 0.013)), cz + U(0.0, 0.01)
+    # eyes: flattened spheres sunk into the face so that only a lens-shaped front shows
+    ex, ey, er, sink = U(0.3, 0.38) * rx, cy - U(0.1, 0.2) * ry, U(0.0075, 0.0095), U(0.5, 0.6)
+    by, br = ey - U(1.3, 1.7) * er, (U(0.011, 0.015), U(0.0018, 0.0028), U(0.003, 0.004))
+    for eye, brow, sx in ((EYE_L, BROW_L, -1), (EYE_R, BROW_R, 1)):
+        x = cx + sx * ex
+        centres[eye], radii[eye] = (x, ey, front(x, ey) + sink * er), (1.3 * er, 0.75 * er, er)
+        centres[brow], radii[brow] = (x, by, front(x, by) + 0.3 * br[2]), br
+    ay, ar, az = cy + U(0.0, 0.15) * ry, (U(0.008, 0.011), U(0.016, 0.022), U(0.01, 0.014)), cz + U(0.0, 0.01)
     half_w = rx * math.sqrt(1.0 - ((ay - cy) / ry) ** 2)
     for slot, sx in ((EAR_L, -1), (EAR_R, 1)):
-        centres[slot], radii[slot] = (cx + sx * (half_w - 0.2 * ar[0]), ay, az), ar
+        centres[slot], radii[slot] = (cx + sx * (half_w - 0.1 * ar[0]), ay, az), ar
     my, mr = cy + U(0.45, 0.55) * ry, (U(0.012, 0.018), U(0.0035, 0.005), U(0.004, 0.006))
     centres[MOUTH], radii[MOUTH] = (cx, my, front(cx, my) + 0.4 * mr[2]), mr
-    centres[NECK] = (cx, cy + 0.95 * ry, cz + U(0.005, 0.012))
-    radii[NECK] = (rx * U(0.55, 0.65), ry * U(1.0, 1.2), rz * U(0.75, 0.85))
+    centres[NECK] = (cx, cy + U(0.95, 1.05) * ry, cz + U(0.008, 0.015))
+    radii[NECK] = (rx * U(0.48, 0.56), ry * U(1.0, 1.2), rz * U(0.7, 0.8))
 
     t = lambda v: torch.tensor(v, dtype=torch.float32)
     tone, hair_pick = U(0.0, 1.0), int(U(0.0, 4.999))
     skin = [lo + (hi - lo) * tone + U(-0.04, 0.04) for lo, hi in ((0.36, 0.96), (0.22, 0.78), (0.15, 0.68))]
     palette = ((0.05, 0.04, 0.04), (0.3, 0.18, 0.1), (0.75, 0.6, 0.35), (0.55, 0.22, 0.1), (0.6, 0.6, 0.62))
     hair = [min(max(c + U(-0.04, 0.04), 0.0), 1.0) for c in palette[hair_pick]]
-    lips = [skin[0] * U(0.75, 0.9), skin[1] * U(0.45, 0.6), skin[2] * U(0.5, 0.6)]
     albedo = [skin] * N_PRIMS
-    albedo[CAP], albedo[MOUTH] = hair, lips
+    albedo[CAP], albedo[NECK] = hair, [c * 0.88 for c in skin]
+    albedo[MOUTH] = [skin[0] * U(0.75, 0.9), skin[1] * U(0.45, 0.6), skin[2] * U(0.5, 0.6)]
+    albedo[BROW_L] = albedo[BROW_R] = [c * 0.6 for c in hair]
     light = t((U(-0.6, 0.6), U(-0.7, -0.1), -1.0))
     ka = U(0.25, 0.45)
+    radii = t(radii)
     return dict(
-        centres=t(centres), inv_r2=t(radii).pow(-2), radius_max=t(radii).amax(-1), albedo=t(albedo), hair=t(hair), ka=ka, kd=1.0 - ka,
+        centres=t(centres), inv_r2=radii.pow(-2), radius_max=radii.amax(-1), hair=t(hair), ka=ka, kd=1.0 - ka,
+        centres_t=t(centres).T.contiguous(), inv_r2_t=radii.pow(-2).T.contiguous(), albedo_t=t(albedo).T.contiguous(),
         light=light / light.norm(),
         iris=t([U(0.1, 0.4) * 0.6, U(0.1, 0.35) * 0.6, U(0.05, 0.4) * 0.6]),
         # hairline in the cap's unit coordinates q: hair where q_y < h0 + side*clamp(q_z+1, 0, 1) + back*relu(q_z)
         # + a wave in q_x (front: forehead line; sides: temples down to the ears; back: down to the neck)
-        hairline=(U(-0.55, -0.35), U(0.3, 0.6), U(0.5, 1.0), U(0.0, 0.1), U(4.0, 9.0), U(0.0, 2 * math.pi)),
-        streak=(U(0.1, 0.25), U(15.0, 30.0), U(2.0, 5.0)),
+        hairline=(U(-0.55, -0.35), U(0.4, 0.8), U(0.5, 1.0), U(0.0, 0.1), U(4.0, 9.0), U(0.0, 2 * math.pi)),
+        streak=(U(0.05, 0.15), U(8.0, 16.0), U(1.0, 4.0)),
         # skin modulation: amplitude x mean of 3 sinusoids of the 3D position (1-3 cycles across the head)
         mod_amp=U(0.04, 0.1),
         mod_freq=t([[U(-1, 1) for _ in range(3)] for _ in range(3)]) * t([U(20.0, 60.0) for _ in range(3)])[:, None],
@@ -185,57 +198,58 @@ def _intersect(sc: dict, o: torch.Tensor, d: torch.Tensor, rects) -> tuple[torch
     return t_near, prim
 
 
-def _grid_rays(c2w: torch.Tensor, fov: float, n: int) -> torch.Tensor:
-    return pixel_rays(c2w, fov, n, n)[0][0].permute(2, 0, 1).contiguous()    # 3 x n x n
+@functools.lru_cache(maxsize=16)
+def _camera_dirs(fov: float, n: int) -> torch.Tensor:
+    """Unit pixel-centre ray directions of an n x n grid in the camera frame, 3 x n x n (pixel_rays at identity)."""
+    return pixel_rays(torch.eye(4), fov, n, n)[0][0].permute(2, 0, 1).contiguous()
 
 
-def _render_one(sc: dict, c2w: torch.Tensor, res: int, ss: int, fov: float, far: float) -> dict:
-    """One sample: image uint8 R x R x 3, depth float32 R x R, mask bool R x R (c2w: 4 x 4 float32)."""
-    o, fwd = c2w[:3, 3], c2w[:3, 2]
-    w2c, f = invert_rigid(c2w)[0], focal_from_fov(fov, res)
+def _render_one(sc: dict, c2w: torch.Tensor, w2c: torch.Tensor, res: int, ss: int, fov: float, far: float) -> dict:
+    """One sample: image uint8 R x R x 3, depth float32 R x R, mask bool R x R (c2w, w2c: 4 x 4 float32)."""
+    o, rot, f, oz = c2w[:3, 3], c2w[:3, :3], focal_from_fov(fov, res), float(c2w[2, 3])
     # depth and mask: the pixel-centre rays
-    d = _grid_rays(c2w, fov, res)
+    cam = _camera_dirs(fov, res)
+    d = (rot @ cam.reshape(3, -1)).reshape(cam.shape)
     if not bool((d[2] > 0).all()):
         raise ValueError("a camera ray points away from the background plane; the pose is outside the supported range")
-    t_fg, _ = _intersect(sc, o, d, _rects(sc, w2c, f, res))
-    t_bg = (far - float(o[2])) / d[2]
+    t_fg, prim = _intersect(sc, o, d, _rects(sc, w2c, f, res))
+    t_bg = (far - oz) / d[2]
     mask = t_fg < t_bg
-    depth = torch.where(mask, t_fg, t_bg) * (d * fwd[:, None, None]).sum(0)      # z-depth along the optical axis
-    # colour: ss x ss sub-pixel rays per pixel (the same pixel_rays on an ss-times finer grid)
+    depth = torch.where(mask, t_fg, t_bg) * cam[2]          # z-depth: distance times the ray's optical-axis cosine
+    # colour: ss x ss sub-pixel rays per pixel (the pixel-centre rays of an ss-times finer grid)
     if ss > 1:
-        d = _grid_rays(c2w, fov, res * ss)
+        cam = _camera_dirs(fov, res * ss)
+        d = (rot @ cam.reshape(3, -1)).reshape(cam.shape)
         t_fg, prim = _intersect(sc, o, d, _rects(sc, w2c, f * ss, res * ss))
-        t_bg = (far - float(o[2])) / d[2]
-    else:
-        t_fg, prim = _intersect(sc, o, d, _rects(sc, w2c, f, res))
+        t_bg = (far - oz) / d[2]
     d, t_fg, t_bg, prim = d.reshape(3, -1), t_fg.reshape(-1), t_bg.reshape(-1), prim.reshape(-1)
     # background: a linear gradient across the plane
-    p = o[:, None] + t_bg * d
     gx, gy = sc["bg_dir"]
-    s = (p[0] * gx).add_(p[1], alpha=gy).div_(sc["bg_scale"]).add_(0.5).clamp_(0, 1)
+    s = (d[0] * gx).add_(d[1], alpha=gy).mul_(t_bg).add_(float(o[0]) * gx + float(o[1]) * gy)
+    s = s.div_(sc["bg_scale"]).add_(0.5).clamp_(0, 1)
     c0, c1 = sc["bg"][0][:, None], sc["bg"][1][:, None]
     rgb = c0 + (c1 - c0) * s
     # foreground: shade only the rays that hit the head (gathered)
     hit = (t_fg < t_bg).nonzero()[:, 0]
-    d, prim = d[:, hit], prim[hit]
-    p = o[:, None] + t_fg[hit] * d
-    C, A = sc["centres"].T, sc["inv_r2"].T
-    n = (p - C[:, prim]) * A[:, prim]
-    n = n / n.norm(dim=0)
-    n = torch.where((n * d).sum(0) > 0, -n, n)                # the back of the hair sheet faces the camera
-    q = list((p - C[:, CAP:CAP + 1]) * A[:, CAP:CAP + 1].sqrt())
+    d, prim = d.index_select(1, hit), prim.index_select(0, hit)
+    p = o[:, None] + t_fg.index_select(0, hit) * d
+    n = (p - sc["centres_t"].index_select(1, prim)).mul_(sc["inv_r2_t"].index_select(1, prim))   # not normalised
+    n = torch.where((n[0] * d[0] + n[1] * d[1] + n[2] * d[2]) > 0, -n, n)   # the hair sheet's back faces the camera
+    inv_len = (n[0] * n[0]).addcmul_(n[1], n[1]).addcmul_(n[2], n[2]).rsqrt_()
+    q = list((p - sc["centres_t"][:, CAP:CAP + 1]).mul_(sc["inv_r2_t"][:, CAP:CAP + 1].sqrt()))
     hair = (prim == CAP) | ((prim == HEAD) & _hair_region(q, sc))
     amp, freq, tilt = sc["streak"]
     streak = torch.sin(q[0] * freq + q[1] * tilt).mul_(amp).add_(1)
     skin_mod = torch.sin(sc["mod_freq"] @ p + sc["mod_phase"][:, None]).mean(0).mul_(sc["mod_amp"]).add_(1)
-    albedo = torch.where(hair, sc["hair"][:, None] * streak, sc["albedo"].T[:, prim] * skin_mod)
+    albedo = torch.where(hair, sc["hair"][:, None] * streak, sc["albedo_t"].index_select(1, prim) * skin_mod)
     # the eyes look toward -Z: pupil / iris / sclera by how frontal the normal is
-    eye_col = torch.where(n[2] < -0.93, torch.tensor([[0.02], [0.02], [0.02]]),
-                          torch.where(n[2] < -0.72, sc["iris"][:, None], torch.tensor([[0.85], [0.83], [0.8]])))
+    nz = n[2] * inv_len
+    eye_col = torch.where(nz < -0.93, _PUPIL, torch.where(nz < -0.72, sc["iris"][:, None], _SCLERA))
     albedo = torch.where((prim == EYE_L) | (prim == EYE_R), eye_col, albedo)
-    rgb[:, hit] = albedo * (sc["light"] @ n).clamp_(min=0).mul_(sc["kd"]).add_(sc["ka"])
+    lambert = (sc["light"] @ n).mul_(inv_len).clamp_(min=0)
+    rgb.index_copy_(1, hit, albedo * lambert.mul_(sc["kd"]).add_(sc["ka"]))
     rgb = rgb.reshape(3, res, ss, res, ss).mean(dim=(2, 4)).permute(1, 2, 0)
-    image = (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
+    image = rgb.clamp(0, 1).mul_(255).round_().to(torch.uint8)
     return dict(image=image, depth=depth.float(), mask=mask)
 
 
@@ -270,9 +284,10 @@ def render_heads(indices: Sequence[int] | torch.Tensor, cfg: SyntheticConfig, ya
         y, p = sample_preset_pose(1, preset, generator=g)     # always drawn: the scene stream follows it
         y = overrides[0][j:j + 1] if overrides[0] is not None else y.float()
         p = overrides[1][j:j + 1] if overrides[1] is not None else p.float()
-        c2w = sphere_c2w(y, p, preset.sphere_center_z, preset.sphere_r)
-        one = _render_one(_scene(g), c2w[0], res, ss, preset.fov_deg, preset.far)
-        one.update(yaw=y[0], pitch=p[0], c2w=c2w[0], w2c=invert_rigid(c2w)[0])
+        c2w = sphere_c2w(y, p, preset.sphere_center_z, preset.sphere_r)[0]
+        w2c = invert_rigid(c2w)[0]
+        one = _render_one(_scene(g), c2w, w2c, res, ss, preset.fov_deg, preset.far)
+        one.update(yaw=y[0], pitch=p[0], c2w=c2w, w2c=w2c)
         for key in KEYS:
             outs[key].append(one[key])
     if not idx:

@@ -1,5 +1,6 @@
 """The ``gmpi`` command.
 
+    gmpi fit|validate|test --config experiments/NAME.yaml [--model.key=value ...]   (LightningCLI)
     gmpi import-stylegan2 IN.pkl OUT.pt     NVlabs pickle -> plain weights_only file (no code executed)
     gmpi render --ckpt CKPT --seeds 0-3 --planes 96 --out DIR [--video] [--mesh]
     gmpi data synthetic|ffhq|eg3d|folder ...  posed-image shards + dataset.json + preview.png
@@ -128,6 +129,14 @@ def _data(argv: list[str]) -> int:
     return 0
 
 
+def _lightning(argv: list[str]) -> int:
+    """gmpi fit|validate|test: LightningCLI over GMPIModule + PosedImageDataModule (typed, YAML-configurable)."""
+    from .trainer import run_lightning_cli
+
+    run_lightning_cli(argv)
+    return 0
+
+
 def _cuda() -> bool:
     import torch
 
@@ -137,6 +146,9 @@ def _cuda() -> bool:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "import-stylegan2": (_import_stylegan2, "convert an NVlabs StyleGAN2-ADA pickle safely"),
     "render": (_render, "views, depth, plane strip, video and mesh from a checkpoint"),
+    "fit": (_lightning, "train (LightningCLI): gmpi fit --config experiments/synthetic.yaml [--model.x=..]"),
+    "validate": (_lightning, "validate a checkpoint (LightningCLI)"),
+    "test": (_lightning, "test a checkpoint (LightningCLI)"),
     "data": (_data, "convert datasets (ffhq, eg3d, folder) or generate synthetic heads into shards"),
 }
 

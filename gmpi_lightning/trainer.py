@@ -1,0 +1,40 @@
+"""Training entry point: LightningCLI with the GAN-specific defaults (``gmpi fit|validate|test``).
+
+Runbook (every command also takes ``--config experiments/<name>.yaml`` and dotted overrides):
+
+    gmpi fit --config experiments/synthetic.yaml                       # one CPU/GPU
+    gmpi fit --config experiments/ffhq256.yaml --trainer.devices=8     # DDP on one node
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=R --master_addr=HOST -m gmpi_lightning fit \\
+        --config experiments/ffhq256.yaml --trainer.devices=8 --trainer.num_nodes=2   # multi-node
+    gmpi fit --config experiments/ffhq256.yaml --ckpt_path last        # resume the run in its checkpoint dir
+
+DDP needs ``find_unused_parameters`` (the G step leaves D without gradients and vice versa) and
+rank-local buffers (``broadcast_buffers=False``), as the official code; that is the default strategy
+whenever more than one device is used.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DDPStrategy
+
+from datamodules.posed_images import PosedImageDataModule
+
+from .module import GMPIModule
+
+
+class GMPICLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg["trainer"]
+        devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+        many = nodes > 1 or (isinstance(devices, int) and devices > 1) or (isinstance(devices, str) and
+                                                                             devices not in ("auto", "1"))
+        if trainer.get("strategy") in (None, "auto") and many:
+            trainer["strategy"] = DDPStrategy(find_unused_parameters=True, broadcast_buffers=False)
+
+
+def run_lightning_cli(argv: list[str]) -> GMPICLI:
+    return GMPICLI(GMPIModule, PosedImageDataModule, args=argv, save_config_kwargs={"overwrite": True},
+                   trainer_defaults={"max_epochs": -1, "log_every_n_steps": 10, "num_sanity_val_steps": 0},
+                   parser_kwargs={"default_env": True})
