@@ -166,3 +166,9 @@ class PosedImageDataModule(pl.LightningDataModule):
 
     def iter_eval(self) -> Iterator[dict]:
         yield from self.eval_dataloader()
+
+    def val_dataloader(self):  # limit with Trainer(limit_val_batches=N): the pass is finite and has no length
+        return self.eval_dataloader()
+
+    def test_dataloader(self):
+        return self.eval_dataloader()

@@ -146,9 +146,9 @@ def _cuda() -> bool:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "import-stylegan2": (_import_stylegan2, "convert an NVlabs StyleGAN2-ADA pickle safely"),
     "render": (_render, "views, depth, plane strip, video and mesh from a checkpoint"),
-    "fit": (_lightning, "train (LightningCLI): gmpi fit --config experiments/synthetic.yaml [--model.x=..]"),
-    "validate": (_lightning, "validate a checkpoint (LightningCLI)"),
-    "test": (_lightning, "test a checkpoint (LightningCLI)"),
+    "fit": (lambda a: _lightning(["fit", *a]), "train (LightningCLI): gmpi fit --config experiments/synthetic.yaml"),
+    "validate": (lambda a: _lightning(["validate", *a]), "validate a checkpoint (LightningCLI)"),
+    "test": (lambda a: _lightning(["test", *a]), "test a checkpoint (LightningCLI)"),
     "data": (_data, "convert datasets (ffhq, eg3d, folder) or generate synthetic heads into shards"),
 }
 

@@ -193,7 +193,7 @@ class GMPIModule(pl.LightningModule):
     def shade(self, mpi: torch.Tensor) -> torch.Tensor:
         """Shading augmentation of fake MPIs after ``shading_start`` iterations (counts calls, as the official)."""
         hp = self.hparams
-        if not hp.shading or self.iteration <= hp.shading_start:
+        if not hp.shading or self.iteration < hp.shading_start:  # official: 1-based step > start
             return mpi
         self.shading_calls += 1
         ka, kd = shading_coefficients(self.shading_calls, SHADING["max_ka"], SHADING["max_kd"], hp.shading_grow,
@@ -268,8 +268,9 @@ class GMPIModule(pl.LightningModule):
                 cam = c2w[idx] if c2w is not None else None
                 logits = self.D(self.fake_images(self.G, z[idx], cam), self.d_condition(cam))
                 loss = g_nonsaturating_loss(logits) / chunks
-                if i < chunks - 1:  # accumulate without an all-reduce per chunk
-                    with self.trainer.strategy.block_backward_sync():
+                block_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+                if i < chunks - 1 and block_sync is not None:  # accumulate without an all-reduce per chunk (DDP)
+                    with block_sync():
                         self.manual_backward(loss)
                 else:
                     self.manual_backward(loss)

@@ -24,6 +24,9 @@ from .module import GMPIModule
 
 
 class GMPICLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """Resuming keeps the run's YAML/CLI configuration (LightningCLI would overwrite it with the hparams saved
+        in the checkpoint), so that e.g. ``--model.max_iters`` can extend a finished run."""
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg["trainer"]
