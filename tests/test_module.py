@@ -201,7 +201,8 @@ def test_resume_continues_counters_and_ema(shards, tmp_path):
               "--model.channel_base=256", "--model.channel_max=16", "--model.train_planes=6",
               "--model.views_per_z=2", "--model.export_path=null", "--trainer.logger=false",
               "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
-              f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint",
+              f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint",
               f"--trainer.callbacks.dirpath={ckdir}", "--trainer.callbacks.every_n_train_steps=4",
               "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=-1"]
     # "killed" after 3 iterations: the last checkpoint holds iteration 2 (4 optimiser steps)
