@@ -56,7 +56,23 @@ def _file_kind(path: Path) -> str:
         return "gmpi"
     if isinstance(blob, dict) and blob.get("format") == SG2_FORMAT:
         return "stylegan2"
+    if isinstance(blob, dict) and "state_dict" in blob and "hyper_parameters" in blob:
+        return "lightning"
     return "official"
+
+
+def load_training_checkpoint(path: Path) -> tuple[nn.Module, Preset, str]:
+    """G_ema of a Lightning checkpoint of GMPIModule (the architecture comes from its hyper-parameters)."""
+    from .module import GMPIModule
+
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    hp = dict(ck["hyper_parameters"], init_from=None, export_path=None)
+    model = GMPIModule(**{k: v for k, v in hp.items() if not k.startswith("_")})
+    model.load_state_dict(ck["state_dict"], strict=False)
+    G = model.G_ema.eval().requires_grad_(False)
+    if hp.get("mode") == "stylegan2":
+        return FlatMPIGenerator(G).eval(), model.preset, "stylegan2-flat"
+    return G, model.preset, "gmpi"
 
 
 def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: str | None = None,
@@ -70,6 +86,9 @@ def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: s
         blob = load_gmpi_checkpoint(path)
         G, stored = blob["G"], blob["preset"]
         out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored), "gmpi", path)
+    elif kind == "lightning":
+        G, stored, kind = load_training_checkpoint(path)
+        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored.to_dict()), kind, path)
     elif kind == "official":
         G = load_official_gmpi(path, config)
         out = LoadedGenerator(G, _preset_for(preset, G.img_resolution), "official", path)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from . import cameras
 from .losses import d_logistic_loss, ema_update, g_nonsaturating_loss, r1_penalty, stylegan2_ema_beta, torch_ema_beta
@@ -128,6 +129,12 @@ class GMPIModule(pl.LightningModule):
             D = copy.deepcopy(D2d)
             D.b4.mbstd.group_size = hp.mbstd_group_size
         return G.train().requires_grad_(True), D.train().requires_grad_(True)
+
+    def on_fit_start(self) -> None:
+        world, hp = self.trainer.world_size, self.hparams
+        rank_zero_info(f"GMPI {hp.mode}: {self.preset.name} {self.preset.resolution}px, batch per device "
+                       f"{self.trainer.datamodule.batch_size if self.trainer.datamodule else '?'} x {world} devices, "
+                       f"lr {hp.lr} for G and D (no scaling with the batch), iteration {self.iteration}/{hp.max_iters}")
 
     def setup(self, stage: str) -> None:
         init = self.hparams.init_from
@@ -333,6 +340,8 @@ class GMPIModule(pl.LightningModule):
         logs["iteration"] = torch.tensor(float(self.iteration))
         logs["shading"] = torch.tensor(float(getattr(self, "_last_shading", 1.0)))
         logs["nonfinite_total"] = torch.tensor(float(self.nonfinite_total))
+        logs["effective_batch"] = torch.tensor(float(batch_total))
+        logs["peak_mem_mb"] = torch.tensor(peak_memory_mb(self.device))
         for k in ("ok_d", "ok_g"):
             logs.pop(k)
         prog = {k: logs[k] for k in ("loss_d", "loss_g", "kimg", "img_per_s") if k in logs}
@@ -363,3 +372,12 @@ class GMPIModule(pl.LightningModule):
     def extra_repr(self) -> str:
         return f"mode={self.hparams.mode}, preset={self.preset.name}@{self.preset.resolution}px"
 
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory of this process, or its peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

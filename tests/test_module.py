@@ -226,7 +226,8 @@ def test_every_experiment_config_runs_fast_dev_run(name, shards, tmp_path):
             "--data.batch_size=4", "--data.num_workers=0", "--model.init_from=null", "--model.resolution=16",
             "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2", "--model.channel_base=256",
             "--model.channel_max=16", "--model.train_planes=6", "--model.views_per_z=2", "--model.batch_split=2",
-            "--model.export_path=null", "--trainer.logger=false", "--trainer.fast_dev_run=1",
+            "--model.export_path=null", "--trainer.logger=false", "--trainer.callbacks=[]",
+            "--trainer.fast_dev_run=1",
             "--trainer.enable_progress_bar=false", "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}"]
     cli = _cli(args)
     assert cli.model.iteration == 1

@@ -12,7 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import DEFAULT_FILTER, Conv2dLayer, FullyConnectedLayer, MappingNetwork, compute_dtype
+from .layers import (
+    DEFAULT_FILTER,
+    Conv2dLayer,
+    FullyConnectedLayer,
+    MappingNetwork,
+    check_resolution,
+    compute_dtype,
+)
 from .ops import assert_shape, downsample2d, normalize_2nd_moment, setup_filter
 
 
@@ -143,12 +150,7 @@ class Discriminator(nn.Module):
                                 num_fp16_res=num_fp16_res, conv_clamp=conv_clamp, cmap_dim=cmap_dim,
                                 block_kwargs=dict(block_kwargs or {}), mapping_kwargs=dict(mapping_kwargs or {}),
                                 epilogue_kwargs=dict(epilogue_kwargs or {}))
-        log2 = int(np.log2(img_resolution))
-        if img_resolution < 4 or 2**log2 != img_resolution:
-            raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
-        if channel_base // img_resolution < 1:
-            raise ValueError(f"channel_base {channel_base} gives 0 channels at {img_resolution} px; "
-                             f"use channel_base >= {img_resolution}")
+        log2 = check_resolution(img_resolution, channel_base)
         self.c_dim, self.img_resolution, self.img_channels = c_dim, img_resolution, img_channels
         self.block_resolutions = [2**i for i in range(log2, 2, -1)]
         channels = {res: min(channel_base // res, channel_max) for res in self.block_resolutions + [4]}

@@ -22,6 +22,17 @@ def compute_dtype(use_fp16: bool, force_fp32: bool, device: torch.device) -> tor
     return torch.float16 if use_fp16 and not force_fp32 and device.type == "cuda" else torch.float32
 
 
+def check_resolution(img_resolution: int, channel_base: int) -> int:
+    """log2 of a valid network resolution (a power of two >= 4 with at least one channel at the top)."""
+    log2 = int(np.log2(img_resolution))
+    if img_resolution < 4 or 2**log2 != img_resolution:
+        raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
+    if channel_base // img_resolution < 1:
+        raise ValueError(f"channel_base {channel_base} gives 0 channels at {img_resolution} px; "
+                         f"use channel_base >= {img_resolution}")
+    return log2
+
+
 class FullyConnectedLayer(nn.Module):
     """Linear layer with run-time weight scaling (equalised lr) and an lr multiplier."""
 

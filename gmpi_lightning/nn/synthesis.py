@@ -12,7 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import DEFAULT_FILTER, Conv2dLayer, FullyConnectedLayer, MappingNetwork, compute_dtype
+from .layers import (
+    DEFAULT_FILTER,
+    Conv2dLayer,
+    FullyConnectedLayer,
+    MappingNetwork,
+    check_resolution,
+    compute_dtype,
+)
 from .ops import activation_gain, assert_shape, bias_act, modulated_conv2d, setup_filter, upsample2d
 
 NOISE_MODES = ("random", "const", "none")
@@ -171,12 +178,7 @@ class SynthesisNetwork(nn.Module):
     def __init__(self, w_dim: int, img_resolution: int, img_channels: int, channel_base: int = 32768,
                  channel_max: int = 512, num_fp16_res: int = 0, **block_kwargs):
         super().__init__()
-        log2 = int(np.log2(img_resolution))
-        if img_resolution < 4 or 2**log2 != img_resolution:
-            raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
-        if channel_base // img_resolution < 1:
-            raise ValueError(f"channel_base {channel_base} gives 0 channels at {img_resolution} px; "
-                             f"use channel_base >= {img_resolution}")
+        log2 = check_resolution(img_resolution, channel_base)
         self.w_dim, self.img_resolution, self.img_channels = w_dim, img_resolution, img_channels
         self.block_resolutions = [2**i for i in range(2, log2 + 1)]
         self.channels = {res: min(channel_base // res, channel_max) for res in self.block_resolutions}
