@@ -20,7 +20,7 @@ from . import cameras
 from .io import load_gmpi_checkpoint, load_official_gmpi, load_stylegan2_pkl
 from .io.gmpi_ckpt import GMPI_FORMAT
 from .io.stylegan2_pkl import FORMAT as SG2_FORMAT
-from .nn.gmpi import FlatMPIGenerator
+from .nn.gmpi import FlatMPIGenerator, GMPIGenerator
 from .planes import preset_planes
 from .presets import PRESETS, Preset, get_preset
 from .render import render_mpi
@@ -62,17 +62,19 @@ def _file_kind(path: Path) -> str:
 
 
 def load_training_checkpoint(path: Path) -> tuple[nn.Module, Preset, str]:
-    """G_ema of a Lightning checkpoint of GMPIModule (the architecture comes from its hyper-parameters)."""
-    from .module import GMPIModule
+    """G_ema of a Lightning checkpoint of GMPIModule, rebuilt from the kwargs stored with it."""
+    from .nn.synthesis import Generator
 
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    hp = dict(ck["hyper_parameters"], init_from=None, export_path=None)
-    model = GMPIModule(**{k: v for k, v in hp.items() if not k.startswith("_")})
-    model.load_state_dict(ck["state_dict"], strict=False)
-    G = model.G_ema.eval().requires_grad_(False)
-    if hp.get("mode") == "stylegan2":
-        return FlatMPIGenerator(G).eval(), model.preset, "stylegan2-flat"
-    return G, model.preset, "gmpi"
+    hp, kwargs = ck["hyper_parameters"], ck.get("generator_init_kwargs")
+    if kwargs is None:
+        raise ValueError(f"{path}: no generator_init_kwargs (not a GMPIModule checkpoint of this version)")
+    stylegan2 = hp.get("mode") == "stylegan2"
+    G = (Generator if stylegan2 else GMPIGenerator)(**kwargs)
+    G.load_state_dict({k[len("G_ema."):]: v for k, v in ck["state_dict"].items() if k.startswith("G_ema.")})
+    G.eval().requires_grad_(False)
+    preset = get_preset(hp["preset"], **({"resolution": hp["resolution"]} if hp.get("resolution") else {}))
+    return (FlatMPIGenerator(G).eval(), preset, "stylegan2-flat") if stylegan2 else (G, preset, "gmpi")
 
 
 def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: str | None = None,

@@ -171,6 +171,9 @@ class GMPIModule(pl.LightningModule):
             torch.set_rng_state(s["torch_rng"])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if getattr(self, "run_config", None):
+            checkpoint["run_config"] = self.run_config  # the resolved YAML of the run (LightningCLI)
+        checkpoint["generator_init_kwargs"] = self.G_ema.init_kwargs  # rebuild G_ema without the init file
         checkpoint["gmpi_state"] = {"iteration": self.iteration, "nimg": self.nimg, "ema_updates": self.ema_updates,
                                     "shading_calls": self.shading_calls, "nonfinite_total": self.nonfinite_total,
                                     "torch_rng": torch.get_rng_state()}

@@ -37,6 +37,11 @@ class GMPICLI(LightningCLI):
             trainer["strategy"] = DDPStrategy(find_unused_parameters=True, broadcast_buffers=False)
 
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self.model.run_config = self.parser.dump(self.config, skip_none=False, skip_check=True)  # into checkpoints
+
+
 def run_lightning_cli(argv: list[str]) -> GMPICLI:
     return GMPICLI(GMPIModule, PosedImageDataModule, args=argv, save_config_kwargs={"overwrite": True},
                    trainer_defaults={"max_epochs": -1, "log_every_n_steps": 10, "num_sanity_val_steps": 0},

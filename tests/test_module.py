@@ -210,6 +210,7 @@ def test_resume_continues_counters_and_ema(shards, tmp_path):
     first = cli.model
     ck = torch.load(ckdir / "epoch=0-step=4.ckpt", weights_only=False)
     assert ck["gmpi_state"]["iteration"] == 2 and ck["gmpi_state"]["ema_updates"] == 2
+    assert "views_per_z: 2" in ck["run_config"] and "batch_size: 4" in ck["run_config"]  # the resolved config
     saved_ema = {k: v for k, v in ck["state_dict"].items() if k.startswith("G_ema.")}
     resumed = _cli(["fit", *common, "--model.max_iters=5", f"--ckpt_path={ckdir / 'epoch=0-step=4.ckpt'}"]).model
     assert resumed.iteration == 5 and resumed.ema_updates == 5 and resumed.nimg == 5 * 4  # no reset, no repeat
@@ -250,6 +251,15 @@ def test_hparams_are_in_checkpoints(shards, tmp_path):
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     ck = torch.load(tmp_path / "m.ckpt", weights_only=False)
     assert ck["hyper_parameters"]["train_planes"] == 6 and "torch_rng" in ck["gmpi_state"]
+    # gmpi render reads training checkpoints directly: their G_ema, with the run's preset
+    from gmpi_lightning.inference import load_generator
+
+    loaded = load_generator(tmp_path / "m.ckpt")
+    assert loaded.kind == "gmpi" and loaded.preset.resolution == 16
+    codes = model.preset.normalized_plane_depths(5)
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        assert max_err(loaded.G(z, None, codes), model.G_ema(z, None, codes)) == 0
 
 
 def test_two_process_ddp_keeps_ranks_in_sync(shards, tmp_path):
