@@ -44,6 +44,7 @@ class GMPIModule(pl.LightningModule):
             or a Lightning checkpoint of this module (all weights). None: train from scratch.
         z_dim, w_dim, mapping_layers, channel_base, channel_max: architecture when not initialised from a file.
         alpha_mode, pos_enc_multires: the alpha branch (see ``GMPIGenerator``).
+        alpha_init_gain, alpha_init_logit: start of the new alpha branch (official: 1, 0; see ``GMPIGenerator``).
         train_planes: planes per MPI during training (official 32).
         pose_conditioning: condition D on the flattened w2c (GMPI); False is the ablation.
         mbstd_group_size: minibatch-stddev group (GMPI 1: per-sample independent logits).
@@ -64,7 +65,8 @@ class GMPIModule(pl.LightningModule):
     def __init__(self, preset: str = "FFHQ256", resolution: int | None = None, mode: str = "gmpi",
                  init_from: str | None = None, z_dim: int = 512, w_dim: int = 512, mapping_layers: int = 8,
                  channel_base: int | None = None, channel_max: int | None = None,
-                 alpha_mode: str = "normalize_add_z", pos_enc_multires: int = 0, train_planes: int = 32,
+                 alpha_mode: str = "normalize_add_z", pos_enc_multires: int = 0, alpha_init_gain: float = 1.0,
+                 alpha_init_logit: float = 0.0, train_planes: int = 32,
                  pose_conditioning: bool = True, mbstd_group_size: int = 1, lr: float = 0.002,
                  betas: tuple[float, float] = (0.0, 0.9), train_mapping: bool = True, r1_gamma: float = 10.0,
                  r1_every: int = 1, grad_clip: float | None = 10.0, views_per_z: int = 4,
@@ -122,7 +124,8 @@ class GMPIModule(pl.LightningModule):
         token_depths = (self.preset.normalized_plane_depths(hp.train_planes).tolist()
                         if hp.alpha_mode == "learnable_tokens" else None)
         G = GMPIGenerator.from_stylegan2(G2d, alpha_mode=hp.alpha_mode, pos_enc_multires=hp.pos_enc_multires,
-                                         n_train_planes=hp.train_planes, token_depths=token_depths)
+                                         n_train_planes=hp.train_planes, token_depths=token_depths,
+                                         alpha_init_gain=hp.alpha_init_gain, alpha_init_logit=hp.alpha_init_logit)
         if hp.pose_conditioning:
             D = PoseConditionedDiscriminator.from_stylegan2(D2d, mbstd_group_size=hp.mbstd_group_size)
         else:  # ablation: unconditional D (still with the GMPI mbstd group)
@@ -261,7 +264,7 @@ class GMPIModule(pl.LightningModule):
             r1 = torch.zeros((), device=self.device)
             if real.requires_grad:
                 r1 = r1_penalty(real_logits, real, hp.r1_gamma) * hp.r1_every
-            total = loss + r1 + real_logits.sum() * 0  # keep every output in the graph (DDP)
+            total = loss + r1
             ok = self._backward_step(opt, total, self.D)
         return {"loss_d": loss.detach(), "r1": r1.detach(), "logits_real": real_logits.detach().mean(),
                 "logits_fake": fake_logits.detach().mean(), "ok_d": ok}

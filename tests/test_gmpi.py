@@ -338,3 +338,18 @@ def test_our_checkpoint_round_trip(tmp_path):
     assert max_err(loaded["D"].b4.out.weight, D.b4.out.weight) == 0
     with pytest.raises(FileNotFoundError, match="Nothing is downloaded"):
         load_gmpi_checkpoint(tmp_path / "nope.pt")
+
+
+def test_alpha_initialisation_option():
+    torch.manual_seed(7)
+    codes = get_preset("FFHQ256").normalized_plane_depths(10)
+    G = GMPIGenerator(**SMALL, alpha_init_gain=0.0, alpha_init_logit=-1.5).eval()
+    with torch.no_grad():
+        a = G(torch.randn(2, 16), plane_depths=codes)[:, :-1, 3]
+    # every plane starts at the same alpha (away from the border, where the FIR up-sampling of the per-block
+    # constant logits sees zero padding)
+    inner = a[..., 6:-6, 6:-6]
+    assert max_err(inner, torch.full_like(inner, (np.tanh(-1.5) + 1) / 2)) < 1e-3
+    assert max_err(a[:, 0], a[:, -1]) == 0  # and it does not depend on the plane
+    official = GMPIGenerator(**SMALL).eval()  # defaults keep StyleGAN2's initialisation (bias 0)
+    assert float(official.synthesis.b16.toalpha.bias.detach().abs().sum()) == 0

@@ -177,7 +177,8 @@ class GMPIGenerator(nn.Module):
                  token_depths: list[float] | None = None, gen_alpha_largest_res: int = 256,
                  separate_background: bool = True, background_ratio: float = 0.05,
                  background_alpha_full: bool = True, final_activation: str = "tanh",
-                 depth2alpha_z_range: float = 1.0, depth2alpha_n_z_bins: int = 256):
+                 depth2alpha_z_range: float = 1.0, depth2alpha_n_z_bins: int = 256,
+                 alpha_init_gain: float = 1.0, alpha_init_logit: float = 0.0):
         super().__init__()
         if final_activation not in FINAL_ACTIVATIONS:
             raise ValueError(f"final_activation must be one of {FINAL_ACTIVATIONS}, got {final_activation!r}")
@@ -199,6 +200,7 @@ class GMPIGenerator(nn.Module):
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws,
                                       **(mapping_kwargs or {}))
+        self._init_alpha(alpha_init_gain, alpha_init_logit)
         if alpha_mode == "learnable_tokens":
             td = torch.linspace(0, 1, n_train_planes) if token_depths is None else torch.tensor(token_depths)
             if td.shape != (n_train_planes,) or bool((td[1:] <= td[:-1]).any()):
@@ -206,6 +208,16 @@ class GMPIGenerator(nn.Module):
             self.register_buffer("token_depths", td.to(torch.float32))
 
     # ------------------------------------------------------------------------------------------ build
+    @torch.no_grad()
+    def _init_alpha(self, gain: float, logit: float) -> None:
+        """Optional start for the new alpha branch (official: gain 1, logit 0, i.e. StyleGAN2 defaults).
+        ``gain`` scales the ToAlpha weights (small: soft alphas instead of per-pixel 0/1); ``logit`` is the
+        initial alpha logit of every plane, split over the blocks (negative: a transparent start)."""
+        heads = [b.toalpha for b in self.synthesis.blocks() if b.gen_alpha and hasattr(b, "toalpha")]
+        for head in heads:
+            head.weight.mul_(gain)
+            head.bias.fill_(logit / len(heads))
+
     @classmethod
     def from_stylegan2(cls, G: Generator, **gmpi_kwargs) -> GMPIGenerator:
         """A GMPI generator whose backbone is ``G`` (e.g. an imported G_ema); new modules initialised as
