@@ -5,8 +5,8 @@
     gmpi render --ckpt CKPT --seeds 0-3 --planes 96 --out DIR [--video] [--mesh]
     gmpi data synthetic|ffhq|eg3d|folder ...  posed-image shards + dataset.json + preview.png
 
-Each subcommand is a small function registered in ``COMMANDS``; later subcommands (fit, render,
-evaluate, data) plug in the same way.
+Each subcommand is a small function registered in ``COMMANDS``; later ones (evaluate, sweeps)
+plug in the same way.
 """
 
 from __future__ import annotations
