@@ -353,3 +353,19 @@ def test_alpha_initialisation_option():
     assert max_err(a[:, 0], a[:, -1]) == 0  # and it does not depend on the plane
     official = GMPIGenerator(**SMALL).eval()  # defaults keep StyleGAN2's initialisation (bias 0)
     assert float(official.synthesis.b16.toalpha.bias.detach().abs().sum()) == 0
+
+
+def test_legacy_format_config_cannot_run_code(tmp_path):
+    """torch's legacy (non-zip) container unpickles header records too: those must be restricted as well."""
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "config.pth"
+    torch.save({"GMPI": Evil()}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafePickleError, match="system"):
+        read_official_config(path)
+    assert not (tmp_path / "pwned").exists()

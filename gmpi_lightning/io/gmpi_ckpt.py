@@ -62,11 +62,16 @@ class _ConfigUnpickler(pickle.Unpickler):
                                 f"config nodes and plain values (nothing was executed)")
 
 
+def _restricted_load(file, **kwargs):
+    return _ConfigUnpickler(file, **kwargs).load()
+
+
 class _ConfigPickleModule:
-    """``pickle_module`` for torch.load that restricts the unpickler (torch's zip container still works)."""
+    """``pickle_module`` for torch.load: every unpickling it does (the zip container's data.pkl, and the legacy
+    format's header records) goes through the restricted unpickler."""
 
     Unpickler = _ConfigUnpickler
-    load = staticmethod(pickle.load)
+    load = staticmethod(_restricted_load)
 
 
 def _plain_config(obj):
