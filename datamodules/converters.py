@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from gmpi_lightning import cameras
+from gmpi_lightning.export import progress
 from gmpi_lightning.presets import get_preset
 
 from .posed_images import mirror_w2c
@@ -139,7 +139,7 @@ def run_conversion(source: ImageSource, jobs: list[Job], out: str | Path, preset
             unique.append(job)
         ctx = get_context("fork") if workers > 0 else None
         pool = ctx.Pool(workers) if ctx else None
-        bar = tqdm(total=len(unique), unit="img", desc=f"gmpi data {source_tag}")
+        bar = progress(total=len(unique), unit="img", desc=f"gmpi data {source_tag}")
         try:
             block = 64 * max(1, workers)
             for i in range(0, len(unique), block):
@@ -317,7 +317,7 @@ def convert_synthetic(out: str | Path, num: int = 10000, resolution: int = 64, s
     fov = get_preset(preset).fov_deg
     extra = {"generator": {"kind": "procedural-heads", "seed": seed, "supersample": supersample}}
     with ShardSetWriter(out, preset, resolution, "synthetic", per_shard, overwrite, extra=extra) as writer:
-        for s in tqdm(iter_synthetic(num, cfg, batch_size=batch_size), total=num, unit="img",
+        for s in progress(iter_synthetic(num, cfg, batch_size=batch_size), total=num, unit="img",
                       desc="gmpi data synthetic"):
             writer.write(f"{int(s['index']):08d}", s["image"].numpy(), s["w2c"].numpy(), float(s["yaw"]),
                          float(s["pitch"]), fov, f"synthetic:{int(s['index'])}", depth=s["depth"].numpy(),

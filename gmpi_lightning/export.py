@@ -13,6 +13,16 @@ import torch
 from .planes import make_plane_depths, normalize_depths
 
 
+def progress(iterable=None, **kwargs):
+    """tqdm that redraws often on a terminal and rarely (every 30 s) into logs and CI output."""
+    import sys
+
+    from tqdm import tqdm
+
+    kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 30.0)
+    return tqdm(iterable, **kwargs)
+
+
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """C x H x W in [0, 1] -> H x W x C uint8."""
     return (img.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -148,8 +148,6 @@ def render_view(mpi, planes, preset: Preset, yaw: float, pitch: float, resolutio
 
 def run_render(args) -> None:
     """The `gmpi render` job (arguments as parsed by the CLI)."""
-    from tqdm import tqdm
-
     from . import export
 
     seeds = parse_seeds(args.seeds)
@@ -161,7 +159,7 @@ def run_render(args) -> None:
     print(f"{loaded.kind} generator from {loaded.source} | preset {preset.name} | {len(seeds)} seeds x "
           f"{len(views)} views, {args.planes} planes, {res}px -> {out}")
     total = len(seeds) * (len(views) + len(sweep) + (1 if args.mesh else 0))
-    bar = tqdm(total=total, unit="render", desc="gmpi render")
+    bar = export.progress(total=total, unit="render", desc="gmpi render")
     render_kw = dict(resolution=res, plane_chunk=args.plane_chunk, check_inside=not args.allow_outside)
     for seed in seeds:
         mpi, planes = generate_mpi(loaded, seed, args.planes, args.truncation, args.noise_mode, args.plane_chunk,
