@@ -112,7 +112,6 @@ def test_one_iteration_losses_and_adam_steps(shards, tmp_path):
 def test_worst_view_selection_picks_min_logit(shards, tmp_path):
     torch.manual_seed(1)
     model = GMPIModule(**dict(TINY, views_per_z=5))
-    model.plane_normalized = model.plane_normalized  # buffers exist without a trainer
 
     class YawD(torch.nn.Module):  # logit = the yaw encoded in the pose: the worst view is the leftmost camera
         def forward(self, img, c):
