@@ -4,9 +4,12 @@
     gmpi import-stylegan2 IN.pkl OUT.pt     NVlabs pickle -> plain weights_only file (no code executed)
     gmpi render --ckpt CKPT --seeds 0-3 --planes 96 --out DIR [--video] [--mesh]
     gmpi data synthetic|ffhq|eg3d|folder ...  posed-image shards + dataset.json + preview.png
+    gmpi evaluate --ckpt CKPT --data DATA --metrics fid,kid,consistency,depth_fd,pose,depth --out r.json
+    gmpi estimators train --data data/synthetic32 --out runs/estimators/synthetic32.pt
+    gmpi sweep-local experiments/sweeps/NAME.yaml [--parallel N]   W&B sweep file, run here without a server
+    gmpi ablations --data synthetic          train + evaluate experiments/ablations/* into one table
 
-Each subcommand is a small function registered in ``COMMANDS``; later ones (evaluate, sweeps)
-plug in the same way.
+Each subcommand is a small function registered in ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -137,6 +140,34 @@ def _lightning(argv: list[str]) -> int:
     return 0
 
 
+def _sweep_local(argv: list[str]) -> int:
+    """gmpi sweep-local SWEEP.yaml [--out DIR] [--parallel N] [--count N] [--seed S] [--dry-run] [-- overrides]"""
+    from .sweeps import main
+
+    return main(argv)
+
+
+def _estimators(argv: list[str]) -> int:
+    """gmpi estimators train|eval: pose/depth CNNs for the geometry metrics (gmpi_lightning/estimators.py)."""
+    from .estimators import cli
+
+    return cli(argv)
+
+
+def _evaluate(argv: list[str]) -> int:
+    """gmpi evaluate --ckpt CKPT --metrics fid,kid,consistency,depth_fd,pose,depth --num-samples N --out r.json"""
+    from .evaluation.evaluate import main
+
+    return main(argv)
+
+
+def _ablations(argv: list[str]) -> int:
+    """gmpi ablations --data synthetic [--rows full,no_pose_cond] [--stage train|eval|all]"""
+    from .ablations import main
+
+    return main(argv)
+
+
 def _cuda() -> bool:
     import torch
 
@@ -149,7 +180,11 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "fit": (lambda a: _lightning(["fit", *a]), "train (LightningCLI): gmpi fit --config experiments/synthetic.yaml"),
     "validate": (lambda a: _lightning(["validate", *a]), "validate a checkpoint (LightningCLI)"),
     "test": (lambda a: _lightning(["test", *a]), "test a checkpoint (LightningCLI)"),
+    "sweep-local": (_sweep_local, "run a W&B sweep file (grid/random) here, without the W&B server"),
     "data": (_data, "convert datasets (ffhq, eg3d, folder) or generate synthetic heads into shards"),
+    "estimators": (_estimators, "train/evaluate pose and depth estimators for the pose/depth metrics"),
+    "evaluate": (_evaluate, "FID/KID, 3D consistency, depth FD, pose/depth error of a checkpoint -> JSON"),
+    "ablations": (_ablations, "train and evaluate the paper's ablation rows (experiments/ablations/) into one table"),
 }
 
 

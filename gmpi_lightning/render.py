@@ -34,11 +34,12 @@ def _check_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
 
 
 def composite(rgb: torch.Tensor, alpha: torch.Tensor, depth: torch.Tensor | None = None,
-              transmittance: torch.Tensor | None = None):
+              transmittance: torch.Tensor | None = None, plane_weights: list | None = None):
     """Front-to-back 'over' of a plane stack. rgb: B x L x 3 x H x W, alpha: B x L x 1 x H x W,
     depth: B x L x 1 x H x W or None; ``transmittance`` (B x 1 x H x W) carries over from nearer planes.
 
     Returns (rgb B x 3 x H x W, depth or None, accumulated weight B x 1 x H x W, transmittance after).
+    ``plane_weights``, when a list, receives the per-plane weights w_i (B x L x 1 x H x W).
     """
     keep = torch.cumprod(1.0 - alpha + TRANSMITTANCE_EPS, dim=1)
     before = torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], dim=1)
@@ -48,19 +49,22 @@ def composite(rgb: torch.Tensor, alpha: torch.Tensor, depth: torch.Tensor | None
     else:
         keep_last = keep[:, -1]
     w = alpha * before
+    if plane_weights is not None:
+        plane_weights.append(w)
     out_depth = (w * depth).sum(1) if depth is not None else None
     return (w * rgb).sum(1), out_depth, w.sum(1), keep_last
 
 
 def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: torch.Tensor, c2w: torch.Tensor,
                fov_deg: float, height: int, width: int, check_inside: bool = True,
-               plane_chunk: int | None = None) -> dict[str, torch.Tensor]:
+               plane_chunk: int | None = None, return_weights: bool = False) -> dict[str, torch.Tensor]:
     """Render ``mpi`` (B x L x 4 x Ht x Wt, [0, 1]) from cameras ``c2w`` (B x 4 x 4 or 4 x 4).
 
     Returns ``rgb`` (B x 3 x H x W in [0, 1]), ``depth`` (z-depth, B x 1 x H x W) and ``alpha``
     (accumulated opacity, B x 1 x H x W). ``plane_chunk`` warps that many planes at a time (same
     result, less memory: e.g. 96 planes at 1024 px); by default all planes are warped at once.
     ``check_inside`` raises if any ray misses the background plane (the official renderer exits).
+    ``return_weights`` adds ``weights``: every plane's compositing weight per pixel (B x L x 1 x H x W).
     """
     plane_depths = torch.as_tensor(plane_depths, dtype=torch.float32, device=mpi.device)
     plane_extents = torch.as_tensor(plane_extents, dtype=torch.float32, device=mpi.device)
@@ -84,6 +88,7 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
         z_per_s = (torch.einsum("bhwi,bi->bhw", rays, c2w[:, :3, 2]) / rays[..., 2]).to(torch.float32)[:, None]
     chunk = plane_chunk or n_planes
     rgb_acc = depth_acc = weight_acc = trans = None
+    plane_weights = [] if return_weights else None
     with torch.autocast(device_type=mpi.device.type, enabled=False):
         mpi = mpi.float()
         for start in range(0, n_planes, chunk):
@@ -109,12 +114,15 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
             tex = mpi[:, idx].reshape(b * lc, 4, *mpi.shape[-2:])
             warped = F.grid_sample(tex, grid.reshape(b * lc, height, width, 2), mode="bilinear",
                                    padding_mode="zeros", align_corners=True).reshape(b, lc, 4, height, width)
-            rgb, depth, weight, trans = composite(warped[:, :, :3], warped[:, :, 3:], z_depth, trans)
+            rgb, depth, weight, trans = composite(warped[:, :, :3], warped[:, :, 3:], z_depth, trans, plane_weights)
             del warped  # one warped stack alive at a time
             rgb_acc = rgb if rgb_acc is None else rgb_acc + rgb
             depth_acc = depth if depth_acc is None else depth_acc + depth
             weight_acc = weight if weight_acc is None else weight_acc + weight
-    return {"rgb": rgb_acc, "depth": depth_acc, "alpha": weight_acc}
+    out = {"rgb": rgb_acc, "depth": depth_acc, "alpha": weight_acc}
+    if return_weights:
+        out["weights"] = torch.cat(plane_weights, dim=1)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- shading

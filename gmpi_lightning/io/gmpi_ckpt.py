@@ -238,7 +238,7 @@ def save_gmpi_checkpoint(path: str | Path, G: GMPIGenerator, preset: dict | None
 
 def load_gmpi_checkpoint(path: str | Path) -> dict[str, Any]:
     """-> {'G': GMPIGenerator (eval), 'D': discriminator or None, 'preset': dict or None, 'extra': dict}."""
-    from ..nn.discriminator import PoseConditionedDiscriminator
+    from ..nn.discriminator import Discriminator, PoseConditionedDiscriminator
 
     path = Path(path)
     _require_file(path, "GMPI checkpoint")
@@ -249,7 +249,11 @@ def load_gmpi_checkpoint(path: str | Path) -> dict[str, Any]:
     G.load_state_dict(blob["generator"]["state_dict"])
     D = None
     if "discriminator" in blob:
-        D = PoseConditionedDiscriminator(**blob["discriminator"]["init_kwargs"])
+        classes = {c.__name__: c for c in (Discriminator, PoseConditionedDiscriminator)}
+        name = blob["discriminator"].get("class_name", "PoseConditionedDiscriminator")
+        if name not in classes:
+            raise NetworkFormatError(f"{path}: unknown discriminator class {name!r}; expected one of {list(classes)}")
+        D = classes[name](**blob["discriminator"]["init_kwargs"])
         D.load_state_dict(blob["discriminator"]["state_dict"])
         D.eval()
     return {"G": G.eval().requires_grad_(False), "D": D, "preset": blob.get("preset"), "extra": blob.get("extra")}

@@ -1,0 +1,316 @@
+"""Media during training: a fixed-seed sample grid, a camera-sweep video and a mesh, from the EMA generator.
+
+Add them under ``trainer.callbacks`` of an experiment YAML::
+
+    - class_path: callbacks.media.SampleGrid
+      init_args: {every_n_iters: 200, seeds: [0, 1, 2, 3], yaws: [-0.3, 0.0, 0.3]}
+    - class_path: callbacks.media.SweepVideo
+      init_args: {frames: 48, fps: 12}
+    - class_path: callbacks.media.MeshExport
+      init_args: {seeds: [0]}
+
+Schedule: every ``every_n_iters`` of the module's own ``iteration`` counter (one D step + one G step; Lightning's
+``global_step`` counts both optimisers, i.e. 2 per iteration) and once more at the end of training (``at_end``),
+unless that iteration was just rendered. Only global rank 0 renders; the other ranks do nothing (no collectives,
+so DDP cannot hang here: they simply wait at the next gradient all-reduce).
+
+Reproducible: seed ``s`` is always ``z = RandomState(s).randn(1, z_dim)`` (NVlabs' convention, as ``gmpi render``),
+noise is constant, cameras are fixed angles, and the global RNG streams are left untouched (``fork_rng``), so
+adding these callbacks does not change the training run.
+
+Files go to ``<run>/media/`` where ``<run>`` is ``trainer.log_dir`` (the first logger's folder, e.g.
+``runs/synthetic/csv/version_0``; ``default_root_dir`` without a logger), or ``out_dir`` when given. Names are
+``<kind>_it<iteration, 6 digits>[_seed<seed, 4 digits>].<ext>``:
+
+    samples_it000200.png               seeds (rows) x [RGB at each pose | colour-mapped depth at each pose]
+    planes_it000200_seed0000.png       RGBA strip of up to 8 planes of the first seed, near to far
+    sweep_yaw_it000800_seed0000.mp4    camera sweep, RGB | depth side by side
+    mesh_it000800_seed0000.ply         marching cubes over the alpha volume
+
+With a ``WandbLogger`` among the loggers the same media are logged under ``media/samples``, ``media/planes``,
+``media/sweep`` and ``media/mesh`` (a coloured point cloud of the mesh vertices: wandb's Object3D reads no PLY),
+at ``trainer/global_step`` (the x-axis of every metric); captions carry the iteration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from gmpi_lightning import export
+from gmpi_lightning.inference import render_view, seed_latent
+from gmpi_lightning.planes import preset_planes
+
+WANDB_MAX_POINTS = 50_000  # mesh vertices sent to wandb as a point cloud (the PLY on disk keeps all of them)
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+def run_dir(trainer) -> Path:
+    """``trainer.log_dir`` without its broadcast: that property is a collective and would hang DDP when only rank 0
+    asks. On rank 0 the local answer is the one Lightning would broadcast."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = list(getattr(trainer, "loggers", None) or [])
+    path = None
+    if loggers:
+        first = loggers[0]
+        path = first.log_dir if isinstance(first, (CSVLogger, TensorBoardLogger)) else first.save_dir
+    return Path(path or trainer.default_root_dir)
+
+
+def wandb_loggers(trainer) -> list:
+    from lightning.pytorch.loggers import WandbLogger  # does not import wandb itself
+
+    return [lg for lg in (getattr(trainer, "loggers", None) or []) if isinstance(lg, WandbLogger)]
+
+
+class MediaRenderer:
+    """The EMA generator of a :class:`~gmpi_lightning.module.GMPIModule`, set up to render fixed seeds.
+
+    Uses the module's preset and, by default, its training planes (``planes``: another plane count). In
+    ``stylegan2`` mode only :meth:`image_2d` applies (no planes, no cameras).
+    """
+
+    def __init__(self, pl_module, planes: int | None = None, resolution: int | None = None,
+                 truncation_psi: float = 1.0, plane_chunk: int | None = None):
+        self.G, self.preset = pl_module.G_ema, pl_module.preset
+        self.mode = getattr(getattr(pl_module, "hparams", None), "mode", "gmpi")
+        self.resolution = resolution or self.preset.resolution
+        self.truncation_psi, self.plane_chunk = truncation_psi, plane_chunk
+        tensors = list(self.G.parameters()) + list(self.G.buffers())
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        self.planes = None
+        if self.mode == "gmpi":
+            if planes is None:
+                self.planes = {k: getattr(pl_module, f"plane_{k}") for k in ("depths", "normalized", "extents")}
+            else:
+                self.planes = preset_planes(self.preset, planes)
+            self.planes = {k: v.to(self.device) for k, v in self.planes.items()}
+
+    def latent(self, seed: int) -> torch.Tensor:
+        return seed_latent(seed, self.G.z_dim).to(self.device)
+
+    def image_2d(self, seed: int) -> np.ndarray:
+        """stylegan2 mode: the generator's image, H x W x 3 uint8."""
+        img = self.G(self.latent(seed), None, truncation_psi=self.truncation_psi, noise_mode="const")
+        return export.to_uint8((img[0] + 1) / 2)
+
+    def mpi(self, seed: int) -> torch.Tensor:
+        """1 x L x 4 x R x R in [0, 1]."""
+        return self.G(self.latent(seed), None, self.planes["normalized"], truncation_psi=self.truncation_psi,
+                      noise_mode="const", plane_chunk=self.plane_chunk)
+
+    def view(self, mpi: torch.Tensor, yaw: float, pitch: float) -> tuple[np.ndarray, np.ndarray]:
+        """(RGB, colour-mapped depth), each resolution^2 x 3 uint8. Depth spans the preset's [near, far], weighted
+        by coverage. Out-of-volume rays render transparent instead of raising: a preview never stops training."""
+        r = render_view(mpi, self.planes, self.preset, yaw, pitch, self.resolution, plane_chunk=self.plane_chunk,
+                        check_inside=False)
+        depth = export.depth_to_color(r["depth"][0], self.preset.near, self.preset.far, r["alpha"][0])
+        return export.to_uint8(r["rgb"][0]), depth
+
+    def mesh(self, seed: int, grid: int | None, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return export.extract_mesh(self.G, self.latent(seed), self.preset, self.planes["extents"][0], grid=grid,
+                                   level=level, truncation_psi=self.truncation_psi, noise_mode="const")
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[MediaRenderer]:
+        """No grad, eval mode (restored after; a ``model.train()`` also reaches G_ema), forked RNG streams."""
+        was_training = self.G.training
+        cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            self.G.eval()
+            try:
+                yield self
+            finally:
+                self.G.train(was_training)
+
+
+class MediaCallback(Callback):
+    """Schedule, rank-0 gating and output for the media callbacks; subclasses implement :meth:`make`."""
+
+    def __init__(self, every_n_iters: int | None = None, at_end: bool = True, planes: int | None = None,
+                 resolution: int | None = None, truncation_psi: float = 1.0, plane_chunk: int | None = None,
+                 out_dir: str | None = None):
+        if every_n_iters is not None and every_n_iters < 1:
+            raise ValueError(f"every_n_iters must be a positive number of iterations or None, got {every_n_iters}")
+        self.every_n_iters, self.at_end, self.out_dir = every_n_iters, at_end, out_dir
+        self.renderer_kwargs = dict(planes=planes, resolution=resolution, truncation_psi=truncation_psi,
+                                    plane_chunk=plane_chunk)
+        self.last_iteration: int | None = None  # the iteration rendered last (no duplicate at the end)
+        self.written: list[Path] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        it = int(pl_module.iteration)
+        if self.every_n_iters and it > 0 and it % self.every_n_iters == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_end:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer, pl_module) -> list[Path]:
+        """Render and save now (rank 0, once per iteration); returns the files written."""
+        it = int(pl_module.iteration)
+        if not trainer.is_global_zero or it == self.last_iteration:
+            return []
+        self.last_iteration = it
+        renderer = MediaRenderer(pl_module, **self.renderer_kwargs)
+        out = Path(self.out_dir) if self.out_dir else run_dir(trainer) / "media"
+        with renderer.sampling():
+            files = self.make(renderer, out, it, trainer)
+        self.written += files
+        return files
+
+    def make(self, renderer: MediaRenderer, out: Path, iteration: int, trainer) -> list[Path]:
+        raise NotImplementedError
+
+
+def _seeds(seeds: Sequence[int] | None, default: int) -> list[int]:
+    seeds = list(range(default)) if seeds is None else [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    return seeds
+
+
+# ------------------------------------------------------------------------------------------------- callbacks
+class SampleGrid(MediaCallback):
+    """A fixed grid: one row per seed; columns are the RGB views at every (yaw, pitch), then the colour-mapped
+    depth at the same poses, so the PNG is ``len(seeds) * res`` high and ``2 * len(yaws) * len(pitches) * res``
+    wide (poses ordered pitch-major as ``gmpi render``). Also an RGBA strip of the first seed's planes.
+    In ``stylegan2`` mode: one row of the 2D images, ``res`` high and ``len(seeds) * res`` wide.
+
+    Args:
+        every_n_iters: render every this many iterations (the module's counter); None: only at the end.
+        seeds: latent seeds (rows); default 0-3.
+        yaws, pitches: absolute camera angles in radians (the defaults of ``gmpi render``).
+        planes: plane count of the rendered MPI; None: the module's training planes.
+        resolution: rendered views' size; None: the preset's resolution.
+        out_dir: write here instead of ``<trainer.log_dir>/media``.
+    """
+
+    def __init__(self, every_n_iters: int | None = 200, seeds: list[int] | None = None,
+                 yaws: Sequence[float] = (-0.3, 0.0, 0.3), pitches: Sequence[float] = (0.0,), planes: int | None = None,
+                 resolution: int | None = None, truncation_psi: float = 1.0, at_end: bool = True,
+                 plane_chunk: int | None = None, out_dir: str | None = None):
+        super().__init__(every_n_iters, at_end, planes, resolution, truncation_psi, plane_chunk, out_dir)
+        self.seeds = _seeds(seeds, 4)
+        self.poses = [(float(y), float(p)) for p in pitches for y in yaws]
+        if not self.poses:
+            raise ValueError("need at least one yaw and one pitch")
+
+    def make(self, renderer, out, iteration, trainer):
+        if renderer.mode != "gmpi":
+            grid = np.concatenate([renderer.image_2d(s) for s in self.seeds], axis=1)
+            path = export.save_png(out / f"samples_it{iteration:06d}.png", grid)
+            _log_images(trainer, "media/samples", [path], [f"iteration {iteration}, seeds {self.seeds}"])
+            return [path]
+        rows, strip = [], None
+        for seed in self.seeds:
+            mpi = renderer.mpi(seed)
+            if strip is None:
+                strip = export.plane_strip(mpi[0])
+            views = [renderer.view(mpi, yaw, pitch) for yaw, pitch in self.poses]
+            rows.append(np.concatenate([v[0] for v in views] + [v[1] for v in views], axis=1))
+        grid_path = export.save_png(out / f"samples_it{iteration:06d}.png", np.concatenate(rows, axis=0))
+        strip_path = export.save_png(out / f"planes_it{iteration:06d}_seed{self.seeds[0]:04d}.png", strip)
+        poses = ", ".join(f"({y:+.2f}, {p:+.2f})" for y, p in self.poses)
+        _log_images(trainer, "media/samples", [grid_path],
+                    [f"iteration {iteration}: seeds {self.seeds} (rows); RGB then depth at (yaw, pitch) {poses}"])
+        _log_images(trainer, "media/planes", [strip_path],
+                    [f"iteration {iteration}: planes of seed {self.seeds[0]}, near to far"])
+        return [grid_path, strip_path]
+
+
+class SweepVideo(MediaCallback):
+    """Camera-sweep mp4 per seed, RGB | depth side by side (``2 * res`` wide), at the end of training (and every
+    ``every_n_iters`` when set). Trajectories as ``gmpi render --video``: ``yaw``, ``pitch`` or ``circle``, about
+    the preset's mean pose. Nothing in ``stylegan2`` mode (no 3D)."""
+
+    def __init__(self, frames: int = 48, fps: int = 12, trajectory: str = "yaw", seeds: list[int] | None = None,
+                 at_end: bool = True, every_n_iters: int | None = None, planes: int | None = None,
+                 resolution: int | None = None, truncation_psi: float = 1.0, plane_chunk: int | None = None,
+                 out_dir: str | None = None):
+        super().__init__(every_n_iters, at_end, planes, resolution, truncation_psi, plane_chunk, out_dir)
+        export.sweep_poses(trajectory, 2)  # fail at configuration time on an unknown trajectory
+        if frames < 2:
+            raise ValueError(f"a sweep needs at least 2 frames, got {frames}")
+        self.frames, self.fps, self.trajectory, self.seeds = frames, fps, trajectory, _seeds(seeds, 1)
+
+    def make(self, renderer, out, iteration, trainer):
+        if renderer.mode != "gmpi":
+            rank_zero_info("SweepVideo: nothing to sweep for a 2D (stylegan2) generator")
+            return []
+        p = renderer.preset
+        poses = export.sweep_poses(self.trajectory, self.frames, p.yaw_mean, p.pitch_mean)
+        paths = []
+        for seed in self.seeds:
+            mpi = renderer.mpi(seed)
+            frames = [np.concatenate(renderer.view(mpi, yaw, pitch), axis=1) for yaw, pitch in poses]
+            paths.append(export.write_video(out / f"sweep_{self.trajectory}_it{iteration:06d}_seed{seed:04d}.mp4",
+                                            frames, fps=self.fps))
+        for lg in wandb_loggers(trainer):
+            lg.log_video(key="media/sweep", videos=[str(p) for p in paths], step=trainer.global_step,
+                         caption=[f"iteration {iteration}, seed {s}, {self.trajectory} sweep: RGB | depth"
+                                  for s in self.seeds])
+        return paths
+
+
+class MeshExport(MediaCallback):
+    """PLY mesh per seed (marching cubes over the alpha volume at ``level``, ``grid`` = texture resolution by
+    default) at the end of training. An alpha volume that never crosses the level gives a warning, not a crash.
+    Nothing in ``stylegan2`` mode."""
+
+    def __init__(self, seeds: list[int] | None = None, grid: int | None = None, level: float = 0.5,
+                 at_end: bool = True, every_n_iters: int | None = None, truncation_psi: float = 1.0,
+                 out_dir: str | None = None):
+        super().__init__(every_n_iters, at_end, truncation_psi=truncation_psi, out_dir=out_dir)
+        self.seeds, self.grid, self.level = _seeds(seeds, 1), grid, level
+
+    def make(self, renderer, out, iteration, trainer):
+        if renderer.mode != "gmpi":
+            rank_zero_info("MeshExport: no alpha volume in a 2D (stylegan2) generator")
+            return []
+        if getattr(renderer.G, "alpha_mode", None) == "vanilla":
+            rank_zero_warn("MeshExport: the vanilla alpha branch only makes its training planes, not the dense "
+                           "uniform volume a mesh needs; skipped")
+            return []
+        paths = []
+        for seed in self.seeds:
+            try:
+                verts, faces, colors = renderer.mesh(seed, self.grid, self.level)
+            except ValueError as e:
+                if "iso-level" not in str(e):
+                    raise
+                rank_zero_warn(f"MeshExport: no mesh for seed {seed} at iteration {iteration}: {e}")
+                continue
+            path = export.write_ply(out / f"mesh_it{iteration:06d}_seed{seed:04d}.ply", verts, faces, colors)
+            paths.append(path)
+            _log_point_cloud(trainer, "media/mesh", verts, colors, f"iteration {iteration}, seed {seed}: "
+                             f"{len(verts)} vertices, {len(faces)} faces")
+        return paths
+
+
+# --------------------------------------------------------------------------------------------------- wandb
+def _log_images(trainer, key: str, paths: list[Path], captions: list[str]) -> None:
+    for lg in wandb_loggers(trainer):
+        lg.log_image(key=key, images=[str(p) for p in paths], step=trainer.global_step, caption=captions)
+
+
+def _log_point_cloud(trainer, key: str, verts: np.ndarray, colors: np.ndarray, caption: str) -> None:
+    """wandb's Object3D takes obj/gltf/glb/stl files or N x 6 (xyz rgb) arrays, not PLY: send the vertices."""
+    loggers = wandb_loggers(trainer)
+    if not loggers:
+        return
+    import wandb
+
+    keep = np.linspace(0, len(verts) - 1, min(len(verts), WANDB_MAX_POINTS)).astype(int)
+    points = np.concatenate([verts[keep], colors[keep].astype(np.float32)], axis=1)
+    for lg in loggers:
+        lg.log_metrics({key: wandb.Object3D(points, caption=caption)}, step=trainer.global_step)

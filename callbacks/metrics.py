@@ -1,0 +1,90 @@
+"""Periodic evaluation during training: the same code as ``gmpi evaluate`` on a small sample count, with
+constant noise (``gmpi evaluate`` defaults to random noise seeded per fake, as the paper's protocol) and the
+training plane count unless ``planes`` is given.
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.metrics.EvaluationCallback
+          init_args: {every_n_iters: 200, metrics: [consistency, depth_fd], num_samples: 64}
+
+Runs every ``every_n_iters`` GMPI iterations (the module's own counter, not ``global_step``, which counts two
+optimiser steps per iteration) and at the end of training, on the EMA generator. Under DDP every rank renders
+its share of the seeds and the results are gathered once; rank 0 logs ``eval/<metric>`` to every logger and
+appends a line to ``<log dir>/eval.jsonl``. FID/KID need the Inception weights file (see
+:mod:`gmpi_lightning.evaluation.inception`); a missing file stops the run at its start, not after hours.
+"""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+
+from callbacks.media import run_dir
+from gmpi_lightning.evaluation.evaluate import NEEDS_DATA, evaluate, parse_metrics
+from gmpi_lightning.evaluation.fakes import FakeSettings
+
+
+class EvaluationCallback(pl.Callback):
+    def __init__(self, every_n_iters: int = 1000, metrics: list[str] | str = "consistency", num_samples: int = 64,
+                 planes: int | None = None, truncation: float = 1.0, batch_size: int = 4, data: str | None = None,
+                 num_real: int | None = None, inception: str | None = None, estimators: str | None = None,
+                 kid_subset_size: int = 1000, at_end: bool = True):
+        self.every, self.metrics, self.num_samples = every_n_iters, parse_metrics(metrics), num_samples
+        self.planes, self.truncation, self.batch_size, self.data = planes, truncation, batch_size, data
+        self.num_real, self.inception, self.estimators = num_real, inception, estimators
+        self.kid_subset_size, self.at_end = kid_subset_size, at_end
+        self._last = -1
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.data is None and NEEDS_DATA & set(self.metrics):
+            dm = trainer.datamodule
+            self.data = getattr(getattr(dm, "hparams", None), "data", None) if dm is not None else None
+            if not isinstance(self.data, str):
+                raise ValueError(f"EvaluationCallback: metrics {sorted(NEEDS_DATA & set(self.metrics))} need the real "
+                                 f"data folder; set init_args.data")
+        if {"fid", "kid"} & set(self.metrics):
+            from gmpi_lightning.evaluation.inception import resolve_weights
+
+            resolve_weights(self.inception)  # fail now, with the instructions, rather than at the first evaluation
+
+    def _generator(self, pl_module):
+        G = pl_module.G_ema
+        if getattr(pl_module.hparams, "mode", "gmpi") == "stylegan2":
+            from gmpi_lightning.nn.gmpi import FlatMPIGenerator
+
+            G = FlatMPIGenerator(G)
+        return G
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        hp = pl_module.hparams
+        settings = FakeSettings(planes=self.planes or getattr(hp, "train_planes", 32), truncation=self.truncation,
+                                batch_size=self.batch_size, noise_mode="const")
+        was_training = pl_module.G_ema.training
+        pl_module.G_ema.eval()
+        try:
+            result = evaluate(self._generator(pl_module), pl_module.preset, self.metrics, self.num_samples, self.data,
+                              settings, self.inception, self.num_real, kid_subset_size=self.kid_subset_size,
+                              estimators=self.estimators, device=pl_module.device, show_progress=False)
+        finally:
+            pl_module.G_ema.train(was_training)
+        self._last = pl_module.iteration
+        if trainer.is_global_zero:
+            values = {f"eval/{k}": float(v) for k, v in result["metrics"].items()}
+            values["eval/iteration"] = float(pl_module.iteration)
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+            out = run_dir(trainer) / "eval.jsonl"  # not trainer.log_dir: a collective, and only rank 0 is here
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
+                f.write(json.dumps({"iteration": pl_module.iteration, "kimg": pl_module.nimg / 1000, **result}) + "\n")
+        return result
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        it = pl_module.iteration
+        if self.every and it > 0 and it % self.every == 0 and it != self._last:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_end and pl_module.iteration != self._last:
+            self.run(trainer, pl_module)

@@ -1,0 +1,289 @@
+"""The paper's ablation axes as one command: ``gmpi ablations --data synthetic`` (``make ablations``).
+
+Every row of ``experiments/ablations/<row>.yaml`` holds only the ``model:`` keys it changes; the runner merges
+it into the base experiment (``experiments/<data>.yaml``), points every output path of the run at
+``OUT/<row>/`` and writes the resolved ``OUT/<row>/config.yaml`` (what was trained, exactly). Rows whose
+resolved model/data settings equal an earlier row's (e.g. ``no_shading`` on a base without shading) are not
+trained twice: the table marks them "same as <row>". Then every trained generator is evaluated with the same
+settings (:mod:`gmpi_lightning.evaluation`) and the results land in ``OUT/results.{csv,md}`` plus
+``OUT/samples.png`` (one row of views per ablation). Training resumes from ``OUT/<row>/checkpoints/last.ckpt``
+and finished rows (``OUT/<row>/gmpi.pt`` present) are skipped, so an interrupted run just continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_ORDER = ["full", "no_pose_cond", "vanilla_alpha", "plane_tokens", "depth_to_alpha", "no_feature_norm",
+             "no_shading", "with_shading", "random_view", "train_planes8", "train_planes16", "train_planes32"]
+CPU_MAX_ITERS = {"synthetic": 800}  # the default run's length on this base; other bases keep their own
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def list_rows(folder: Path = REPO / "experiments" / "ablations") -> list[str]:
+    found = {p.stem for p in folder.glob("*.yaml")}
+    return [r for r in ROW_ORDER if r in found] + sorted(found - set(ROW_ORDER))
+
+
+def load_row(name: str, folder: Path = REPO / "experiments" / "ablations") -> dict:
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no ablation row {path}; available: {', '.join(list_rows(folder))}")
+    row = yaml.safe_load(path.read_text()) or {}
+    extra = set(row) - {"model", "data"}
+    if extra or not isinstance(row.get("model", {}), dict):
+        raise ValueError(f"{path}: an ablation row may only change `model:` (and `data:`) keys, found {sorted(extra)}")
+    return row
+
+
+def resolve_row(base: dict, row: dict, name: str, out: Path, max_iters: int | None = None,
+                group: str = "ablations") -> dict:
+    """The full training config of one row with every output path under ``out/<name>``."""
+    cfg = _deep_merge(base, {k: v for k, v in row.items() if v})
+    run = out / name
+    trainer = cfg.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(run)
+    for lg in trainer.get("logger") or []:
+        args = lg.setdefault("init_args", {})
+        if "save_dir" in args:
+            args["save_dir"] = str(run)
+        if lg.get("class_path", "").endswith("WandbLogger"):
+            args.update(name=f"{group}-{name}", group=group)
+    for cb in trainer.get("callbacks") or []:
+        args = cb.setdefault("init_args", {})
+        if cb.get("class_path", "").endswith("ModelCheckpoint"):
+            args["dirpath"] = str(run / "checkpoints")
+    cfg.setdefault("model", {})["export_path"] = str(run / "gmpi.pt")
+    if max_iters:
+        cfg["model"]["max_iters"] = int(max_iters)
+    return cfg
+
+
+def plan(data: str, rows: list[str], out: Path, max_iters: int | None = None) -> list[dict]:
+    """[{name, config, same_as}] for the rows, deduplicated on the resolved model/data settings."""
+    base_path = REPO / "experiments" / f"{data}.yaml"
+    if not base_path.is_file():
+        names = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
+        raise FileNotFoundError(f"no base experiment {base_path} for --data {data}; available: {', '.join(names)}")
+    base = yaml.safe_load(base_path.read_text())
+    max_iters = max_iters or CPU_MAX_ITERS.get(data)
+    planned, seen = [], {}
+    for name in rows:
+        cfg = resolve_row(base, load_row(name), name, out, max_iters, group=f"ablations-{data}")
+        key = json.dumps({k: v for k, v in cfg["model"].items() if k != "export_path"} | {"data": cfg.get("data")},
+                         sort_keys=True)
+        planned.append({"name": name, "config": cfg, "same_as": seen.get(key)})
+        seen.setdefault(key, name)
+    return planned
+
+
+def _without_length(cfg: dict) -> dict:
+    out = copy.deepcopy(cfg)
+    out.get("model", {}).pop("max_iters", None)
+    return out
+
+
+def train_rows(planned: list[dict], out: Path, dry_run: bool = False) -> None:
+    for i, p in enumerate(planned):
+        run = out / p["name"]
+        if p["same_as"]:
+            print(f"[{i + 1}/{len(planned)}] {p['name']}: same settings as {p['same_as']}, not trained again")
+            continue
+        text = yaml.safe_dump(p["config"], sort_keys=False)
+        old = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else None
+        if (run / "gmpi.pt").is_file() and old == p["config"]:
+            print(f"[{i + 1}/{len(planned)}] {p['name']}: done ({run / 'gmpi.pt'})")
+            continue
+        if old is not None and _without_length(old) != _without_length(p["config"]):
+            aside = run.with_name(f"{run.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            run.rename(aside)  # other settings: a different experiment, never resumed from these weights
+            print(f"    {run} held a run with other settings: moved to {aside}")
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(text)  # only the length changed (or new): continue from last.ckpt
+        cmd = [sys.executable, "-m", "gmpi_lightning", "fit", "--config", str(run / "config.yaml")]
+        last = run / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            cmd += ["--ckpt_path", str(last)]
+        print(f"[{i + 1}/{len(planned)}] {p['name']}: {' '.join(cmd)}  (log: {run / 'train.log'})", flush=True)
+        if dry_run:
+            continue
+        t0 = time.time()
+        with open(run / "train.log", "a") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
+        if rc != 0 or not (run / "gmpi.pt").is_file():
+            raise RuntimeError(f"ablation row {p['name']} failed (exit {rc}); see {run / 'train.log'}. "
+                               f"Re-running the same command resumes from {last}.")
+        print(f"    trained in {time.time() - t0:.0f} s", flush=True)
+
+
+COLUMNS = ["fid", "kid", "pose", "pose_yaw_slope", "depth", "depth_fd", "consistency_photo_l1", "consistency_depth_err",
+           "semi_transparent", "depth_relief"]
+
+
+def row_description(name: str, folder: Path = REPO / "experiments" / "ablations") -> str:
+    lines = (folder / f"{name}.yaml").read_text().splitlines()
+    import re
+
+    first = next((ln.lstrip("# ").strip() for ln in lines if ln.startswith("#")), name)
+    return re.split(r"[:.(]", first)[0].strip()
+
+
+def ensure_estimators(path: Path, data: str) -> Path:
+    if not path.is_file():
+        from .estimators import train_estimators
+
+        print(f"training the pose/depth estimators on {data} -> {path}", flush=True)
+        train_estimators(data, path)
+    return path
+
+
+def _identity(path: str | Path | None) -> str | None:
+    if not path:
+        return None
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}:{st.st_size}-{st.st_mtime_ns}"
+
+
+def eval_request(run: Path, data: str, metrics: list[str], num_samples: int, planes: int, inception, estimators
+                 ) -> dict:
+    """What a cached OUT/<row>/eval.json must have been computed with to be reused."""
+    return {"metrics": metrics, "num_samples": num_samples, "planes": planes, "data": str(data),
+            "generator": _identity(run / "gmpi.pt"), "inception": _identity(inception),
+            "estimators": _identity(estimators)}
+
+
+def evaluate_rows(planned: list[dict], out: Path, metrics: list[str], num_samples: int, planes: int,
+                  inception: str | None, estimators: str | None, device: str = "cpu") -> list[dict]:
+    """Evaluate every trained row with the same settings; results cached in OUT/<row>/eval.json."""
+    from .evaluation.evaluate import evaluate
+    from .evaluation.fakes import FakeSettings
+    from .inference import load_generator
+
+    results, by_name = [], {}
+    for i, p in enumerate(planned):
+        src = p["same_as"] or p["name"]
+        run = out / src
+        data = str(REPO / p["config"]["data"]["data"])  # relative paths in the configs are relative to the repo
+        if src not in by_name:
+            cached = run / "eval.json"
+            settings = FakeSettings(planes=planes, batch_size=8)
+            want = eval_request(run, data, metrics, num_samples, planes, inception, estimators)
+            blob = json.loads(cached.read_text()) if cached.is_file() else None
+            if blob is None or blob.get("request") != want:
+                print(f"[{i + 1}/{len(planned)}] evaluating {src}", flush=True)
+                loaded = load_generator(run / "gmpi.pt", device=device)
+                blob = evaluate(loaded.G, loaded.preset, metrics, num_samples, data, settings, inception,
+                                estimators=estimators, device=device, show_progress=True)
+                blob["request"] = want
+                cached.write_text(json.dumps(blob, indent=2))
+            by_name[src] = blob
+        m = by_name[src]["metrics"]
+        results.append({"row": p["name"], "setting": row_description(p["name"]), "same_as": p["same_as"] or "",
+                        **{c: (round(m[c], 5) if c in m else "n/a") for c in COLUMNS}})
+    return results
+
+
+def sample_figure(planned: list[dict], out: Path, path: Path, seeds=(0, 1), yaws=(-0.4, 0.0, 0.4),
+                  planes: int = 96) -> Path:
+    """One row per ablation: RGB for each seed x yaw, then the colour-mapped depth of the same views."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from . import export
+    from .evaluation.fakes import FakeSettings, generate, render
+    from .inference import load_generator
+
+    rows = []
+    for p in planned:
+        loaded = load_generator(out / (p["same_as"] or p["name"]) / "gmpi.pt")
+        pr, res = loaded.preset, loaded.G.img_resolution
+        mpi, pl = generate(loaded.G, pr, list(seeds), FakeSettings(planes=planes, noise_mode="const"))
+        rgb, dep = [], []
+        for yaw in yaws:
+            v = render(mpi, pl, pr, torch.full((len(seeds),), yaw), torch.zeros(len(seeds)), res)
+            for b in range(len(seeds)):
+                rgb.append(export.to_uint8(v["rgb"][b]))
+                dep.append(export.depth_to_color(v["depth"][b], pr.near, pr.far, v["alpha"][b]))
+        rows.append((p["name"], np.concatenate(rgb + dep, axis=1)))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(rows[0][1].shape[1] / 40, 0.9 * len(rows) + 0.4))
+    for ax, (name, img) in zip(np.atleast_1d(axes), rows):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"seeds {list(seeds)} x yaw {list(yaws)}: RGB, then depth (turbo: near -> far)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="gmpi ablations", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", default="synthetic", help="base experiment: experiments/<data>.yaml")
+    ap.add_argument("--rows", default="all", help="comma-separated rows of experiments/ablations/, or all")
+    ap.add_argument("--out", help="output folder (default runs/ablations/<data>)")
+    ap.add_argument("--max-iters", type=int, help=f"training length (default: {CPU_MAX_ITERS} else the base's)")
+    ap.add_argument("--stage", default="all", choices=["train", "eval", "all"])
+    ap.add_argument("--metrics", default="consistency,depth_fd,pose,depth",
+                    help="evaluation metrics (add fid,kid when an Inception file is available)")
+    ap.add_argument("--num-samples", type=int, default=256, help="fakes per row")
+    ap.add_argument("--planes", type=int, default=96, help="planes at inference for every row")
+    ap.add_argument("--inception", help="Inception weights for fid/kid")
+    ap.add_argument("--estimators", help="pose/depth estimator file (default runs/estimators/<data>.pt; trained on "
+                                         "the base's data when missing)")
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu", help="evaluation device")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and commands, run nothing")
+    args = ap.parse_args(argv)
+    rows = list_rows() if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
+    rel = Path(args.out or f"runs/ablations/{args.data}")  # written into the configs: training runs with cwd=REPO
+    out = rel if rel.is_absolute() else REPO / rel
+    planned = plan(args.data, rows, rel, args.max_iters)
+    t0 = time.time()
+    if args.stage in ("train", "all"):
+        train_rows(planned, out, args.dry_run)
+    if args.stage in ("eval", "all") and not args.dry_run:
+        from .evaluation.evaluate import parse_metrics
+        from .sweeps import write_table
+
+        metrics = parse_metrics(args.metrics)
+        est = None
+        if {"pose", "depth"} & set(metrics):
+            data = str(REPO / planned[0]["config"]["data"]["data"])
+            est = str(ensure_estimators(Path(args.estimators or REPO / "runs" / "estimators" / f"{Path(data).name}.pt"),
+                                        data))
+        rows = evaluate_rows(planned, out, metrics, args.num_samples, args.planes, args.inception, est, args.device)
+        write_table(rows, out / "results.csv", out / "results.md",
+                    title=f"Ablations on {args.data}: {args.num_samples} fakes per row, {args.planes} planes")
+        fig = sample_figure(planned, out, out / "samples.png", planes=args.planes)
+        print((out / "results.md").read_text())
+        print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {fig} ({time.time() - t0:.0f} s)")
+    return 0

@@ -1,0 +1,289 @@
+"""``gmpi evaluate``: every metric of a generator checkpoint in one pass over seeded fakes, written to JSON.
+
+    gmpi evaluate --ckpt runs/synthetic/gmpi.pt --data data/synthetic32 \\
+        --metrics fid,kid,consistency,depth_fd,pose,depth --num-samples 500 --out runs/synthetic/eval.json
+
+Metrics (see the README's "Metrics" section for what they mean and how they map to the paper's columns):
+``fid``, ``kid`` (Inception features, real statistics cached), ``consistency`` (two-view reprojection error,
+semi-transparent rays, depth relief), ``depth_fd`` (needs ground-truth depth in the data), ``pose`` and
+``depth`` (need an estimator file from ``gmpi estimators train`` or an external one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..cameras import invert_rigid
+from ..export import progress
+from . import geometry
+from .fakes import FakeSettings, generate, generated_planes, iter_fakes, rank_seeds, render
+from .image_metrics import fid_kid, gather_rows, rank_world, real_features
+from .inception import INCEPTION_FILE, InceptionFeatures, to_uint8_images
+
+ALL_METRICS = ("fid", "kid", "consistency", "depth_fd", "pose", "depth")
+DEPTH_POOL = 16  # depth_fd feature: 16 x 16 pooled normalised depth
+NEEDS_DATA = {"fid", "kid", "depth_fd"}
+
+
+def parse_metrics(text: str | list[str]) -> list[str]:
+    names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    if names == ["all"]:
+        return list(ALL_METRICS)
+    bad = [m for m in names if m not in ALL_METRICS]
+    if bad or not names:
+        raise ValueError(f"unknown metric(s) {bad or names}; choose from {', '.join(ALL_METRICS)} (or all)")
+    return names
+
+
+def _summary(values: torch.Tensor) -> dict:
+    v = values.double().flatten()
+    ok = v[torch.isfinite(v)]
+    return {"mean": float(ok.mean()) if ok.numel() else math.nan,
+            "std": float(ok.std(unbiased=False)) if ok.numel() else math.nan,
+            "n": int(ok.numel()), "n_invalid": int(v.numel() - ok.numel())}
+
+
+def real_depth_samples(data: str | Path, num: int, batch_size: int = 64) -> dict:
+    """The first ``num`` samples in shard order: {'depth' N x 1 x H x W, 'c2w' N x 4 x 4}. Every rank reads the
+    same samples (no rank split), so the result does not depend on the world size."""
+    import webdataset as wds
+
+    from datamodules.posed_images import collate, decode_sample, resolve_shards
+
+    urls, _ = resolve_shards(str(data))
+    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(decode_sample),
+                            wds.batched(batch_size, collation_fn=collate, partial=True))
+    depth, w2c, seen = [], [], 0
+    for batch in pipe:
+        if "depth" not in batch:
+            raise ValueError(f"{data}: its samples have no depth.npy, so depth_fd cannot run (it needs ground-truth "
+                             f"depth, e.g. `gmpi data synthetic`); drop depth_fd from --metrics")
+        depth.append(batch["depth"])
+        w2c.append(batch["w2c"])
+        seen += batch["depth"].shape[0]
+        if seen >= num:
+            break
+    if seen < num:
+        raise ValueError(f"{data}: depth_fd asked for {num} real samples but the data holds {seen}")
+    w = torch.cat(w2c)[:num].reshape(-1, 4, 4).double()
+    return {"depth": torch.cat(depth)[:num], "c2w": invert_rigid(w).float()}
+
+
+def pose_slope(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Least-squares slope of each estimated angle on the rendering angle (N x K -> K)."""
+    tc = true.double() - true.double().mean(0)
+    return ((pred.double() - pred.double().mean(0)) * tc).sum(0) / (tc * tc).sum(0).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path | None = None,
+             settings: FakeSettings | None = None, inception: str | Path | None = None, num_real: int | None = None,
+             kid_subsets: int = 100, kid_subset_size: int = 1000, estimators: str | Path | None = None,
+             cache_dir: str | Path | None = None, use_cache: bool = True, device="cpu", first_seed: int = 0,
+             show_progress: bool = True) -> dict:
+    """Compute ``metrics`` for generator ``G`` (an MPI generator in eval mode) on seeds first_seed..+num_samples.
+
+    Returns {'metrics': {name: value}, 'details': {...}, 'settings': {...}}; identical on every rank."""
+    settings = settings or FakeSettings()
+    missing = sorted(m for m in metrics if m in NEEDS_DATA and not data)
+    if missing:
+        raise ValueError(f"metrics {missing} compare with real data: pass --data (a folder written by `gmpi data`)")
+    if num_samples < 2:
+        raise ValueError(f"--num-samples must be at least 2, got {num_samples}")
+    t0 = time.time()
+    rank, world = rank_world()
+    extractor = InceptionFeatures(inception).to(device) if {"fid", "kid"} & set(metrics) else None
+    est = None
+    if {"pose", "depth"} & set(metrics):
+        from ..estimators import load_estimators
+
+        pose_net, depth_net, est_info = load_estimators(estimators) if estimators else (None, None, None)
+        if estimators is None:
+            raise ValueError("pose/depth need an estimator file: `gmpi estimators train --data DATA --out EST.pt` "
+                             "then --estimators EST.pt (or drop pose,depth from --metrics)")
+        est = (pose_net.to(device).eval(), depth_net.to(device).eval(), est_info)
+    real_depth = real_depth_samples(data, num_samples) if "depth_fd" in metrics else None
+    res = settings.resolution or G.img_resolution
+    seeds = rank_seeds(num_samples, rank, world, first_seed)
+    streams = (0, 1) if "consistency" in metrics else (0,)
+    # every rank gathers the same keys with the same widths, even a rank without seeds (num_samples < world)
+    widths = {"seed": 1}
+    if extractor is not None:
+        widths["inception"] = extractor.num_features
+    if "consistency" in metrics:
+        widths.update(dict.fromkeys(("consistency_photo_l1", "consistency_depth_err", "consistency_covisible",
+                                     "semi_transparent", "depth_relief"), 1))
+    if real_depth is not None:
+        widths["fake_depth_features"] = DEPTH_POOL ** 2
+    if "pose" in metrics:
+        widths.update(pose_error=1, pose_pred=2, pose_true=2)
+    if "depth" in metrics:
+        widths["depth_error"] = 1
+    if extractor is not None and data is not None:
+        from datamodules.shards import read_card
+
+        real_res = read_card(data).get("resolution")
+        if real_res and real_res != res:
+            raise ValueError(f"FID/KID would compare {res}px fakes with {real_res}px reals from {data}; render at the "
+                             f"data's resolution (--resolution {real_res}) or use data made at {res}px")
+    acc: dict[str, list[torch.Tensor]] = {k: [] for k in widths}
+
+    def add(name, value):
+        acc[name].append(value.detach().double().cpu().reshape(value.shape[0], -1))
+
+    bar = progress(total=len(seeds), desc="gmpi evaluate", unit="fake", disable=not show_progress or rank != 0)
+    for batch in iter_fakes(G, preset, seeds, settings, device, streams=streams,
+                            return_weights="consistency" in metrics):
+        a = batch["views"][0]
+        add("seed", torch.tensor(batch["seeds"], dtype=torch.float64))
+        if extractor is not None:
+            add("inception", extractor(to_uint8_images(a["rgb"])))
+        if "consistency" in metrics:
+            c = geometry.two_view_consistency(a, batch["views"][1], preset.fov_deg, preset.near, preset.far)
+            for k, v in c.items():
+                add(f"consistency_{k}", v)
+            add("semi_transparent", geometry.semi_transparent_fraction(a["weights"], batch["planes"]["depths"],
+                                                                       preset.near, preset.far))
+            add("depth_relief", geometry.depth_relief(a, preset.fov_deg, preset.near, preset.far))
+        if real_depth is not None:
+            idx = [s - first_seed for s in batch["seeds"]]
+            v = render(batch["mpi"], batch["planes"], preset, None, None, res, settings,
+                       c2w=real_depth["c2w"][idx])
+            add("fake_depth_features", geometry.depth_features(geometry.surface_depth(v["depth"], v["alpha"]),
+                                                               preset.near, preset.far, DEPTH_POOL))
+        if est is not None:
+            from ..estimators import depth_error, pose_error
+
+            img = a["rgb"] * 2 - 1
+            if "pose" in metrics:
+                pred = est[0](img)
+                true = torch.stack([a["yaw"], a["pitch"]], 1).to(pred)
+                add("pose_error", pose_error(pred, true))
+                add("pose_pred", pred)
+                add("pose_true", true)
+            if "depth" in metrics:
+                out = est[1](img)
+                add("depth_error", depth_error(out["depth"], geometry.surface_depth(a["depth"], a["alpha"]),
+                                               out["mask"]))
+        bar.update(len(batch["seeds"]))
+    bar.close()
+    per = {k: gather_rows(torch.cat(v) if v else torch.zeros(0, widths[k], dtype=torch.float64))
+           for k, v in acc.items()}
+    order = torch.argsort(per.pop("seed")[:, 0])  # seed order, whatever the world size (KID subsets use it)
+    per = {k: v[order] for k, v in per.items()}
+    result: dict = {"metrics": {}, "details": {}}
+    if extractor is not None:
+        real, info = real_features(data, extractor, num_real, cache_dir, use_cache=use_cache)
+        which = tuple(m for m in ("fid", "kid") if m in metrics)
+        out = fid_kid(real, per["inception"], which, kid_subsets, kid_subset_size)
+        result["metrics"].update({k: out[k] for k in ("fid", "kid") if k in out})
+        result["details"]["fid_kid"] = dict(out, real=info, **extractor.describe())
+        if extractor.weights.name != INCEPTION_FILE:
+            result.setdefault("warnings", []).append(
+                f"the Inception weights file is {extractor.weights.name}, not {INCEPTION_FILE}: unless it is a copy "
+                f"of that file, FID/KID compare only with numbers computed with the same file (sha256 recorded)")
+    if "consistency" in metrics:
+        for k in ("consistency_photo_l1", "consistency_depth_err", "consistency_covisible", "semi_transparent",
+                  "depth_relief"):
+            s = _summary(per[k])
+            result["details"][k] = s
+            result["metrics"][k] = s["mean"]
+    if real_depth is not None:
+        real_f = geometry.depth_features(real_depth["depth"], preset.near, preset.far, DEPTH_POOL)
+        result["metrics"]["depth_fd"] = geometry.frechet_distance(real_f, per["fake_depth_features"])
+        result["details"]["depth_fd"] = {
+            "num_real": int(real_f.shape[0]), "poses": "the real samples' cameras",
+            "feature": f"{DEPTH_POOL}x{DEPTH_POOL} area-pooled clip((z - near) / (far - near), 0, 1)"}
+    for k in ("pose_error", "depth_error"):
+        if k in per:
+            s = _summary(per[k])
+            result["details"][k] = s
+            result["metrics"][k.split("_")[0]] = s["mean"]
+    if "pose_pred" in per:  # does the estimated pose follow the camera? 1: fully, 0: ignores it
+        slope = pose_slope(per["pose_pred"], per["pose_true"])
+        result["metrics"]["pose_yaw_slope"] = float(slope[0])
+        result["details"]["pose_slope"] = {"yaw": float(slope[0]), "pitch": float(slope[1]), "meaning":
+                                           "least-squares slope of the estimated on the rendering angle over all "
+                                           "fakes: 1 = the picture turns with the camera, 0 = it ignores it"}
+    if est is not None:
+        result["details"]["estimators"] = {"file": str(estimators), **{k: v for k, v in (est[2] or {}).items()
+                                                                       if isinstance(v, (str, int, float, dict))}}
+    result["settings"] = dict(settings.to_dict(), resolution=res, num_samples=num_samples, first_seed=first_seed,
+                              seeds=f"{first_seed}-{first_seed + num_samples - 1}", world_size=world,
+                              num_real=num_real or "all", kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                              latent="z_k = RandomState(k).randn(z_dim)", pose="preset prior, Generator(2k) "
+                              "(second view: Generator(2k+1))", planes_generated=generated_planes(G, settings.planes),
+                              noise="random: seeded by each fake's seed" if settings.noise_mode == "random"
+                              else settings.noise_mode)
+    result["seconds"] = round(time.time() - t0, 2)
+    return result
+
+
+def _cuda_default() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gmpi evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="generator: our .pt, a training .ckpt, or official files")
+    p.add_argument("--config", help="official runs: config.pth or JSON with the generator kwargs")
+    p.add_argument("--preset", help="camera/plane preset (default: stored in the checkpoint)")
+    p.add_argument("--data", help="real data (a `gmpi data` folder): needed by fid, kid, depth_fd")
+    p.add_argument("--metrics", default="consistency", help=f"comma-separated: {','.join(ALL_METRICS)} or all")
+    p.add_argument("--num-samples", type=int, default=1000, help="fakes (paper: 50000 for FID/KID, 1024 for 3D)")
+    p.add_argument("--num-real", type=int, help="real images for FID/KID (default: all, as fid50k_full)")
+    p.add_argument("--planes", type=int, default=96, help="planes at inference (paper: 96)")
+    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi (paper: 1.0)")
+    p.add_argument("--noise-mode", default="random", choices=["random", "const", "none"])
+    p.add_argument("--resolution", type=int, help="render resolution (default: the generator's)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--plane-chunk", type=int, help="generate/warp this many planes at a time (memory)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--inception", help=f"local {INCEPTION_FILE} (or $GMPI_INCEPTION_WEIGHTS)")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--estimators", help="estimator file for pose/depth (`gmpi estimators train`)")
+    p.add_argument("--cache-dir", help="real-feature cache (default $GMPI_CACHE or ~/.cache/gmpi-lightning)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the real features")
+    p.add_argument("--device", default=_cuda_default())
+    p.add_argument("--out", help="JSON file for the results (default: print only)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from ..inference import load_generator
+
+    args = build_parser().parse_args(argv)
+    metrics = parse_metrics(args.metrics)
+    loaded = load_generator(args.ckpt, args.config, args.preset, args.device)
+    settings = FakeSettings(planes=args.planes, truncation=args.truncation, noise_mode=args.noise_mode,
+                            resolution=args.resolution, batch_size=args.batch_size, plane_chunk=args.plane_chunk)
+    print(f"{loaded.kind} generator {loaded.source} | preset {loaded.preset.name} | metrics {','.join(metrics)} | "
+          f"{args.num_samples} fakes, {settings.planes} planes, psi {settings.truncation}", flush=True)
+    result = evaluate(loaded.G, loaded.preset, metrics, args.num_samples, args.data, settings, args.inception,
+                      args.num_real, args.kid_subsets, args.kid_subset_size, args.estimators, args.cache_dir,
+                      not args.no_cache, args.device, args.first_seed)
+    result = {"checkpoint": str(args.ckpt), "generator_kind": loaded.kind, "preset": loaded.preset.to_dict(),
+              "data": args.data, **result, "command": "gmpi evaluate " + " ".join(argv),
+              "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    for name, value in result["metrics"].items():
+        print(f"  {name:24s} {value:.6g}")
+    for w in result.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+__all__ = ["ALL_METRICS", "evaluate", "generate", "main", "parse_metrics"]

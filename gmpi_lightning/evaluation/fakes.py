@@ -1,0 +1,106 @@
+"""Reproducible fakes for evaluation: latent k is ``RandomState(k).randn`` (NVlabs' convention, as
+``gmpi render``), its camera is drawn from the preset's training prior with ``torch.Generator().manual_seed(k)``
+(a second, independent camera for two-view metrics uses stream 1), the EMA generator renders at full resolution
+with ``planes`` planes (paper: 96) and truncation psi (paper: 1.0). Under DDP rank r renders seeds r, r+W, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..cameras import sample_preset_pose, sphere_c2w
+from ..planes import preset_planes
+from ..render import render_mpi
+
+POSE_STREAMS = 2  # stream 0: the image's camera; stream 1: the second view of two-view metrics
+
+
+@dataclass
+class FakeSettings:
+    planes: int = 96
+    truncation: float = 1.0
+    noise_mode: str = "random"   # official evaluation: random noise (here seeded by each fake's own seed)
+    resolution: int | None = None
+    batch_size: int = 4
+    plane_chunk: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def generated_planes(G, requested: int) -> int:
+    """The vanilla alpha branch can only make its training plane count (GMPI_SPEC §8)."""
+    return G.n_train_planes if getattr(G, "alpha_mode", None) == "vanilla" else requested
+
+
+def seed_latents(seeds, z_dim: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.random.RandomState(s).randn(z_dim) for s in seeds]).astype(np.float32))
+
+
+def seed_poses(seeds, preset, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(yaw, pitch) per seed from the preset's prior; independent of batch size, rank and order."""
+    yaw, pitch = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s) * POSE_STREAMS + stream)
+        y, p = sample_preset_pose(1, preset, generator=g)
+        yaw.append(y[0])
+        pitch.append(p[0])
+    return torch.stack(yaw), torch.stack(pitch)
+
+
+def rank_seeds(num: int, rank: int = 0, world: int = 1, first: int = 0) -> list[int]:
+    return list(range(first + rank, first + num, world))
+
+
+@torch.no_grad()
+def generate(G, preset, seeds, settings: FakeSettings, device="cpu") -> tuple[torch.Tensor, dict]:
+    """MPIs (B x L x 4 x R x R) of these seeds and their planes. With random noise each fake is generated on its
+    own with the RNG seeded by its seed, so fake k is the same whatever the batch size, rank or world size."""
+    n = generated_planes(G, settings.planes)
+    planes = {k: v.to(device) for k, v in preset_planes(preset, n).items()}
+    z = seed_latents(seeds, G.z_dim).to(device)
+    kw = dict(truncation_psi=settings.truncation, noise_mode=settings.noise_mode, plane_chunk=settings.plane_chunk)
+    if settings.noise_mode != "random":
+        return G(z, None, planes["normalized"], **kw), planes
+    dev = torch.device(device)
+    out = []
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        for i, s in enumerate(seeds):
+            gen_seed = int(s) + 1_000_003
+            torch.default_generator.manual_seed(gen_seed)
+            if dev.type == "cuda":
+                torch.cuda.manual_seed(gen_seed)  # this device only
+            out.append(G(z[i:i + 1], None, planes["normalized"], **kw))
+    return torch.cat(out), planes
+
+
+@torch.no_grad()
+def render(mpi, planes, preset, yaw, pitch, resolution: int, settings: FakeSettings | None = None,
+           c2w: torch.Tensor | None = None, return_weights: bool = False) -> dict:
+    if c2w is None:
+        c2w = sphere_c2w(yaw, pitch, preset.sphere_center_z, preset.sphere_r)
+    return render_mpi(mpi, planes["depths"], planes["extents"], c2w.to(mpi.device), preset.fov_deg, resolution,
+                      resolution, plane_chunk=settings.plane_chunk if settings else None,
+                      return_weights=return_weights)
+
+
+def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu", streams=(0,),
+               return_weights: bool = False) -> Iterator[dict]:
+    """Batches of rendered fakes: {'seeds', 'mpi', 'planes', 'views': [per stream {rgb, depth, alpha, yaw, pitch,
+    c2w}]}. ``return_weights`` adds the per-plane weights to the first view only (B x L x 1 x H x W: memory)."""
+    res = settings.resolution or G.img_resolution
+    for i in range(0, len(seeds), settings.batch_size):
+        chunk = seeds[i:i + settings.batch_size]
+        mpi, planes = generate(G, preset, chunk, settings, device)
+        views = []
+        for stream in streams:
+            yaw, pitch = seed_poses(chunk, preset, stream)
+            c2w = sphere_c2w(yaw, pitch, preset.sphere_center_z, preset.sphere_r)
+            out = render(mpi, planes, preset, yaw, pitch, res, settings, c2w=c2w,
+                         return_weights=return_weights and stream == streams[0])
+            views.append(dict(out, yaw=yaw, pitch=pitch, c2w=c2w))
+        yield {"seeds": chunk, "mpi": mpi, "planes": planes, "views": views}

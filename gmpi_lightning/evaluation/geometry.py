@@ -1,0 +1,135 @@
+"""3D metrics that need no external network.
+
+* **Two-view consistency**: render a latent from cameras A and B; unproject B's pixels with B's rendered depth,
+  project them into A and sample A there (bilinear). On pixels seen by both (inside A's image, opaque in both,
+  depths agreeing within ``covis_tol`` of the depth range) the photometric error is the mean |rgb_B - rgb_A|
+  (colours in [0, 1]); the depth error is the median |z_A(X) - depth_A| over all pixels inside A and opaque in
+  both, in units of the scene's depth range (far - near) (a median: occlusion boundaries are not errors). A model
+  whose pictures follow one 3D scene scores ~0 on both; a picture that ignores the camera (the same 2D image from
+  every view) does not.
+* **Semi-transparent rays**: the fraction of opaque rays whose compositing weight is not concentrated on one
+  surface: less than ``concentration`` of the ray's weight lies within ``window`` (a fraction of the depth range)
+  of any plane. Fog-like MPIs score ~1, a surface ~0.
+* **Depth relief**: the 5-95 % spread of the world z of the visible surface over opaque pixels, in depth-range
+  units. A flat
+  billboard (everything on one plane) scores 0; this is what tells it apart from a real scene, since a flat card
+  is itself a consistent 3D scene.
+* **Depth FD**: the Fréchet distance between Gaussians fitted to depth features of real samples (ground-truth
+  depth, datasets that have it) and of fakes rendered at the same cameras. Feature: the normalised z-depth
+  ``clip((z - near) / (far - near), 0, 1)`` area-pooled to ``pool x pool`` (16 x 16 = 256 numbers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..cameras import focal_from_fov, invert_rigid
+
+
+def unproject(depth: torch.Tensor, c2w: torch.Tensor, fov_deg: float) -> torch.Tensor:
+    """World points (B x H x W x 3, float64) of every pixel of a z-depth map (B x 1 x H x W). Pixel (u, v) is the
+    ray through (u + 0.5, v + 0.5), as the renderer."""
+    b, _, h, w = depth.shape
+    f = focal_from_fov(fov_deg, w)
+    dev = depth.device
+    v, u = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float64) + 0.5,
+                          torch.arange(w, device=dev, dtype=torch.float64) + 0.5, indexing="ij")
+    d = depth[:, 0].to(torch.float64)
+    x_cam = torch.stack([(u - w / 2) / f * d, (v - h / 2) / f * d, d], dim=-1)
+    c2w = c2w.to(dev, torch.float64).reshape(-1, 4, 4).expand(b, 4, 4)
+    return torch.einsum("bij,bhwj->bhwi", c2w[:, :3, :3], x_cam) + c2w[:, None, None, :3, 3]
+
+
+def reproject(depth_b: torch.Tensor, c2w_b: torch.Tensor, c2w_a: torch.Tensor, fov_deg: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """B's pixels (z-depth B x 1 x H x W) seen from camera A: (grid_sample grid B x H x W x 2 for
+    align_corners=False, z-depth in A B x 1 x H x W)."""
+    _, _, h, w = depth_b.shape
+    f = focal_from_fov(fov_deg, w)
+    x_w = unproject(depth_b, c2w_b, fov_deg)
+    w2c_a = invert_rigid(c2w_a.to(depth_b.device, torch.float64).reshape(-1, 4, 4))
+    x_a = torch.einsum("bij,bhwj->bhwi", w2c_a[:, :3, :3], x_w) + w2c_a[:, None, None, :3, 3]
+    z_a = x_a[..., 2].clamp_min(1e-9)
+    ua, va = f * x_a[..., 0] / z_a + w / 2, f * x_a[..., 1] / z_a + h / 2  # continuous, pixel centres at +0.5
+    grid = torch.stack([ua / w * 2 - 1, va / h * 2 - 1], dim=-1)
+    return grid.float(), z_a[:, None].float()
+
+
+@torch.no_grad()
+def two_view_consistency(view_a: dict, view_b: dict, fov_deg: float, near: float, far: float,
+                         opaque: float = 0.5, covis_tol: float = 0.05) -> dict[str, torch.Tensor]:
+    """Per image (tensors of length B): photo_l1 (mean over co-visible pixels), depth_err (median over pixels
+    opaque in both views), covisible (fraction of B's pixels). Each view: rgb B x 3 x H x W in [0, 1], depth and
+    alpha B x 1 x H x W as rendered (depth is divided by alpha here), c2w B x 4 x 4."""
+    depth_b = surface_depth(view_b["depth"], view_b["alpha"])
+    grid, z_in_a = reproject(depth_b, view_b["c2w"], view_a["c2w"], fov_deg)
+    inside = (grid.abs() <= 1).all(-1)[:, None]
+    depth_a = surface_depth(view_a["depth"], view_a["alpha"])
+    sample = F.grid_sample(torch.cat([view_a["rgb"], depth_a, view_a["alpha"]], 1).float(), grid,
+                           mode="bilinear", padding_mode="border", align_corners=False)
+    rgb_a, depth_a, alpha_a = sample[:, :3], sample[:, 3:4], sample[:, 4:5]
+    valid = inside & (view_b["alpha"] > opaque) & (alpha_a > opaque)
+    dz = (z_in_a - depth_a).abs() / (far - near)
+    covis = valid & (dz < covis_tol)
+    photo = (view_b["rgb"].float() - rgb_a).abs().mean(1, keepdim=True)
+
+    m = covis.float()
+    n = m.sum(dim=(1, 2, 3))
+    photo_l1 = torch.where(n > 0, (photo * m).sum(dim=(1, 2, 3)) / n.clamp_min(1), torch.full_like(n, float("nan")))
+    depth_err = torch.stack([x[v].median() if bool(v.any()) else x.new_tensor(float("nan"))
+                             for x, v in zip(dz, valid)])
+    return {"photo_l1": photo_l1, "depth_err": depth_err, "covisible": covis.float().mean(dim=(1, 2, 3))}
+
+
+def surface_depth(depth: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Rendered depth is sum w_i z_i (not normalised): divide by the accumulated alpha to get the surface's depth
+    where a ray is partly covered (image borders, soft edges)."""
+    return depth / alpha.clamp_min(1e-6)
+
+
+@torch.no_grad()
+def semi_transparent_fraction(weights: torch.Tensor, plane_depths: torch.Tensor, near: float, far: float,
+                              window: float = 0.05, concentration: float = 0.5, opaque: float = 0.5) -> torch.Tensor:
+    """Per image: fraction of opaque rays (total weight > ``opaque``) with < ``concentration`` of their weight
+    within +-``window`` x (far - near) of some plane. weights: B x L x 1 x H x W (render_mpi(return_weights))."""
+    d = torch.as_tensor(plane_depths, dtype=torch.float32, device=weights.device)
+    near_mat = ((d[:, None] - d[None, :]).abs() <= window * (far - near)).float()  # L x L
+    w = weights[:, :, 0].float()
+    total = w.sum(1)
+    best = torch.einsum("ij,bjhw->bihw", near_mat, w).amax(1)
+    ray = total > opaque
+    semi = ray & (best < concentration * total)
+    return semi.float().sum(dim=(1, 2)) / ray.float().sum(dim=(1, 2)).clamp_min(1)
+
+
+@torch.no_grad()
+def depth_relief(view: dict, fov_deg: float, near: float, far: float, opaque: float = 0.5,
+                 q: tuple[float, float] = (0.05, 0.95)) -> torch.Tensor:
+    """Per image: (q95 - q5) of the world z of the visible surface over opaque pixels, divided by (far - near).
+    World z, not camera depth: a flat card seen at an angle has no relief."""
+    z = unproject(surface_depth(view["depth"], view["alpha"]), view["c2w"], fov_deg)[..., 2]
+    out = []
+    for zi, a in zip(z, view["alpha"][:, 0]):
+        v = zi[a > opaque]
+        if v.numel() < 2:
+            out.append(torch.tensor(float("nan"), dtype=torch.float64))
+            continue
+        lo, hi = torch.quantile(v, torch.tensor(q, dtype=v.dtype, device=v.device))
+        out.append(((hi - lo) / (far - near)).cpu())
+    return torch.stack(out).float()
+
+
+def depth_features(depth: torch.Tensor, near: float, far: float, pool: int = 16) -> torch.Tensor:
+    """B x 1 x H x W z-depth -> B x pool^2 features (normalised depth, area-pooled)."""
+    x = ((depth.float() - near) / (far - near)).clamp(0, 1)
+    if x.shape[-1] != pool or x.shape[-2] != pool:
+        x = F.adaptive_avg_pool2d(x, pool)
+    return x.flatten(1).double()
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two N x d feature sets (torchmetrics' FID estimator)."""
+    from .image_metrics import fid_kid
+
+    return fid_kid(a, b, which=("fid",))["fid"]

@@ -1,0 +1,180 @@
+"""FID and KID from Inception features, with real statistics computed once per dataset and cached.
+
+The numbers come from torchmetrics (``FrechetInceptionDistance`` and ``KernelInceptionDistance`` fed with
+precomputed features through a pass-through "extractor"), so every image goes through Inception once and
+FID and KID share those features. Features are float64, as torch-fidelity's and StyleGAN's statistics.
+Under DDP each rank extracts its share; :func:`gather_rows` collects them once, and every rank then computes
+the same numbers (KID's subsets come from a fixed seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..export import progress
+from .inception import InceptionFeatures, to_uint8_images
+
+CACHE_ENV = "GMPI_CACHE"
+KID_SEED = 2020  # torch-fidelity's rng_seed (our subsets come from torch's generator, not numpy's)
+
+
+class _Passthrough(nn.Module):
+    """Lets torchmetrics consume features we computed already."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, which=("fid", "kid"), kid_subsets: int = 100,
+            kid_subset_size: int = 1000, seed: int = KID_SEED) -> dict:
+    """FID and/or KID between two N x d feature sets (torchmetrics' estimators, float64).
+
+    KID uses torch-fidelity's defaults (100 subsets of 1000, cubic polynomial kernel); with fewer samples the
+    subset size shrinks to the smaller set and the result says so (``kid_subset_size``). The subsets are drawn
+    by torch's CPU generator (seeded), not numpy's as in torch-fidelity: with subsets smaller than the sets the two
+    agree statistically, not digit for digit."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, fake = real.double().cpu(), fake.double().cpu()
+    d = real.shape[1]
+    if real.shape[0] < 2 or fake.shape[0] < 2:
+        raise ValueError(f"FID/KID need at least 2 real and 2 fake images, got {real.shape[0]} and {fake.shape[0]}")
+    out: dict = {"num_real": int(real.shape[0]), "num_fake": int(fake.shape[0])}
+    if "fid" in which:
+        fid = FrechetInceptionDistance(feature=_Passthrough(d), sync_on_compute=False).set_dtype(torch.float64)
+        fid.update(real, real=True)
+        fid.update(fake, real=False)
+        out["fid"] = float(fid.compute())
+    if "kid" in which:
+        size = min(kid_subset_size, real.shape[0], fake.shape[0])
+        kid = KernelInceptionDistance(feature=_Passthrough(d), subsets=kid_subsets, subset_size=size,
+                                      sync_on_compute=False)
+        kid.update(real, real=True)
+        kid.update(fake, real=False)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA states stay untouched
+            torch.default_generator.manual_seed(seed)
+            mean, std = kid.compute()
+        out.update(kid=float(mean), kid_std=float(std), kid_subsets=kid_subsets, kid_subset_size=size)
+    return out
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (different counts allowed), in rank order; a no-op without DDP."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return local
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = torch.tensor([local.shape[0]], device=dev)
+    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    top = int(max(int(c) for c in counts))
+    padded = torch.zeros((top, *local.shape[1:]), dtype=local.dtype, device=dev)
+    padded[: local.shape[0]] = local.to(dev)
+    parts = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(c)] for p, c in zip(parts, counts)]).to(local.device)
+
+
+def rank_world() -> tuple[int, int]:
+    dist = _dist()
+    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when ``flag`` holds on every rank (a collective under DDP: every rank must call it)."""
+    return bool(gather_rows(torch.tensor([[float(flag)]])).min() > 0)
+
+
+def gather_keys(keys: list[str]) -> list[str]:
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return list(keys)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(keys))
+    return [k for p in parts for k in p]
+
+
+# ------------------------------------------------------------------------------------------- real statistics
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gmpi-lightning") / "real-features"
+
+
+def real_cache_key(card: dict, extractor: dict, max_images: int | None, world: int) -> str:
+    """Dataset identity (the card's shard checksums and count) x feature extractor x selection."""
+    ident = {"shards": sorted((s["name"], s["sha256"]) for s in card.get("shards", [])), "count": card.get("count"),
+             "extractor": extractor["extractor"], "weights_sha256": extractor["weights_sha256"],
+             "max_images": max_images, "world": world if max_images else None}
+    if not ident["shards"]:
+        raise ValueError("the dataset card lists no shards with checksums; rewrite the dataset with `gmpi data`")
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def real_features(data: str | Path, extractor: InceptionFeatures, max_images: int | None = None,
+                  cache_dir: str | Path | None = None, batch_size: int = 64, num_workers: int = 1,
+                  use_cache: bool = True) -> tuple[torch.Tensor, dict]:
+    """Inception features of the dataset's images, rows sorted by sample key (all images, or ``max_images`` of
+    them: the first ones each rank reads, so that subset depends on the world size and is keyed by it).
+
+    Computed once (each rank reads its own shards, exactly once) and cached under ``cache_dir`` keyed by the
+    dataset card's checksums and the extractor's weights; a later run or evaluation loads the cache. Every rank
+    takes the same path (the cache is used only when every rank sees it)."""
+    from datamodules.posed_images import PosedImageDataModule
+    from datamodules.shards import read_card
+
+    card = read_card(data)
+    rank, world = rank_world()
+    key = real_cache_key(card, extractor.describe(), max_images, world)
+    path = Path(cache_dir or default_cache_dir()) / f"{Path(data).name}-{key}.pt"
+    info = {"cache": str(path), "cache_key": key, "dataset": str(data), "dataset_count": card.get("count")}
+    if all_ranks(use_cache and path.is_file()):
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return blob["features"].double(), dict(info, cache_hit=True)
+    if world > 1:  # loader workers may not see the process group (spawned ranks): tell WebDataset the rank
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+    dm = PosedImageDataModule(str(data), batch_size=batch_size, num_workers=num_workers, eval_batch_size=batch_size)
+    limit = -(-max_images // world) if max_images else None
+    feats, keys, bar = [], [], progress(total=limit or -(-(card.get("count") or 0) // world) or None,
+                                        desc="real features", unit="img", disable=rank != 0)
+    for batch in dm.iter_eval():
+        imgs = to_uint8_images(batch["image"], (-1.0, 1.0))
+        if limit is not None:
+            imgs = imgs[: limit - sum(f.shape[0] for f in feats)]
+        feats.append(extractor(imgs))
+        keys += batch["key"][: imgs.shape[0]]
+        bar.update(imgs.shape[0])
+        if limit is not None and sum(f.shape[0] for f in feats) >= limit:
+            break
+    bar.close()
+    local = torch.cat(feats) if feats else torch.zeros(0, extractor.num_features, dtype=torch.float64)
+    allf, allk = gather_rows(local), gather_keys(keys)
+    order = sorted(range(len(allk)), key=allk.__getitem__)  # a canonical row order, whatever the world size
+    allf = allf[order]
+    if max_images:
+        allf = allf[:max_images]
+    elif card.get("count") is not None and allf.shape[0] != card["count"]:
+        raise ValueError(f"{data}: read {allf.shape[0]} real images but dataset.json says {card['count']}: shards "
+                         f"missing or read twice; check the folder, then rerun")
+    if use_cache and rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        torch.save({"features": allf.float(), "info": info, "extractor": extractor.describe()}, tmp)
+        tmp.replace(path)
+    return allf, dict(info, cache_hit=False)

@@ -1,0 +1,117 @@
+"""The FID/KID feature extractor: torch-fidelity's ``inception-v3-compat`` (the TF-Inception port StyleGAN,
+EG3D and GMPI use), 2048-d pool features, images resized to 299 with TF1.x bilinear (no antialias).
+
+Weights come from a local file only; nothing is downloaded. Where the file is looked for, in order:
+the ``weights`` argument (``--inception`` on the command line), ``$GMPI_INCEPTION_WEIGHTS``, and torch.hub's
+cache ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+ENV_VAR = "GMPI_INCEPTION_WEIGHTS"
+EXTRACTOR = "torch-fidelity inception-v3-compat, 2048-d pool3, TF1.x bilinear resize to 299 (no antialias)"
+
+
+def hub_cache_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def resolve_weights(weights: str | Path | None = None) -> Path:
+    """The local Inception weights file, or a FileNotFoundError that says how to provide it."""
+    candidates = [("--inception / weights argument", weights), (f"${ENV_VAR}", os.environ.get(ENV_VAR)),
+                  ("torch.hub cache", hub_cache_path())]
+    for origin, path in candidates:
+        if path and Path(path).is_file():
+            return Path(path)
+        if path and origin != "torch.hub cache":
+            raise FileNotFoundError(f"Inception weights not found at {path} (from {origin}); expected the file "
+                                    f"{INCEPTION_FILE}")
+    raise FileNotFoundError(
+        f"FID/KID need torch-fidelity's Inception weights {INCEPTION_FILE}, and nothing is downloaded. Fetch it once "
+        f"on a machine with internet ({INCEPTION_URL}) and pass --inception PATH, set {ENV_VAR}=PATH, or copy it to "
+        f"{hub_cache_path()}. (Metrics that need no Inception: consistency, depth_fd, pose, depth.)")
+
+
+@lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime)
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images (B x 3 x H x W, any size) -> B x 2048 float64 pool features."""
+
+    num_features = 2048
+
+    def __init__(self, weights: str | Path | None = None, batch_size: int = 64):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.weights = resolve_weights(weights)
+        try:
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                          feature_extractor_weights_path=str(self.weights), antialias=False)
+        except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
+            raise ValueError(f"{self.weights}: cannot load it as torch-fidelity's Inception ({INCEPTION_FILE}): "
+                             f"{type(e).__name__}: {e}") from e
+        self.batch_size = batch_size
+
+    def describe(self) -> dict:
+        return {"extractor": EXTRACTOR, "weights": str(self.weights), "weights_sha256": file_sha256(self.weights)}
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"Inception features need uint8 B x 3 x H x W images, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        dev = next(self.net.parameters()).device
+        out = [self.net(images[i:i + self.batch_size].to(dev)).double().cpu()
+               for i in range(0, images.shape[0], self.batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.num_features, dtype=torch.float64)
+
+
+def to_uint8_images(x: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Float images in ``value_range`` -> uint8 (round half up), as a PNG written with clip(x)*255 reads back."""
+    lo, hi = value_range
+    return ((x.detach().float() - lo) / (hi - lo) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def write_random_inception(path: str | Path, seed: int = 0) -> Path:
+    """A He-initialised random Inception file with the real file's state-dict layout (tests, smoke runs).
+
+    PyTorch's default init makes every activation vanish through ~90 layers (FID = KID = 0 exactly, see
+    ENVIRONMENT.md); He init keeps them alive, so FID/KID values move with the inputs. Not a real Inception:
+    its numbers are only comparable with themselves."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
+         mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    gen = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            m.weight.data = torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path

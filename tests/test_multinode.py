@@ -1,0 +1,338 @@
+"""Multi-node launch: `make train` through torchrun (2 "nodes" on 127.0.0.1, gloo), `make slurm` and
+scripts/slurm_train.sh under a fake SLURM (srun/sbatch/scontrol stand-ins) with resume and auto-requeue, DRY=1,
+and the Makefile's error messages. Every training run is a tiny config in a tmp folder; nothing writes to runs/."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from datamodules.converters import convert_synthetic
+from tests.conftest import REPO
+
+VENV = Path(sys.prefix)
+TINY_MODEL = dict(preset="synthetic32", resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256,
+                  channel_max=16, train_planes=6, views_per_z=2, init_from=None, export_path=None, max_iters=3)
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+               "MASTER_PORT", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "EXP", "EXP_DIR", "GPUS", "NODES", "ARGS", "DRY",
+               "SBATCH_ARGS", "GRES", "SLURM_LOGS", "VENV", "PY", "PYTHON")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=32, resolution=16, seed=3,
+                             samples_per_shard=4)
+
+
+def tiny_experiment(exp_dir: Path, shards: Path, run: Path, signal_at: int | None = None) -> Path:
+    """experiments/synthetic.yaml shrunk to seconds: 16 px, tiny nets, checkpoint every iteration, a LaunchReport."""
+    cfg = yaml.safe_load((REPO / "experiments" / "synthetic.yaml").read_text())
+    cfg["trainer"].update(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, default_root_dir=str(run),
+        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(run / "checkpoints"), "every_n_train_steps": 2, "save_last": True,
+                                  "save_top_k": -1}},
+                   {"class_path": "tests.multinode_callbacks.LaunchReport",
+                    "init_args": {"out": str(run), "signal_at": signal_at}}])
+    cfg["model"].update(TINY_MODEL)
+    cfg["data"].update(data=str(shards), batch_size=2, num_workers=0, shuffle_buffer=16)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    path = exp_dir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def clean_env(**extra) -> dict:
+    """This environment without launcher/SLURM/make variables (a DDP test before us may have left some)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCH_VARS and not k.startswith(("SLURM_", "PET_", "TORCHELASTIC_"))}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+               PATH=f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(extra)
+    return env
+
+
+def make(*args: str) -> list[str]:
+    """`make` for this checkout and interpreter; -o: never (re)install the venv from a test."""
+    return ["make", "--no-print-directory", "-C", str(REPO), "-o", f"{VENV}/.installed", f"VENV={VENV}", *args]
+
+
+def reports(run: Path, rank: int = 0) -> list[dict]:
+    path = run / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------ torchrun, 2 nodes x 1 process
+def test_make_train_two_nodes_torchrun(shards, tmp_path):
+    """Two `make train NODES=2 NODE_RANK=r` (the target itself, torchrun static rendezvous on 127.0.0.1)."""
+    run = tmp_path / "run"
+    tiny_experiment(tmp_path / "exp", shards, run)
+    port = free_port()
+    procs, logs = [], []
+    for rank in (0, 1):
+        logs.append(open(tmp_path / f"node{rank}.log", "w+"))
+        cmd = make("train", "EXP=tiny", f"EXP_DIR={tmp_path / 'exp'}", "GPUS=1", "NODES=2", f"NODE_RANK={rank}",
+                   "MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}", "ARGS=--model.max_iters=2 --data.seed=5")
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=logs[-1], stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    out = []
+    for f in logs:
+        f.seek(0)
+        out.append(f.read())
+        f.close()
+    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in out)
+    # the target ran torchrun with the documented rendezvous, once per node
+    for rank, o in enumerate(out):
+        assert (f"torchrun --nnodes=2 --node_rank={rank} --nproc_per_node=1 --master_addr=127.0.0.1 "
+                f"--master_port={port} -m gmpi_lightning fit --config {tmp_path / 'exp'}/tiny.yaml "
+                f"--trainer.devices=1 --trainer.num_nodes=2 --model.max_iters=2 --data.seed=5") in o
+    (r0,), (r1,) = reports(run, 0), reports(run, 1)
+    for rank, r in enumerate((r0, r1)):
+        assert r["rank"] == rank and r["node_rank"] == rank and r["local_rank"] == 0
+        assert r["world"] == 2 and r["num_nodes"] == 2 and r["num_devices"] == 1
+        assert r["cluster_env"] == "TorchElasticEnvironment"
+        assert r["start_iteration"] == 0 and r["iteration"] == 2 and r["global_step"] == 4
+        assert r["G"] != r["G_start"]  # it trained
+    for net in ("G", "D", "G_ema"):
+        assert r0[net] == r1[net], f"{net} differs between the two nodes"
+    assert r0["keys"] != r1["keys"]  # each node read its own samples
+
+
+# --------------------------------------------------------------------------------------- fake SLURM
+FAKE_SRUN = """#!/bin/bash
+# records its arguments (one per line), drops srun's own options, runs the task in this process
+n=$(ls "$FAKE_SLURM_LOG" | grep -c '^srun' || true)
+printf '%s\\n' "$@" > "$FAKE_SLURM_LOG/srun$n.args"
+while [[ $1 == -* ]]; do shift; done
+exec "$@"
+"""
+FAKE_SBATCH = """#!/bin/bash
+# records its arguments, then runs the batch script right here (the test has set the SLURM_* variables)
+printf '%s\\n' "$@" > "$FAKE_SLURM_LOG/sbatch.args"
+while [[ $1 == -* ]]; do shift; done
+exec bash "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$@" >> "$FAKE_SLURM_LOG/scontrol.log"
+"""
+
+
+def fake_slurm(tmp_path: Path, **extra) -> dict:
+    bin_dir, log = tmp_path / "fakebin", tmp_path / "slurmlog"
+    bin_dir.mkdir(exist_ok=True)
+    log.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("sbatch", FAKE_SBATCH), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = clean_env(SLURM_JOB_ID="4242", SLURM_JOB_NAME="gmpi-tiny", SLURM_NNODES="1", SLURM_NTASKS="1",
+                    SLURM_NTASKS_PER_NODE="1", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+                    SLURM_NODELIST="127.0.0.1", SLURM_JOB_NODELIST="127.0.0.1", SLURM_SUBMIT_DIR=str(REPO),
+                    MASTER_PORT=str(free_port()), FAKE_SLURM_LOG=str(log), **extra)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def srun_calls(tmp_path: Path) -> list[list[str]]:
+    log = tmp_path / "slurmlog"
+    return [(log / f"srun{i}.args").read_text().splitlines() for i in range(len(list(log.glob("srun*.args"))))]
+
+
+def test_slurm_submit_resume_and_auto_requeue(shards, tmp_path):
+    """make slurm -> sbatch -> slurm_train.sh -> srun -> Lightning's SLURMEnvironment; a second start resumes from
+    last.ckpt; SIGUSR1 (what --signal=SIGUSR1@90 sends) -> hpc checkpoint + `scontrol requeue $SLURM_JOB_ID`."""
+    run = tmp_path / "run"
+    exp = tiny_experiment(tmp_path / "exp", shards, run, signal_at=4)
+    ckdir = run / "checkpoints"
+
+    # 1. submitted through the make target (the fake sbatch runs the batch script in place): a fresh start
+    proc = subprocess.run(make("slurm", "EXP=tiny", f"EXP_DIR={exp.parent}", "NODES=1", "GPUS=1",
+                               f"SLURM_LOGS={tmp_path / 'logs'}", "ARGS=--model.max_iters=3"),
+                          cwd=tmp_path, env=fake_slurm(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    sbatch = (tmp_path / "slurmlog" / "sbatch.args").read_text().splitlines()
+    assert sbatch == ["--job-name=gmpi-tiny", "--nodes=1", "--ntasks-per-node=1", "--gres=gpu:1",
+                      f"--output={tmp_path / 'logs'}/%x-%j.out", "scripts/slurm_train.sh", str(exp),
+                      "--model.max_iters=3"]
+    assert (tmp_path / "logs").is_dir()
+    assert "no checkpoint to resume from" in proc.stderr
+    (srun1,) = srun_calls(tmp_path)
+    assert srun1[0] == "--kill-on-bad-exit=1" and srun1[1].endswith("python") and srun1[2:4] == ["-m", "gmpi_lightning"]
+    assert srun1[4:] == ["fit", "--config", str(exp), "--trainer.num_nodes=1", "--trainer.devices=1",
+                         "--model.max_iters=3"]  # no --ckpt_path: nothing to resume
+    (first,) = reports(run)
+    assert first["cluster_env"] == "SLURMEnvironment" and first["auto_requeue"] is True
+    assert first["requeue_signal"] == int(signal.SIGUSR1) and first["sigusr1_handler"] == "_HandlersCompose"
+    assert first["world"] == 1 and first["start_iteration"] == 0 and first["iteration"] == 3
+    assert first["ckpt_path"] is None
+    assert torch.load(ckdir / "last.ckpt", weights_only=False)["gmpi_state"]["iteration"] == 3
+    assert not (tmp_path / "slurmlog" / "scontrol.log").exists()
+
+    # 2. started again with more iterations: resumes from last.ckpt; at iteration 4 SLURM "sends" SIGUSR1
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm_train.sh"), str(exp), "--model.max_iters=5"],
+                          cwd=tmp_path, env=fake_slurm(tmp_path, SLURM_RESTART_COUNT="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {ckdir / 'last.ckpt'}" in proc.stderr and "job 4242 (restart 1)" in proc.stderr
+    srun2 = srun_calls(tmp_path)[1]
+    assert srun2[4:] == ["fit", "--config", str(exp), "--trainer.num_nodes=1", "--trainer.devices=1",
+                         "--model.max_iters=5", f"--ckpt_path={ckdir / 'last.ckpt'}"]
+    second = reports(run)[1]
+    assert second["ckpt_path"] == str(ckdir / "last.ckpt")
+    assert second["start_iteration"] == 3 and second["iteration"] == 5 and second["global_step"] == 10  # continued
+    assert second["G_start"] == first["G"] and second["G"] != first["G"]  # from the saved weights, then trained
+    # Lightning's auto-requeue: the checkpoint of the moment of the signal, then the requeue of this job
+    assert (tmp_path / "slurmlog" / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    hpc = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert hpc["gmpi_state"]["iteration"] == 4 and hpc["global_step"] == 8
+
+
+def _load_resume_helper():
+    spec = importlib.util.spec_from_file_location("resume_ckpt", REPO / "scripts" / "resume_ckpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resume_helper_picks_the_newest_checkpoint(tmp_path):
+    """scripts/resume_ckpt.py: dirs from the resolved config (YAML + overrides); newest of last*.ckpt and hpc_ckpt_N."""
+    helper = _load_resume_helper()
+    run = tmp_path / "run"
+    exp = tiny_experiment(tmp_path / "exp", tmp_path / "no-data-needed", run)
+    config = helper.resolved_config(["fit", "--config", str(exp), f"--trainer.default_root_dir={tmp_path / 'root'}"])
+    assert helper.checkpoint_dirs(config) == [run / "checkpoints"]
+    assert config["trainer"]["default_root_dir"] == str(tmp_path / "root")  # the override, not the YAML's
+    assert helper.resume_checkpoint(config) is None
+    (run / "checkpoints").mkdir()
+    (tmp_path / "root").mkdir()
+    files = {"last": run / "checkpoints" / "last.ckpt", "hpc1": tmp_path / "root" / "hpc_ckpt_1.ckpt",
+             "hpc2": tmp_path / "root" / "hpc_ckpt_2.ckpt", "lastv1": run / "checkpoints" / "last-v1.ckpt",
+             "other": run / "checkpoints" / "epoch=0-step=9.ckpt"}
+    for f in files.values():
+        f.write_bytes(b"x")
+
+    def order(*names):  # mtimes in this order, 10 s apart
+        for i, name in enumerate(names):
+            os.utime(files[name], ns=(10**9 * (1000 + 10 * i),) * 2)
+        return helper.resume_checkpoint(config)
+
+    assert order("hpc1", "hpc2", "lastv1", "other", "last") == files["last"].resolve()  # resubmitted after a finish
+    assert order("last", "lastv1", "hpc1", "other", "hpc2") == files["hpc2"].resolve()  # requeued
+    assert order("hpc1", "hpc2", "last", "other", "lastv1") == files["lastv1"].resolve()
+    assert helper.main(["validate"]) == 2
+
+
+def test_slurm_script_errors(tmp_path):
+    script = str(REPO / "scripts" / "slurm_train.sh")
+    proc = subprocess.run(["bash", script, "nope"], cwd=REPO, env=fake_slurm(tmp_path), capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "no experiment config 'experiments/nope.yaml'" in proc.stderr
+    assert "ffhq256" in proc.stderr and not list((tmp_path / "slurmlog").glob("srun*"))
+    env = fake_slurm(tmp_path)
+    del env["SLURM_NTASKS_PER_NODE"]
+    proc = subprocess.run(["bash", script, "ffhq256"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--ntasks-per-node" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------- DRY=1, errors
+def test_dry_run_prints_command_and_resolved_config(tmp_path):
+    proc = subprocess.run(make("train", "EXP=ffhq256", "GPUS=8", "NODES=4", "NODE_RANK=3", "MASTER_ADDR=10.0.0.1",
+                               "ARGS=--model.max_iters=7 --model.r1_gamma=2.5", "DRY=1"),
+                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "# command (node 3 of 4; run it on every node with its NODE_RANK):"
+    assert lines[1] == (f"{VENV}/bin/torchrun --nnodes=4 --node_rank=3 --nproc_per_node=8 --master_addr=10.0.0.1 "
+                        "--master_port=29500 -m gmpi_lightning fit --config experiments/ffhq256.yaml "
+                        "--trainer.devices=8 --trainer.num_nodes=4 --model.max_iters=7 --model.r1_gamma=2.5")
+    assert lines[2] == "# resolved config:"
+    config = yaml.safe_load("\n".join(lines[3:]))
+    assert int(config["trainer"]["devices"]) == 8 and config["trainer"]["num_nodes"] == 4
+    assert config["model"]["max_iters"] == 7 and config["model"]["r1_gamma"] == 2.5
+    assert config["model"]["train_planes"] == 32  # the rest comes from experiments/ffhq256.yaml
+    assert {"trainer", "model", "data"} <= set(config) and "Initializing distributed" not in proc.stderr  # not run
+
+
+def test_dry_run_commands_without_running(tmp_path):
+    """The launcher each GPUS/NODES combination picks (make -n: the commands, without the config dump)."""
+    def cmd(*args):
+        proc = subprocess.run(make("-n", "train", "EXP=ffhq256", *args), cwd=tmp_path, env=clean_env(),
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    assert cmd() == f"{VENV}/bin/python -m gmpi_lightning fit --config experiments/ffhq256.yaml"
+    assert cmd("GPUS=1", "ARGS=--model.lr=0.001") == (f"{VENV}/bin/python -m gmpi_lightning fit --config "
+                                                      "experiments/ffhq256.yaml --trainer.devices=1 "
+                                                      "--trainer.num_nodes=1 --model.lr=0.001")
+    assert cmd("GPUS=8") == (f"{VENV}/bin/torchrun --standalone --nproc_per_node=8 -m gmpi_lightning fit --config "
+                             "experiments/ffhq256.yaml --trainer.devices=8 --trainer.num_nodes=1")
+
+
+def test_slurm_dry_run(tmp_path):
+    """DRY=1 for `make slurm`: the sbatch line and the config command (make -n: listed, not run; the config dump
+    itself is the same `--print_config` as the train test above checks)."""
+    proc = subprocess.run(make("-n", "slurm", "EXP=ffhq512", "NODES=4", "GPUS=8", "SBATCH_ARGS=--time=2-0",
+                               "ARGS=--model.max_iters=9", "DRY=1"),
+                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:2] == ["# command:", "sbatch --job-name=gmpi-ffhq512 --nodes=4 --ntasks-per-node=8 --gres=gpu:8 "
+                         "--output=runs/slurm/%x-%j.out --time=2-0 scripts/slurm_train.sh experiments/ffhq512.yaml "
+                         "--model.max_iters=9"]
+    assert lines[2].startswith("# resolved config")
+    assert lines[3].split() == [f"{VENV}/bin/python", "-m", "gmpi_lightning", "fit", "--config",
+                                "experiments/ffhq512.yaml", "--trainer.num_nodes=4", "--trainer.devices=8",
+                                "--model.max_iters=9", "--print_config"]
+    assert not any(line.startswith(("sbatch", "mkdir")) for line in lines[3:])  # DRY: nothing submitted
+    header = (REPO / "scripts" / "slurm_train.sh").read_text()
+    assert "#SBATCH --signal=SIGUSR1@90" in header and "#SBATCH --requeue" in header
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "EXP=nope"], "unknown experiment EXP=nope: there is no experiments/nope.yaml. Experiments in "
+                            "experiments/: afhqcat512 ffhq1024 ffhq256 ffhq512"),
+    (["slurm", "EXP=nope", "DRY=1"], "unknown experiment EXP=nope"),
+    (["slurm", "NODES=2", "GPUS=8"], "EXP=NAME is required. Experiments in experiments/: afhqcat512"),
+    (["train", "EXP=ffhq256", "NODES=2", "NODE_RANK=0", "MASTER_ADDR=h"], "NODES=2 needs GPUS=<processes per node>"),
+    (["train", "EXP=ffhq256", "NODES=2", "GPUS=8", "NODE_RANK=0"], "NODES=2 needs MASTER_ADDR="),
+    (["train", "EXP=ffhq256", "NODES=2", "GPUS=8", "MASTER_ADDR=h"], "NODES=2 needs NODE_RANK=0..1"),
+    (["train", "EXP=ffhq256", "NODES=2", "GPUS=8", "MASTER_ADDR=h", "NODE_RANK=2"], "got '2'"),
+    (["train", "EXP=ffhq256", "GPUS=0"], "GPUS=0: expected a number"),
+    (["train", "EXP=ffhq256", "NODES=two", "GPUS=8"], "NODES=two: expected a number"),
+])
+def test_make_errors(tmp_path, args, message):
+    proc = subprocess.run(make(*args), cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert "gmpi_lightning" not in proc.stdout  # nothing was launched
+
+
+def test_help_lists_the_targets():
+    proc = subprocess.run(make("help"), env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    names = [re.sub(r"\x1b\[[0-9;]*m", "", line).split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert {"train", "slurm", "test", "install"} <= set(names)

@@ -1,0 +1,395 @@
+"""W&B sweep files run locally: validation, grid/random expansion, wandb's ${args}, run folders, tables, real runs."""
+
+import csv
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datamodules.converters import convert_synthetic
+from gmpi_lightning import cli, sweeps
+from gmpi_lightning.sweeps import FitParser, SweepError
+from tests.conftest import REPO
+
+BASE_COMMAND = ["${env}", "${interpreter}", "-m", "gmpi_lightning.sweeps", "fit", "--config",
+                str(REPO / "experiments" / "synthetic.yaml"), "${args}"]
+
+
+def _write(tmp_path, cfg, name="s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _sweep(**over):
+    cfg = {"method": "grid", "metric": {"name": "val/loss_d", "goal": "maximize"},
+           "parameters": {"model.lr": {"values": [0.001, 0.002]}}, "command": list(BASE_COMMAND)}
+    cfg.update(over)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ validation
+BAD = {
+    "unknown top-level key": (dict(paramters={}), ["unknown key 'paramters'", "did you mean 'parameters'"]),
+    "bad method": (dict(method="grdi"), ["`method`", "'grdi'", "did you mean 'grid'"]),
+    "bad goal": (dict(metric={"name": "loss_d", "goal": "lowest"}), ["metric.goal", "'lowest'"]),
+    "metric without name": (dict(metric={"goal": "minimize"}), ["`metric` needs a `name`"]),
+    "bad distribution": (dict(parameters={"model.lr": {"distribution": "unifrom", "min": 0.001, "max": 0.01}}),
+                         ["'model.lr'", "unknown distribution 'unifrom'", "did you mean 'uniform'"]),
+    "server-only distribution": (dict(parameters={"model.lr": {"distribution": "normal", "mu": 0, "sigma": 1}}),
+                                 ["'model.lr'", "'normal'", "W&B's controller", "make sweep"]),
+    "server-only distribution 2": (dict(parameters={"model.lr": {"distribution": "q_normal", "min": 0, "max": 1}}),
+                                   ["'model.lr'", "'q_normal'", "W&B's controller"]),
+    "min > max": (dict(parameters={"model.lr": {"min": 0.1, "max": 0.01}}), ["'model.lr'", "min (0.1) > max (0.01)"]),
+    "missing values": (dict(parameters={"model.lr": {"distribution": "categorical"}}),
+                       ["'model.lr'", "non-empty list `values"]),
+    "empty values": (dict(parameters={"model.lr": {"values": []}}), ["'model.lr'", "non-empty list `values"]),
+    "nothing to sample": (dict(parameters={"model.lr": {"q": 2}}), ["'model.lr'", "needs `values: [...]`"]),
+    "missing max": (dict(parameters={"model.lr": {"distribution": "uniform", "min": 0.1}}),
+                    ["'model.lr'", "missing 'max'"]),
+    "unknown param key": (dict(parameters={"model.lr": {"vals": [1, 2]}}),
+                          ["'model.lr'", "unknown key 'vals'", "did you mean 'values'"]),
+    "log bounds <= 0": (dict(method="random", parameters={"model.lr": {"distribution": "log_uniform_values",
+                                                                      "min": 0.0, "max": 0.1}}),
+                        ["'model.lr'", "needs min > 0"]),
+    "int_uniform floats": (dict(parameters={"model.train_planes": {"distribution": "int_uniform", "min": 4,
+                                                                   "max": 8.5}}),
+                           ["'model.train_planes'", "integer min/max"]),
+    "1e-4 read as text": (dict(parameters={"model.lr": {"min": "1e-4", "max": 0.01}}),
+                          ["'model.lr'", "must be a number", "write 1.0e-4"]),
+    "bad probabilities": (dict(method="random", parameters={"model.lr": {"values": [1, 2],
+                                                                        "probabilities": [0.5, 0.6]}}),
+                          ["'model.lr'", "`probabilities`"]),
+    "nested parameters": (dict(parameters={"model": {"parameters": {"lr": {"values": [1]}}}}),
+                          ["'model'", "nested `parameters`", "model.lr"]),
+    "no ${args}": (dict(command=BASE_COMMAND[:-1]), ["${args} exactly once"]),
+    "hydra-style args": (dict(command=BASE_COMMAND[:-1] + ["${args_no_hyphens}"]),
+                         ["${args_no_hyphens}", "use ${args}"]),
+    "unknown macro": (dict(command=BASE_COMMAND + ["${foo}"]), ["unknown macro ${foo}"]),
+    "not gmpi fit": (dict(command=["${env}", "${interpreter}", "train.py", "${args}"]), ["must run `gmpi fit`"]),
+    "program macro without program": (dict(command=["${env}", "${interpreter}", "${program}", "fit", "${args}"]),
+                                      ["${program}", "no `program:`"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_invalid_sweep_files_name_the_file_and_field(case, tmp_path):
+    over, expected = BAD[case]
+    path = _write(tmp_path, _sweep(**over))
+    with pytest.raises(SweepError) as err:
+        sweeps.load_sweep(path)
+    msg = str(err.value)
+    assert str(path) in msg, msg
+    for part in expected:
+        assert part in msg, f"{part!r} not in: {msg}"
+
+
+def test_method_specific_errors(tmp_path):
+    cont = _write(tmp_path, _sweep(parameters={"model.lr": {"min": 0.001, "max": 0.01}}), "grid.yaml")
+    with pytest.raises(SweepError, match=r"grid.yaml: parameter 'model.lr' is continuous \(uniform\)"):
+        sweeps.expand(sweeps.load_sweep(cont))
+    probs = _write(tmp_path, _sweep(parameters={"model.lr": {"values": [1, 2], "probabilities": [0.5, 0.5]}}), "p.yaml")
+    with pytest.raises(SweepError, match="'model.lr': `probabilities` are not allowed in a grid"):
+        sweeps.expand(sweeps.load_sweep(probs))
+    bayes = _write(tmp_path, _sweep(method="bayes"), "bayes.yaml")
+    with pytest.raises(SweepError, match=r"bayes.yaml: method 'bayes' needs W&B's sweep controller.*make sweep"):
+        sweeps.expand(sweeps.load_sweep(bayes))
+    rnd = _write(tmp_path, _sweep(method="random"), "random.yaml")
+    with pytest.raises(SweepError, match=r"random.yaml: a random sweep runs until stopped; give --count"):
+        sweeps.expand(sweeps.load_sweep(rnd))
+    assert len(sweeps.expand(sweeps.load_sweep(_write(tmp_path, _sweep(method="random", run_cap=3), "c.yaml")))) == 3
+
+
+# ------------------------------------------------------------------------------------------- expansion
+def test_grid_expansion_count_order_and_values(tmp_path):
+    params = {"model.r1_gamma": {"values": [1.0, 10.0, 100.0]}, "model.lr": {"values": [0.001, 0.002, 0.001]},
+              "model.shading": {"value": False}, "model.train_planes": {"distribution": "int_uniform", "min": 2,
+                                                                        "max": 4}}
+    sw = sweeps.load_sweep(_write(tmp_path, _sweep(parameters=params)))
+    runs = sweeps.expand(sw)
+    assert len(runs) == 3 * 2 * 1 * 3 == 18  # the repeated lr value is visited once, as W&B's grid
+    # names sorted (W&B's order), the last one varies fastest
+    assert list(runs[0]) == ["model.lr", "model.r1_gamma", "model.shading", "model.train_planes"]
+    assert runs[0] == {"model.lr": 0.001, "model.r1_gamma": 1.0, "model.shading": False, "model.train_planes": 2}
+    assert [r["model.train_planes"] for r in runs[:4]] == [2, 3, 4, 2]
+    assert runs[3]["model.r1_gamma"] == 10.0 and runs[9]["model.lr"] == 0.002
+    combos = {(r["model.lr"], r["model.r1_gamma"], r["model.train_planes"]) for r in runs}
+    assert len(combos) == 18 and all(r["model.shading"] is False for r in runs)
+    assert sweeps.expand(sw, count=5) == runs[:5]
+    # q_uniform on a grid: numpy.arange(min, max, q) as W&B (max excluded)
+    q = sweeps.load_sweep(_write(tmp_path, _sweep(parameters={"model.alpha_init_gain": {
+        "distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.25}}), "q.yaml"))
+    assert [r["model.alpha_init_gain"] for r in sweeps.expand(q)] == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_random_expansion_is_seeded_and_within_bounds(tmp_path):
+    params = {
+        "model.lr": {"distribution": "log_uniform_values", "min": 0.0001, "max": 0.01},
+        "model.r1_gamma": {"distribution": "uniform", "min": 1.0, "max": 10.0},
+        "model.train_planes": {"distribution": "int_uniform", "min": 4, "max": 8},
+        "model.alpha_init_gain": {"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.25},
+        "model.view_selection": {"values": ["worst", "random"]},
+        "model.ema_kimg": {"distribution": "log_uniform", "min": -2.0, "max": 0.0},
+        "model.max_iters": {"value": 5},
+    }
+    sw = sweeps.load_sweep(_write(tmp_path, _sweep(method="random", parameters=params)))
+    runs = sweeps.expand(sw, count=400, seed=7)
+    assert runs == sweeps.expand(sw, count=400, seed=7)  # reproducible
+    assert runs != sweeps.expand(sw, count=400, seed=8)
+    assert runs[:10] == sweeps.expand(sw, count=10, seed=7)  # a longer sweep starts with the shorter one
+    lr = [r["model.lr"] for r in runs]
+    assert 1e-4 <= min(lr) and max(lr) <= 1e-2
+    logs = [math.log10(x) for x in lr]
+    # log-uniform over 2 decades: log10 uniform on [-4, -2] (mean -3, sd 0.577 -> s.e. 0.029 for 400 draws);
+    # a uniform draw in value would put only 9% below 1e-3 and the mean log near -2.3
+    assert sum(logs) / len(logs) == pytest.approx(-3.0, abs=0.12)
+    assert sum(x < 1e-3 for x in lr) / len(lr) == pytest.approx(0.5, abs=0.1)
+    assert min(logs) < -3.8 and max(logs) > -2.2
+    r1 = [r["model.r1_gamma"] for r in runs]
+    assert 1.0 <= min(r1) and max(r1) <= 10.0 and sum(r1) / len(r1) == pytest.approx(5.5, abs=0.5)
+    assert {r["model.train_planes"] for r in runs} == {4, 5, 6, 7, 8}
+    assert all(isinstance(r["model.train_planes"], int) for r in runs)
+    assert {r["model.alpha_init_gain"] for r in runs} <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert {r["model.view_selection"] for r in runs} == {"worst", "random"}
+    ema = [r["model.ema_kimg"] for r in runs]  # log_uniform: min/max are natural-log exponents (W&B)
+    assert math.exp(-2.0) <= min(ema) and max(ema) <= 1.0
+    assert all(r["model.max_iters"] == 5 for r in runs)
+
+
+# -------------------------------------------------------------------------------------------- commands
+def test_args_and_command_identical_to_wandb_agent(tmp_path, monkeypatch):
+    from wandb.sdk.launch.sweeps import utils as wandb_utils
+
+    params = {"model.lr": 1e-05, "model.r1_gamma": 10.0, "model.train_planes": 16, "model.shading": True,
+              "model.pose_conditioning": False, "model.view_selection": "worst", "model.betas": [0.0, 0.99],
+              "model.grad_clip": None, "model.alpha_init_gain": 0.30000000000000004}
+    wandb_args = wandb_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    assert sweeps.format_args(params) == wandb_args["args"]
+    assert sweeps.format_args(params)[:3] == ["--model.lr=1e-05", "--model.r1_gamma=10.0", "--model.train_planes=16"]
+    # the whole command, filled in the way wandb's agent does it (wandb_agent.Agent._command_run)
+    monkeypatch.setenv("GMPI_SWEEP_TEST_CFG", "experiments/synthetic.yaml")
+    command = ["${env}", "${interpreter}", "${program}", "fit", "--config", "${envvar:GMPI_SWEEP_TEST_CFG}", "${args}",
+               "--trainer.devices=1"]
+    sw = sweeps.load_sweep(_write(tmp_path, _sweep(program="gmpi_lightning/sweeps.py", command=command)))
+    sweep_vars = dict(wandb_args, interpreter=["python"], program=[sw.program], env=["/usr/bin/env"])
+    expected = []
+    for c in wandb_utils.create_sweep_command(list(command)):
+        expected += (sweep_vars.get(c[2:-1]) or []) if c.startswith("${") and c.endswith("}") else [c]
+    assert sweeps.build_command(sw, params, interpreter="python") == expected
+    assert expected[:6] == ["/usr/bin/env", "python", "gmpi_lightning/sweeps.py", "fit", "--config",
+                            "experiments/synthetic.yaml"]
+    assert sweeps.build_command(sw, params)[1] == sys.executable  # locally: this Python
+
+
+def test_path_overrides_put_every_output_in_the_run_folder():
+    cfg = {"trainer": {"default_root_dir": "runs/x",
+                       "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                   "init_args": {"save_dir": "runs/x", "name": "csv", "prefix": ""}},
+                                  {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                                   "init_args": {"save_dir": "runs/x", "name": "x", "offline": True,
+                                                 "project": "p"}}],
+                       "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                      "init_args": {"dirpath": "runs/x/checkpoints", "save_last": True,
+                                                    "every_n_train_steps": 400, "verbose": False}},
+                                     {"class_path": "tests.nowhere.Media", "init_args": {"out_dir": "runs/x/media",
+                                                                                        "other": "runs/xy"}}]},
+           "model": {"export_path": "runs/x/gmpi.pt", "init_from": "runs/other/sg2.pt", "notes": "runs/x/n.txt"},
+           "data": {"data": "data/synthetic32"}}
+    out = sweeps.path_overrides(cfg, "OUT/run-002", wandb_name="s-run-002", wandb_group="s")
+    args = dict(a[2:].split("=", 1) for a in out)
+    assert args["trainer.default_root_dir"] == "OUT/run-002"
+    assert args["model.export_path"] == "OUT/run-002/gmpi.pt" and args["model.notes"] == "OUT/run-002/n.txt"
+    assert "model.init_from" not in args and "data.data" not in args  # inputs stay where they are
+    csv_logger, wandb_logger = json.loads(args["trainer.logger"])
+    assert csv_logger == {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                          "init_args": {"save_dir": "OUT/run-002", "name": "csv"}}  # prefix "" is the default
+    assert wandb_logger["init_args"] == {"save_dir": "OUT/run-002", "name": "s-run-002", "offline": True,
+                                         "project": "p", "group": "s"}
+    ckpt, media = json.loads(args["trainer.callbacks"])
+    assert ckpt["init_args"] == {"dirpath": "OUT/run-002/checkpoints", "save_last": True, "every_n_train_steps": 400}
+    assert media["init_args"] == {"out_dir": "OUT/run-002/media", "other": "runs/xy"}  # runs/xy is not under runs/x
+    online = dict(a[2:].split("=", 1) for a in sweeps.path_overrides(cfg, "R", wandb_online=True))
+    w = json.loads(online["trainer.logger"])[1]["init_args"]
+    assert w["offline"] is False and w["name"] is None  # written although defaults: list entries are merged
+    assert sweeps.path_overrides({"trainer": {"logger": False, "callbacks": []}, "model": {"export_path": None}},
+                                 "R") == ["--trainer.default_root_dir=R"]
+
+
+# ---------------------------------------------------------------------------------- checks against gmpi fit
+def test_unknown_parameter_or_bad_value_fails_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    typo = _write(tmp_path, _sweep(parameters={"model.lrr": {"values": [0.001]}}), "typo.yaml")
+    assert cli.main(["sweep-local", str(typo), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{typo}: parameter 'model.lrr' is not an option of `gmpi fit` (did you mean 'model.lr'?)" in err, err
+    bad = _write(tmp_path, _sweep(parameters={"model.lr": {"values": [0.001, "fast"]}}), "bad.yaml")
+    with pytest.raises(SweepError, match=r"bad.yaml: run-002 \(--model.lr=fast\) would be refused by `gmpi fit`"
+                                         r"[\s\S]*model.lr"):
+        sweeps.run_sweep(sweeps.load_sweep(bad), out=out)
+    none = _write(tmp_path, _sweep(parameters={"model.grad_clip": {"values": [None, 10.0]}}), "none.yaml")
+    with pytest.raises(SweepError, match="write the string 'null'"):
+        sweeps.run_sweep(sweeps.load_sweep(none), out=out)
+    extra = _write(tmp_path, _sweep(), "extra.yaml")
+    with pytest.raises(SweepError, match=r"extra.yaml: the sweep's command \(\+ extra overrides\) is refused"):
+        sweeps.run_sweep(sweeps.load_sweep(extra), out=out, extra=["--model.no_such_option=1"])
+    assert not out.exists()  # nothing ran, nothing was written
+    # the W&B spelling of null as text is accepted
+    ok = _write(tmp_path, _sweep(parameters={"model.grad_clip": {"values": ["null", 10.0]}}), "ok.yaml")
+    runs = sweeps.plan(sweeps.load_sweep(ok), out)
+    assert "--model.grad_clip=null" in runs[0].command
+    assert FitParser.parse(sweeps.fit_arguments(runs[0].command))[0].model.grad_clip is None
+
+
+def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # their commands name experiments/synthetic.yaml relative to the repository
+    files = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
+    assert {p.stem for p in files} >= {"r1_lr", "train_planes", "shading"}
+    expected = {"r1_lr": (9, {"model.r1_gamma": 3, "model.lr": 3}), "train_planes": (3, {"model.train_planes": 3}),
+                "shading": (2, {"model.shading": 2})}  # runs, distinct values per varied parameter
+    for path in files:
+        sw = sweeps.load_sweep(path)
+        assert "experiments/synthetic.yaml" in sw.command and sw.metric == "eval/depth_fd"
+        runs = sweeps.plan(sw, tmp_path / sw.name)
+        if sw.name in expected:
+            n, varied = expected[sw.name]
+            assert len(runs) == n and len({json.dumps(r.params) for r in runs}) == n
+            assert {k: len({str(r.params[k]) for r in runs}) for k in varied} == varied
+        for r in (runs[0], runs[-1]):
+            _, cfg = FitParser.parse(sweeps.fit_arguments(r.command))
+            run_dir = str(r.dir)
+            trainer = cfg["trainer"]
+            assert trainer["default_root_dir"] == run_dir
+            assert cfg["model"]["export_path"] == f"{run_dir}/gmpi.pt"
+            assert all(lg["init_args"]["save_dir"] == run_dir for lg in trainer["logger"])
+            ckpt = [cb for cb in trainer["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
+            assert ckpt and ckpt[0]["init_args"]["dirpath"] == f"{run_dir}/checkpoints"
+            wandb_logger = [lg for lg in trainer["logger"] if lg["class_path"].endswith("WandbLogger")]
+            assert wandb_logger[0]["init_args"]["name"] == f"{sw.name}-{r.name}"
+        for r in runs:
+            assert "runs/synthetic/" not in " ".join(r.command)  # nothing left pointing at the base run
+            assert f"--trainer.default_root_dir={r.dir}" in r.command
+    # --dry-run prints every command and writes nothing
+    assert cli.main(["sweep-local", str(REPO / "experiments" / "sweeps" / "shading.yaml"), "--dry-run",
+                     "--out", str(tmp_path / "dry")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("-m gmpi_lightning.sweeps fit --config experiments/synthetic.yaml") == 2
+    assert "--model.shading=False" in printed and "--model.shading=True" in printed
+    assert not (tmp_path / "dry").exists()
+
+
+def test_agent_wrapper_gives_each_wandb_run_its_folder(tmp_path):
+    argv = ["fit", "--config", str(REPO / "experiments" / "synthetic.yaml"), "--model.lr=0.004"]
+    assert sweeps.agent_arguments(argv, env={}) == argv  # not under an agent: plain `gmpi fit`
+    got = sweeps.agent_arguments(argv, env={"WANDB_SWEEP_ID": "ab12", "WANDB_RUN_ID": "run7"}, root=tmp_path)
+    assert got[:len(argv)] == argv
+    _, cfg = FitParser.parse(got[1:])
+    run_dir = str(tmp_path / "wandb-ab12" / "run7")
+    assert cfg["trainer"]["default_root_dir"] == run_dir and cfg["model"]["export_path"] == f"{run_dir}/gmpi.pt"
+    wandb_logger = [lg for lg in cfg["trainer"]["logger"] if lg["class_path"].endswith("WandbLogger")][0]
+    assert wandb_logger["init_args"]["offline"] is False and wandb_logger["init_args"]["save_dir"] == run_dir
+    assert cfg["model"]["lr"] == 0.004
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def test_write_table_csv_markdown_and_sort_order(tmp_path):
+    rows = [{"run": "run-001", "status": "finished", "model.lr": 0.001, "fid": 12.5, "note": "a|b"},
+            {"run": "run-002", "status": "failed (exit 1)", "model.lr": 0.002, "fid": None, "log": "x/log.txt"},
+            {"run": "run-003", "status": "finished", "model.lr": 0.004, "fid": 9.25},
+            {"run": "run-004", "status": "finished", "model.lr": 0.008, "fid": "nan"},
+            {"run": "run-005", "status": "finished", "model.lr": 0.016, "fid": 30.0}]
+    out = sweeps.write_table(rows, tmp_path / "t.csv", tmp_path / "t.md", sort_by="fid", goal="minimize",
+                             title="Sweep t")
+    assert [r["run"] for r in out] == ["run-003", "run-001", "run-005", "run-002", "run-004"]  # no number: last
+    with open(tmp_path / "t.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == ["run", "status", "model.lr", "fid", "note", "log"]  # first-seen column order
+    assert [r["run"] for r in table] == ["run-003", "run-001", "run-005", "run-002", "run-004"]
+    assert float(table[0]["fid"]) == 9.25 and table[3]["fid"] == "" and table[3]["log"] == "x/log.txt"
+    assert table[1]["note"] == "a|b"
+    md = (tmp_path / "t.md").read_text().splitlines()
+    assert md[0] == "# Sweep t" and md[2] == "| run | status | model.lr | fid | note | log |"
+    assert md[3] == "|---|---|---:|---|---|---|"  # fid holds the text 'nan': not a numeric column
+    assert md[4] == "| run-003 | finished | 0.004 | 9.25 |  |  |"
+    assert md[5] == "| run-001 | finished | 0.001 | 12.5 | a\\|b |  |"
+    assert md[7] == "| run-002 | failed (exit 1) | 0.002 |  |  | x/log.txt |"
+    assert len(md) == 9
+    best_first = sweeps.write_table(rows, None, tmp_path / "m.md", sort_by="fid", goal="maximize")
+    assert [r["run"] for r in best_first] == ["run-005", "run-001", "run-003", "run-002", "run-004"]
+    assert [r["run"] for r in sweeps.write_table(rows, tmp_path / "u.csv", None)] == [r["run"] for r in rows]
+    with pytest.raises(ValueError, match="goal"):
+        sweeps.write_table(rows, None, None, sort_by="fid", goal="lowest")
+
+
+# ---------------------------------------------------------------------------------------- real sweeps
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=16, resolution=16, seed=3,
+                             samples_per_shard=8)
+
+
+def _tiny(shards):
+    return [f"--data.data={shards}", "--data.batch_size=4", "--data.num_workers=0", "--model.init_from=null",
+            "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2",
+            "--model.channel_base=256", "--model.channel_max=16", "--model.train_planes=6", "--model.views_per_z=2",
+            "--model.max_iters=2", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=1",
+            '--trainer.logger=[{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "x"}}]']
+
+
+def test_real_local_sweep_two_runs(shards, tmp_path):
+    path = _write(tmp_path, _sweep(metric={"name": "loss_d", "goal": "minimize"},
+                                   parameters={"model.r1_gamma": {"values": [0.5, 5.0]}}), "tiny.yaml")
+    out = tmp_path / "out"
+    lines = []
+    rc, rows = sweeps.run_sweep(sweeps.load_sweep(path), out=out, parallel=2, extra=_tiny(shards), echo=lines.append)
+    assert rc == 0, "\n".join(lines + [(out / r).joinpath("log.txt").read_text()[-3000:] for r in ("run-001",
+                                                                                                   "run-002")])
+    assert sum("finished in" in line for line in lines) == 2
+    for name, gamma in (("run-001", 0.5), ("run-002", 5.0)):
+        run = out / name
+        assert json.loads((run / "status.json").read_text())["status"] == "finished"
+        assert json.loads((run / "run.json").read_text())["params"] == {"model.r1_gamma": gamma}
+        assert (run / "gmpi.pt").is_file() and (run / "log.txt").stat().st_size > 0
+        assert len(list(run.rglob("metrics.csv"))) == 1
+        config = yaml.safe_load(next(run.rglob("config.yaml")).read_text())
+        assert config["model"]["r1_gamma"] == gamma and config["trainer"]["default_root_dir"] == str(run)
+    with open(out / "results.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 2 and {float(r["model.r1_gamma"]) for r in table} == {0.5, 5.0}
+    losses = [float(r["loss_d"]) for r in table]
+    assert all(math.isfinite(x) and 0 < x < 10 for x in losses) and losses == sorted(losses)  # minimize
+    assert all(r["status"] == "finished" and float(r["train/iteration"]) == 2.0 for r in table)
+    assert table[0]["train/r1"] != table[1]["train/r1"]  # each row read its own run's metrics
+    md = (out / "results.md").read_text()
+    assert "sorted by loss_d (minimize)" in md and md.count("| finished |") == 2
+    # again: both runs are finished, nothing is trained, the table is rebuilt
+    again = []
+    rc2, rows2 = sweeps.run_sweep(sweeps.load_sweep(path), out=out, parallel=2, extra=_tiny(shards), echo=again.append)
+    assert rc2 == 0 and sum("finished earlier" in line for line in again) == 2
+    assert [r["loss_d"] for r in rows2] == [r["loss_d"] for r in rows]
+
+
+def test_failed_runs_are_reported_not_dropped(tmp_path):
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` program")
+    path = _write(tmp_path, _sweep(), "fails.yaml")
+    out = tmp_path / "out"
+    lines = []
+    rc, rows = sweeps.run_sweep(sweeps.load_sweep(path), out=out, interpreter=false, echo=lines.append)
+    assert rc == 1 and len(rows) == 2
+    assert [r["status"] for r in rows] == ["failed (exit 1)"] * 2
+    assert [r["model.lr"] for r in rows] == [0.001, 0.002]
+    assert rows[0]["log"] == str(out / "run-001" / "log.txt") and (out / "run-001" / "log.txt").is_file()
+    assert sum("FAILED (exit 1)" in line and "log.txt" in line for line in lines) == 2
+    assert json.loads((out / "run-002" / "status.json").read_text())["status"] == "failed"
+    assert (out / "results.md").read_text().count("failed (exit 1)") == 2
+    lines.clear()  # a failed run is tried again, not skipped
+    sweeps.run_sweep(sweeps.load_sweep(path), out=out, interpreter=false, echo=lines.append)
+    assert not any("finished earlier" in line for line in lines) and sum("FAILED" in line for line in lines) == 2
+    assert (out / "run-001" / "log.txt").read_text().count("### ") == 2  # the log is appended to
