@@ -110,6 +110,11 @@ def train_rows(planned: list[dict], out: Path, dry_run: bool = False) -> None:
         if (run / "gmpi.pt").is_file() and old == p["config"]:
             print(f"[{i + 1}/{len(planned)}] {p['name']}: done ({run / 'gmpi.pt'})")
             continue
+        last = run / "checkpoints" / "last.ckpt"
+        if dry_run:
+            print(f"[{i + 1}/{len(planned)}] {p['name']}: would train into {run}"
+                  f"{' (resuming from ' + str(last) + ')' if last.is_file() else ''}")
+            continue
         if old is not None and _without_length(old) != _without_length(p["config"]):
             aside = run.with_name(f"{run.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
             run.rename(aside)  # other settings: a different experiment, never resumed from these weights
@@ -117,12 +122,9 @@ def train_rows(planned: list[dict], out: Path, dry_run: bool = False) -> None:
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(text)  # only the length changed (or new): continue from last.ckpt
         cmd = [sys.executable, "-m", "gmpi_lightning", "fit", "--config", str(run / "config.yaml")]
-        last = run / "checkpoints" / "last.ckpt"
         if last.is_file():
             cmd += ["--ckpt_path", str(last)]
         print(f"[{i + 1}/{len(planned)}] {p['name']}: {' '.join(cmd)}  (log: {run / 'train.log'})", flush=True)
-        if dry_run:
-            continue
         t0 = time.time()
         with open(run / "train.log", "a") as log:
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))

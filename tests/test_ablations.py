@@ -108,3 +108,12 @@ def test_unconditional_d_export_reloads(tmp_path):
     assert type(blob["D"]) is Discriminator and not isinstance(blob["D"], PoseConditionedDiscriminator)
     assert all(torch.equal(a, b) for a, b in zip(blob["D"].state_dict().values(), module.D.state_dict().values()))
     assert load_generator(tmp_path / "g.pt").kind == "gmpi"
+
+
+def test_dry_run_touches_nothing(tmp_path, capsys):
+    from gmpi_lightning.ablations import train_rows
+
+    planned = plan("synthetic", ["full", "no_pose_cond", "no_shading"], tmp_path)
+    train_rows(planned, tmp_path, dry_run=True)
+    out = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == [] and out.count("would train") == 2 and "same settings as full" in out
