@@ -126,8 +126,9 @@ bench: install  ## speed benchmarks (renderer, generator, synthetic data) on thi
 # Sweeps: experiments/sweeps/*.yaml in W&B's sweep format (README "Sweeps"). `make sweep` creates the sweep on the
 # W&B server (account, `wandb login`, WANDB_MODE=online) and prints its SWEEP_ID; `make agent SWEEP_ID=..` runs COUNT
 # of its runs here (one agent per GPU/node). `make sweep-local` runs a grid/random sweep without any server, PARALLEL
-# runs at a time, into runs/sweeps/<name>/run-NNN + results.md; ARGS go to `gmpi sweep-local` (--count 8, --dry-run,
-# -- --model.max_iters=50 for every run).
+# runs at a time, into runs/sweeps/<name>/run-NNN + results.md; ARGS go to `gmpi sweep-local` (--count 8,
+# -- --model.max_iters=50 for every run). It checks SWEEP first, then builds the synthetic data and the 2D StyleGAN2
+# the synthetic base needs; DRY=1 (= --dry-run) only prints every run's command and builds nothing.
 SWEEP    ?= experiments/sweeps/r1_lr.yaml
 SWEEP_ID ?=
 COUNT    ?= 1
@@ -146,21 +147,24 @@ agent: install  ## run COUNT runs of the W&B sweep SWEEP_ID=entity/project/id on
 	$(wandb_online_check)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/wandb agent $(SWEEP_ID) --count $(COUNT)
 
-sweep-local: install  ## run SWEEP here, no W&B server: grid/random, PARALLEL=N, ARGS="--count 8" -> runs/sweeps/<name>
-ifeq ($(findstring --dry-run,$(ARGS)),)
-	@if grep -q "experiments/synthetic.yaml" $(SWEEP); then \
-	  test -f $(DATA)/dataset.json || $(MAKE) --no-print-directory data; \
-	  test -f runs/synthetic_stylegan2/stylegan2.pt || \
-	    $(VENV)/bin/gmpi fit --config experiments/synthetic_stylegan2.yaml; fi
+sweep-local: install  ## run SWEEP here, no W&B server: PARALLEL=N ARGS="--count 8" [DRY=1] -> runs/sweeps/<name>
+ifeq ($(strip $(dry)$(findstring --dry-run,$(ARGS))),)
+	@$(VENV)/bin/gmpi sweep-local $(SWEEP) --dry-run $(ARGS) >/dev/null  # check the file before building anything
+	$(if $(shell grep -l "experiments/synthetic.yaml" $(SWEEP) 2>/dev/null),@$(MAKE) --no-print-directory \
+	  $(SYN_DATA)/.ready DATA=$(SYN_DATA))
 endif
-	$(VENV)/bin/gmpi sweep-local $(SWEEP) --parallel $(PARALLEL) $(ARGS)
+	$(VENV)/bin/gmpi sweep-local $(SWEEP) --parallel $(PARALLEL)$(if $(dry), --dry-run) $(ARGS)
 
 .PHONY: estimators evaluate ablations
 CKPT    ?= $(RUN)/gmpi.pt
 METRICS ?= consistency,depth_fd,pose,depth
 N       ?= 256
-# `make ablations DATA=synthetic` (or DATA=ffhq256 ...: the base is experiments/$(DATA).yaml)
-ABLATE   = $(if $(filter data/% synthetic,$(DATA)),synthetic,$(DATA))
+# `make ablations DATA=synthetic` (or DATA=ffhq256 ...: the base is experiments/$(DATA).yaml); DATA=data/synthetic*
+# (the default DATA) also means the synthetic base
+BASES    = $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
+ABL_BASE = $(if $(filter synthetic data/synthetic%,$(DATA)),synthetic,$(if $(wildcard experiments/$(DATA).yaml),$(DATA)))
+ABLATE   = $(or $(ABL_BASE),$(error make ablations: DATA=$(DATA) is not a base experiment. Use DATA=synthetic or one \
+           of experiments/*.yaml: $(or $(BASES),none)))
 SYN_DATA = data/synthetic32
 
 $(SYN_DATA)/.ready: | install
@@ -176,9 +180,10 @@ evaluate: install  ## evaluate CKPT (default: the default run) on METRICS with N
 	$(VENV)/bin/gmpi evaluate --ckpt $(CKPT) --data $(SYN_DATA) --metrics $(METRICS) --num-samples $(N) \
 		--estimators runs/estimators/synthetic32.pt --out $(RUN)/eval.json $(ARGS)
 
-ablations: install  ## DATA=synthetic|ffhq256..: train + evaluate experiments/ablations/* -> runs/ablations/<DATA>/results.md
-	$(if $(filter synthetic,$(ABLATE)),@$(MAKE) --no-print-directory $(SYN_DATA)/.ready DATA=$(SYN_DATA))
-	$(VENV)/bin/gmpi ablations --data $(ABLATE) $(ARGS)
+ablations: install  ## DATA=synthetic|ffhq256.. [DRY=1]: train + evaluate experiments/ablations/* -> runs/ablations/<DATA>
+	$(if $(and $(filter synthetic,$(ABLATE)),$(if $(dry),,y)),@$(MAKE) --no-print-directory $(SYN_DATA)/.ready \
+	  DATA=$(SYN_DATA))
+	$(VENV)/bin/gmpi ablations --data $(ABLATE)$(if $(dry), --dry-run) $(ARGS)
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .

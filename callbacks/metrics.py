@@ -21,7 +21,7 @@ import json
 import lightning.pytorch as pl
 
 from callbacks.media import run_dir
-from gmpi_lightning.evaluation.evaluate import NEEDS_DATA, evaluate, parse_metrics
+from gmpi_lightning.evaluation.evaluate import NEEDS_DATA, evaluate, json_safe, parse_metrics
 from gmpi_lightning.evaluation.fakes import FakeSettings
 
 
@@ -77,7 +77,8 @@ class EvaluationCallback(pl.Callback):
             out = run_dir(trainer) / "eval.jsonl"  # not trainer.log_dir: a collective, and only rank 0 is here
             out.parent.mkdir(parents=True, exist_ok=True)
             with open(out, "a") as f:
-                f.write(json.dumps({"iteration": pl_module.iteration, "kimg": pl_module.nimg / 1000, **result}) + "\n")
+                line = {"iteration": pl_module.iteration, "kimg": pl_module.nimg / 1000, **result}
+                f.write(json.dumps(json_safe(line), allow_nan=False) + "\n")
         return result
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

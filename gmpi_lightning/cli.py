@@ -149,7 +149,7 @@ def _sweep_local(argv: list[str]) -> int:
 
 def _estimators(argv: list[str]) -> int:
     """gmpi estimators train|eval: pose/depth CNNs for the geometry metrics (gmpi_lightning/estimators.py)."""
-    from .estimators import cli
+    from .estimator_training import cli
 
     return cli(argv)
 

@@ -32,6 +32,7 @@ class LoadedGenerator:
     preset: Preset
     kind: str  # 'gmpi' | 'official' | 'stylegan2-flat'
     source: Path
+    training_data: str | None = None  # the shards it was trained on, where the checkpoint records them
 
 
 def _preset_for(name: str | None, resolution: int, stored: dict | None = None) -> Preset:
@@ -77,6 +78,19 @@ def load_training_checkpoint(path: Path) -> tuple[nn.Module, Preset, str]:
     return (FlatMPIGenerator(G).eval(), preset, "stylegan2-flat") if stylegan2 else (G, preset, "gmpi")
 
 
+def _run_config_data(path: Path) -> str | None:
+    """``data.data`` of the resolved run config stored in a training checkpoint, if any."""
+    import yaml
+
+    text = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_config")
+    try:
+        data = (yaml.safe_load(text) or {}).get("data") if isinstance(text, str) else None
+    except yaml.YAMLError:
+        return None
+    value = data.get("data") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: str | None = None,
                    device: str | torch.device = "cpu") -> LoadedGenerator:
     path = Path(ckpt)
@@ -87,10 +101,12 @@ def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: s
     if kind == "gmpi":
         blob = load_gmpi_checkpoint(path)
         G, stored = blob["G"], blob["preset"]
-        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored), "gmpi", path)
+        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored), "gmpi", path,
+                              (blob["extra"] or {}).get("data"))
     elif kind == "lightning":
         G, stored, kind = load_training_checkpoint(path)
-        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored.to_dict()), kind, path)
+        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored.to_dict()), kind, path,
+                              _run_config_data(path))
     elif kind == "official":
         G = load_official_gmpi(path, config)
         out = LoadedGenerator(G, _preset_for(preset, G.img_resolution), "official", path)

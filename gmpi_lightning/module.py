@@ -163,8 +163,11 @@ class GMPIModule(pl.LightningModule):
                     "kwargs": {k: {"class_name": type(m).__name__, "init_kwargs": m.init_kwargs}
                                for k, m in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema))}}
             return save_converted(nets, path)
-        return save_gmpi_checkpoint(path, self.G_ema, preset=self.preset.to_dict(), D=self.D,
-                                    extra={"iteration": self.iteration, "kimg": self.nimg / 1000})
+        extra = {"iteration": self.iteration, "kimg": self.nimg / 1000}
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if isinstance(getattr(dm, "hparams", {}).get("data"), str):
+            extra["data"] = dm.hparams["data"]  # the training shards: `gmpi evaluate`'s default --data
+        return save_gmpi_checkpoint(path, self.G_ema, preset=self.preset.to_dict(), D=self.D, extra=extra)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         s = checkpoint.get("gmpi_state", {})

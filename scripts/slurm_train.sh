@@ -8,6 +8,11 @@
 # overrides, passed through verbatim. Devices and nodes come from the allocation: --trainer.num_nodes=$SLURM_NNODES
 # --trainer.devices=$SLURM_NTASKS_PER_NODE. Command-line `sbatch` options override the defaults below.
 #
+# CPUs: --cpus-per-task is per task, i.e. per GPU: 8 GPUs x 4 = 32 CPUs per node. Each task runs the training
+# process plus data.num_workers loader workers (8 in experiments/ffhq*.yaml), so on nodes with more cores ask for
+# more: `make slurm ... SBATCH_ARGS="--cpus-per-task=N"` (or `sbatch --cpus-per-task=N`), or give fewer workers
+# (ARGS="--data.num_workers=3").
+#
 # Preemption / time limit: SLURM sends SIGUSR1 to every task 90 s before the end (--signal, no `B:` so the tasks
 # get it, not this shell). Lightning's SLURMEnvironment (auto_requeue=True, requeue_signal=SIGUSR1, its defaults
 # whenever SLURM is detected) then writes <default_root_dir>/hpc_ckpt_N.ckpt and runs `scontrol requeue $SLURM_JOB_ID`
@@ -18,7 +23,7 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gres=gpu:1
-#SBATCH --cpus-per-task=8
+#SBATCH --cpus-per-task=4
 #SBATCH --mem=0
 #SBATCH --signal=SIGUSR1@90
 #SBATCH --requeue
@@ -58,4 +63,5 @@ fi
 echo "slurm_train.sh: job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}), $nodes node(s) x $per_node task(s)," \
      "$(date '+%F %T')" >&2
 set -x
-srun --kill-on-bad-exit=1 "$python" -m gmpi_lightning "${fit[@]}" "${resume[@]}"
+# ${a[@]+"${a[@]}"}: an empty array under `set -u` is "unbound" for bash < 4.4
+srun --kill-on-bad-exit=1 "$python" -m gmpi_lightning "${fit[@]}" ${resume[@]+"${resume[@]}"}

@@ -1,14 +1,17 @@
 """Ablation rows: every row is a real, runnable variant of one base; dedup; the results table."""
 
 import json
+import os
+import tarfile
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from gmpi_lightning.ablations import COLUMNS, eval_request, evaluate_rows, list_rows, load_row, plan
-from gmpi_lightning.sweeps import write_table
+from gmpi_lightning import ablations, cli
+from gmpi_lightning.ablations import COLUMNS, eval_request, evaluate_rows, list_rows, load_row, plan, train_rows
+from gmpi_lightning.tables import write_table
 from gmpi_lightning.trainer import run_lightning_cli
 from tests.conftest import REPO
 
@@ -71,7 +74,7 @@ def test_every_row_runs_fast_dev_run(row, data, tmp_path):
     assert all(getattr(cli.model.hparams, k) == v for k, v in want.items())
 
 
-def test_results_table_from_fabricated_evaluations(tmp_path):
+def test_results_table_from_fabricated_evaluations(tmp_path, monkeypatch):
     rows = ["full", "no_pose_cond", "no_shading"]
     planned = plan("synthetic", rows, tmp_path)
     fake = {"full": {"pose": 0.01, "depth_fd": 2.0}, "no_pose_cond": {"pose": 0.09, "depth_fd": 80.0}}
@@ -80,18 +83,31 @@ def test_results_table_from_fabricated_evaluations(tmp_path):
         (tmp_path / name / "gmpi.pt").write_bytes(b"x")  # only its path, size and time key the cached evaluation
         request = eval_request(tmp_path / name, str(REPO / "data" / "synthetic32"), ["pose", "depth_fd"], 10, 96,
                                None, None)
-        (tmp_path / name / "eval.json").write_text(json.dumps({"metrics": m, "request": request}))
+        details = {"pose_error": {"mean": m["pose"], "std": 0.03, "n": 10, "n_invalid": 0},
+                   "depth_fd": {"bootstrap_se": 0.25}}
+        (tmp_path / name / "eval.json").write_text(json.dumps({"metrics": m, "details": details,
+                                                                "request": request}))
     out = evaluate_rows(planned, tmp_path, ["pose", "depth_fd"], 10, 96, None, None)
     assert [r["row"] for r in out] == rows
     assert out[2]["same_as"] == "full" and out[2]["pose"] == 0.01  # deduplicated rows reuse the evaluation
     assert out[1]["depth_fd"] == 80.0 and out[0]["fid"] == "n/a"
-    write_table(out, tmp_path / "r.csv", tmp_path / "r.md", title="t")
+    assert out[0]["pose_se"] == 0.01 and out[0]["depth_fd_se"] == 0.25  # 0.03 / sqrt(10 - 1); the bootstrap
+    write_table(out, tmp_path / "r.csv", tmp_path / "r.md", title="t", plus_minus={c: f"{c}_se" for c in COLUMNS})
     md = (tmp_path / "r.md").read_text().splitlines()
     header = [c.strip() for c in md[2].strip("|").split("|")]
-    assert header[:3] == ["row", "setting", "same_as"] and header[3:] == COLUMNS
+    assert header[:3] == ["row", "setting", "same_as"] and header[3:] == COLUMNS  # the _se columns fold into cells
     assert md[4].startswith("| full | Full GMPI") and "| no_pose_cond |" in md[5]
+    assert "| 0.01 ± 0.01 |" in md[4] and "| 80 ± 0.25 |" in md[5] and "| n/a |" in md[4]
     csv = (tmp_path / "r.csv").read_text().splitlines()
-    assert len(csv) == 4 and csv[2].split(",")[0] == "no_pose_cond"
+    assert len(csv) == 4 and csv[2].split(",")[0] == "no_pose_cond" and "pose_se" in csv[0].split(",")
+
+    def load_generator(*a, **k):  # a cache hit never loads the generator
+        raise LookupError("evaluated again")
+
+    monkeypatch.setattr("gmpi_lightning.inference.load_generator", load_generator)
+    assert evaluate_rows(planned, tmp_path, ["pose", "depth_fd"], 10, 96, None, None, device="cpu") == out
+    with pytest.raises(LookupError, match="evaluated again"):  # the device is part of the cache key
+        evaluate_rows(planned, tmp_path, ["pose", "depth_fd"], 10, 96, None, None, device="cuda")
 
 
 def test_unconditional_d_export_reloads(tmp_path):
@@ -111,9 +127,106 @@ def test_unconditional_d_export_reloads(tmp_path):
 
 
 def test_dry_run_touches_nothing(tmp_path, capsys):
-    from gmpi_lightning.ablations import train_rows
-
     planned = plan("synthetic", ["full", "no_pose_cond", "no_shading"], tmp_path)
     train_rows(planned, tmp_path, dry_run=True)
     out = capsys.readouterr().out
     assert list(tmp_path.iterdir()) == [] and out.count("would train") == 2 and "same settings as full" in out
+
+
+def _fake_fit(calls, rc=0):
+    """Stands in for subprocess.call of `gmpi fit --config C`: records C's max_iters; exports gmpi.pt when rc == 0."""
+    def call(cmd, **kw):
+        cfg = yaml.safe_load(open(cmd[cmd.index("--config") + 1]).read())
+        calls.append(cfg["model"]["max_iters"])
+        if rc == 0:
+            open(cfg["model"]["export_path"], "wb").write(b"trained %d" % cfg["model"]["max_iters"])
+        return rc
+    return call
+
+
+def test_killed_continuation_is_never_counted_done(tmp_path, capsys, monkeypatch):
+    """A row trained for 400 iterations, continued to 800 and killed: the old gmpi.pt must not pass for the new row."""
+    row = tmp_path / "full"
+    row.mkdir()
+    longer = plan("synthetic", ["full"], tmp_path, max_iters=800)
+    shorter = plan("synthetic", ["full"], tmp_path, max_iters=400)
+    (row / "config.yaml").write_text(yaml.safe_dump(shorter[0]["config"], sort_keys=False))
+    (row / "gmpi.pt").write_bytes(b"trained 400")
+    calls = []
+    monkeypatch.setattr(ablations.subprocess, "call", _fake_fit(calls, rc=-9))  # killed
+    with pytest.raises(ablations.AblationError, match="ablation row full failed .exit -9.; see .*train.log"):
+        train_rows(longer, tmp_path)
+    assert calls == [800] and not (row / "gmpi.pt").exists()
+    assert (row / "gmpi.previous.pt").read_bytes() == b"trained 400"
+    capsys.readouterr()
+    train_rows(longer, tmp_path, dry_run=True)
+    assert "full: would train" in capsys.readouterr().out
+    # the same state left by a runner without done.json: config.yaml newer than the leftover gmpi.pt
+    (row / "gmpi.previous.pt").rename(row / "gmpi.pt")
+    os.utime(row / "gmpi.pt", ns=(10**18, 10**18))
+    os.utime(row / "config.yaml", ns=(10**18 + 10**9,) * 2)
+    assert not ablations.row_done(row, longer[0]["config"])
+    os.utime(row / "gmpi.pt", ns=(10**18 + 2 * 10**9,) * 2)  # exported after config.yaml: a finished old-style row
+    assert ablations.row_done(row, longer[0]["config"])
+    # a successful training writes done.json with the settings' hash; then the row is done, and only for them
+    monkeypatch.setattr(ablations.subprocess, "call", _fake_fit(calls))
+    (row / "gmpi.pt").unlink()
+    train_rows(longer, tmp_path)
+    assert calls == [800, 800] and (row / "gmpi.pt").read_bytes() == b"trained 800"
+    assert json.loads((row / "done.json").read_text())["config_sha256"] == ablations.config_hash(longer[0]["config"])
+    train_rows(longer, tmp_path)
+    assert calls == [800, 800]
+    assert ablations.row_done(row, longer[0]["config"]) and not ablations.row_done(row, shorter[0]["config"])
+
+
+def test_failed_row_is_a_one_line_cli_error(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ablations.subprocess, "call", _fake_fit(calls, rc=3))
+    assert cli.main(["ablations", "--rows", "full", "--stage", "train", "--max-iters", "5",
+                     "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert calls == [5] and len(err) == 1
+    assert err[0].startswith("gmpi ablations: error: ablation row full failed (exit 3); see ")
+
+
+def test_evaluation_settings_fail_before_any_training(tmp_path, capsys, monkeypatch):
+    trained = []
+    monkeypatch.setattr(ablations, "train_rows", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(ablations.subprocess, "call", lambda *a, **k: trained.append(a) or 0)
+    monkeypatch.setattr(ablations, "data_has_depth", lambda folder: True)
+    base = ["ablations", "--rows", "full", "--out", str(tmp_path)]
+    assert cli.main([*base, "--metrics", "consistency,fdi"]) == 1
+    assert "unknown metric(s) ['fdi']" in capsys.readouterr().err
+    assert cli.main([*base, "--metrics", "fid,consistency", "--inception", str(tmp_path / "nope.pth")]) == 1
+    err = capsys.readouterr().err
+    assert f"Inception weights not found at {tmp_path / 'nope.pth'}" in err and "leave fid,kid out" in err
+    monkeypatch.setattr(ablations, "data_has_depth", lambda folder: False)
+    assert cli.main([*base, "--metrics", "consistency,depth_fd,pose"]) == 1
+    err = capsys.readouterr().err
+    assert "--metrics depth_fd,pose need ground-truth depth" in err and "--metrics consistency)" in err
+    assert trained == [] and list(tmp_path.iterdir()) == []
+    # a good setting reaches training (here the stand-in), after printing what will be evaluated
+    monkeypatch.setattr(ablations, "data_has_depth", lambda folder: True)
+    monkeypatch.delenv("GMPI_INCEPTION_WEIGHTS", raising=False)
+    assert cli.main([*base, "--dry-run"]) == 0
+    assert len(trained) == 1 and "evaluation: consistency,depth_fd,pose,depth on 256 fakes" in capsys.readouterr().out
+
+
+def test_default_metrics_follow_the_data(data, tmp_path):
+    assert ablations.data_has_depth(data) is True and ablations.data_has_depth(tmp_path / "absent") is None
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "x.png").write_bytes(b"png")
+    with tarfile.open(flat / "shard-000000.tar", "w") as tar:
+        tar.add(flat / "x.png", arcname="000000.png")
+    (flat / "dataset.json").write_text(json.dumps({"shards": [{"name": "shard-000000.tar"}]}))
+    assert ablations.data_has_depth(flat) is False
+    choose = ablations.choose_metrics
+    assert choose(None, data, True, True, False) == ["consistency", "depth_fd", "pose", "depth"]
+    assert choose(None, data, True, True, True) == ["fid", "kid", "consistency", "depth_fd", "pose", "depth"]
+    assert choose(None, flat, False, False, True) == ["fid", "kid", "consistency"]
+    assert choose(None, flat, None, False, False) == ["fid", "kid", "consistency"]  # FFHQ not on this machine
+    assert choose(None, flat, None, True, False) == ["consistency", "depth_fd", "pose", "depth"]
+    assert choose("pose", flat, None, False, False) == ["pose"]  # data not there: not checked
+    with pytest.raises(ablations.AblationError, match=f"samples of {flat} have no depth.npy"):
+        choose("depth", flat, False, False, False)

@@ -12,6 +12,7 @@ import torch
 
 from datamodules.converters import convert_synthetic
 from gmpi_lightning import cli
+from gmpi_lightning.estimator_training import depth_target, evaluate_arrays, load_arrays, train_estimators
 from gmpi_lightning.estimators import (
     FORMAT,
     DepthCNN,
@@ -19,13 +20,9 @@ from gmpi_lightning.estimators import (
     PrecomputedEstimates,
     deep3d_to_yaw_pitch,
     depth_error,
-    depth_target,
-    evaluate_arrays,
-    load_arrays,
     load_estimators,
     pose_error,
     summarize,
-    train_estimators,
     yaw_pitch_to_deep3d,
 )
 

@@ -324,6 +324,9 @@ def test_slurm_dry_run(tmp_path):
     (["train", "EXP=ffhq256", "NODES=2", "GPUS=8", "MASTER_ADDR=h", "NODE_RANK=2"], "got '2'"),
     (["train", "EXP=ffhq256", "GPUS=0"], "GPUS=0: expected a number"),
     (["train", "EXP=ffhq256", "NODES=two", "GPUS=8"], "NODES=two: expected a number"),
+    (["ablations", "DATA=data/ffhq256"], "make ablations: DATA=data/ffhq256 is not a base experiment. Use "
+                                         "DATA=synthetic or one of experiments/*.yaml: afhqcat512 ffhq1024 ffhq256"),
+    (["ablations", "DATA=nope", "DRY=1"], "make ablations: DATA=nope is not a base experiment"),
 ])
 def test_make_errors(tmp_path, args, message):
     proc = subprocess.run(make(*args), cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30)
@@ -331,8 +334,91 @@ def test_make_errors(tmp_path, args, message):
     assert "gmpi_lightning" not in proc.stdout  # nothing was launched
 
 
+def makefile_targets() -> tuple[set[str], set[str]]:
+    """(names on the Makefile's .PHONY lines, names of its plain `name:` rules, i.e. not files or patterns)."""
+    text = (REPO / "Makefile").read_text()
+    phony = {t for line in text.splitlines() if line.startswith(".PHONY:") for t in line.split(":", 1)[1].split()}
+    rules = set(re.findall(r"^([A-Za-z][A-Za-z0-9_-]*):(?!=)", text, flags=re.M))
+    return phony, rules
+
+
 def test_help_lists_the_targets():
     proc = subprocess.run(make("help"), env=clean_env(), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0
-    names = [re.sub(r"\x1b\[[0-9;]*m", "", line).split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    assert {"train", "slurm", "test", "install"} <= set(names)
+    described = {}
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout).splitlines():
+        name, _, text = line.strip().partition(" ")
+        described[name] = text.strip()
+    phony, rules = makefile_targets()
+    assert {"train", "slurm", "test", "install", "ablations", "sweep-local", "help"} <= phony
+    assert rules == phony  # every command target is .PHONY, and every .PHONY name has a rule
+    assert sorted(t for t in phony if not described.get(t)) == []  # each with a `## description` in make help
+
+
+def fake_venv(path: Path, refuse_dry_run: bool = False) -> Path:
+    """A VENV whose bin/gmpi and bin/python only log their arguments (one line per call), so a recipe that would
+    build data or train runs nothing; with refuse_dry_run, `gmpi ... --dry-run` fails as on a bad sweep file."""
+    (path / "bin").mkdir(parents=True)
+    (path / ".installed").touch()
+    fail = 'case " $* " in *" --dry-run "*) exit 2;; esac\n' if refuse_dry_run else ""
+    for name in ("gmpi", "python"):
+        tool = path / "bin" / name
+        tool.write_text(f'#!/bin/sh\necho "{name} $*" >> "{path}/calls.log"\n{fail}exit 0\n')
+        tool.chmod(0o755)
+    return path
+
+
+def fake_make(venv: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = ["make", "--no-print-directory", "-C", str(REPO), "-o", f"{venv}/.installed", f"VENV={venv}", *args]
+    return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=60)
+
+
+def calls(venv: Path) -> list[str]:
+    log = venv / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["ablations", "DATA=data/synthetic32", "DRY=1"], "gmpi ablations --data synthetic --dry-run"),
+    (["ablations", "DATA=ffhq256", "DRY=1", "ARGS=--rows full"], "gmpi ablations --data ffhq256 --dry-run --rows full"),
+    (["sweep-local", "DRY=1", "SWEEP=experiments/sweeps/shading.yaml"],
+     "gmpi sweep-local experiments/sweeps/shading.yaml --parallel 1 --dry-run"),
+])
+def test_dry_ablations_and_sweeps_build_nothing(tmp_path, args, expected):
+    venv = fake_venv(tmp_path / "venv")
+    proc = fake_make(venv, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert calls(venv) == [expected.strip()]  # the one dry-run call: no data, no 2D StyleGAN2 training
+
+
+def test_sweep_local_checks_the_sweep_before_building(tmp_path):
+    venv = fake_venv(tmp_path / "venv", refuse_dry_run=True)
+    proc = fake_make(venv, "sweep-local", "ARGS=--count 2")
+    assert proc.returncode != 0
+    assert calls(venv) == ["gmpi sweep-local experiments/sweeps/r1_lr.yaml --dry-run --count 2"]  # stopped there
+    listed = fake_make(fake_venv(tmp_path / "venv2"), "-n", "sweep-local").stdout.splitlines()
+    check = next(i for i, line in enumerate(listed) if "--dry-run" in line)
+    build = next(i for i, line in enumerate(listed) if "synthetic32/.ready" in line)
+    assert check < build < len(listed) - 1
+    assert listed[-1].rstrip().endswith("/gmpi sweep-local experiments/sweeps/r1_lr.yaml --parallel 1")
+
+
+# ------------------------------------------------------------------------ a W&B sweep run on 2 processes
+def test_sweep_agent_run_with_two_ddp_processes(shards, tmp_path):
+    """What `wandb agent` starts for a sweep whose command adds --trainer.devices=2: the program with the sweep's
+    parameter on its command line and WANDB_SWEEP_ID/WANDB_RUN_ID set. Lightning re-runs that command for rank 1,
+    so both ranks must get the parameter (from argv, not wandb.config) and the same per-run folder."""
+    run = tmp_path / "yaml-run"
+    exp = tiny_experiment(tmp_path / "exp", shards, run)
+    env = clean_env(WANDB_SWEEP_ID="sw1", WANDB_RUN_ID="r7", WANDB_MODE="offline")
+    cmd = [sys.executable, str(REPO / "scripts" / "sweep_run.py"), "fit", "--config", str(exp),
+           "--trainer.devices=2", "--model.max_iters=2", "--model.lr=0.0005"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    agent_dir = tmp_path / "runs" / "sweeps" / "wandb-sw1" / "r7"
+    (r0,), (r1,) = reports(agent_dir, 0), reports(agent_dir, 1)
+    assert r0["world"] == r1["world"] == 2 and r0["iteration"] == r1["iteration"] == 2
+    assert r0["G"] == r1["G"] and r0["G"] != r0["G_start"]  # one lr on both ranks, or the weights would differ
+    ckpt = torch.load(agent_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["lr"] == 0.0005
+    assert not (run / "rank0.jsonl").exists()  # nothing went to the YAML's own folder

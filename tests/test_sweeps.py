@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -281,6 +282,15 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "dry").exists()
 
 
+def test_shipped_sweep_program_runs_as_a_file():
+    programs = {sweeps.load_sweep(p).program for p in (REPO / "experiments" / "sweeps").glob("*.yaml")}
+    assert programs == {"scripts/sweep_run.py"} and (REPO / "scripts" / "sweep_run.py").is_file()
+    proc = subprocess.run([sys.executable, "scripts/sweep_run.py", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fit" in proc.stdout and "validate" in proc.stdout  # the LightningCLI subcommands of `gmpi fit`
+
+
 def test_agent_wrapper_gives_each_wandb_run_its_folder(tmp_path):
     argv = ["fit", "--config", str(REPO / "experiments" / "synthetic.yaml"), "--model.lr=0.004"]
     assert sweeps.agent_arguments(argv, env={}) == argv  # not under an agent: plain `gmpi fit`
@@ -322,6 +332,29 @@ def test_write_table_csv_markdown_and_sort_order(tmp_path):
     assert [r["run"] for r in sweeps.write_table(rows, tmp_path / "u.csv", None)] == [r["run"] for r in rows]
     with pytest.raises(ValueError, match="goal"):
         sweeps.write_table(rows, None, None, sort_by="fid", goal="lowest")
+
+
+def test_mistyped_metric_name_is_reported(tmp_path):
+    out = tmp_path / "out"
+    for i, loss in ((1, 0.5), (2, 0.25)):  # two finished runs, as a real sweep leaves them
+        run = out / f"run-00{i}"
+        (run / "csv" / "version_0").mkdir(parents=True)
+        (run / "csv" / "version_0" / "metrics.csv").write_text(f"step,val/loss_d,train/r1\n9,{loss},0.1\n")
+        (run / "status.json").write_text(json.dumps({"status": "finished", "seconds": 1.0}))
+    lines = []
+    typo = _write(tmp_path, _sweep(metric={"name": "val/los_d", "goal": "minimize"}), "typo.yaml")
+    rc, rows = sweeps.run_sweep(sweeps.load_sweep(typo), out=out, echo=lines.append)
+    warning = [line for line in lines if line.startswith("warning:")]
+    assert rc == 0 and len(warning) == 1 and [r["val/los_d"] for r in rows] == [None, None]
+    assert "metric 'val/los_d' (did you mean 'val/loss_d'?)" in warning[0] and str(typo) in warning[0]
+    assert "have: step, train/r1, val/loss_d" in warning[0]
+    lines.clear()
+    good = _write(tmp_path, _sweep(metric={"name": "val/loss_d", "goal": "minimize"}), "good.yaml")
+    rc, rows = sweeps.run_sweep(sweeps.load_sweep(good), out=out, echo=lines.append)
+    assert not any(line.startswith("warning:") for line in lines)
+    assert [r["val/loss_d"] for r in rows] == [0.5, 0.25]
+    with open(out / "results.csv", newline="") as fh:
+        assert [r["run"] for r in csv.DictReader(fh)] == ["run-002", "run-001"]  # sorted by it
 
 
 # ---------------------------------------------------------------------------------------- real sweeps

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..cameras import invert_rigid
+from ..estimators import depth_error, pose_error, summarize
 from ..export import progress
 from . import geometry
 from .fakes import FakeSettings, generate, generated_planes, iter_fakes, rank_seeds, render
@@ -43,12 +44,50 @@ def parse_metrics(text: str | list[str]) -> list[str]:
     return names
 
 
-def _summary(values: torch.Tensor) -> dict:
-    v = values.double().flatten()
-    ok = v[torch.isfinite(v)]
-    return {"mean": float(ok.mean()) if ok.numel() else math.nan,
-            "std": float(ok.std(unbiased=False)) if ok.numel() else math.nan,
-            "n": int(ok.numel()), "n_invalid": int(v.numel() - ok.numel())}
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by None, so ``json.dumps`` writes valid JSON (null, not NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def weights_warning(weights: Path, sha256: str) -> str | None:
+    """A warning when the Inception file is not torch-fidelity's (its name carries the sha256 prefix)."""
+    expected = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]
+    if sha256.startswith(expected):
+        return None
+    return (f"the Inception weights file {weights} has sha256 {sha256[:8]}..., not {expected}... as torch-fidelity's "
+            f"{INCEPTION_FILE}: its FID/KID compare only with numbers computed with the same file")
+
+
+def resolve_estimators(estimators, metrics: list[str], device) -> tuple:
+    """(pose estimator or None, depth estimator or None, info) from an estimator file (``gmpi estimators train``),
+    a ``(pose, depth)`` pair or a ``{"pose": .., "depth": ..}`` dict of modules/callables (README "Pose and depth
+    estimators" for the conventions)."""
+    from ..estimators import load_estimators
+
+    if estimators is None:
+        raise ValueError("pose/depth need an estimator: `gmpi estimators train --data DATA --out EST.pt` then "
+                         "--estimators EST.pt, or pass (pose_module, depth_module) to evaluate() (or drop pose,depth "
+                         "from --metrics)")
+    if isinstance(estimators, (str, Path)):
+        pose, depth, info = load_estimators(estimators)
+        info = {"file": str(estimators), **{k: v for k, v in (info or {}).items()
+                                            if isinstance(v, (str, int, float, dict))}}
+    else:
+        pose, depth = (estimators.get("pose"), estimators.get("depth")) if isinstance(estimators, dict) \
+            else tuple(estimators)
+        info = {"modules": {"pose": type(pose).__name__ if pose is not None else None,
+                            "depth": type(depth).__name__ if depth is not None else None}}
+    for name, net in (("pose", pose), ("depth", depth)):
+        if name in metrics and net is None:
+            raise ValueError(f"metric {name!r} was asked for but no {name} estimator was given")
+    pose, depth = (n.to(device).eval() if isinstance(n, torch.nn.Module) else n for n in (pose, depth))
+    return pose, depth, info
 
 
 def real_depth_samples(data: str | Path, num: int, batch_size: int = 64) -> dict:
@@ -77,6 +116,13 @@ def real_depth_samples(data: str | Path, num: int, batch_size: int = 64) -> dict
     return {"depth": torch.cat(depth)[:num], "c2w": invert_rigid(w).float()}
 
 
+def _nonfinite(batch: dict) -> torch.Tensor:
+    """1.0 for every fake of the batch whose MPI or any rendered view holds NaN/inf, else 0.0 (length B)."""
+    parts = [v[k] for v in batch["views"] for k in ("rgb", "depth", "alpha")]
+    views = torch.stack([(~torch.isfinite(t)).flatten(1).any(1) for t in parts]).any(0)
+    return (views | batch["nonfinite"].to(views.device)).double()
+
+
 def pose_slope(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """Least-squares slope of each estimated angle on the rendering angle (N x K -> K)."""
     tc = true.double() - true.double().mean(0)
@@ -101,21 +147,13 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     t0 = time.time()
     rank, world = rank_world()
     extractor = InceptionFeatures(inception).to(device) if {"fid", "kid"} & set(metrics) else None
-    est = None
-    if {"pose", "depth"} & set(metrics):
-        from ..estimators import load_estimators
-
-        pose_net, depth_net, est_info = load_estimators(estimators) if estimators else (None, None, None)
-        if estimators is None:
-            raise ValueError("pose/depth need an estimator file: `gmpi estimators train --data DATA --out EST.pt` "
-                             "then --estimators EST.pt (or drop pose,depth from --metrics)")
-        est = (pose_net.to(device).eval(), depth_net.to(device).eval(), est_info)
+    est = resolve_estimators(estimators, metrics, device) if {"pose", "depth"} & set(metrics) else None
     real_depth = real_depth_samples(data, num_samples) if "depth_fd" in metrics else None
     res = settings.resolution or G.img_resolution
     seeds = rank_seeds(num_samples, rank, world, first_seed)
     streams = (0, 1) if "consistency" in metrics else (0,)
     # every rank gathers the same keys with the same widths, even a rank without seeds (num_samples < world)
-    widths = {"seed": 1}
+    widths = {"seed": 1, "nonfinite": 1}
     if extractor is not None:
         widths["inception"] = extractor.num_features
     if "consistency" in metrics:
@@ -144,6 +182,7 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
                             return_weights="consistency" in metrics):
         a = batch["views"][0]
         add("seed", torch.tensor(batch["seeds"], dtype=torch.float64))
+        add("nonfinite", _nonfinite(batch))
         if extractor is not None:
             add("inception", extractor(to_uint8_images(a["rgb"])))
         if "consistency" in metrics:
@@ -160,8 +199,6 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
             add("fake_depth_features", geometry.depth_features(geometry.surface_depth(v["depth"], v["alpha"]),
                                                                preset.near, preset.far, DEPTH_POOL))
         if est is not None:
-            from ..estimators import depth_error, pose_error
-
             img = a["rgb"] * 2 - 1
             if "pose" in metrics:
                 pred = est[0](img)
@@ -177,23 +214,28 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     bar.close()
     per = {k: gather_rows(torch.cat(v) if v else torch.zeros(0, widths[k], dtype=torch.float64))
            for k, v in acc.items()}
-    order = torch.argsort(per.pop("seed")[:, 0])  # seed order, whatever the world size (KID subsets use it)
+    order = torch.argsort(per["seed"][:, 0])  # seed order, whatever the world size (KID subsets use it)
     per = {k: v[order] for k, v in per.items()}
-    result: dict = {"metrics": {}, "details": {}}
+    broken = per.pop("seed")[per.pop("nonfinite")[:, 0] > 0, 0].long().tolist()
+    if broken:  # every rank sees the gathered list, so every rank stops here
+        raise ValueError(f"{len(broken)} of {num_samples} fakes rendered NaN/inf (seeds {broken[:10]}"
+                         f"{' ...' if len(broken) > 10 else ''}): the generator is broken (a diverged or corrupt "
+                         f"checkpoint?); no metric would mean anything. Re-check the checkpoint, e.g. `gmpi render "
+                         f"--seeds {broken[0]}`")
+    result: dict = {"metrics": {}, "details": {}, "warnings": []}
     if extractor is not None:
         real, info = real_features(data, extractor, num_real, cache_dir, use_cache=use_cache)
         which = tuple(m for m in ("fid", "kid") if m in metrics)
         out = fid_kid(real, per["inception"], which, kid_subsets, kid_subset_size)
         result["metrics"].update({k: out[k] for k in ("fid", "kid") if k in out})
         result["details"]["fid_kid"] = dict(out, real=info, **extractor.describe())
-        if extractor.weights.name != INCEPTION_FILE:
-            result.setdefault("warnings", []).append(
-                f"the Inception weights file is {extractor.weights.name}, not {INCEPTION_FILE}: unless it is a copy "
-                f"of that file, FID/KID compare only with numbers computed with the same file (sha256 recorded)")
+        warn = weights_warning(extractor.weights, result["details"]["fid_kid"]["weights_sha256"])
+        if warn:
+            result["warnings"].append(warn)
     if "consistency" in metrics:
         for k in ("consistency_photo_l1", "consistency_depth_err", "consistency_covisible", "semi_transparent",
                   "depth_relief"):
-            s = _summary(per[k])
+            s = summarize(per[k])
             result["details"][k] = s
             result["metrics"][k] = s["mean"]
     if real_depth is not None:
@@ -201,10 +243,11 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
         result["metrics"]["depth_fd"] = geometry.frechet_distance(real_f, per["fake_depth_features"])
         result["details"]["depth_fd"] = {
             "num_real": int(real_f.shape[0]), "poses": "the real samples' cameras",
+            "bootstrap_se": geometry.frechet_bootstrap_se(real_f, per["fake_depth_features"]),
             "feature": f"{DEPTH_POOL}x{DEPTH_POOL} area-pooled clip((z - near) / (far - near), 0, 1)"}
     for k in ("pose_error", "depth_error"):
         if k in per:
-            s = _summary(per[k])
+            s = summarize(per[k])
             result["details"][k] = s
             result["metrics"][k.split("_")[0]] = s["mean"]
     if "pose_pred" in per:  # does the estimated pose follow the camera? 1: fully, 0: ignores it
@@ -214,17 +257,33 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
                                            "least-squares slope of the estimated on the rendering angle over all "
                                            "fakes: 1 = the picture turns with the camera, 0 = it ignores it"}
     if est is not None:
-        result["details"]["estimators"] = {"file": str(estimators), **{k: v for k, v in (est[2] or {}).items()
-                                                                       if isinstance(v, (str, int, float, dict))}}
+        result["details"]["estimators"] = est[2]
+    for k, s in result["details"].items():
+        if isinstance(s, dict) and s.get("n_invalid"):
+            result["warnings"].append(f"{k}: {s['n_invalid']} of {s['n'] + s['n_invalid']} fakes gave no value (no "
+                                      f"valid pixels: nothing opaque, co-visible or inside the estimator's mask) "
+                                      f"and are left out of its mean")
     result["settings"] = dict(settings.to_dict(), resolution=res, num_samples=num_samples, first_seed=first_seed,
                               seeds=f"{first_seed}-{first_seed + num_samples - 1}", world_size=world,
                               num_real=num_real or "all", kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                               latent="z_k = RandomState(k).randn(z_dim)", pose="preset prior, Generator(2k) "
                               "(second view: Generator(2k+1))", planes_generated=generated_planes(G, settings.planes),
                               noise="random: seeded by each fake's seed" if settings.noise_mode == "random"
-                              else settings.noise_mode)
+                              else settings.noise_mode, device=str(device), versions=_versions())
     result["seconds"] = round(time.time() - t0, 2)
     return result
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "torchmetrics", "torch-fidelity", "gmpi-lightning"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _cuda_default() -> str:
@@ -259,31 +318,80 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_inputs(metrics: list[str], data: str | None, estimators: str | None, recorded: str | None,
+                   log=print) -> tuple[str | None, str | None]:
+    """--data defaults to the shards the checkpoint was trained on (where it records them), --estimators to
+    ``runs/estimators/<data folder name>.pt`` (what ``make estimators`` writes) when that file exists."""
+    if data is None and NEEDS_DATA & set(metrics) and recorded:
+        if not Path(recorded).exists():
+            raise FileNotFoundError(f"metrics {sorted(NEEDS_DATA & set(metrics))} need the real data; the checkpoint "
+                                    f"was trained on {recorded}, which is not here: pass --data")
+        data = recorded
+        log(f"--data: {data} (the checkpoint's training data)")
+    if estimators is None and {"pose", "depth"} & set(metrics) and (data or recorded):
+        guess = Path("runs") / "estimators" / f"{Path(data or recorded).name}.pt"
+        if guess.is_file():
+            estimators = str(guess)
+            log(f"--estimators: {estimators}")
+    return data, estimators
+
+
+def init_distributed(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL with one GPU per rank."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
 def main(argv: list[str]) -> int:
+    """``gmpi evaluate``; under ``torchrun --nproc_per_node=N -m gmpi_lightning evaluate ...`` every rank renders
+    its share of the seeds and rank 0 prints and writes the JSON."""
+    import torch.distributed as dist
+
     from ..inference import load_generator
 
     args = build_parser().parse_args(argv)
     metrics = parse_metrics(args.metrics)
-    loaded = load_generator(args.ckpt, args.config, args.preset, args.device)
+    device = init_distributed(args.device)
+    rank, world = rank_world()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    loaded = load_generator(args.ckpt, args.config, args.preset, device)
+    data, estimators = default_inputs(metrics, args.data, args.estimators, loaded.training_data, log)
     settings = FakeSettings(planes=args.planes, truncation=args.truncation, noise_mode=args.noise_mode,
                             resolution=args.resolution, batch_size=args.batch_size, plane_chunk=args.plane_chunk)
-    print(f"{loaded.kind} generator {loaded.source} | preset {loaded.preset.name} | metrics {','.join(metrics)} | "
-          f"{args.num_samples} fakes, {settings.planes} planes, psi {settings.truncation}", flush=True)
-    result = evaluate(loaded.G, loaded.preset, metrics, args.num_samples, args.data, settings, args.inception,
-                      args.num_real, args.kid_subsets, args.kid_subset_size, args.estimators, args.cache_dir,
-                      not args.no_cache, args.device, args.first_seed)
+    log(f"{loaded.kind} generator {loaded.source} | preset {loaded.preset.name} | metrics {','.join(metrics)} | "
+        f"{args.num_samples} fakes, {settings.planes} planes, psi {settings.truncation}"
+        f"{f' | {world} processes' if world > 1 else ''}", flush=True)
+    try:
+        result = evaluate(loaded.G, loaded.preset, metrics, args.num_samples, data, settings, args.inception,
+                          args.num_real, args.kid_subsets, args.kid_subset_size, estimators, args.cache_dir,
+                          not args.no_cache, device, args.first_seed)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
     result = {"checkpoint": str(args.ckpt), "generator_kind": loaded.kind, "preset": loaded.preset.to_dict(),
-              "data": args.data, **result, "command": "gmpi evaluate " + " ".join(argv),
+              "data": data, **result, "command": "gmpi evaluate " + " ".join(argv),
               "date": datetime.datetime.now().isoformat(timespec="seconds")}
     for name, value in result["metrics"].items():
         print(f"  {name:24s} {value:.6g}")
-    for w in result.get("warnings", []):
+    for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        Path(args.out).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
         print(f"wrote {args.out}")
     return 0
 
 
-__all__ = ["ALL_METRICS", "evaluate", "generate", "main", "parse_metrics"]
+__all__ = ["ALL_METRICS", "evaluate", "generate", "json_safe", "main", "parse_metrics", "resolve_estimators"]

@@ -90,12 +90,17 @@ def render(mpi, planes, preset, yaw, pitch, resolution: int, settings: FakeSetti
 
 def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu", streams=(0,),
                return_weights: bool = False) -> Iterator[dict]:
-    """Batches of rendered fakes: {'seeds', 'mpi', 'planes', 'views': [per stream {rgb, depth, alpha, yaw, pitch,
-    c2w}]}. ``return_weights`` adds the per-plane weights to the first view only (B x L x 1 x H x W: memory)."""
+    """Batches of rendered fakes: {'seeds', 'mpi', 'planes', 'nonfinite', 'views': [per stream {rgb, depth, alpha,
+    yaw, pitch, c2w}]}. ``return_weights`` adds the per-plane weights to the first view only (B x L x 1 x H x W:
+    memory). A fake whose MPI holds NaN/inf is flagged in ``nonfinite`` (bool, B) and rendered as an empty MPI, so
+    that under DDP every rank still reaches the gathers and the caller can stop on all ranks at once."""
     res = settings.resolution or G.img_resolution
     for i in range(0, len(seeds), settings.batch_size):
         chunk = seeds[i:i + settings.batch_size]
         mpi, planes = generate(G, preset, chunk, settings, device)
+        nonfinite = ~torch.isfinite(mpi).flatten(1).all(1)
+        if bool(nonfinite.any()):
+            mpi = torch.where(nonfinite[:, None, None, None, None], torch.zeros_like(mpi), mpi)
         views = []
         for stream in streams:
             yaw, pitch = seed_poses(chunk, preset, stream)
@@ -103,4 +108,4 @@ def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu"
             out = render(mpi, planes, preset, yaw, pitch, res, settings, c2w=c2w,
                          return_weights=return_weights and stream == streams[0])
             views.append(dict(out, yaw=yaw, pitch=pitch, c2w=c2w))
-        yield {"seeds": chunk, "mpi": mpi, "planes": planes, "views": views}
+        yield {"seeds": chunk, "mpi": mpi, "planes": planes, "views": views, "nonfinite": nonfinite}

@@ -133,3 +133,28 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     from .image_metrics import fid_kid
 
     return fid_kid(a, b, which=("fid",))["fid"]
+
+
+
+def frechet_distance_eigh(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The same Fréchet distance through symmetric eigen-decompositions: tr sqrt(S_a S_b) = sum sqrt(eig(R S_b R))
+    with R = S_a^(1/2). Much faster than torchmetrics' path for the bootstrap below; agrees with it to ~1e-9."""
+    a, b = a.double(), b.double()
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(sa)
+    root = (v * w.clamp_min(0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root @ sb @ root).clamp_min(0).sqrt().sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + sa.trace() + sb.trace() - 2 * cross)
+
+
+def frechet_bootstrap_se(a: torch.Tensor, b: torch.Tensor, rounds: int = 50, seed: int = 0) -> float:
+    """Standard error of the Fréchet distance: std over ``rounds`` bootstrap resamples of both sets."""
+    g = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 256 x 256 problems: one thread is fastest, and does not stall on a busy machine
+    try:
+        values = [frechet_distance_eigh(a[torch.randint(len(a), (len(a),), generator=g)],
+                                        b[torch.randint(len(b), (len(b),), generator=g)]) for _ in range(rounds)]
+    finally:
+        torch.set_num_threads(threads)
+    return float(torch.tensor(values, dtype=torch.float64).std())

@@ -168,6 +168,11 @@ def real_features(data: str | Path, extractor: InceptionFeatures, max_images: in
     order = sorted(range(len(allk)), key=allk.__getitem__)  # a canonical row order, whatever the world size
     allf = allf[order]
     if max_images:
+        want = min(max_images, card.get("count") or max_images)
+        if allf.shape[0] < want:  # a rank's shards hold fewer than its share: never compare against fewer silently
+            raise ValueError(f"{data}: asked for {want} real images but the {world} process(es) read {allf.shape[0]} "
+                             f"(each reads its own shards, at most {limit}); use all reals (no --num-real), fewer "
+                             f"processes, or more, equal-sized shards")
         allf = allf[:max_images]
     elif card.get("count") is not None and allf.shape[0] != card["count"]:
         raise ValueError(f"{data}: read {allf.shape[0]} real images but dataset.json says {card['count']}: shards "

@@ -1,0 +1,352 @@
+"""Training and checking the small pose/depth CNNs of :mod:`gmpi_lightning.estimators` on shards with ground truth
+(``gmpi estimators train|eval``); what they measure and how the numbers read is that module's docstring."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .estimators import FORMAT, DepthCNN, PoseCNN, depth_error, load_estimators, pose_error, summarize
+
+
+# ========================================================================================== data
+def _split_shards(data: str | Path, val_shards: int) -> tuple[list[str], list[str], dict | None]:
+    from datamodules.posed_images import resolve_shards
+
+    urls, card = resolve_shards(data)
+    if val_shards < 1:
+        raise ValueError(f"val_shards must be >= 1, got {val_shards}")
+    if len(urls) <= val_shards:
+        raise ValueError(f"{data}: {len(urls)} shard(s), but {val_shards} are held out for validation and at "
+                         "least one more is needed for training; write more shards (`gmpi data ... "
+                         "--samples-per-shard N`) or pass --val-data")
+    return urls[:-val_shards], urls[-val_shards:], card
+
+
+def load_arrays(urls: Sequence[str], input_size: int | None = None, max_samples: int | None = None,
+                desc: str = "load", progress_bar: bool = True) -> dict:
+    """Decode shards into memory: ``image`` uint8 N x 3 x S x S, ``depth`` float32 N x 1 x S x S, ``mask`` bool,
+    ``yaw_pitch`` float32 N x 2, ``key`` list. Images are resized to ``input_size`` (area), depth/mask by nearest
+    sampling. Shards without depth/mask ground truth are refused with the shard's name."""
+    import webdataset as wds
+
+    from datamodules.posed_images import decode_sample
+
+    from .export import progress
+
+    pipe = wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(), wds.map(decode_sample))
+    imgs, depths, masks, poses, keys = [], [], [], [], []
+    for s in progress(pipe, desc=desc, unit="img", total=max_samples, disable=not progress_bar):
+        if "depth" not in s or "mask" not in s:
+            raise ValueError(f"sample {s['key']} in {list(urls)[:3]}... has no depth.npy/mask.png ground truth; "
+                             "estimators train on shards with ground truth (e.g. `gmpi data synthetic`)")
+        imgs.append(torch.from_numpy(np.array(s["image"])).permute(2, 0, 1))
+        depths.append(torch.from_numpy(np.array(s["depth"]))[None])
+        masks.append(torch.from_numpy(np.ascontiguousarray(s["mask"]))[None])
+        poses.append((s["yaw"], s["pitch"]))
+        keys.append(s["key"])
+        if max_samples is not None and len(keys) >= max_samples:
+            break
+    if not keys:
+        raise ValueError(f"no samples in {list(urls)}")
+    image, depth, mask = torch.stack(imgs), torch.stack(depths), torch.stack(masks)
+    if input_size is not None and image.shape[-1] != input_size:
+        image = F.interpolate(image.float(), size=(input_size, input_size), mode="area").round().byte()
+        depth = F.interpolate(depth, size=(input_size, input_size), mode="nearest")
+        mask = F.interpolate(mask.float(), size=(input_size, input_size), mode="nearest") > 0.5
+    return {"image": image, "depth": depth, "mask": mask, "yaw_pitch": torch.tensor(poses, dtype=torch.float32),
+            "key": keys}
+
+
+def _to_input(image_u8: torch.Tensor) -> torch.Tensor:
+    return image_u8.float() / 127.5 - 1
+
+
+def erode(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Binary erosion of B x 1 x H x W {0, 1} masks with a (2 pixels + 1)² square."""
+    if pixels <= 0:
+        return mask
+    return -F.max_pool2d(-mask, 2 * pixels + 1, stride=1, padding=pixels)
+
+
+def depth_target(depth: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Ground-truth depth normalised per image with the mean/std of its *foreground* (mask) pixels, applied to
+    every pixel (B x 1 x H x W): the foreground is z-scored, the background keeps its (large) offset, so pixels a
+    predicted mask wrongly includes still get a consistent depth."""
+    b = depth.shape[0]
+    d, m = depth.reshape(b, -1).double(), mask.reshape(b, -1).double()
+    n = m.sum(1, keepdim=True).clamp_min(1)
+    mean = (d * m).sum(1, keepdim=True) / n
+    std = (((d - mean) * m) ** 2).sum(1, keepdim=True).div(n).sqrt()
+    return ((d - mean) / (std + eps)).float().reshape(depth.shape)
+
+
+# ==================================================================================== evaluation
+@torch.no_grad()
+def evaluate_arrays(pose_model, depth_model, arrays: dict, batch_size: int = 256, device: str = "cpu",
+                    pose_reference: torch.Tensor | None = None, depth_template: torch.Tensor | None = None) -> dict:
+    """Validation metrics on in-memory ground truth (see :func:`load_arrays`).
+
+    Returns summaries of: ``pose_error`` (the estimator), ``pose_error_mean_baseline`` (predicting
+    ``pose_reference``, default the mean of these poses), ``depth_error`` (estimated depth vs ground truth over the
+    estimator's mask, as the metric is used), ``depth_error_gt_mask`` (over the whole ground-truth mask, silhouette
+    included), ``depth_error_flat_baseline`` (a constant map over the estimator's mask: 1.0),
+    ``depth_error_template_baseline`` (one fixed map for all images, the mean training target, over the estimator's
+    mask; if ``depth_template`` is given), ``mask_precision`` (fraction of the predicted foreground that is true
+    foreground: spill onto the background is what hurts the metric), ``mask_coverage`` (fraction of the true
+    foreground predicted); plus ``pose_error_yaw_rmse``/``pitch_rmse`` (radians).
+    """
+    pose_model.eval()
+    depth_model.eval()
+    n = arrays["image"].shape[0]
+    true = arrays["yaw_pitch"]
+    ref = (true.mean(0) if pose_reference is None else torch.as_tensor(pose_reference)).reshape(1, 2)
+    pe, pb, de, dg, df, dt, prec, cov, preds = [], [], [], [], [], [], [], [], []
+    for i in range(0, n, batch_size):
+        img = _to_input(arrays["image"][i:i + batch_size]).to(device)
+        gt_d, gt_m = arrays["depth"][i:i + batch_size], arrays["mask"][i:i + batch_size].float()
+        yp = true[i:i + batch_size]
+        pred = pose_model(img).cpu()
+        preds.append(pred)
+        pe.append(pose_error(pred, yp))
+        pb.append(pose_error(ref.expand_as(yp), yp))
+        out = depth_model(img)
+        est, est_m = out["depth"].cpu(), out["mask"].cpu()
+        de.append(depth_error(est, gt_d, est_m))
+        dg.append(depth_error(est, gt_d, gt_m))
+        df.append(depth_error(torch.zeros_like(gt_d), gt_d, est_m))
+        if depth_template is not None:
+            dt.append(depth_error(depth_template.expand_as(gt_d), gt_d, est_m))
+        hard, true_m = (est_m > 0.5).flatten(1), (gt_m > 0.5).flatten(1)
+        inter = (hard & true_m).sum(1).double()
+        nan = torch.full_like(inter, math.nan)
+        prec.append(torch.where(hard.any(1), inter / hard.sum(1).clamp_min(1), nan))
+        cov.append(torch.where(true_m.any(1), inter / true_m.sum(1).clamp_min(1), nan))
+    pred = torch.cat(preds)
+    out = {"n_images": n, "pose_error": summarize(torch.cat(pe)), "pose_error_mean_baseline": summarize(torch.cat(pb)),
+           "pose_error_yaw_rmse": float(((pred[:, 0] - true[:, 0]) ** 2).mean().sqrt()),
+           "pose_error_pitch_rmse": float(((pred[:, 1] - true[:, 1]) ** 2).mean().sqrt()),
+           "depth_error": summarize(torch.cat(de)), "depth_error_gt_mask": summarize(torch.cat(dg)),
+           "depth_error_flat_baseline": summarize(torch.cat(df)), "mask_precision": summarize(torch.cat(prec)),
+           "mask_coverage": summarize(torch.cat(cov))}
+    if dt:
+        out["depth_error_template_baseline"] = summarize(torch.cat(dt))
+    return out
+
+
+def format_metrics(m: dict, label: str = "validation images") -> str:
+    f = lambda k: f"{m[k]['mean']:.4f}" + (f" ({m[k]['n_invalid']} invalid)" if m[k]["n_invalid"] else "")  # noqa
+    lines = [f"{label}: {m['n_images']}",
+             f"pose error  (rad^2, mean over yaw/pitch): {f('pose_error')}   mean-pose baseline: "
+             f"{f('pose_error_mean_baseline')}   (rmse yaw {m['pose_error_yaw_rmse']:.4f}, "
+             f"pitch {m['pose_error_pitch_rmse']:.4f} rad)",
+             f"depth error (z-scored MSE, estimator mask): {f('depth_error')}   flat baseline: "
+             f"{f('depth_error_flat_baseline')}"
+             + (f"   mean-template baseline: {f('depth_error_template_baseline')}"
+                if "depth_error_template_baseline" in m else "")
+             + f"   (whole ground-truth mask: {f('depth_error_gt_mask')})",
+             f"mask: precision {f('mask_precision')}, coverage {f('mask_coverage')} of the ground-truth foreground"]
+    return "\n".join(lines)
+
+
+# ===================================================================================== training
+def _card_info(data, card: dict | None, urls: list[str]) -> dict:
+    """The training data's identity: the card's command and *all* its shards' checksums, and the shards trained on."""
+    names = [Path(u).name for u in urls]
+    if card is None:
+        return {"data": str(data), "train_shards": names}
+    return {"data": str(data), "preset": card.get("preset"), "resolution": card.get("resolution"),
+            "count": card.get("count"), "command": card.get("command"),
+            "shards": [{"name": s["name"], "sha256": s.get("sha256")} for s in card.get("shards", [])],
+            "train_shards": names}
+
+
+def train_estimators(data: str | Path, out: str | Path | None = None, steps: int = 2000, batch_size: int = 64,
+                     lr: float = 2e-3, seed: int = 0, device: str = "cpu", val_shards: int = 1,
+                     val_data: str | Path | None = None, input_size: int | None = None, pose_width: int = 16,
+                     depth_width: int = 8, max_train_samples: int | None = None, max_val_samples: int | None = None,
+                     bg_weight: float = 0.1, mask_erode: int = 1, progress_bar: bool = True) -> dict:
+    """Train :class:`PoseCNN` and :class:`DepthCNN` on the ground truth of posed-image shards.
+
+    Training data: every shard of ``data`` except the last ``val_shards`` (held out for validation), unless
+    ``val_data`` names separate validation shards (then all of ``data`` trains). Losses: pose MSE on
+    normalised yaw/pitch; depth MSE against the ground-truth depth z-scored with its foreground's mean/std
+    (foreground pixels weight 1, background ``bg_weight``, so that a mask spilling over the silhouette still
+    predicts the far background there), plus BCE of the mask logit against the ground-truth mask *eroded* by
+    ``mask_erode`` pixels (at ``input_size``). The estimator's mask is thus conservative, like Deep3DFace's face
+    mask: the metric then scores the interior, not the depth discontinuity at the silhouette, which a small CNN
+    blurs (one predicted pixel on the far background costs ~(5 sigma)^2 / n_pixels). Adam with cosine decay;
+    batches drawn with replacement from memory (seeded).
+
+    Writes ``out`` (if given; see :func:`load_estimators`) and returns the saved dict (``info`` included).
+    """
+    from .export import progress
+
+    t0, c0 = time.time(), time.process_time()
+    torch.manual_seed(seed)
+    if val_data is not None:
+        from datamodules.posed_images import resolve_shards
+
+        train_urls, card = resolve_shards(data)
+        val_urls, _ = resolve_shards(val_data)
+    else:
+        train_urls, val_urls, card = _split_shards(data, val_shards)
+    if input_size is None:
+        res = int(card["resolution"]) if card and card.get("resolution") else 64
+        input_size = min(res, 64)
+    train = load_arrays(train_urls, input_size, max_train_samples, desc="load train", progress_bar=progress_bar)
+    val = load_arrays(val_urls, input_size, max_val_samples, desc="load val", progress_bar=progress_bar)
+    n = train["image"].shape[0]
+    t_load = time.time() - t0
+
+    pose_model = PoseCNN(input_size, pose_width).to(device)
+    depth_model = DepthCNN(input_size, depth_width).to(device)
+    mean, std = train["yaw_pitch"].mean(0), train["yaw_pitch"].std(0).clamp_min(1e-3)
+    pose_model.pose_mean.copy_(mean)
+    pose_model.pose_std.copy_(std)
+    target_all = depth_target(train["depth"], train["mask"])
+    mask_target = erode(train["mask"].float(), mask_erode)
+    params = list(pose_model.parameters()) + list(depth_model.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    gen = torch.Generator().manual_seed(seed)
+    pose_model.train()
+    depth_model.train()
+    bar = progress(range(steps), desc="gmpi estimators train", unit="step", disable=not progress_bar)
+    ema = None
+    for step in bar:
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        img = _to_input(train["image"][idx]).to(device)
+        yp = ((train["yaw_pitch"][idx] - mean) / std).to(device)
+        tgt, m = target_all[idx].to(device), train["mask"][idx].float().to(device)
+        m_target = mask_target[idx].to(device)
+        wgt = (m + bg_weight * (1 - m)) * (train["depth"][idx] > 1e-8).float().to(device)
+        loss_pose = F.mse_loss(pose_model.forward_normalized(img), yp)
+        raw = depth_model.forward_raw(img)
+        loss_depth = ((raw[:, :1] - tgt) ** 2 * wgt).sum() / wgt.sum().clamp_min(1)
+        loss_mask = F.binary_cross_entropy_with_logits(raw[:, 1:], m_target)
+        loss = loss_pose + loss_depth + loss_mask
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        vals = torch.stack([loss_pose, loss_depth, loss_mask]).detach().cpu()
+        ema = vals if ema is None else 0.95 * ema + 0.05 * vals
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(pose=f"{ema[0]:.3f}", depth=f"{ema[1]:.3f}", mask=f"{ema[2]:.3f}", refresh=False)
+    t_train = time.time() - t0 - t_load
+
+    template = (target_all * train["mask"]).sum(0, keepdim=True) / train["mask"].sum(0, keepdim=True).clamp_min(1)
+    pose_model.cpu()
+    depth_model.cpu()
+    metrics = evaluate_arrays(pose_model, depth_model, val, pose_reference=mean, depth_template=template)
+    info = {"format": FORMAT, "input_size": input_size, "train_data": _card_info(data, card, train_urls),
+            "val_data": {"data": str(val_data or data), "shards": [Path(u).name for u in val_urls],
+                         "n_images": metrics["n_images"]},
+            "n_train": n, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "device": str(device),
+            "seconds": {"load": round(t_load, 1), "train": round(t_train, 1), "total": round(time.time() - t0, 1),
+                        "cpu_total": round(time.process_time() - c0, 1), "threads": torch.get_num_threads()},
+            "bg_weight": bg_weight, "mask_erode": mask_erode,
+            "torch": torch.__version__, "val_metrics": metrics}
+    saved = {"format": FORMAT, "pose": {"kwargs": pose_model.kwargs(), "state_dict": pose_model.state_dict()},
+             "depth": {"kwargs": depth_model.kwargs(), "state_dict": depth_model.state_dict()},
+             "input_size": input_size, "info": json.loads(json.dumps(info))}
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        torch.save(saved, tmp)
+        tmp.replace(out)
+    return saved
+
+
+# ========================================================================================== CLI
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cli(argv: list[str]) -> int:
+    """``gmpi estimators train|eval``."""
+    p = argparse.ArgumentParser(prog="gmpi estimators", description="Pose/depth estimators for the geometry "
+                                "metrics (GMPI_SPEC §8.3), trained on shards with ground truth.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train PoseCNN + DepthCNN; the last shard(s) are held out for validation",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", required=True, help="folder written by `gmpi data` (with depth/mask ground truth)")
+    t.add_argument("--out", required=True, help="output file (.pt)")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--val-shards", type=int, default=1, help="trailing shards held out for validation")
+    t.add_argument("--val-data", help="separate validation shards (then all of --data trains)")
+    t.add_argument("--input-size", type=int, help="network input size (default: data resolution, at most 64)")
+    t.add_argument("--max-train-samples", type=int, help="cap on training samples held in memory")
+    t.add_argument("--max-val-samples", type=int)
+    t.add_argument("--pose-width", type=int, default=16, help="PoseCNN base channels")
+    t.add_argument("--depth-width", type=int, default=8, help="DepthCNN base channels")
+    t.add_argument("--mask-erode", type=int, default=1, help="erode the mask target by this many pixels "
+                                                               "(a conservative estimator mask)")
+    t.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default). 1 by default: these small convolutions gain little "
+                        "from more threads, and on a busy machine OpenMP's spin-waiting made 2 threads 27x slower "
+                        "(measured 3.5 s vs 0.13 s per step on 2 shared cores)")
+    e = sub.add_parser("eval", help="pose/depth errors of saved estimators on shards with ground truth")
+    e.add_argument("--estimators", required=True, help="file written by `gmpi estimators train`")
+    e.add_argument("--data", required=True)
+    e.add_argument("--max-samples", type=int)
+    e.add_argument("--json", help="also write the metrics to this JSON file")
+    e.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.cmd == "train":
+        if args.steps < 1 or args.batch_size < 1:
+            raise ValueError("--steps and --batch-size must be >= 1")
+        threads = torch.get_num_threads()
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        try:
+            saved = train_estimators(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                     seed=args.seed, device=args.device, val_shards=args.val_shards,
+                                     val_data=args.val_data, input_size=args.input_size,
+                                     max_train_samples=args.max_train_samples, max_val_samples=args.max_val_samples,
+                                     pose_width=args.pose_width, depth_width=args.depth_width,
+                                     mask_erode=args.mask_erode)
+        finally:
+            torch.set_num_threads(threads)
+        info = saved["info"]
+        print(format_metrics(info["val_metrics"]))
+        s = info["seconds"]
+        print(f"trained on {info['n_train']} images, {info['steps']} steps in {s['train']} s (load {s['load']} s, "
+              f"total {s['total']} s wall, {s['cpu_total']} s CPU, {s['threads']} threads)")
+        print(f"wrote {args.out} (sha256 {_file_sha256(Path(args.out))[:12]})")
+        return 0
+    pose_model, depth_model, info = load_estimators(args.estimators)
+    from datamodules.posed_images import resolve_shards
+
+    urls, _ = resolve_shards(args.data)
+    arrays = load_arrays(urls, None, args.max_samples, desc="load")
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:  # the mean-pose baseline predicts the *training* mean pose, stored in the pose model
+        metrics = evaluate_arrays(pose_model, depth_model, arrays, pose_reference=pose_model.pose_mean)
+    finally:
+        torch.set_num_threads(threads)
+    print(format_metrics(metrics, label="images"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1))
+    return 0
