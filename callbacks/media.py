@@ -115,8 +115,8 @@ class MediaRenderer:
         return export.to_uint8(r["rgb"][0]), depth
 
     def mesh(self, seed: int, grid: int | None, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return export.extract_mesh(self.G, self.latent(seed), self.preset, self.planes["extents"][0], grid=grid,
-                                   level=level, truncation_psi=self.truncation_psi, noise_mode="const")
+        return export.extract_mesh(self.G, self.latent(seed), self.preset, export.mesh_extent(self.planes["extents"]),
+                                   grid=grid, level=level, truncation_psi=self.truncation_psi, noise_mode="const")
 
     @contextlib.contextmanager
     def sampling(self) -> Iterator[MediaRenderer]:

@@ -90,6 +90,12 @@ def mesh_plane_depths(preset, grid: int) -> torch.Tensor:
     return make_plane_depths(preset.near, preset.far, n, "uniform")
 
 
+def mesh_extent(extents: torch.Tensor) -> torch.Tensor:
+    """The (height, width) of the mesh volume: the largest non-background plane, as the official cube (GMPI_SPEC
+    §8.4); equal to every plane's when the volume is confined."""
+    return extents[:-1].amax(0) if len(extents) > 1 else extents[0]
+
+
 @torch.no_grad()
 def extract_mesh(G, z: torch.Tensor, preset, extents_hw, grid: int | None = None, level: float = 0.5,
                  sigma: float = 1.0, plane_chunk: int = 32, **gen_kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,6 +104,9 @@ def extract_mesh(G, z: torch.Tensor, preset, extents_hw, grid: int | None = None
     from scipy.ndimage import gaussian_filter
     from skimage.measure import marching_cubes
 
+    if getattr(G, "alpha_mode", None) == "vanilla":
+        raise ValueError("the vanilla alpha branch makes only its training planes, not the dense volume a mesh "
+                         "needs; mesh a depth-conditioned model (alpha_mode normalize_add_z, add_z, ...)")
     grid = grid or G.img_resolution
     depths = mesh_plane_depths(preset, grid)
     codes = normalize_depths(depths, preset.near, preset.far)

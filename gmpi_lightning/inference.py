@@ -197,7 +197,7 @@ def run_render(args) -> None:
             export.write_video(out / f"seed{seed:04d}_{args.trajectory}.mp4", frames, fps=args.fps)
         if args.mesh:
             z = seed_latent(seed, loaded.G.z_dim).to(args.device)
-            verts, faces, colors = export.extract_mesh(loaded.G, z, preset, planes["extents"][0],
+            verts, faces, colors = export.extract_mesh(loaded.G, z, preset, export.mesh_extent(planes["extents"]),
                                                        level=args.mesh_level, truncation_psi=args.truncation,
                                                        noise_mode=args.noise_mode)
             export.write_ply(out / f"seed{seed:04d}_mesh.ply", verts, faces, colors)

@@ -106,6 +106,15 @@ def test_mesh_of_a_known_surface():
     front = verts[np.abs(verts[:, 0]) < 0.05]
     assert abs(float(np.median(front[:, 2])) - mid) < 0.01
     assert bool((colors == 128).all())
+    Step.alpha_mode = "vanilla"  # only its training planes: no dense volume to mesh
+    with pytest.raises(ValueError, match="vanilla alpha branch"):
+        export.extract_mesh(Step(), torch.zeros(1, 4), preset, (0.2473, 0.2473), grid=64)
+
+
+def test_mesh_volume_is_the_largest_non_background_plane():
+    extents = torch.tensor([[0.20, 0.21], [0.24, 0.25], [0.30, 0.32], [9.0, 9.0]])  # the last: the background
+    assert export.mesh_extent(extents).tolist() == pytest.approx([0.30, 0.32])
+    assert export.mesh_extent(extents[:1]).tolist() == pytest.approx([0.20, 0.21])
 
 
 def test_depth_colour_and_strip_helpers():
