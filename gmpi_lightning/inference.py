@@ -62,8 +62,9 @@ def _file_kind(path: Path) -> str:
     return "official"
 
 
-def load_training_checkpoint(path: Path) -> tuple[nn.Module, Preset, str]:
-    """G_ema of a Lightning checkpoint of GMPIModule, rebuilt from the kwargs stored with it."""
+def load_training_checkpoint(path: Path) -> tuple[nn.Module, Preset, str, str | None]:
+    """G_ema of a Lightning checkpoint of GMPIModule, rebuilt from the kwargs stored with it: (G, preset, kind,
+    the training data folder of its run config or None)."""
     from .nn.synthesis import Generator
 
     ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -75,20 +76,25 @@ def load_training_checkpoint(path: Path) -> tuple[nn.Module, Preset, str]:
     G.load_state_dict({k[len("G_ema."):]: v for k, v in ck["state_dict"].items() if k.startswith("G_ema.")})
     G.eval().requires_grad_(False)
     preset = get_preset(hp["preset"], **({"resolution": hp["resolution"]} if hp.get("resolution") else {}))
-    return (FlatMPIGenerator(G).eval(), preset, "stylegan2-flat") if stylegan2 else (G, preset, "gmpi")
+    data = _run_config_data(ck.get("run_config"))
+    return (FlatMPIGenerator(G).eval(), preset, "stylegan2-flat", data) if stylegan2 else (G, preset, "gmpi", data)
 
 
-def _run_config_data(path: Path) -> str | None:
-    """``data.data`` of the resolved run config stored in a training checkpoint, if any."""
+def _run_config_data(run_config) -> str | None:
+    """``data.data`` of the resolved run config (YAML text, under its subcommand: ``fit: {data: ...}``) that a
+    training checkpoint stores, if any."""
     import yaml
 
-    text = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_config")
     try:
-        data = (yaml.safe_load(text) or {}).get("data") if isinstance(text, str) else None
+        cfg = yaml.safe_load(run_config) if isinstance(run_config, str) else None
     except yaml.YAMLError:
         return None
-    value = data.get("data") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
+    cfg = cfg if isinstance(cfg, dict) else {}
+    for section in (cfg.get("fit"), cfg):
+        data = section.get("data") if isinstance(section, dict) else None
+        if isinstance(data, dict) and isinstance(data.get("data"), str):
+            return data["data"]
+    return None
 
 
 def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: str | None = None,
@@ -104,9 +110,8 @@ def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: s
         out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored), "gmpi", path,
                               (blob["extra"] or {}).get("data"))
     elif kind == "lightning":
-        G, stored, kind = load_training_checkpoint(path)
-        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored.to_dict()), kind, path,
-                              _run_config_data(path))
+        G, stored, kind, data = load_training_checkpoint(path)
+        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored.to_dict()), kind, path, data)
     elif kind == "official":
         G = load_official_gmpi(path, config)
         out = LoadedGenerator(G, _preset_for(preset, G.img_resolution), "official", path)

@@ -210,6 +210,9 @@ def test_resume_continues_counters_and_ema(shards, tmp_path):
     ck = torch.load(ckdir / "epoch=0-step=4.ckpt", weights_only=False)
     assert ck["gmpi_state"]["iteration"] == 2 and ck["gmpi_state"]["ema_updates"] == 2
     assert "views_per_z: 2" in ck["run_config"] and "batch_size: 4" in ck["run_config"]  # the resolved config
+    from gmpi_lightning.inference import load_generator
+
+    assert load_generator(ckdir / "epoch=0-step=4.ckpt").training_data == str(shards)  # gmpi evaluate's --data
     saved_ema = {k: v for k, v in ck["state_dict"].items() if k.startswith("G_ema.")}
     resumed = _cli(["fit", *common, "--model.max_iters=5", f"--ckpt_path={ckdir / 'epoch=0-step=4.ckpt'}"]).model
     assert resumed.iteration == 5 and resumed.ema_updates == 5 and resumed.nimg == 5 * 4  # no reset, no repeat
@@ -255,6 +258,8 @@ def test_hparams_are_in_checkpoints(shards, tmp_path):
 
     loaded = load_generator(tmp_path / "m.ckpt")
     assert loaded.kind == "gmpi" and loaded.preset.resolution == 16
+    assert loaded.training_data is None  # fitted without LightningCLI: no run config to read it from
+    assert load_generator(model.export(tmp_path / "g.pt")).training_data == str(shards)  # the export records it
     codes = model.preset.normalized_plane_depths(5)
     z = torch.randn(2, 16)
     with torch.no_grad():
