@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from .tables import read_json
+
 REPO = Path(__file__).resolve().parents[1]
 ROW_ORDER = ["full", "no_pose_cond", "vanilla_alpha", "plane_tokens", "depth_to_alpha", "no_feature_norm",
              "no_shading", "with_shading", "random_view", "train_planes8", "train_planes16", "train_planes32"]
@@ -114,14 +116,6 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        blob = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return blob if isinstance(blob, dict) else None
-
-
 def row_done(run: Path, cfg: dict) -> bool:
     """Whether ``run`` holds a finished training of exactly ``cfg``: ``gmpi.pt`` plus ``done.json`` with the hash of
     ``cfg`` (written only after a successful training). A row trained before ``done.json`` existed counts when its
@@ -130,7 +124,7 @@ def row_done(run: Path, cfg: dict) -> bool:
     model, conf = run / "gmpi.pt", run / "config.yaml"
     if not model.is_file():
         return False
-    done = _read_json(run / DONE_FILE)
+    done = read_json(run / DONE_FILE)
     if done is not None:
         return done.get("config_sha256") == config_hash(cfg)
     if not conf.is_file() or yaml.safe_load(conf.read_text()) != cfg:

@@ -38,10 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .sweep_spec import (  # noqa: F401 (re-exported: the sweep API lives under gmpi_lightning.sweeps too)
-    GOALS,
+from .sweep_spec import (  # noqa: F401 (also re-exported: gmpi_lightning.sweeps is the sweep API)
     FitParser,
-    Param,
     Sweep,
     SweepError,
     _suggest,
@@ -49,11 +47,9 @@ from .sweep_spec import (  # noqa: F401 (re-exported: the sweep API lives under 
     expand,
     fit_arguments,
     format_args,
-    grid_values,
     load_sweep,
-    sample,
 )
-from .tables import format_cell, write_table  # noqa: F401
+from .tables import format_cell, read_json, write_table
 
 STATUS_FILE = "status.json"  # the finished marker
 
@@ -233,13 +229,6 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     return last
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _execute(run: Run, env: dict[str, str], procs: dict, lock: threading.Lock, stop: threading.Event) -> Run:
     if stop.is_set():
         run.status = "not started (interrupted)"
@@ -298,8 +287,8 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike | None = None, parallel: int 
         return 0, []
     todo = []
     for r in runs:
-        status = _read_json(r.dir / STATUS_FILE)
-        previous = _read_json(r.dir / "run.json")
+        status = read_json(r.dir / STATUS_FILE)
+        previous = read_json(r.dir / "run.json")
         if previous is not None and fit_arguments(previous.get("command") or ["fit"]) != fit_arguments(r.command):
             raise SweepError(f"{r.dir} holds a run with another command or other parameters "
                              f"({previous.get('params')}); use another --out, or delete that folder")

@@ -1,14 +1,25 @@
-"""Result tables: rows of dicts as CSV and markdown (sweeps, ablations)."""
+"""Result files and tables of sweeps and ablations: JSON markers, rows of dicts as CSV and markdown."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 GOALS = ("minimize", "maximize")
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A JSON object from ``path``, or None when the file is missing, unreadable or not an object (a marker file
+    that a killed run left half-written counts as absent)."""
+    try:
+        blob = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return blob if isinstance(blob, dict) else None
 
 
 def format_cell(v: Any) -> str:

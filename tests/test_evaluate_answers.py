@@ -229,13 +229,15 @@ def test_torchrun_two_processes_match_one(shards, tmp_path):
         assert r2["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-9), k
 
 
-def test_frechet_eigh_path_and_bootstrap_error():
-    from gmpi_lightning.evaluation.geometry import frechet_bootstrap_se, frechet_distance, frechet_distance_eigh
+def test_frechet_distance_matches_torchmetrics_and_bootstrap_error():
+    from gmpi_lightning.evaluation.geometry import frechet_bootstrap_se, frechet_distance
+    from gmpi_lightning.evaluation.image_metrics import fid_kid
 
     g = torch.Generator().manual_seed(1)
     a = torch.rand(300, 16, generator=g, dtype=torch.float64)
     b = torch.rand(300, 16, generator=g, dtype=torch.float64) * 0.8 + 0.2
-    assert frechet_distance_eigh(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(fid_kid(a, b, which=("fid",))["fid"], rel=1e-6)  # torchmetrics
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
     x = torch.randn(2000, 4, generator=g, dtype=torch.float64)
     y = torch.randn(2000, 4, generator=g, dtype=torch.float64) * 2 + 1
     small, large = frechet_bootstrap_se(x, y, rounds=40), frechet_bootstrap_se(x[:200], y[:200], rounds=40)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..cameras import invert_rigid
-from ..estimators import depth_error, pose_error, summarize
+from ..estimators import depth_error, load_estimators, pose_error, summarize
 from ..export import progress
 from . import geometry
 from .fakes import FakeSettings, generate, generated_planes, iter_fakes, rank_seeds, render
@@ -68,8 +68,6 @@ def resolve_estimators(estimators, metrics: list[str], device) -> tuple:
     """(pose estimator or None, depth estimator or None, info) from an estimator file (``gmpi estimators train``),
     a ``(pose, depth)`` pair or a ``{"pose": .., "depth": ..}`` dict of modules/callables (README "Pose and depth
     estimators" for the conventions)."""
-    from ..estimators import load_estimators
-
     if estimators is None:
         raise ValueError("pose/depth need an estimator: `gmpi estimators train --data DATA --out EST.pt` then "
                          "--estimators EST.pt, or pass (pose_module, depth_module) to evaluate() (or drop pose,depth "
