@@ -34,8 +34,9 @@ RUN        ?= runs/synthetic
 
 data: $(DATA)/dataset.json  ## generate the default synthetic dataset (DATA, DATA_NUM, DATA_RES) + preview.png
 
+# No --overwrite: this runs only when $(DATA)/dataset.json is missing, and a folder without one is not ours to replace.
 $(DATA)/dataset.json: | install
-	$(VENV)/bin/gmpi data synthetic --out $(DATA) --num $(DATA_NUM) --resolution $(DATA_RES) --overwrite
+	$(VENV)/bin/gmpi data synthetic --out $(DATA) --num $(DATA_NUM) --resolution $(DATA_RES)
 
 # Experiment runs (README "Multi-GPU and multi-node"): `make train EXP=NAME` trains experiments/NAME.yaml.
 #   GPUS unset          one `gmpi fit` process, devices as the YAML says (`devices: auto` = every visible GPU)

@@ -12,6 +12,10 @@ Every input is checked (decodable, square, expected resolution, pose present, fi
 unique). By default the first bad input stops the conversion with an error naming the file;
 ``skip_bad`` records it in ``rejected.jsonl`` and counts it in ``dataset.json``. Workers decode and
 encode in parallel on bounded blocks, so memory stays constant whatever the dataset size.
+
+Inputs are untrusted: a zip member is read only if its declared size is at most :data:`MAX_MEMBER_BYTES`, and
+through a bounded read (a header that lies cannot make us inflate more); a member name with ``..`` or an absolute
+path never selects a pose file outside the pose folder.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import get_context
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -35,6 +39,36 @@ from .posed_images import mirror_w2c
 from .shards import BadSample, ShardSetWriter, decode_image, encode_png, make_key
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+MAX_MEMBER_BYTES = 128 << 20  # one zip member (an image, dataset.json): a 4096 px PNG is well under it
+
+
+def read_zip_member(z: zipfile.ZipFile, name: str, cap: int | None = None) -> bytes:
+    """A member's bytes, refusing one that declares (or inflates to) more than ``cap`` bytes: a zip bomb is
+    refused before it is decompressed, and a header that under-declares is caught by the bounded read."""
+    cap = MAX_MEMBER_BYTES if cap is None else cap
+    where = f"{z.filename}:{name}"
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        raise FileNotFoundError(f"{where}: no such member in the zip") from None
+    if info.file_size > cap:
+        raise BadSample(f"{where}: declares {info.file_size} bytes uncompressed, over the {cap}-byte cap per member "
+                        f"(a zip bomb?); not decompressed")
+    try:
+        with z.open(info) as f:
+            data = f.read(cap + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise BadSample(f"{where}: corrupt zip member ({type(e).__name__}: {e})") from None
+    if len(data) > cap:
+        raise BadSample(f"{where}: inflates past the {cap}-byte cap per member (its header says "
+                        f"{info.file_size}); refused")
+    return data
+
+
+def is_inside_name(name: str) -> bool:
+    """A relative member name that stays inside its root: no absolute path, drive, backslash or '..' part."""
+    p = PurePosixPath(name)
+    return bool(name) and not p.is_absolute() and "\\" not in name and ":" not in name and ".." not in p.parts
 
 
 # ----------------------------------------------------------------------------------- image sources
@@ -59,13 +93,13 @@ class ImageSource:
             return (self.path / name).read_bytes()
         if self._zip is None:
             self._zip = zipfile.ZipFile(self.path)
-        return self._zip.read(name)
+        return read_zip_member(self._zip, name)
 
     def read_text(self, name: str) -> str:
         if self.path.is_dir():
             return (self.path / name).read_text()
         with zipfile.ZipFile(self.path) as z:
-            return z.read(name).decode()
+            return read_zip_member(z, name).decode()
 
     def __getstate__(self):
         return {"path": self.path, "_zip": None}
@@ -174,8 +208,18 @@ class _Deep3DPose:
 
 
 def _find_mat(poses: Path, name: str) -> Path:
+    """The pose file of image ``name`` (a name already checked by :func:`is_inside_name`): same relative path, or
+    the same stem at the top of the pose folder."""
     nested = poses / Path(name).with_suffix(".mat")
     return nested if nested.is_file() else poses / (Path(name).stem + ".mat")
+
+
+class _bad_pose:  # noqa: N801 (a picklable callable that rejects the image with a reason)
+    def __init__(self, message: str):
+        self.message = message
+
+    def __call__(self):
+        raise BadSample(self.message)
 
 
 def read_fail_list(path: str | Path | None) -> set[str]:
@@ -197,7 +241,10 @@ def convert_ffhq(images: str | Path, poses: str | Path, out: str | Path, preset:
     failed = read_fail_list(fail_list)
     names = source.names()
     kept = [n for n in names if Path(n).stem not in failed]
-    jobs = [Job(n, make_key(n), _Deep3DPose(_find_mat(poses, n), p.sphere_center_z, p.sphere_r)) for n in kept]
+    jobs = [Job(n, make_key(n), _Deep3DPose(_find_mat(poses, n), p.sphere_center_z, p.sphere_r)
+                if is_inside_name(n) else
+                _bad_pose(f"{n}: member name leaves the archive root ('..' or an absolute path); its pose is not "
+                          f"looked up")) for n in kept]
     extra = {"excluded_by_fail_list": len(names) - len(kept), "fail_list": str(fail_list) if fail_list else None}
     return run_conversion(source, jobs, out, p.name, "deep3dface", extra_card=extra, **kw)
 

@@ -7,7 +7,8 @@ groups files at the first dot). A ``dataset.json`` card beside the shards record
 count, shards with sizes and sha256, pose statistics, rejected inputs and the command that wrote it.
 
 The writer streams (constant memory), writes into ``<out>.partial`` and renames at the end, so an
-interrupted conversion never leaves a folder that looks complete.
+interrupted conversion never leaves a folder that looks complete. It replaces (``overwrite``) only a folder that
+is empty or holds a card it wrote (``"format": CARD_FORMAT``): ``make data DATA=~/photos`` cannot delete photos.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import numpy as np
 from PIL import Image
 
 CARD = "dataset.json"
+CARD_FORMAT = "gmpi-lightning/shards"  # in every card the writer makes: the folder is ours to replace
+PARTIAL_MARKER = ".gmpi-partial"  # inside <out>.partial while the writer fills it: the writer may remove it
 REJECTED = "rejected.jsonl"
 SHARD_PATTERN = "shard-%06d.tar"
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-/]+$")
@@ -112,11 +115,16 @@ class ShardSetWriter:
         import webdataset as wds
 
         self.out = Path(out_dir)
-        if self.out.exists() and any(self.out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{self.out} already exists and is not empty; pass --overwrite to replace it")
+        self.overwrite = overwrite
+        check_replaceable(self.out, overwrite)
         self.tmp = self.out.with_name(self.out.name + ".partial")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp.exists():
+            if not (self.tmp / PARTIAL_MARKER).is_file():
+                raise FileExistsError(f"{self.tmp} exists and was not left by an interrupted `gmpi data` run (no "
+                                      f"{PARTIAL_MARKER} in it); move it away, nothing was changed")
+            shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
+        (self.tmp / PARTIAL_MARKER).touch()
         self.preset, self.resolution, self.source, self.extra = preset, resolution, source, extra or {}
         self.skip_bad = skip_bad
         self._keys: set[str] = set()
@@ -188,13 +196,16 @@ class ShardSetWriter:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
             shards.append({"name": p.name, "bytes": p.stat().st_size, "sha256": h.hexdigest()})
-        card = {"preset": self.preset, "resolution": self.resolution, "source": self.source, "count": self._stats.n,
-                "rejected": self.n_rejected, "shards": shards, "pose_stats": self._stats.summary(),
+        card = {"format": CARD_FORMAT, "preset": self.preset, "resolution": self.resolution, "source": self.source,
+                "count": self._stats.n, "rejected": self.n_rejected, "shards": shards,
+                "pose_stats": self._stats.summary(),
                 "schema": ["png", "pose.json", "w2c.npy", "depth.npy?", "mask.png?"],
                 "conventions": "world +X right, +Y down, +Z forward; OpenCV cameras; w2c maps world to camera",
                 "command": " ".join(sys.argv), "seconds": round(time.time() - self._t0, 2), **self.extra}
         (self.tmp / CARD).write_text(json.dumps(card, indent=1))
+        (self.tmp / PARTIAL_MARKER).unlink()
         if self.out.exists():
+            check_replaceable(self.out, self.overwrite)  # again: the folder may have changed during the run
             shutil.rmtree(self.out)
         self.tmp.rename(self.out)
         return self.out
@@ -204,8 +215,45 @@ class ShardSetWriter:
         return False
 
 
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """An output folder may be written if it is absent or empty, and replaced (``overwrite``) only if it holds a
+    dataset this writer made. Anything else is refused before any file is touched."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another output path")
+    if not any(out.iterdir()):
+        return
+    try:
+        ours = json.loads((out / CARD).read_text()).get("format") == CARD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{out} exists and is not a dataset written by `gmpi data` (no {CARD} with "
+                              f"\"format\": \"{CARD_FORMAT}\"); refusing to replace it, even with --overwrite. "
+                              f"Choose another output folder; nothing was changed")
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a dataset; pass --overwrite to replace it")
+
+
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-./]*$")  # no ':', braces, spaces or backslashes
+
+
 def read_card(folder: str | Path) -> dict:
+    """The dataset card of a ``gmpi data`` folder. Its shard names must stay inside the folder (a card is input:
+    ``../x.tar`` or ``/etc/x.tar`` is refused, as are WebDataset's ``pipe:`` and brace patterns)."""
     path = Path(folder) / CARD
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: point at a folder written by `gmpi data ...`")
-    return json.loads(path.read_text())
+    try:
+        card = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(card, dict) or not isinstance(card.get("shards", []), list):
+        raise ValueError(f"{path}: expected a JSON object whose field 'shards' is a list")
+    for i, entry in enumerate(card.get("shards", [])):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _SHARD_NAME.match(name) or ".." in name.split("/"):
+            raise ValueError(f"{path}: field 'shards[{i}].name' = {name!r} must be a relative file name inside the "
+                             f"dataset folder (letters, digits, '_', '-', '.', '/'; no '..', no absolute path)")
+    return card

@@ -16,14 +16,18 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("GMPI_FIXTURES", REPO.parent / "shared" / "fixtures"))
+# Reference tensors of the official implementations, vendored with the tests (tests/fixtures/README.md says how
+# they were made); GMPI_FIXTURES points at another copy, e.g. a newer or a held-out set.
+FIXTURES = Path(os.environ.get("GMPI_FIXTURES", REPO / "tests" / "fixtures"))
 
 
 def fixture_dir(name: str) -> Path:
-    """Path of ../shared/fixtures/<name>, or skip with the reason when the folder is absent."""
+    """Path of tests/fixtures/<name>. A missing folder fails the test: a parity test that skips would let the
+    suite say green without having compared anything."""
     path = FIXTURES / name
     if not path.is_dir():
-        pytest.skip(f"reference fixtures not found at {path} (set GMPI_FIXTURES or check out ../shared)")
+        pytest.fail(f"reference fixtures not found at {path}: they ship with the repository under tests/fixtures "
+                    f"(restore them with git, or point GMPI_FIXTURES at a copy)", pytrace=False)
     return path
 
 

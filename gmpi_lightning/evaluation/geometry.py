@@ -23,37 +23,44 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from kornia.geometry.camera import project_points
+from kornia.geometry.depth import depth_to_3d_v2
+from kornia.geometry.linalg import transform_points
 
-from ..cameras import focal_from_fov, invert_rigid
+from ..cameras import intrinsics, invert_rigid
+
+
+def kornia_intrinsics(fov_deg: float, height: int, width: int, batch: int, device=None) -> torch.Tensor:
+    """Our camera as kornia sees it (B x 3 x 3, float64). Kornia puts pixel centres at integer coordinates, the
+    renderer at +0.5: the same rays need the principal point half a pixel up and left, (W/2 - 0.5, H/2 - 0.5)."""
+    K = intrinsics(fov_deg, height, width, torch.float64)
+    K[:2, 2] -= 0.5
+    return K.to(device).expand(batch, 3, 3)
 
 
 def unproject(depth: torch.Tensor, c2w: torch.Tensor, fov_deg: float) -> torch.Tensor:
     """World points (B x H x W x 3, float64) of every pixel of a z-depth map (B x 1 x H x W). Pixel (u, v) is the
-    ray through (u + 0.5, v + 0.5), as the renderer."""
+    ray through (u + 0.5, v + 0.5), as the renderer (kornia's unprojection, tested equal to the pinhole formula)."""
     b, _, h, w = depth.shape
-    f = focal_from_fov(fov_deg, w)
-    dev = depth.device
-    v, u = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float64) + 0.5,
-                          torch.arange(w, device=dev, dtype=torch.float64) + 0.5, indexing="ij")
-    d = depth[:, 0].to(torch.float64)
-    x_cam = torch.stack([(u - w / 2) / f * d, (v - h / 2) / f * d, d], dim=-1)
-    c2w = c2w.to(dev, torch.float64).reshape(-1, 4, 4).expand(b, 4, 4)
-    return torch.einsum("bij,bhwj->bhwi", c2w[:, :3, :3], x_cam) + c2w[:, None, None, :3, 3]
+    x_cam = depth_to_3d_v2(depth[:, 0].to(torch.float64), kornia_intrinsics(fov_deg, h, w, b, depth.device))
+    c2w = c2w.to(depth.device, torch.float64).reshape(-1, 4, 4).expand(b, 4, 4)
+    return transform_points(c2w[:, None], x_cam)
 
 
 def reproject(depth_b: torch.Tensor, c2w_b: torch.Tensor, c2w_a: torch.Tensor, fov_deg: float
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """B's pixels (z-depth B x 1 x H x W) seen from camera A: (grid_sample grid B x H x W x 2 for
-    align_corners=False, z-depth in A B x 1 x H x W)."""
-    _, _, h, w = depth_b.shape
-    f = focal_from_fov(fov_deg, w)
+    align_corners=False, z-depth in A B x 1 x H x W). Points behind A get a grid value outside [-1, 1]."""
+    b, _, h, w = depth_b.shape
     x_w = unproject(depth_b, c2w_b, fov_deg)
-    w2c_a = invert_rigid(c2w_a.to(depth_b.device, torch.float64).reshape(-1, 4, 4))
-    x_a = torch.einsum("bij,bhwj->bhwi", w2c_a[:, :3, :3], x_w) + w2c_a[:, None, None, :3, 3]
-    z_a = x_a[..., 2].clamp_min(1e-9)
-    ua, va = f * x_a[..., 0] / z_a + w / 2, f * x_a[..., 1] / z_a + h / 2  # continuous, pixel centres at +0.5
-    grid = torch.stack([ua / w * 2 - 1, va / h * 2 - 1], dim=-1)
-    return grid.float(), z_a[:, None].float()
+    w2c_a = invert_rigid(c2w_a.to(depth_b.device, torch.float64).reshape(-1, 4, 4)).expand(b, 4, 4)
+    x_a = transform_points(w2c_a[:, None], x_w)
+    uv = project_points(x_a, kornia_intrinsics(fov_deg, h, w, b, depth_b.device)[:, None, None])  # centres at k
+    size = torch.tensor([w, h], dtype=torch.float64, device=depth_b.device)
+    grid = (uv + 0.5) / size * 2 - 1  # align_corners=False: pixel k spans [k - 0.5, k + 0.5]
+    in_front = x_a[..., 2:] > 1e-8  # kornia does not flag points behind the camera (its #4555): we do
+    grid = torch.where(in_front, grid, torch.full_like(grid, -2.0))
+    return grid.float(), x_a[..., 2].clamp_min(1e-9)[:, None].float()
 
 
 @torch.no_grad()

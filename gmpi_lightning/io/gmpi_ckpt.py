@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from ..nn.gmpi import GMPIGenerator
-from .stylegan2_pkl import NetworkFormatError, UnsafePickleError, _require_file
+from .stylegan2_pkl import (
+    NetworkFormatError,
+    UnsafePickleError,
+    _require_file,
+    build_checked,
+    check_tensors_match,
+    probe_network,
+)
 
 GMPI_FORMAT = "gmpi-lightning/gmpi"
 GMPI_FORMAT_VERSION = 1
@@ -159,6 +166,8 @@ def infer_backbone_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
     if channel_base is None:
         raise NetworkFormatError(f"channels per resolution {channels} do not follow min(base // res, max)")
     n_fc = len([k for k in state_dict if re.match(r"mapping\.fc\d+\.weight$", k)])
+    if n_fc == 0 or any(f"mapping.fc{i}.weight" not in state_dict for i in range(n_fc)):
+        raise NetworkFormatError("not a GMPI/StyleGAN2 generator state dict (mapping.fc0 ... fcN weights missing)")
     w_dim = state_dict[f"mapping.fc{n_fc - 1}.weight"].shape[0]
     c_dim = state_dict["mapping.embed.weight"].shape[1] if "mapping.embed.weight" in state_dict else 0
     embed = state_dict["mapping.embed.weight"].shape[0] if c_dim else 0
@@ -200,21 +209,28 @@ def load_official_gmpi(generator_pth: str | Path, config: str | Path | dict | No
                                      f"kwargs or keep the run's generator.pth next to it")
     if not isinstance(state_dict, dict) and shadow is None:
         raise NetworkFormatError(f"{path}: expected a state dict or a torch_ema dict, got {type(blob).__name__}")
-    G = GMPIGenerator(**(backbone or infer_backbone_kwargs(state_dict)), **gmpi_kwargs)
-    if state_dict is not None and not (shadow is not None and keep_init_buffers):
-        missing, unexpected = G.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
-            raise NetworkFormatError(f"{path}: tensors do not match the GMPI generator (alpha mode "
-                                     f"{G.alpha_mode}): missing {missing[:6]}, unexpected {unexpected[:6]}")
+    # Shapes first (on the meta device, after bounds on the kwargs), memory after: a file cannot make us build
+    # more than the tensors it holds.
+    kwargs = {**(backbone or infer_backbone_kwargs(state_dict)), **gmpi_kwargs}
+    probe = probe_network(GMPIGenerator, kwargs, f"{path} (alpha mode {kwargs.get('alpha_mode')})")
+    load_buffers = state_dict is not None and not (shadow is not None and keep_init_buffers)
+    if load_buffers:
+        check_tensors_match(probe, state_dict, f"{path} (alpha mode {probe.alpha_mode})")
     if shadow is not None:
-        params = list(G.parameters())
-        if len(shadow) != len(params):
-            raise NetworkFormatError(f"{path}: {len(shadow)} EMA parameters, the generator has {len(params)}")
+        shapes = [p.shape for p in probe.parameters()]
+        if not isinstance(shadow, (list, tuple)) or len(shadow) != len(shapes):
+            n = len(shadow) if isinstance(shadow, (list, tuple)) else type(shadow).__name__
+            raise NetworkFormatError(f"{path}: {n} EMA parameters, the generator has {len(shapes)}")
+        for i, (shape, s) in enumerate(zip(shapes, shadow)):
+            if not isinstance(s, torch.Tensor) or s.shape != shape:
+                got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise NetworkFormatError(f"{path}: EMA parameter {i} has shape {got}, expected {tuple(shape)}")
+    G = GMPIGenerator(**kwargs)
+    if load_buffers:
+        G.load_state_dict(state_dict)
+    if shadow is not None:
         with torch.no_grad():
-            for i, (p, s) in enumerate(zip(params, shadow)):
-                if p.shape != s.shape:
-                    raise NetworkFormatError(f"{path}: EMA parameter {i} has shape {tuple(s.shape)}, "
-                                             f"expected {tuple(p.shape)}")
+            for p, s in zip(G.parameters(), shadow):
                 p.copy_(s)
     return G.eval().requires_grad_(False)
 
@@ -242,18 +258,24 @@ def load_gmpi_checkpoint(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     _require_file(path, "GMPI checkpoint")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise NetworkFormatError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(blob, dict) or blob.get("format") != GMPI_FORMAT:
         raise NetworkFormatError(f"{path}: not a '{GMPI_FORMAT}' checkpoint")
-    G = GMPIGenerator(**blob["generator"]["init_kwargs"])
-    G.load_state_dict(blob["generator"]["state_dict"])
+    nets = {k: blob[k] for k in ("generator", "discriminator") if k in blob}
+    if "generator" not in nets or not all(isinstance(v, dict) for v in nets.values()):
+        raise NetworkFormatError(f"{path}: 'generator' (and 'discriminator') must be dicts of init_kwargs and "
+                                 f"state_dict")
+    G = build_checked(GMPIGenerator, nets["generator"].get("init_kwargs"), nets["generator"].get("state_dict"),
+                      f"{path}[generator]")
     D = None
-    if "discriminator" in blob:
+    if "discriminator" in nets:
         classes = {c.__name__: c for c in (Discriminator, PoseConditionedDiscriminator)}
-        name = blob["discriminator"].get("class_name", "PoseConditionedDiscriminator")
+        name = nets["discriminator"].get("class_name", "PoseConditionedDiscriminator")
         if name not in classes:
             raise NetworkFormatError(f"{path}: unknown discriminator class {name!r}; expected one of {list(classes)}")
-        D = classes[name](**blob["discriminator"]["init_kwargs"])
-        D.load_state_dict(blob["discriminator"]["state_dict"])
-        D.eval()
-    return {"G": G.eval().requires_grad_(False), "D": D, "preset": blob.get("preset"), "extra": blob.get("extra")}
+        D = build_checked(classes[name], nets["discriminator"].get("init_kwargs"),
+                          nets["discriminator"].get("state_dict"), f"{path}[discriminator]").requires_grad_(True)
+    return {"G": G, "D": D, "preset": blob.get("preset"), "extra": blob.get("extra")}

@@ -10,6 +10,11 @@ of globals needed to rebuild tensors and these records, the record becomes a pla
 with its tensors by name. Anything else in the pickle (``os.system``, ``builtins.eval``, an unknown
 class) is refused with an error that names it.
 
+A hostile file cannot make us allocate what it does not hold: constructor kwargs are checked against
+:data:`INT_BOUNDS` first, the network is then built on the ``meta`` device (no memory) to learn the shape of
+every tensor it needs, those shapes must equal the tensors the file carries, and only then is the real network
+built. Every tensor storage must fit in the bytes that encode it.
+
 The converted format written by :func:`save_converted` (``gmpi import-stylegan2``) is a plain
 ``torch.save`` of dicts, strings, numbers and tensors that ``torch.load(weights_only=True)`` reads.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import functools
 import inspect
 import io
 import pickle
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 import torch._utils
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..nn.discriminator import Discriminator
 from ..nn.synthesis import Generator
@@ -42,6 +49,20 @@ NETWORK_CLASSES: dict[str, type[nn.Module]] = {"Generator": Generator, "Discrimi
 KNOWN_SUBMODULES = {
     "MappingNetwork", "FullyConnectedLayer", "SynthesisNetwork", "SynthesisBlock", "SynthesisLayer",
     "ToRGBLayer", "Conv2dLayer", "DiscriminatorBlock", "DiscriminatorEpilogue", "MinibatchStdLayer",
+}
+
+
+# Sane bounds on constructor kwargs, checked (at any nesting depth) before anything is built. The largest released
+# configurations sit well inside: StyleGAN2/3 at 1024 px (channel_base 32768-65536, channel_max 512-1024, 8 mapping
+# layers, 4 fp16 resolutions), GMPI with 96 planes. A name not listed is left to the constructor to refuse.
+MAX_RESOLUTION = 4096
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "img_resolution": (4, MAX_RESOLUTION), "img_channels": (1, 16), "z_dim": (0, 4096), "w_dim": (1, 4096),
+    "c_dim": (0, 65536), "channel_base": (1, 1 << 18), "channel_max": (1, 2048), "num_fp16_res": (0, 12),
+    "num_layers": (1, 32), "embed_features": (0, 4096), "layer_features": (0, 4096), "cmap_dim": (0, 4096),
+    "mbstd_group_size": (0, 1024), "mbstd_num_channels": (0, 64), "num_ws": (1, 64),
+    "n_train_planes": (1, 1024), "pos_enc_multires": (0, 32), "gen_alpha_largest_res": (0, 1 << 13),
+    "depth2alpha_n_z_bins": (1, 1 << 16),
 }
 
 
@@ -73,27 +94,91 @@ class EasyDict(dict):
             raise AttributeError(name) from e
 
 
-def _reconstruct_persistent_obj(meta: dict) -> PersistentRecord:
-    if not isinstance(meta, dict) or meta.get("type") != "class":
-        raise NetworkFormatError(f"unsupported persistent record (type {meta.get('type')!r}); expected 'class'")
+def _reconstruct_persistent_obj(meta: dict, source: str = "<pickle>") -> PersistentRecord:
+    if not isinstance(meta, dict):
+        raise NetworkFormatError(f"{source}: a persistent record is a {type(meta).__name__}, expected a dict")
+    if meta.get("type") != "class":
+        raise NetworkFormatError(f"{source}: unsupported persistent record (type {meta.get('type')!r}); "
+                                 f"expected 'class'")
     if meta.get("version") != 6:
-        raise NetworkFormatError(f"persistent record version {meta.get('version')!r} is not supported (expected 6)")
-    return PersistentRecord(class_name=str(meta["class_name"]), state=meta["state"], version=meta["version"],
+        raise NetworkFormatError(f"{source}: persistent record version {meta.get('version')!r} is not supported "
+                                 f"(expected 6)")
+    name, state = meta.get("class_name"), meta.get("state")
+    if not isinstance(name, str):
+        raise NetworkFormatError(f"{source}: a persistent record has class_name {name!r}, expected a string")
+    if not isinstance(state, dict):
+        raise NetworkFormatError(f"{source}: the record of {name!r} has a {type(state).__name__} state; "
+                                 f"expected a dict of module attributes")
+    return PersistentRecord(class_name=name, state=state, version=meta["version"],
                             extra={k: v for k, v in meta.items() if k not in ("state", "module_src")})
 
 
+_STORAGE_ITEM_BYTES = {"FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2,
+                       "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+                       "BoolStorage": 1, "UntypedStorage": 1}
+
+
+class _StorageHeaderReader(pickle.Unpickler):
+    """Reads the declared storage sizes of a legacy ``torch.save`` blob, so that a blob cannot ask
+    ``torch.load`` to allocate more than it holds."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.declared: list[tuple[str, int]] = []
+
+    def find_class(self, module, name):
+        if module == "torch" and name in _STORAGE_ITEM_BYTES:
+            return name
+        raise UnsafePickleError(f"refusing global '{module}.{name}' in a tensor storage")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int)):
+            raise NetworkFormatError(f"unexpected storage record {pid!r}")
+        self.declared.append((pid[1], pid[4]))
+
+
 def _load_storage_from_bytes(b: bytes):
+    reader = _StorageHeaderReader(io.BytesIO(b))
+    try:
+        for _ in range(4):  # magic number, protocol version, system info, the storage record
+            reader.load()
+    except (UnsafePickleError, NetworkFormatError):
+        raise
+    except Exception as e:
+        raise NetworkFormatError(f"a tensor storage is not a legacy torch.save blob ({type(e).__name__}: {e})") from e
+    need = sum(_STORAGE_ITEM_BYTES.get(kind, 1) * max(n, 0) for kind, n in reader.declared)
+    if need > len(b):
+        raise NetworkFormatError(f"a tensor storage declares {need} bytes but its blob holds {len(b)}")
     return torch.load(io.BytesIO(b), weights_only=True)
 
 
 def _numpy_scalar(dtype, *args):
-    if dtype.hasobject:
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
         raise UnsafePickleError("numpy object scalars are not allowed in a network pickle")
     return np._core.multiarray.scalar(dtype, *args)
 
 
-def _numpy_reconstruct(*args):
-    return np._core.multiarray._reconstruct(*args)
+class _NumericArray(np.ndarray):
+    """What a pickled ndarray is rebuilt as: its state (dtype and bytes) may not hold Python objects."""
+
+    def __setstate__(self, state):
+        dtypes = [x for x in state if isinstance(x, np.dtype)] if isinstance(state, tuple) else []
+        if len(dtypes) != 1 or dtypes[0].hasobject:
+            raise UnsafePickleError("numpy object arrays are not allowed in a network pickle")
+        super().__setstate__(state)
+
+
+def _numpy_reconstruct(subtype, shape, dtype):
+    if subtype is not np.ndarray or shape != (0,):  # numpy always pickles (ndarray, (0,), b'b'); data comes after
+        raise UnsafePickleError(f"numpy array reconstruction ({subtype!r}, {shape!r}) is not allowed in a network "
+                                f"pickle")
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as e:
+        raise UnsafePickleError(f"numpy dtype {dtype!r} is not allowed in a network pickle") from e
+    if dtype.hasobject:
+        raise UnsafePickleError("numpy object arrays are not allowed in a network pickle")
+    return np._core.multiarray._reconstruct(_NumericArray, shape, dtype)
 
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
@@ -119,6 +204,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)  # protocol-2 names, e.g. __builtin__
+        if (module, name) == ("torch_utils.persistence", "_reconstruct_persistent_obj"):
+            return functools.partial(_reconstruct_persistent_obj, source=self.source)  # errors name the file
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
@@ -144,57 +231,114 @@ def _plain(obj):
     return obj
 
 
-def _record_tensors(record: PersistentRecord, prefix: str = "") -> dict[str, torch.Tensor]:
+def _record_tensors(record: PersistentRecord, where: str, prefix: str = "") -> dict[str, torch.Tensor]:
     if record.class_name not in KNOWN_SUBMODULES and record.class_name not in NETWORK_CLASSES:
-        raise NetworkFormatError(f"unknown network class {record.class_name!r} at '{prefix or '<root>'}'")
+        raise NetworkFormatError(f"{where}: unknown network class {record.class_name!r} at '{prefix or '<root>'}'")
     state = record.state
     out: dict[str, torch.Tensor] = {}
-    skip = set(state.get("_non_persistent_buffers_set", ()))
+    skip = state.get("_non_persistent_buffers_set", ())
+    skip = set(skip) if isinstance(skip, (set, frozenset, list, tuple)) else set()
+    for group in ("_parameters", "_buffers", "_modules"):
+        if not isinstance(state.get(group, {}), dict):
+            raise NetworkFormatError(f"{where}: '{prefix}{group}' is a {type(state[group]).__name__}, expected a dict")
     for group in ("_parameters", "_buffers"):
         for name, t in state.get(group, {}).items():
-            if t is not None and name not in skip:
-                out[prefix + name] = t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+            if t is None or name in skip:
+                continue
+            if not isinstance(t, (torch.Tensor, np.ndarray)):
+                raise NetworkFormatError(f"{where}: '{prefix}{name}' is a {type(t).__name__}, not a tensor")
+            out[prefix + name] = t.detach() if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t))
     for name, child in state.get("_modules", {}).items():
         if child is None:
             continue
         if not isinstance(child, PersistentRecord):
-            raise NetworkFormatError(f"sub-module '{prefix}{name}' is a {type(child).__name__}, not a network record")
-        out.update(_record_tensors(child, f"{prefix}{name}."))
+            raise NetworkFormatError(f"{where}: sub-module '{prefix}{name}' is a {type(child).__name__}, "
+                                     f"not a network record")
+        out.update(_record_tensors(child, where, f"{prefix}{name}."))
     return out
 
 
-def _build_network(class_name: str, init_kwargs: dict, state_dict: dict[str, torch.Tensor], where: str) -> nn.Module:
-    cls = NETWORK_CLASSES.get(class_name)
-    if cls is None:
-        raise NetworkFormatError(f"{where}: unknown network class {class_name!r}; supported: {sorted(NETWORK_CLASSES)}")
+def check_network_kwargs(kwargs: dict, where: str, path: str = "") -> None:
+    """Refuse constructor kwargs outside :data:`INT_BOUNDS` (at any nesting depth) before anything is built."""
+    if not isinstance(kwargs, dict):
+        raise NetworkFormatError(f"{where}: constructor kwargs{' ' + path if path else ''} are a "
+                                 f"{type(kwargs).__name__}, expected a dict")
+    for key, value in kwargs.items():
+        name = f"{path}.{key}" if path else str(key)
+        if isinstance(value, dict):
+            check_network_kwargs(value, where, name)
+        elif key in INT_BOUNDS and value is not None:
+            lo, hi = INT_BOUNDS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise NetworkFormatError(f"{where}: {name}={value!r} is outside the supported range [{lo}, {hi}]; "
+                                         f"refusing to build the network (nothing was allocated)")
+            if key == "img_resolution" and value & (value - 1):
+                raise NetworkFormatError(f"{where}: img_resolution={value} is not a power of two")
+
+
+class _MetaValueChecks(TorchDispatchMode):
+    """Meta tensors have shapes but no values, so a constructor's value check (``bool((d[1:] <= d[:-1]).any())``)
+    cannot run on them: it reads False / 0 here, and runs for real when the network is built."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            return False if args[0].dtype == torch.bool else 0
+        return func(*args, **(kwargs or {}))
+
+
+def probe_network(cls: type[nn.Module], init_kwargs: dict, where: str) -> nn.Module:
+    """``cls(**init_kwargs)`` on the meta device (shapes only, no memory), after :func:`check_network_kwargs`."""
+    check_network_kwargs(init_kwargs, where)
     try:
-        net = cls(**init_kwargs)
-    except TypeError as e:
-        raise NetworkFormatError(f"{where}: {class_name} kwargs {init_kwargs} are not supported: {e}") from e
-    missing, unexpected = [], []
-    own = net.state_dict()
-    for k in own:
-        if k not in state_dict:
-            missing.append(k)
-    for k in state_dict:
-        if k not in own:
-            unexpected.append(k)
+        with torch.device("meta"), _MetaValueChecks():
+            return cls(**init_kwargs)
+    except Exception as e:
+        raise NetworkFormatError(f"{where}: {cls.__name__} kwargs {init_kwargs} are not supported: "
+                                 f"{type(e).__name__}: {e}") from e
+
+
+def check_tensors_match(probe: nn.Module, state_dict: dict, where: str) -> None:
+    """The tensors of a file must be exactly those of the network its kwargs describe, shapes included."""
+    if not isinstance(state_dict, dict):
+        raise NetworkFormatError(f"{where}: the state dict is a {type(state_dict).__name__}, expected a dict")
+    own = probe.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
-        raise NetworkFormatError(f"{where}: tensors do not match a {class_name} built from its kwargs: "
+        raise NetworkFormatError(f"{where}: tensors do not match a {type(probe).__name__} built from its kwargs: "
                                  f"missing {missing[:8]}, unexpected {unexpected[:8]}")
     for k, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise NetworkFormatError(f"{where}: {k} is a {type(t).__name__}, not a tensor")
         if own[k].shape != t.shape:
             raise NetworkFormatError(f"{where}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)}")
+
+
+def build_checked(cls: type[nn.Module], init_kwargs: dict, state_dict: dict, where: str) -> nn.Module:
+    """``cls(**init_kwargs)`` loaded with ``state_dict`` (eval, no grad), built only once the kwargs are in bounds
+    and the tensors match the shapes they imply: what it allocates is the size of the tensors already read."""
+    check_tensors_match(probe_network(cls, init_kwargs, where), state_dict, where)
+    net = cls(**init_kwargs)
     net.load_state_dict({k: t.to(torch.float32) for k, t in state_dict.items()}, strict=True)
     return net.eval().requires_grad_(False)
+
+
+def _build_network(class_name: str, init_kwargs: dict, state_dict: dict[str, torch.Tensor], where: str) -> nn.Module:
+    cls = NETWORK_CLASSES.get(class_name) if isinstance(class_name, str) else None
+    if cls is None:
+        raise NetworkFormatError(f"{where}: unknown network class {class_name!r}; supported: {sorted(NETWORK_CLASSES)}")
+    return build_checked(cls, init_kwargs, state_dict, where)
 
 
 def _network_from_record(record: PersistentRecord, where: str) -> tuple[nn.Module, dict]:
     if not isinstance(record, PersistentRecord):
         raise NetworkFormatError(f"{where} is a {type(record).__name__}, not a StyleGAN2-ADA network record")
     state = record.state
-    kwargs = _plain(dict(state.get("_init_kwargs", {})))
-    args = list(state.get("_init_args", ()))
+    kwargs, args = state.get("_init_kwargs", {}), state.get("_init_args", ())
+    if not isinstance(kwargs, dict) or not isinstance(args, (list, tuple)):
+        raise NetworkFormatError(f"{where}: _init_kwargs / _init_args are a {type(kwargs).__name__} / "
+                                 f"{type(args).__name__}, expected a dict and a tuple")
+    kwargs, args = _plain(dict(kwargs)), list(args)
     cls = NETWORK_CLASSES.get(record.class_name)
     if cls is None:
         raise NetworkFormatError(f"{where}: unknown network class {record.class_name!r}; "
@@ -204,7 +348,7 @@ def _network_from_record(record: PersistentRecord, where: str) -> tuple[nn.Modul
             kwargs = dict(inspect.signature(cls).bind_partial(*_plain(args), **kwargs).arguments)
         except TypeError as e:
             raise NetworkFormatError(f"{where}: constructor arguments not understood: {e}") from e
-    net = _build_network(record.class_name, kwargs, _record_tensors(record), where)
+    net = _build_network(record.class_name, kwargs, _record_tensors(record, where), where)
     return net, {"class_name": record.class_name, "init_kwargs": kwargs}
 
 
@@ -228,8 +372,10 @@ def load_stylegan2_pkl(path: str | Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         try:
             data = _RestrictedUnpickler(f, str(path)).load()
-        except (UnsafePickleError, NetworkFormatError):
-            raise
+        except (UnsafePickleError, NetworkFormatError) as e:
+            if str(path) in str(e):
+                raise
+            raise type(e)(f"{path}: {e}") from e
         except Exception as e:  # truncated / not a pickle
             raise NetworkFormatError(f"{path}: not a readable network pickle ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict) or not any(k in data for k in NETWORK_KEYS):
@@ -252,8 +398,12 @@ def _load_converted(path: Path) -> dict[str, Any]:
     if blob.get("version") != FORMAT_VERSION:
         raise NetworkFormatError(f"{path}: format version {blob.get('version')} is not supported")
     out: dict[str, Any] = {"training_set_kwargs": blob.get("training_set_kwargs"), "kwargs": {}}
-    for key, entry in blob["networks"].items():
-        out[key] = _build_network(entry["class_name"], entry["init_kwargs"], entry["state_dict"], f"{path}[{key}]")
+    networks = blob.get("networks")
+    if not isinstance(networks, dict) or not all(isinstance(e, dict) for e in networks.values()):
+        raise NetworkFormatError(f"{path}: 'networks' must map names to dicts of class_name, init_kwargs, state_dict")
+    for key, entry in networks.items():
+        out[key] = _build_network(entry.get("class_name"), entry.get("init_kwargs"), entry.get("state_dict"),
+                                  f"{path}[{key}]")
         out["kwargs"][key] = {"class_name": entry["class_name"], "init_kwargs": entry["init_kwargs"]}
     return out
 
