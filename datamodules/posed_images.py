@@ -12,19 +12,14 @@ the discriminator's pose condition), ``yaw``/``pitch`` B, ``key`` (list), plus `
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 import webdataset as wds
-from PIL import Image
 
-from .shards import read_card
+from gmpi_lightning.data import collate, decode_sample, eval_loader, read_samples, resolve_shards  # noqa: F401
 
 # Mirror of the world about x = 0 and of the camera's x axis: w2c' = S w2c S keeps a proper rotation.
 _MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0]).astype(np.float32)
@@ -33,41 +28,6 @@ _MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0]).astype(np.float32)
 def mirror_w2c(w2c: np.ndarray) -> np.ndarray:
     """Pose of the horizontally flipped image: the camera mirrored about the plane x = 0 (yaw -> -yaw)."""
     return _MIRROR @ w2c @ _MIRROR
-
-
-def resolve_shards(data: str | Path | list[str]) -> tuple[list[str], dict | None]:
-    """A folder written by ``gmpi data`` (its dataset.json lists the shards), a brace pattern, or a list."""
-    if isinstance(data, (list, tuple)):
-        return [str(u) for u in data], None
-    path = Path(str(data))
-    if path.is_dir():
-        card = read_card(path)
-        return [str(path / s["name"]) for s in card["shards"]], card
-    urls = list(wds.shardlists.expand_urls(str(data)))
-    missing = [u for u in urls if "://" not in u and not Path(u).exists()]
-    if missing:
-        raise FileNotFoundError(f"shards not found: {missing[:3]}; run `gmpi data ...` first (e.g. `make data`)")
-    return urls, None
-
-
-def decode_sample(sample: dict) -> dict:
-    """Raw tar members -> tensors. Errors name the shard and key."""
-    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-    try:
-        img = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
-        pose = json.loads(sample["pose.json"])
-        w2c = np.load(io.BytesIO(sample["w2c.npy"]), allow_pickle=False).astype(np.float32)
-    except KeyError as e:
-        raise ValueError(f"{where}: sample lacks the field {e}; shards must hold png, pose.json and w2c.npy") from None
-    out = {"key": sample["__key__"], "image": img, "w2c": w2c, "yaw": float(pose["yaw"]),
-           "pitch": float(pose["pitch"])}
-    if "depth.npy" in sample:
-        out["depth"] = np.load(io.BytesIO(sample["depth.npy"]), allow_pickle=False).astype(np.float32)
-    if "mask.png" in sample:
-        out["mask"] = np.asarray(Image.open(io.BytesIO(sample["mask.png"])).convert("L")) > 127
-    if not np.isfinite(out["w2c"]).all():
-        raise ValueError(f"{where}: pose contains NaN/Inf")
-    return out
 
 
 class RandomXFlip:
@@ -84,20 +44,6 @@ class RandomXFlip:
             if k in s:
                 s[k] = s[k][:, ::-1].copy()
         return s
-
-
-def collate(samples: list[dict]) -> dict:
-    batch = {
-        "key": [s["key"] for s in samples],
-        "image": torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1,
-        "w2c": torch.from_numpy(np.stack([s["w2c"].reshape(16) for s in samples])),
-        "yaw": torch.tensor([s["yaw"] for s in samples], dtype=torch.float32),
-        "pitch": torch.tensor([s["pitch"] for s in samples], dtype=torch.float32),
-    }
-    for k in ("depth", "mask"):
-        if all(k in s for s in samples):
-            batch[k] = torch.from_numpy(np.stack([s[k] for s in samples]).astype(np.float32))[:, None]
-    return batch
 
 
 def _shuffle_seed(seed: int | None) -> int | None:
@@ -156,13 +102,11 @@ class PosedImageDataModule(pl.LightningDataModule):
 
     def eval_dataset(self):
         """Every sample exactly once across ranks (split by node) and workers (split by worker)."""
-        return wds.DataPipeline(
-            wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(),
-            wds.map(decode_sample), wds.batched(self.eval_batch_size, collation_fn=collate, partial=True))
+        return read_samples(self.urls, self.eval_batch_size, split=True)
 
     def eval_dataloader(self):
         self._export_rank()
-        return wds.WebLoader(self.eval_dataset(), batch_size=None, num_workers=self.num_workers)
+        return eval_loader(self.urls, self.eval_batch_size, self.num_workers)
 
     def iter_eval(self) -> Iterator[dict]:
         yield from self.eval_dataloader()

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CARD = "dataset.json"
+from gmpi_lightning.data import CARD, read_card  # noqa: F401  (the reading side of the schema lives there)
+
 CARD_FORMAT = "gmpi-lightning/shards"  # in every card the writer makes: the folder is ours to replace
 PARTIAL_MARKER = ".gmpi-partial"  # inside <out>.partial while the writer fills it: the writer may remove it
 REJECTED = "rejected.jsonl"
@@ -234,26 +235,3 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
                               f"Choose another output folder; nothing was changed")
     if not overwrite:
         raise FileExistsError(f"{out} already holds a dataset; pass --overwrite to replace it")
-
-
-_SHARD_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-./]*$")  # no ':', braces, spaces or backslashes
-
-
-def read_card(folder: str | Path) -> dict:
-    """The dataset card of a ``gmpi data`` folder. Its shard names must stay inside the folder (a card is input:
-    ``../x.tar`` or ``/etc/x.tar`` is refused, as are WebDataset's ``pipe:`` and brace patterns)."""
-    path = Path(folder) / CARD
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: point at a folder written by `gmpi data ...`")
-    try:
-        card = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(card, dict) or not isinstance(card.get("shards", []), list):
-        raise ValueError(f"{path}: expected a JSON object whose field 'shards' is a list")
-    for i, entry in enumerate(card.get("shards", [])):
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not _SHARD_NAME.match(name) or ".." in name.split("/"):
-            raise ValueError(f"{path}: field 'shards[{i}].name' = {name!r} must be a relative file name inside the "
-                             f"dataset folder (letters, digits, '_', '-', '.', '/'; no '..', no absolute path)")
-    return card

@@ -15,13 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import read_samples, resolve_shards
 from .estimators import FORMAT, DepthCNN, PoseCNN, depth_error, load_estimators, pose_error, summarize
 
 
 # ========================================================================================== data
 def _split_shards(data: str | Path, val_shards: int) -> tuple[list[str], list[str], dict | None]:
-    from datamodules.posed_images import resolve_shards
-
     urls, card = resolve_shards(data)
     if val_shards < 1:
         raise ValueError(f"val_shards must be >= 1, got {val_shards}")
@@ -37,15 +36,10 @@ def load_arrays(urls: Sequence[str], input_size: int | None = None, max_samples:
     """Decode shards into memory: ``image`` uint8 N x 3 x S x S, ``depth`` float32 N x 1 x S x S, ``mask`` bool,
     ``yaw_pitch`` float32 N x 2, ``key`` list. Images are resized to ``input_size`` (area), depth/mask by nearest
     sampling. Shards without depth/mask ground truth are refused with the shard's name."""
-    import webdataset as wds
-
-    from datamodules.posed_images import decode_sample
-
     from .export import progress
 
-    pipe = wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(), wds.map(decode_sample))
     imgs, depths, masks, poses, keys = [], [], [], [], []
-    for s in progress(pipe, desc=desc, unit="img", total=max_samples, disable=not progress_bar):
+    for s in progress(read_samples(urls), desc=desc, unit="img", total=max_samples, disable=not progress_bar):
         if "depth" not in s or "mask" not in s:
             raise ValueError(f"sample {s['key']} in {list(urls)[:3]}... has no depth.npy/mask.png ground truth; "
                              "estimators train on shards with ground truth (e.g. `gmpi data synthetic`)")
@@ -194,8 +188,6 @@ def train_estimators(data: str | Path, out: str | Path | None = None, steps: int
     t0, c0 = time.time(), time.process_time()
     torch.manual_seed(seed)
     if val_data is not None:
-        from datamodules.posed_images import resolve_shards
-
         train_urls, card = resolve_shards(data)
         val_urls, _ = resolve_shards(val_data)
     else:
@@ -335,8 +327,6 @@ def cli(argv: list[str]) -> int:
         print(f"wrote {args.out} (sha256 {_file_sha256(Path(args.out))[:12]})")
         return 0
     pose_model, depth_model, info = load_estimators(args.estimators)
-    from datamodules.posed_images import resolve_shards
-
     urls, _ = resolve_shards(args.data)
     arrays = load_arrays(urls, None, args.max_samples, desc="load")
     threads = torch.get_num_threads()

@@ -15,12 +15,15 @@ whenever more than one device is used.
 
 from __future__ import annotations
 
+import importlib
+
+from jsonargparse import capture_parser
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 
-from datamodules.posed_images import PosedImageDataModule
-
 from .module import GMPIModule
+
+DATAMODULE = "datamodules.posed_images.PosedImageDataModule"  # named, not imported: datamodules/ uses this package
 
 
 class GMPICLI(LightningCLI):
@@ -42,7 +45,15 @@ class GMPICLI(LightningCLI):
         self.model.run_config = self.parser.dump(self.config, skip_none=False, skip_check=True)  # into checkpoints
 
 
-def run_lightning_cli(argv: list[str]) -> GMPICLI:
-    return GMPICLI(GMPIModule, PosedImageDataModule, args=argv, save_config_kwargs={"overwrite": True},
+def run_lightning_cli(argv: list[str] | None, **parser_kwargs) -> GMPICLI:
+    module, _, name = DATAMODULE.rpartition(".")
+    datamodule = getattr(importlib.import_module(module), name)
+    return GMPICLI(GMPIModule, datamodule, args=argv, save_config_kwargs={"overwrite": True},
                    trainer_defaults={"max_epochs": -1, "log_every_n_steps": 10, "num_sanity_val_steps": 0},
-                   parser_kwargs={"default_env": True})
+                   parser_kwargs={"default_env": True, **parser_kwargs})
+
+
+def fit_parser():
+    """The parser of ``gmpi fit|validate|test`` exactly as above, built without parsing or instantiating anything;
+    a bad argument raises ``argparse.ArgumentError``. Sweeps, ablations and resume resolve every run with it."""
+    return capture_parser(run_lightning_cli, None, exit_on_error=False)

@@ -17,7 +17,8 @@
 # get it, not this shell). Lightning's SLURMEnvironment (auto_requeue=True, requeue_signal=SIGUSR1, its defaults
 # whenever SLURM is detected) then writes <default_root_dir>/hpc_ckpt_N.ckpt and runs `scontrol requeue $SLURM_JOB_ID`
 # (needs --requeue). Every start, first or requeued, resumes from the newest of that hpc checkpoint and the run's
-# <ModelCheckpoint dirpath>/last.ckpt (scripts/resume_ckpt.py), unless the overrides already hold --ckpt_path.
+# <ModelCheckpoint dirpath>/last*.ckpt (`python -m gmpi_lightning.runs resume`, which resolves the config as
+# `gmpi fit` does), unless the overrides already hold --ckpt_path.
 #
 #SBATCH --job-name=gmpi
 #SBATCH --nodes=1
@@ -56,7 +57,7 @@ resume=()
 if [[ " $* " == *" --ckpt_path"* ]]; then
     echo "slurm_train.sh: --ckpt_path given, not looking for a checkpoint to resume from" >&2
 else
-    ckpt=$("$python" scripts/resume_ckpt.py "${fit[@]}")
+    ckpt=$("$python" -m gmpi_lightning.runs resume "${fit[@]}")
     [[ -n $ckpt ]] && resume=("--ckpt_path=$ckpt")
 fi
 

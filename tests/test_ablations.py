@@ -1,7 +1,6 @@
 """Ablation rows: every row is a real, runnable variant of one base; dedup; the results table."""
 
 import json
-import os
 import tarfile
 
 import numpy as np
@@ -9,9 +8,10 @@ import pytest
 import torch
 import yaml
 
-from gmpi_lightning import ablations, cli
-from gmpi_lightning.ablations import COLUMNS, eval_request, evaluate_rows, list_rows, load_row, plan, train_rows
-from gmpi_lightning.tables import write_table
+from gmpi_lightning import ablations, cli, runs
+from gmpi_lightning.ablations import evaluate_rows, list_rows, load_row, plan, train_rows
+from gmpi_lightning.evaluation import compare
+from gmpi_lightning.evaluation.compare import COLUMNS, evaluation_request
 from gmpi_lightning.trainer import run_lightning_cli
 from tests.conftest import REPO
 
@@ -29,22 +29,26 @@ def test_rows_cover_the_paper_axes_and_only_change_the_model():
 
 def test_plan_redirects_outputs_and_deduplicates(tmp_path):
     planned = plan("synthetic", ROWS, tmp_path, max_iters=7)
-    by = {p["name"]: p for p in planned}
+    by = {r.name: r for r in planned}
     base = yaml.safe_load((REPO / "experiments" / "synthetic.yaml").read_text())
-    for p in planned:
-        cfg, run = p["config"], str(tmp_path / p["name"])
-        assert cfg["model"]["export_path"] == f"{run}/gmpi.pt" and cfg["trainer"]["default_root_dir"] == run
-        assert cfg["model"]["max_iters"] == 7
+    for r in planned:
+        cfg, run, model = r.config, str(tmp_path / r.name), runs.init_args(r.config, "model")
+        assert r.dir == tmp_path / r.name
+        assert model["export_path"] == f"{run}/gmpi.pt" and cfg["trainer"]["default_root_dir"] == run
+        assert model["max_iters"] == 7
         for lg in cfg["trainer"]["logger"]:
             assert lg["init_args"]["save_dir"] == run
-        ckpt = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+        ckpt = [c for c in cfg["trainer"]["callbacks"] if "dirpath" in c["init_args"]]  # the checkpoint callback
         assert ckpt[0]["init_args"]["dirpath"] == f"{run}/checkpoints"
         assert "runs/synthetic" not in json.dumps(cfg).replace("runs/synthetic_stylegan2", "")
+        # the row is an overlay: the base's settings, then the row's
+        want = dict(base["model"], export_path=f"{run}/gmpi.pt", max_iters=7, **load_row(r.name)["model"])
+        assert all(model[k] == v for k, v in want.items()), r.name
     # the synthetic base trains without shading and with 32 planes: those rows are the full model
     assert not base["model"]["shading"] and base["model"]["train_planes"] == 32
-    assert by["no_shading"]["same_as"] == "full" and by["train_planes32"]["same_as"] == "full"
-    assert by["with_shading"]["same_as"] is None and by["with_shading"]["config"]["model"]["shading"] is True
-    assert by["no_pose_cond"]["config"]["model"]["pose_conditioning"] is False
+    assert by["no_shading"].same_as == "full" and by["train_planes32"].same_as == "full"
+    assert by["with_shading"].same_as is None and runs.init_args(by["with_shading"].config, "model")["shading"]
+    assert runs.init_args(by["no_pose_cond"].config, "model")["pose_conditioning"] is False
     with pytest.raises(FileNotFoundError, match="available"):
         plan("nope", ROWS, tmp_path)
 
@@ -58,9 +62,9 @@ def data(tmp_path_factory):
 
 @pytest.mark.parametrize("row", ROWS)
 def test_every_row_runs_fast_dev_run(row, data, tmp_path):
-    cfg = plan("synthetic", [row], tmp_path / "out")[0]["config"]
+    cfg = plan("synthetic", [row], tmp_path / "out")[0].config
     if "train_planes" not in load_row(row).get("model", {}):
-        cfg["model"]["train_planes"] = 6  # small and fast; the planes rows keep theirs
+        runs.init_args(cfg, "model")["train_planes"] = 6  # small and fast; the planes rows keep theirs
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cli = run_lightning_cli([
@@ -77,22 +81,25 @@ def test_every_row_runs_fast_dev_run(row, data, tmp_path):
 def test_results_table_from_fabricated_evaluations(tmp_path, monkeypatch):
     rows = ["full", "no_pose_cond", "no_shading"]
     planned = plan("synthetic", rows, tmp_path)
+    with pytest.raises(ablations.AblationError, match="row full has not finished training"):
+        evaluate_rows(planned, ["pose", "depth_fd"], 10, 96, None, None)
     fake = {"full": {"pose": 0.01, "depth_fd": 2.0}, "no_pose_cond": {"pose": 0.09, "depth_fd": 80.0}}
-    for name, m in fake.items():
+    for r, (name, m) in zip(planned, fake.items()):
         (tmp_path / name).mkdir()
+        runs.mark_done(r)
         (tmp_path / name / "gmpi.pt").write_bytes(b"x")  # only its path, size and time key the cached evaluation
-        request = eval_request(tmp_path / name, str(REPO / "data" / "synthetic32"), ["pose", "depth_fd"], 10, 96,
-                               None, None)
+        request = evaluation_request(tmp_path / name / "gmpi.pt", str(REPO / "data" / "synthetic32"),
+                                     ["pose", "depth_fd"], 10, 96, None, None)
         details = {"pose_error": {"mean": m["pose"], "std": 0.03, "n": 10, "n_invalid": 0},
                    "depth_fd": {"bootstrap_se": 0.25}}
         (tmp_path / name / "eval.json").write_text(json.dumps({"metrics": m, "details": details,
                                                                 "request": request}))
-    out = evaluate_rows(planned, tmp_path, ["pose", "depth_fd"], 10, 96, None, None)
+    out = evaluate_rows(planned, ["pose", "depth_fd"], 10, 96, None, None)
     assert [r["row"] for r in out] == rows
     assert out[2]["same_as"] == "full" and out[2]["pose"] == 0.01  # deduplicated rows reuse the evaluation
     assert out[1]["depth_fd"] == 80.0 and out[0]["fid"] == "n/a"
     assert out[0]["pose_se"] == 0.01 and out[0]["depth_fd_se"] == 0.25  # 0.03 / sqrt(10 - 1); the bootstrap
-    write_table(out, tmp_path / "r.csv", tmp_path / "r.md", title="t", plus_minus={c: f"{c}_se" for c in COLUMNS})
+    runs.write_table(out, tmp_path / "r.csv", tmp_path / "r.md", title="t", plus_minus={c: f"{c}_se" for c in COLUMNS})
     md = (tmp_path / "r.md").read_text().splitlines()
     header = [c.strip() for c in md[2].strip("|").split("|")]
     assert header[:3] == ["row", "setting", "same_as"] and header[3:] == COLUMNS  # the _se columns fold into cells
@@ -105,9 +112,9 @@ def test_results_table_from_fabricated_evaluations(tmp_path, monkeypatch):
         raise LookupError("evaluated again")
 
     monkeypatch.setattr("gmpi_lightning.inference.load_generator", load_generator)
-    assert evaluate_rows(planned, tmp_path, ["pose", "depth_fd"], 10, 96, None, None, device="cpu") == out
+    assert evaluate_rows(planned, ["pose", "depth_fd"], 10, 96, None, None, device="cpu") == out
     with pytest.raises(LookupError, match="evaluated again"):  # the device is part of the cache key
-        evaluate_rows(planned, tmp_path, ["pose", "depth_fd"], 10, 96, None, None, device="cuda")
+        evaluate_rows(planned, ["pose", "depth_fd"], 10, 96, None, None, device="cuda")
 
 
 def test_unconditional_d_export_reloads(tmp_path):
@@ -128,105 +135,101 @@ def test_unconditional_d_export_reloads(tmp_path):
 
 def test_dry_run_touches_nothing(tmp_path, capsys):
     planned = plan("synthetic", ["full", "no_pose_cond", "no_shading"], tmp_path)
-    train_rows(planned, tmp_path, dry_run=True)
+    train_rows(planned, dry_run=True)
     out = capsys.readouterr().out
     assert list(tmp_path.iterdir()) == [] and out.count("would train") == 2 and "same settings as full" in out
 
 
 def _fake_fit(calls, rc=0):
-    """Stands in for subprocess.call of `gmpi fit --config C`: records C's max_iters; exports gmpi.pt when rc == 0."""
+    """Stands in for subprocess.call of `gmpi fit --config C --ckpt_path last`: records C's max_iters; exports gmpi.pt
+    when rc == 0."""
     def call(cmd, **kw):
-        cfg = yaml.safe_load(open(cmd[cmd.index("--config") + 1]).read())
-        calls.append(cfg["model"]["max_iters"])
+        model = runs.init_args(yaml.safe_load(open(cmd[cmd.index("--config") + 1]).read()), "model")
+        calls.append((model["max_iters"], cmd[cmd.index("--ckpt_path") + 1]))
         if rc == 0:
-            open(cfg["model"]["export_path"], "wb").write(b"trained %d" % cfg["model"]["max_iters"])
+            open(model["export_path"], "wb").write(b"trained %d" % model["max_iters"])
         return rc
     return call
 
 
-def test_killed_continuation_is_never_counted_done(tmp_path, capsys, monkeypatch):
-    """A row trained for 400 iterations, continued to 800 and killed: the old gmpi.pt must not pass for the new row."""
-    row = tmp_path / "full"
-    row.mkdir()
+def test_rows_resume_continue_and_are_done_only_for_their_settings(tmp_path, capsys, monkeypatch):
+    """A row trained for 400 iterations, continued to 800 and killed: it is not done, resumes (Lightning's
+    --ckpt_path last), and once finished is done for 800 only. Another experiment in its folder is moved aside."""
     longer = plan("synthetic", ["full"], tmp_path, max_iters=800)
     shorter = plan("synthetic", ["full"], tmp_path, max_iters=400)
-    (row / "config.yaml").write_text(yaml.safe_dump(shorter[0]["config"], sort_keys=False))
-    (row / "gmpi.pt").write_bytes(b"trained 400")
     calls = []
-    monkeypatch.setattr(ablations.subprocess, "call", _fake_fit(calls, rc=-9))  # killed
-    with pytest.raises(ablations.AblationError, match="ablation row full failed .exit -9.; see .*train.log"):
-        train_rows(longer, tmp_path)
-    assert calls == [800] and not (row / "gmpi.pt").exists()
-    assert (row / "gmpi.previous.pt").read_bytes() == b"trained 400"
+    monkeypatch.setattr(runs.subprocess, "call", _fake_fit(calls))
+    train_rows(shorter)
+    assert calls == [(400, "last")] and runs.is_done(shorter[0]) and not runs.is_done(longer[0])
+    monkeypatch.setattr(runs.subprocess, "call", _fake_fit(calls, rc=-9))  # killed
+    with pytest.raises(ablations.AblationError, match=r"ablation row full failed \(exit -9\); see .*train.log"):
+        train_rows(longer)
+    assert calls[-1] == (800, "last") and not runs.is_done(longer[0]) and not runs.is_done(shorter[0])
     capsys.readouterr()
-    train_rows(longer, tmp_path, dry_run=True)
+    train_rows(longer, dry_run=True)
     assert "full: would train" in capsys.readouterr().out
-    # the same state left by a runner without done.json: config.yaml newer than the leftover gmpi.pt
-    (row / "gmpi.previous.pt").rename(row / "gmpi.pt")
-    os.utime(row / "gmpi.pt", ns=(10**18, 10**18))
-    os.utime(row / "config.yaml", ns=(10**18 + 10**9,) * 2)
-    assert not ablations.row_done(row, longer[0]["config"])
-    os.utime(row / "gmpi.pt", ns=(10**18 + 2 * 10**9,) * 2)  # exported after config.yaml: a finished old-style row
-    assert ablations.row_done(row, longer[0]["config"])
-    # a successful training writes done.json with the settings' hash; then the row is done, and only for them
-    monkeypatch.setattr(ablations.subprocess, "call", _fake_fit(calls))
-    (row / "gmpi.pt").unlink()
-    train_rows(longer, tmp_path)
-    assert calls == [800, 800] and (row / "gmpi.pt").read_bytes() == b"trained 800"
-    assert json.loads((row / "done.json").read_text())["config_sha256"] == ablations.config_hash(longer[0]["config"])
-    train_rows(longer, tmp_path)
-    assert calls == [800, 800]
-    assert ablations.row_done(row, longer[0]["config"]) and not ablations.row_done(row, shorter[0]["config"])
+    monkeypatch.setattr(runs.subprocess, "call", _fake_fit(calls))
+    train_rows(longer)
+    assert calls[-1] == (800, "last") and (tmp_path / "full" / "gmpi.pt").read_bytes() == b"trained 800"
+    done = json.loads((tmp_path / "full" / "done.json").read_text())
+    assert done["config_sha256"] == runs.config_hash(longer[0].config)
+    assert list(tmp_path.iterdir()) == [tmp_path / "full"]
+    train_rows(longer)
+    assert len(calls) == 3  # done: not trained again
+    other = plan("synthetic", ["no_pose_cond"], tmp_path)[0]  # another experiment in the same folder
+    other.dir = tmp_path / "full"
+    runs.write_config(other)
+    assert len(list(tmp_path.glob("full.old-*"))) == 1 and not (tmp_path / "full" / "gmpi.pt").exists()
 
 
 def test_failed_row_is_a_one_line_cli_error(tmp_path, capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr(ablations.subprocess, "call", _fake_fit(calls, rc=3))
+    monkeypatch.setattr(runs.subprocess, "call", _fake_fit(calls, rc=3))
     assert cli.main(["ablations", "--rows", "full", "--stage", "train", "--max-iters", "5",
                      "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert calls == [5] and len(err) == 1
+    assert calls == [(5, "last")] and len(err) == 1
     assert err[0].startswith("gmpi ablations: error: ablation row full failed (exit 3); see ")
 
 
 def test_evaluation_settings_fail_before_any_training(tmp_path, capsys, monkeypatch):
     trained = []
     monkeypatch.setattr(ablations, "train_rows", lambda *a, **k: trained.append(a))
-    monkeypatch.setattr(ablations.subprocess, "call", lambda *a, **k: trained.append(a) or 0)
-    monkeypatch.setattr(ablations, "data_has_depth", lambda folder: True)
+    monkeypatch.setattr(runs.subprocess, "call", lambda *a, **k: trained.append(a) or 0)
+    monkeypatch.setattr(compare, "data_has_depth", lambda folder: True)
     base = ["ablations", "--rows", "full", "--out", str(tmp_path)]
     assert cli.main([*base, "--metrics", "consistency,fdi"]) == 1
     assert "unknown metric(s) ['fdi']" in capsys.readouterr().err
     assert cli.main([*base, "--metrics", "fid,consistency", "--inception", str(tmp_path / "nope.pth")]) == 1
     err = capsys.readouterr().err
     assert f"Inception weights not found at {tmp_path / 'nope.pth'}" in err and "leave fid,kid out" in err
-    monkeypatch.setattr(ablations, "data_has_depth", lambda folder: False)
+    monkeypatch.setattr(compare, "data_has_depth", lambda folder: False)
     assert cli.main([*base, "--metrics", "consistency,depth_fd,pose"]) == 1
     err = capsys.readouterr().err
     assert "--metrics depth_fd,pose need ground-truth depth" in err and "--metrics consistency)" in err
     assert trained == [] and list(tmp_path.iterdir()) == []
     # a good setting reaches training (here the stand-in), after printing what will be evaluated
-    monkeypatch.setattr(ablations, "data_has_depth", lambda folder: True)
+    monkeypatch.setattr(compare, "data_has_depth", lambda folder: True)
     monkeypatch.delenv("GMPI_INCEPTION_WEIGHTS", raising=False)
     assert cli.main([*base, "--dry-run"]) == 0
     assert len(trained) == 1 and "evaluation: consistency,depth_fd,pose,depth on 256 fakes" in capsys.readouterr().out
 
 
 def test_default_metrics_follow_the_data(data, tmp_path):
-    assert ablations.data_has_depth(data) is True and ablations.data_has_depth(tmp_path / "absent") is None
+    assert compare.data_has_depth(data) is True and compare.data_has_depth(tmp_path / "absent") is None
     flat = tmp_path / "flat"
     flat.mkdir()
     (flat / "x.png").write_bytes(b"png")
     with tarfile.open(flat / "shard-000000.tar", "w") as tar:
         tar.add(flat / "x.png", arcname="000000.png")
     (flat / "dataset.json").write_text(json.dumps({"shards": [{"name": "shard-000000.tar"}]}))
-    assert ablations.data_has_depth(flat) is False
-    choose = ablations.choose_metrics
+    assert compare.data_has_depth(flat) is False
+    choose = compare.choose_metrics
     assert choose(None, data, True, True, False) == ["consistency", "depth_fd", "pose", "depth"]
     assert choose(None, data, True, True, True) == ["fid", "kid", "consistency", "depth_fd", "pose", "depth"]
     assert choose(None, flat, False, False, True) == ["fid", "kid", "consistency"]
     assert choose(None, flat, None, False, False) == ["fid", "kid", "consistency"]  # FFHQ not on this machine
     assert choose(None, flat, None, True, False) == ["consistency", "depth_fd", "pose", "depth"]
     assert choose("pose", flat, None, False, False) == ["pose"]  # data not there: not checked
-    with pytest.raises(ablations.AblationError, match=f"samples of {flat} have no depth.npy"):
+    with pytest.raises(ValueError, match=f"samples of {flat} have no depth.npy"):
         choose("depth", flat, False, False, False)

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from datamodules.converters import convert_synthetic
-from gmpi_lightning import cli, sweeps
-from gmpi_lightning.sweeps import FitParser, SweepError
+from gmpi_lightning import cli, runs, sweeps
+from gmpi_lightning.sweeps import SweepError
 from tests.conftest import REPO
 
 BASE_COMMAND = ["${env}", "${interpreter}", "-m", "gmpi_lightning.sweeps", "fit", "--config",
@@ -186,7 +186,7 @@ def test_args_and_command_identical_to_wandb_agent(tmp_path, monkeypatch):
     assert sweeps.build_command(sw, params)[1] == sys.executable  # locally: this Python
 
 
-def test_path_overrides_put_every_output_in_the_run_folder():
+def test_reroot_puts_every_output_in_the_run_folder():
     cfg = {"trainer": {"default_root_dir": "runs/x",
                        "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
                                    "init_args": {"save_dir": "runs/x", "name": "csv", "prefix": ""}},
@@ -200,24 +200,26 @@ def test_path_overrides_put_every_output_in_the_run_folder():
                                                                                         "other": "runs/xy"}}]},
            "model": {"export_path": "runs/x/gmpi.pt", "init_from": "runs/other/sg2.pt", "notes": "runs/x/n.txt"},
            "data": {"data": "data/synthetic32"}}
-    out = sweeps.path_overrides(cfg, "OUT/run-002", wandb_name="s-run-002", wandb_group="s")
-    args = dict(a[2:].split("=", 1) for a in out)
-    assert args["trainer.default_root_dir"] == "OUT/run-002"
-    assert args["model.export_path"] == "OUT/run-002/gmpi.pt" and args["model.notes"] == "OUT/run-002/n.txt"
-    assert "model.init_from" not in args and "data.data" not in args  # inputs stay where they are
-    csv_logger, wandb_logger = json.loads(args["trainer.logger"])
-    assert csv_logger == {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                          "init_args": {"save_dir": "OUT/run-002", "name": "csv"}}  # prefix "" is the default
+    before = json.dumps(cfg)
+    out = runs.reroot(cfg, "OUT/run-002", name="s-run-002", group="s")
+    assert json.dumps(cfg) == before  # a copy
+    assert out["trainer"]["default_root_dir"] == "OUT/run-002"
+    assert out["model"] == {"export_path": "OUT/run-002/gmpi.pt", "init_from": "runs/other/sg2.pt",
+                            "notes": "OUT/run-002/n.txt"}  # inputs stay where they are
+    assert out["data"] == {"data": "data/synthetic32"}
+    csv_logger, wandb_logger = out["trainer"]["logger"]
+    assert csv_logger["init_args"] == {"save_dir": "OUT/run-002", "name": "csv", "prefix": ""}
     assert wandb_logger["init_args"] == {"save_dir": "OUT/run-002", "name": "s-run-002", "offline": True,
                                          "project": "p", "group": "s"}
-    ckpt, media = json.loads(args["trainer.callbacks"])
-    assert ckpt["init_args"] == {"dirpath": "OUT/run-002/checkpoints", "save_last": True, "every_n_train_steps": 400}
+    ckpt, media = out["trainer"]["callbacks"]
+    assert ckpt["init_args"] == {"dirpath": "OUT/run-002/checkpoints", "save_last": True, "every_n_train_steps": 400,
+                                 "verbose": False}
     assert media["init_args"] == {"out_dir": "OUT/run-002/media", "other": "runs/xy"}  # runs/xy is not under runs/x
-    online = dict(a[2:].split("=", 1) for a in sweeps.path_overrides(cfg, "R", wandb_online=True))
-    w = json.loads(online["trainer.logger"])[1]["init_args"]
-    assert w["offline"] is False and w["name"] is None  # written although defaults: list entries are merged
-    assert sweeps.path_overrides({"trainer": {"logger": False, "callbacks": []}, "model": {"export_path": None}},
-                                 "R") == ["--trainer.default_root_dir=R"]
+    w = runs.reroot(cfg, "R", offline=False, name=None)["trainer"]["logger"][1]["init_args"]
+    assert w["offline"] is False and w["name"] is None
+    # a model given as class_path + init_args (LightningCLI's subclass form) is rerooted the same way
+    sub = runs.reroot({"trainer": {}, "model": {"class_path": "m.M", "init_args": {"export_path": "a/g.pt"}}}, "R")
+    assert sub["model"]["init_args"]["export_path"] == "R/g.pt" and runs.options(sub) >= {"model.export_path"}
 
 
 # ---------------------------------------------------------------------------------- checks against gmpi fit
@@ -229,7 +231,7 @@ def test_unknown_parameter_or_bad_value_fails_before_anything_runs(tmp_path, cap
     assert f"{typo}: parameter 'model.lrr' is not an option of `gmpi fit` (did you mean 'model.lr'?)" in err, err
     bad = _write(tmp_path, _sweep(parameters={"model.lr": {"values": [0.001, "fast"]}}), "bad.yaml")
     with pytest.raises(SweepError, match=r"bad.yaml: run-002 \(--model.lr=fast\) would be refused by `gmpi fit`"
-                                         r"[\s\S]*model.lr"):
+                                         r"[\s\S]*lr\b[\s\S]*fast"):  # jsonargparse names the key and the value
         sweeps.run_sweep(sweeps.load_sweep(bad), out=out)
     none = _write(tmp_path, _sweep(parameters={"model.grad_clip": {"values": [None, 10.0]}}), "none.yaml")
     with pytest.raises(SweepError, match="write the string 'null'"):
@@ -240,9 +242,9 @@ def test_unknown_parameter_or_bad_value_fails_before_anything_runs(tmp_path, cap
     assert not out.exists()  # nothing ran, nothing was written
     # the W&B spelling of null as text is accepted
     ok = _write(tmp_path, _sweep(parameters={"model.grad_clip": {"values": ["null", 10.0]}}), "ok.yaml")
-    runs = sweeps.plan(sweeps.load_sweep(ok), out)
-    assert "--model.grad_clip=null" in runs[0].command
-    assert FitParser.parse(sweeps.fit_arguments(runs[0].command))[0].model.grad_clip is None
+    planned = sweeps.plan(sweeps.load_sweep(ok), out)
+    assert "--model.grad_clip=null" in planned[0].command
+    assert runs.init_args(planned[0].config, "model")["grad_clip"] is None
 
 
 def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch):
@@ -254,25 +256,23 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
     for path in files:
         sw = sweeps.load_sweep(path)
         assert "experiments/synthetic.yaml" in sw.command and sw.metric == "eval/depth_fd"
-        runs = sweeps.plan(sw, tmp_path / sw.name)
+        planned = sweeps.plan(sw, tmp_path / sw.name)
         if sw.name in expected:
             n, varied = expected[sw.name]
-            assert len(runs) == n and len({json.dumps(r.params) for r in runs}) == n
-            assert {k: len({str(r.params[k]) for r in runs}) for k in varied} == varied
-        for r in (runs[0], runs[-1]):
-            _, cfg = FitParser.parse(sweeps.fit_arguments(r.command))
-            run_dir = str(r.dir)
+            assert len(planned) == n and len({json.dumps(r.params) for r in planned}) == n
+            assert {k: len({str(r.params[k]) for r in planned}) for k in varied} == varied
+        for r in planned:
+            cfg, run_dir = r.config, str(r.dir)
             trainer = cfg["trainer"]
             assert trainer["default_root_dir"] == run_dir
-            assert cfg["model"]["export_path"] == f"{run_dir}/gmpi.pt"
+            assert runs.init_args(cfg, "model")["export_path"] == f"{run_dir}/gmpi.pt"
+            assert all(runs.init_args(cfg, "model")[k[6:]] == v for k, v in r.params.items() if k.startswith("model."))
             assert all(lg["init_args"]["save_dir"] == run_dir for lg in trainer["logger"])
-            ckpt = [cb for cb in trainer["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
+            ckpt = [cb for cb in trainer["callbacks"] if "dirpath" in cb["init_args"]]  # the checkpoint callback
             assert ckpt and ckpt[0]["init_args"]["dirpath"] == f"{run_dir}/checkpoints"
             wandb_logger = [lg for lg in trainer["logger"] if lg["class_path"].endswith("WandbLogger")]
             assert wandb_logger[0]["init_args"]["name"] == f"{sw.name}-{r.name}"
-        for r in runs:
-            assert "runs/synthetic/" not in " ".join(r.command)  # nothing left pointing at the base run
-            assert f"--trainer.default_root_dir={r.dir}" in r.command
+            assert "runs/synthetic/" not in json.dumps(cfg)  # nothing left pointing at the base run
     # --dry-run prints every command and writes nothing
     assert cli.main(["sweep-local", str(REPO / "experiments" / "sweeps" / "shading.yaml"), "--dry-run",
                      "--out", str(tmp_path / "dry")]) == 0
@@ -295,13 +295,14 @@ def test_agent_wrapper_gives_each_wandb_run_its_folder(tmp_path):
     argv = ["fit", "--config", str(REPO / "experiments" / "synthetic.yaml"), "--model.lr=0.004"]
     assert sweeps.agent_arguments(argv, env={}) == argv  # not under an agent: plain `gmpi fit`
     got = sweeps.agent_arguments(argv, env={"WANDB_SWEEP_ID": "ab12", "WANDB_RUN_ID": "run7"}, root=tmp_path)
-    assert got[:len(argv)] == argv
-    _, cfg = FitParser.parse(got[1:])
     run_dir = str(tmp_path / "wandb-ab12" / "run7")
-    assert cfg["trainer"]["default_root_dir"] == run_dir and cfg["model"]["export_path"] == f"{run_dir}/gmpi.pt"
+    assert got == ["fit", "--config", f"{run_dir}/config.yaml"]
+    cfg = runs.resolve(got[1:])  # what `gmpi fit` then reads
+    model = runs.init_args(cfg, "model")
+    assert cfg["trainer"]["default_root_dir"] == run_dir and model["export_path"] == f"{run_dir}/gmpi.pt"
     wandb_logger = [lg for lg in cfg["trainer"]["logger"] if lg["class_path"].endswith("WandbLogger")][0]
     assert wandb_logger["init_args"]["offline"] is False and wandb_logger["init_args"]["save_dir"] == run_dir
-    assert cfg["model"]["lr"] == 0.004
+    assert model["lr"] == 0.004
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -311,7 +312,7 @@ def test_write_table_csv_markdown_and_sort_order(tmp_path):
             {"run": "run-003", "status": "finished", "model.lr": 0.004, "fid": 9.25},
             {"run": "run-004", "status": "finished", "model.lr": 0.008, "fid": "nan"},
             {"run": "run-005", "status": "finished", "model.lr": 0.016, "fid": 30.0}]
-    out = sweeps.write_table(rows, tmp_path / "t.csv", tmp_path / "t.md", sort_by="fid", goal="minimize",
+    out = runs.write_table(rows, tmp_path / "t.csv", tmp_path / "t.md", sort_by="fid", goal="minimize",
                              title="Sweep t")
     assert [r["run"] for r in out] == ["run-003", "run-001", "run-005", "run-002", "run-004"]  # no number: last
     with open(tmp_path / "t.csv", newline="") as fh:
@@ -327,29 +328,29 @@ def test_write_table_csv_markdown_and_sort_order(tmp_path):
     assert md[5] == "| run-001 | finished | 0.001 | 12.5 | a\\|b |  |"
     assert md[7] == "| run-002 | failed (exit 1) | 0.002 |  |  | x/log.txt |"
     assert len(md) == 9
-    best_first = sweeps.write_table(rows, None, tmp_path / "m.md", sort_by="fid", goal="maximize")
+    best_first = runs.write_table(rows, None, tmp_path / "m.md", sort_by="fid", goal="maximize")
     assert [r["run"] for r in best_first] == ["run-005", "run-001", "run-003", "run-002", "run-004"]
-    assert [r["run"] for r in sweeps.write_table(rows, tmp_path / "u.csv", None)] == [r["run"] for r in rows]
+    assert [r["run"] for r in runs.write_table(rows, tmp_path / "u.csv", None)] == [r["run"] for r in rows]
     with pytest.raises(ValueError, match="goal"):
-        sweeps.write_table(rows, None, None, sort_by="fid", goal="lowest")
+        runs.write_table(rows, None, None, sort_by="fid", goal="lowest")
 
 
 def test_mistyped_metric_name_is_reported(tmp_path):
     out = tmp_path / "out"
-    for i, loss in ((1, 0.5), (2, 0.25)):  # two finished runs, as a real sweep leaves them
-        run = out / f"run-00{i}"
-        (run / "csv" / "version_0").mkdir(parents=True)
-        (run / "csv" / "version_0" / "metrics.csv").write_text(f"step,val/loss_d,train/r1\n9,{loss},0.1\n")
-        (run / "status.json").write_text(json.dumps({"status": "finished", "seconds": 1.0}))
+    typo = _write(tmp_path, _sweep(name="s", metric={"name": "val/los_d", "goal": "minimize"}), "typo.yaml")
+    for r, loss in zip(sweeps.plan(sweeps.load_sweep(typo), out), (0.5, 0.25)):  # two finished runs
+        (r.dir / "csv" / "version_0").mkdir(parents=True)
+        (r.dir / "csv" / "version_0" / "metrics.csv").write_text(f"step,val/loss_d,train/r1\n9,{loss},0.1\n")
+        r.seconds = 1.0
+        runs.mark_done(r)  # as a real sweep leaves them: done.json with the hash of the run's config
     lines = []
-    typo = _write(tmp_path, _sweep(metric={"name": "val/los_d", "goal": "minimize"}), "typo.yaml")
     rc, rows = sweeps.run_sweep(sweeps.load_sweep(typo), out=out, echo=lines.append)
     warning = [line for line in lines if line.startswith("warning:")]
     assert rc == 0 and len(warning) == 1 and [r["val/los_d"] for r in rows] == [None, None]
     assert "metric 'val/los_d' (did you mean 'val/loss_d'?)" in warning[0] and str(typo) in warning[0]
     assert "have: step, train/r1, val/loss_d" in warning[0]
     lines.clear()
-    good = _write(tmp_path, _sweep(metric={"name": "val/loss_d", "goal": "minimize"}), "good.yaml")
+    good = _write(tmp_path, _sweep(name="s", metric={"name": "val/loss_d", "goal": "minimize"}), "good.yaml")
     rc, rows = sweeps.run_sweep(sweeps.load_sweep(good), out=out, echo=lines.append)
     assert not any(line.startswith("warning:") for line in lines)
     assert [r["val/loss_d"] for r in rows] == [0.5, 0.25]
@@ -385,12 +386,13 @@ def test_real_local_sweep_two_runs(shards, tmp_path):
     assert sum("finished in" in line for line in lines) == 2
     for name, gamma in (("run-001", 0.5), ("run-002", 5.0)):
         run = out / name
-        assert json.loads((run / "status.json").read_text())["status"] == "finished"
-        assert json.loads((run / "run.json").read_text())["params"] == {"model.r1_gamma": gamma}
+        assert json.loads((run / "done.json").read_text())["params"] == {"model.r1_gamma": gamma}
         assert (run / "gmpi.pt").is_file() and (run / "log.txt").stat().st_size > 0
         assert len(list(run.rglob("metrics.csv"))) == 1
-        config = yaml.safe_load(next(run.rglob("config.yaml")).read_text())
-        assert config["model"]["r1_gamma"] == gamma and config["trainer"]["default_root_dir"] == str(run)
+        config = yaml.safe_load((run / "config.yaml").read_text())  # what it trained, exactly
+        assert runs.init_args(config, "model")["r1_gamma"] == gamma
+        assert config["trainer"]["default_root_dir"] == str(run)
+        assert "--ckpt_path last" in (run / "log.txt").read_text()  # resumes when its last.ckpt is there
     with open(out / "results.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == 2 and {float(r["model.r1_gamma"]) for r in table} == {0.5, 5.0}
@@ -420,9 +422,13 @@ def test_failed_runs_are_reported_not_dropped(tmp_path):
     assert [r["model.lr"] for r in rows] == [0.001, 0.002]
     assert rows[0]["log"] == str(out / "run-001" / "log.txt") and (out / "run-001" / "log.txt").is_file()
     assert sum("FAILED (exit 1)" in line and "log.txt" in line for line in lines) == 2
-    assert json.loads((out / "run-002" / "status.json").read_text())["status"] == "failed"
+    assert not (out / "run-002" / "done.json").exists() and (out / "run-002" / "config.yaml").is_file()
     assert (out / "results.md").read_text().count("failed (exit 1)") == 2
     lines.clear()  # a failed run is tried again, not skipped
     sweeps.run_sweep(sweeps.load_sweep(path), out=out, interpreter=false, echo=lines.append)
     assert not any("finished earlier" in line for line in lines) and sum("FAILED" in line for line in lines) == 2
     assert (out / "run-001" / "log.txt").read_text().count("### ") == 2  # the log is appended to
+    # the same folder asked to hold another experiment: the old one is moved aside, never resumed from
+    other = _write(tmp_path, _sweep(parameters={"model.lr": {"values": [0.003]}}), "fails.yaml")
+    sweeps.run_sweep(sweeps.load_sweep(other), out=out, interpreter=false, echo=lines.append)
+    assert len(list(out.glob("run-001.old-*"))) == 1 and (out / "run-002").is_dir()

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..cameras import invert_rigid
+from ..data import read_card, read_samples, resolve_shards
 from ..estimators import depth_error, load_estimators, pose_error, summarize
 from ..export import progress
 from . import geometry
@@ -91,15 +92,8 @@ def resolve_estimators(estimators, metrics: list[str], device) -> tuple:
 def real_depth_samples(data: str | Path, num: int, batch_size: int = 64) -> dict:
     """The first ``num`` samples in shard order: {'depth' N x 1 x H x W, 'c2w' N x 4 x 4}. Every rank reads the
     same samples (no rank split), so the result does not depend on the world size."""
-    import webdataset as wds
-
-    from datamodules.posed_images import collate, decode_sample, resolve_shards
-
-    urls, _ = resolve_shards(str(data))
-    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.map(decode_sample),
-                            wds.batched(batch_size, collation_fn=collate, partial=True))
     depth, w2c, seen = [], [], 0
-    for batch in pipe:
+    for batch in read_samples(resolve_shards(str(data))[0], batch_size):
         if "depth" not in batch:
             raise ValueError(f"{data}: its samples have no depth.npy, so depth_fd cannot run (it needs ground-truth "
                              f"depth, e.g. `gmpi data synthetic`); drop depth_fd from --metrics")
@@ -164,8 +158,6 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     if "depth" in metrics:
         widths["depth_error"] = 1
     if extractor is not None and data is not None:
-        from datamodules.shards import read_card
-
         real_res = read_card(data).get("resolution")
         if real_res and real_res != res:
             raise ValueError(f"FID/KID would compare {res}px fakes with {real_res}px reals from {data}; render at the "

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data import eval_loader, read_card, resolve_shards
 from ..export import progress
 from .inception import InceptionFeatures, to_uint8_images
 
@@ -135,9 +136,6 @@ def real_features(data: str | Path, extractor: InceptionFeatures, max_images: in
     Computed once (each rank reads its own shards, exactly once) and cached under ``cache_dir`` keyed by the
     dataset card's checksums and the extractor's weights; a later run or evaluation loads the cache. Every rank
     takes the same path (the cache is used only when every rank sees it)."""
-    from datamodules.posed_images import PosedImageDataModule
-    from datamodules.shards import read_card
-
     card = read_card(data)
     rank, world = rank_world()
     key = real_cache_key(card, extractor.describe(), max_images, world)
@@ -149,11 +147,10 @@ def real_features(data: str | Path, extractor: InceptionFeatures, max_images: in
     if world > 1:  # loader workers may not see the process group (spawned ranks): tell WebDataset the rank
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
-    dm = PosedImageDataModule(str(data), batch_size=batch_size, num_workers=num_workers, eval_batch_size=batch_size)
     limit = -(-max_images // world) if max_images else None
     feats, keys, bar = [], [], progress(total=limit or -(-(card.get("count") or 0) // world) or None,
                                         desc="real features", unit="img", disable=rank != 0)
-    for batch in dm.iter_eval():
+    for batch in eval_loader(resolve_shards(data)[0], batch_size, num_workers):
         imgs = to_uint8_images(batch["image"], (-1.0, 1.0))
         if limit is not None:
             imgs = imgs[: limit - sum(f.shape[0] for f in feats)]

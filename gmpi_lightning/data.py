@@ -1,0 +1,115 @@
+"""Reading posed-image shards (DESIGN.md "Shard schema"): the dataset card, the shard list, one decoded sample, a
+batch, and the one finite pass over a shard set that evaluation, the estimators and the datamodule's validation
+share. Writing shards (and the training stream) is ``datamodules/``, which builds on this module.
+
+A batch is a dict: ``image`` float32 B x 3 x R x R in [-1, 1], ``w2c`` B x 16 (flattened row-major, the
+discriminator's pose condition), ``yaw``/``pitch`` B, ``key`` (list), plus ``depth`` B x 1 x R x R and ``mask``
+B x 1 x R x R when the shards carry ground truth.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+CARD = "dataset.json"
+
+
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-./]*$")  # no ':', braces, spaces or backslashes
+
+
+def read_card(folder: str | Path) -> dict:
+    """The dataset card of a ``gmpi data`` folder. Its shard names must stay inside the folder (a card is input:
+    ``../x.tar`` or ``/etc/x.tar`` is refused, as are WebDataset's ``pipe:`` and brace patterns)."""
+    path = Path(folder) / CARD
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: point at a folder written by `gmpi data ...`")
+    try:
+        card = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(card, dict) or not isinstance(card.get("shards", []), list):
+        raise ValueError(f"{path}: expected a JSON object whose field 'shards' is a list")
+    for i, entry in enumerate(card.get("shards", [])):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _SHARD_NAME.match(name) or ".." in name.split("/"):
+            raise ValueError(f"{path}: field 'shards[{i}].name' = {name!r} must be a relative file name inside the "
+                             f"dataset folder (letters, digits, '_', '-', '.', '/'; no '..', no absolute path)")
+    return card
+
+
+def resolve_shards(data: str | Path | Sequence[str]) -> tuple[list[str], dict | None]:
+    """(shard URLs, card or None) of a folder written by ``gmpi data`` (its dataset.json lists the shards), a brace
+    pattern, or a list."""
+    if isinstance(data, (list, tuple)):
+        return [str(u) for u in data], None
+    path = Path(str(data))
+    if path.is_dir():
+        card = read_card(path)
+        return [str(path / s["name"]) for s in card["shards"]], card
+    urls = list(wds.shardlists.expand_urls(str(data)))
+    missing = [u for u in urls if "://" not in u and not Path(u).exists()]
+    if missing:
+        raise FileNotFoundError(f"shards not found: {missing[:3]}; run `gmpi data ...` first (e.g. `make data`)")
+    return urls, None
+
+
+def decode_sample(sample: dict) -> dict:
+    """Raw tar members -> arrays (``image`` H x W x 3 uint8, ``w2c`` 4 x 4, ``yaw``, ``pitch``, ``key``, and
+    ``depth``/``mask`` where present). Errors name the shard and key."""
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    try:
+        img = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        pose = json.loads(sample["pose.json"])
+        w2c = np.load(io.BytesIO(sample["w2c.npy"]), allow_pickle=False).astype(np.float32)
+    except KeyError as e:
+        raise ValueError(f"{where}: sample lacks the field {e}; shards must hold png, pose.json and w2c.npy") from None
+    out = {"key": sample["__key__"], "image": img, "w2c": w2c, "yaw": float(pose["yaw"]),
+           "pitch": float(pose["pitch"])}
+    if "depth.npy" in sample:
+        out["depth"] = np.load(io.BytesIO(sample["depth.npy"]), allow_pickle=False).astype(np.float32)
+    if "mask.png" in sample:
+        out["mask"] = np.asarray(Image.open(io.BytesIO(sample["mask.png"])).convert("L")) > 127
+    if not np.isfinite(out["w2c"]).all():
+        raise ValueError(f"{where}: pose contains NaN/Inf")
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {
+        "key": [s["key"] for s in samples],
+        "image": torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1,
+        "w2c": torch.from_numpy(np.stack([s["w2c"].reshape(16) for s in samples])),
+        "yaw": torch.tensor([s["yaw"] for s in samples], dtype=torch.float32),
+        "pitch": torch.tensor([s["pitch"] for s in samples], dtype=torch.float32),
+    }
+    for k in ("depth", "mask"):
+        if all(k in s for s in samples):
+            batch[k] = torch.from_numpy(np.stack([s[k] for s in samples]).astype(np.float32))[:, None]
+    return batch
+
+
+def read_samples(urls: Sequence[str], batch_size: int | None = None, split: bool = False) -> wds.DataPipeline:
+    """One finite pass over the shards, in shard order: decoded samples, or batches of ``batch_size`` (the last
+    one partial). ``split``: every sample exactly once across ranks (shards split by node) and loader workers
+    (split by worker); otherwise every process reads everything."""
+    stages = [wds.SimpleShardList(list(urls))]
+    if split:
+        stages += [wds.split_by_node, wds.split_by_worker]
+    stages += [wds.tarfile_to_samples(), wds.map(decode_sample)]
+    if batch_size:
+        stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
+    return wds.DataPipeline(*stages)
+
+
+def eval_loader(urls: Sequence[str], batch_size: int, num_workers: int = 0) -> wds.WebLoader:
+    """Batches of every sample exactly once across ranks and ``num_workers`` loader workers."""
+    return wds.WebLoader(read_samples(urls, batch_size, split=True), batch_size=None, num_workers=num_workers)

@@ -1,0 +1,149 @@
+"""Several generators evaluated with the same settings, side by side (``gmpi ablations``' table and figure).
+
+:func:`check_settings` picks and checks the metrics before anything is trained (what the data supports, Inception
+weights present); :func:`evaluate_cached` evaluates one generator (reusing its eval.json when the request matches:
+same metrics, fakes, planes, data, and the same generator, Inception and estimator files); :func:`table_row` is its
+line of the table with standard errors; :func:`sample_figure` shows every generator from the same seeds and views.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+from ..data import resolve_shards
+
+COLUMNS = ["fid", "kid", "pose", "pose_yaw_slope", "depth", "depth_fd", "consistency_photo_l1", "consistency_depth_err",
+           "semi_transparent", "depth_relief"]
+PER_FAKE = {"pose": "pose_error", "depth": "depth_error", **{c: c for c in COLUMNS[6:]}}  # column -> per-fake stats
+DEPTH_METRICS = ("depth_fd", "pose", "depth")  # need ground-truth depth in the data (the estimators train on it)
+
+
+def data_has_depth(folder: str | Path) -> bool | None:
+    """Whether a ``gmpi data`` folder's samples carry depth.npy (its first shard's first members); None when the
+    folder, its card or that shard is not there (data not built yet, or on another machine)."""
+    try:
+        first = Path(resolve_shards(folder)[0][0])
+    except (FileNotFoundError, IndexError):
+        return None
+    if not first.is_file():
+        return None
+    with tarfile.open(first) as tar:  # a sample has at most 5 members: two whole samples seen
+        return any(m.name.endswith(".depth.npy") for m, _ in zip(tar, range(12)))
+
+
+def choose_metrics(requested: str | None, data: str | Path, has_depth: bool | None, synthetic: bool,
+                   inception: bool) -> list[str]:
+    """Parsed ``requested``, or the default for the data: with depth (``has_depth``; ``synthetic`` when the data
+    is not there yet) consistency and the depth metrics (+ fid,kid with ``inception``), else fid,kid,consistency."""
+    from .evaluate import parse_metrics
+
+    if requested is None:
+        if not (synthetic if has_depth is None else has_depth):
+            return ["fid", "kid", "consistency"]
+        return (["fid", "kid"] if inception else []) + ["consistency", *DEPTH_METRICS]
+    metrics = parse_metrics(requested)
+    need, keep = [m for m in metrics if m in DEPTH_METRICS], [m for m in metrics if m not in DEPTH_METRICS]
+    if need and has_depth is False:
+        raise ValueError(f"--metrics {','.join(need)} need ground-truth depth, but the samples of {data} have no "
+                         f"depth.npy; drop them (e.g. --metrics {','.join(keep or ['fid', 'kid', 'consistency'])})")
+    return metrics
+
+
+def check_settings(requested: str | None, data: str, synthetic: bool, inception: str | None
+                   ) -> tuple[list[str], str | None]:
+    """(metrics, Inception weights or None), checked now, not after the training. The weights: ``inception``,
+    $GMPI_INCEPTION_WEIGHTS or torch.hub's cache; the default metrics take fid,kid when they are found."""
+    from .inception import resolve_weights
+
+    try:
+        weights = str(resolve_weights(inception))
+    except FileNotFoundError as e:
+        weights, missing = None, FileNotFoundError(f"{e} (or leave fid,kid out of --metrics)")
+        if inception:
+            raise missing from e
+    metrics = choose_metrics(requested, data, data_has_depth(data), synthetic, weights is not None)
+    if {"fid", "kid"} & set(metrics) and weights is None:
+        raise missing
+    return metrics, weights if {"fid", "kid"} & set(metrics) else None
+
+
+def _identity(path: str | Path | None) -> str | None:
+    return f"{Path(path).resolve()}:{Path(path).stat().st_size}-{Path(path).stat().st_mtime_ns}" if path else None
+
+
+def evaluation_request(ckpt: Path, data: str, metrics: list[str], num_samples: int, planes: int, inception,
+                       estimators, device: str = "cpu") -> dict:
+    """What a cached evaluation of ``ckpt`` must have been computed with to be reused."""
+    return {"metrics": metrics, "num_samples": num_samples, "planes": planes, "data": str(data),
+            "generator": _identity(ckpt), "inception": _identity(inception), "estimators": _identity(estimators),
+            "device": str(device)}
+
+
+def evaluate_cached(ckpt: Path, cache: Path, data: str, metrics: list[str], num_samples: int, planes: int,
+                    inception: str | None, estimators: str | None, device: str = "cpu") -> dict:
+    """``gmpi evaluate``'s result for ``ckpt`` (96-plane style settings: ``planes``, batch 8), from ``cache`` when
+    it answers the same request, else computed and written there."""
+    want = evaluation_request(ckpt, data, metrics, num_samples, planes, inception, estimators, device)
+    blob = json.loads(cache.read_text()) if cache.is_file() else None
+    if blob is None or blob.get("request") != want:
+        from ..inference import load_generator
+        from .evaluate import evaluate
+        from .fakes import FakeSettings
+
+        print(f"evaluating {ckpt}", flush=True)
+        loaded = load_generator(ckpt, device=device)
+        blob = evaluate(loaded.G, loaded.preset, metrics, num_samples, data, FakeSettings(planes=planes, batch_size=8),
+                        inception, estimators=estimators, device=device, show_progress=True)
+        cache.write_text(json.dumps(dict(blob, request=want), indent=2))
+    return blob
+
+
+def table_row(blob: dict) -> dict:
+    """The table's columns ("n/a" where not measured) and ``<column>_se``: std / sqrt(n - 1) over the fakes, or the
+    bootstrap error (depth FD)."""
+    m, details = blob["metrics"], blob.get("details", {})
+    out = {c: round(m[c], 5) if c in m else "n/a" for c in COLUMNS}
+    out.update({f"{c}_se": round(d["std"] / (d["n"] - 1) ** 0.5, 5) for c, key in PER_FAKE.items()
+                if (d := details.get(key) or {}).get("n", 0) > 1 and d.get("std") is not None})
+    if (se := (details.get("depth_fd") or {}).get("bootstrap_se")) is not None:
+        out["depth_fd_se"] = round(se, 5)
+    return out
+
+
+def sample_figure(ckpts: list[tuple[str, Path]], path: Path, seeds=(0, 1), yaws=(-0.4, 0.0, 0.4),
+                  planes: int = 96) -> Path:
+    """One row per (label, generator file): RGB for each seed x yaw, then the colour-mapped depth of those views."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from .. import export
+    from ..inference import load_generator
+    from .fakes import FakeSettings, fake_scene, generate
+
+    rows, n, settings = [], len(seeds), FakeSettings(planes=planes, noise_mode="const")
+    for _, ckpt in ckpts:
+        loaded = load_generator(ckpt)
+        scene, p = fake_scene(loaded.G, loaded.preset, settings), loaded.preset
+        mpi = generate(loaded.G, scene, list(seeds), settings)
+        views = [scene.render_pose(mpi, torch.full((n,), y), torch.zeros(n), resolution=loaded.G.img_resolution)
+                 for y in yaws]
+        rows.append(np.concatenate([export.to_uint8(v["rgb"][b]) for v in views for b in range(n)]
+                                   + [export.depth_to_color(v["depth"][b], p.near, p.far, v["alpha"][b])
+                                      for v in views for b in range(n)], axis=1))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(rows[0].shape[1] / 40, 0.9 * len(rows) + 0.4), squeeze=False)
+    for ax, (label, _), img in zip(axes[:, 0], ckpts, rows):
+        ax.imshow(img, interpolation="nearest")
+        ax.set(xticks=[], yticks=[])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"seeds {list(seeds)} x yaw {list(yaws)}: RGB, then depth (turbo: near -> far)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

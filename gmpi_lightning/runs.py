@@ -1,0 +1,277 @@
+"""Runs: the one layer under ``gmpi sweep-local``, ``gmpi ablations``, W&B agent runs and SLURM restarts.
+
+    resolve(args)      base experiment + overlays + overrides, exactly as ``gmpi fit`` parses them (repeated
+                       --config files merge in order, then --key=value)
+    reroot(cfg, RUN)   every output of the run in one folder: trainer root, loggers, checkpoints/, gmpi.pt
+    train(runs, ...)   RUN/config.yaml -> ``gmpi fit --config RUN/config.yaml --ckpt_path last`` (Lightning resumes
+                       from RUN/checkpoints/last*.ckpt, or starts fresh) -> RUN/done.json with the config's hash
+    write_table(rows)  the results, as CSV and markdown
+
+A folder whose config.yaml is another experiment (more than the length ``model.max_iters`` differs) is moved aside,
+never resumed from. ``python -m gmpi_lightning.runs resume fit ARGS`` prints what a SLURM job restarts from.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG, DONE = "config.yaml", "done.json"
+
+
+@functools.cache
+def parser():
+    from .trainer import fit_parser
+
+    return fit_parser()
+
+
+def resolve(args: Sequence[str]) -> dict:
+    """``gmpi fit ARGS``'s config as a plain dict, nulls included; a bad argument raises ``ArgumentError``."""
+    cfg = parser().parse_args(["fit", *args])
+    return yaml.safe_load(parser().dump(cfg, skip_unset=False, skip_validation=True))["fit"]
+
+
+def init_args(cfg: dict, key: str) -> dict:
+    """The arguments of section ``key`` (model, data), written plainly or as class_path + init_args."""
+    section = cfg.get(key) or {}
+    return section.setdefault("init_args", {}) if "class_path" in section else section
+
+
+def options(cfg: dict, prefix: str = "") -> set[str]:
+    """Dotted option names of a resolved config (``model.lr``, also when ``model`` has a class_path)."""
+    names = {f"{prefix}{k}" for k in cfg if k != "init_args"}
+    for k, v in cfg.items():
+        names |= options(v, prefix if k == "init_args" else f"{prefix}{k}.") if isinstance(v, dict) else set()
+    return names
+
+
+def _entries(value) -> list[dict]:
+    return [value] if isinstance(value, dict) else [v for v in value or [] if isinstance(v, dict)]
+
+
+def reroot(cfg: dict, run_dir: str | os.PathLike, **wandb) -> dict:
+    """A copy of ``cfg`` with every output under ``run_dir``: trainer root, loggers' save_dir, the checkpoint
+    callback's dirpath (``checkpoints/``), model.export_path (same name) and any other path under the old root;
+    ``wandb`` updates the WandbLogger's arguments (name, group, offline)."""
+    run, old = str(run_dir), os.path.normpath(str((cfg.get("trainer") or {}).get("default_root_dir") or "."))
+
+    def walk(v):
+        if isinstance(v, (dict, list)):
+            return {k: walk(x) for k, x in v.items()} if isinstance(v, dict) else [walk(x) for x in v]
+        if old != "." and isinstance(v, str) and (os.path.normpath(v) + os.sep).startswith(old + os.sep):
+            return os.path.normpath(os.path.join(run, os.path.relpath(os.path.normpath(v), old)))
+        return v
+
+    cfg = walk(cfg)
+    trainer = cfg.setdefault("trainer", {})
+    trainer["default_root_dir"] = run
+    for entry in _entries(trainer.get("logger")) + _entries(trainer.get("callbacks")):
+        args = entry.setdefault("init_args", {})
+        if "save_dir" in args:
+            args["save_dir"] = run
+        if args.get("dirpath"):  # a checkpoint callback
+            args["dirpath"] = os.path.join(run, "checkpoints")
+        if str(entry.get("class_path")).endswith("WandbLogger"):
+            args.update(wandb)
+    model = init_args(cfg, "model")
+    if model.get("export_path"):
+        model["export_path"] = os.path.join(run, os.path.basename(model["export_path"]))
+    return cfg
+
+
+@dataclass
+class Run:
+    name: str
+    dir: Path                      # where its files are
+    config: dict                   # resolved and rerooted
+    params: dict = field(default_factory=dict)        # what this run varies (for tables)
+    command: list[str] = field(default_factory=list)  # how it was written down (for printing)
+    same_as: str | None = None     # an earlier run with the same settings: not trained twice
+    status: str = "pending"
+    seconds: float | None = None
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_done(run: Run) -> bool:
+    return (read_json(run.dir / DONE) or {}).get("config_sha256") == config_hash(run.config)
+
+
+def mark_done(run: Run) -> None:
+    (run.dir / DONE).write_text(json.dumps({"config_sha256": config_hash(run.config), "params": run.params,
+                                            "seconds": round(run.seconds or 0.0, 1)}, indent=1, default=str))
+
+
+def _experiment(cfg: dict) -> dict:
+    cfg = json.loads(json.dumps({k: cfg.get(k) for k in ("seed_everything", "trainer", "model", "data")}, default=str))
+    init_args(cfg, "model").pop("max_iters", None)  # a longer run of the same experiment continues the shorter one
+    return cfg
+
+
+def write_config(run: Run, echo=print) -> Path:
+    """RUN/config.yaml, atomically (DDP ranks may write it at once); a folder of another experiment is moved aside."""
+    path = run.dir / CONFIG
+    if path.is_file() and _experiment(yaml.safe_load(path.read_text()) or {}) != _experiment(run.config):
+        aside = run.dir.with_name(f"{run.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        echo(f"{run.dir} held a run with other settings: moved to {aside}")
+        run.dir.rename(aside)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{CONFIG}.{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(run.config, sort_keys=False))
+    return tmp.replace(path)
+
+
+def launch(run: Run, program: Sequence[str], log: str = "log.txt", cwd=None, env=None, echo=print) -> int:
+    """``program`` (a command ending in ``fit``) ``--config RUN/config.yaml --ckpt_path last``, its output appended
+    to RUN/``log``; RUN/done.json when it exits 0. Returns the exit code."""
+    command = [*program, "--config", str(write_config(run, echo).resolve()), "--ckpt_path", "last"]
+    (run.dir / DONE).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(run.dir / log, "a") as fh:
+        fh.write(f"### {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+        fh.flush()
+        try:
+            rc = subprocess.call(command, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        except OSError as e:  # e.g. the program does not exist
+            fh.write(f"could not start: {e}\n")
+            rc = 127
+    run.seconds, run.status = time.perf_counter() - t0, "finished" if rc == 0 else f"failed (exit {rc})"
+    if rc == 0:
+        mark_done(run)
+    return rc
+
+
+def train(planned: list[Run], program: Callable[[Run], Sequence[str]], parallel: int = 1, log: str = "log.txt",
+          cwd=None, env=None, echo=print) -> list[Run]:
+    """Train every run that is not done (nor the same as an earlier one), ``parallel`` at a time. Ctrl-C reaches the
+    training processes too (one process group): they stop, their last.ckpt stays, nothing new starts."""
+    todo, stop = [], threading.Event()
+    for r in planned:
+        if r.same_as or is_done(r):
+            r.status = f"same settings as {r.same_as}" if r.same_as else "finished"
+            echo(f"[skip] {r.name}: {r.status if r.same_as else 'finished earlier'}")
+        else:
+            todo.append(r)
+
+    def one(r: Run) -> Run:
+        if not stop.is_set():
+            echo(f"[start] {r.name} -> {r.dir} (log: {r.dir / log})")
+            launch(r, program(r), log, cwd, env, echo)
+        return r
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        try:
+            for i, fut in enumerate(as_completed([pool.submit(one, r) for r in todo]), start=1):
+                r = fut.result()
+                echo(f"[{i}/{len(todo)}] {r.name} " + (f"finished in {r.seconds:.1f} s" if r.status == "finished" else
+                     f"{r.status.replace('failed', 'FAILED')} after {r.seconds or 0:.1f} s  log: {r.dir / log}"))
+        except KeyboardInterrupt:
+            stop.set()
+            echo("interrupted: run the same command again to continue")
+            raise
+    return planned
+
+
+def resume_checkpoint(cfg: dict) -> Path | None:
+    """The newest of the checkpoint callbacks' last*.ckpt (what ``--ckpt_path last`` finds) and the hpc_ckpt_N.ckpt
+    that SLURM auto-requeue writes into the trainer root (which Lightning on SLURM loads by itself, even when
+    older): after a requeue that is the hpc checkpoint, after a resubmission last.ckpt."""
+    trainer = cfg.get("trainer") or {}
+    dirs = [(e.get("init_args") or {}).get("dirpath") for e in _entries(trainer.get("callbacks"))]
+    found = [p for d in dirs if d for p in Path(d).glob("last*.ckpt")]
+    found += Path(trainer.get("default_root_dir") or ".").glob("hpc_ckpt_*.ckpt")
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A JSON object, or None when the file is missing, unreadable or not an object (a half-written marker)."""
+    try:
+        blob = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return blob if isinstance(blob, dict) else None
+
+
+def _number(v: Any) -> float | None:
+    try:
+        x = None if isinstance(v, bool) or v is None else float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if x is not None and math.isfinite(x) else None
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The last value of every column of the run's metrics.csv files (oldest first: a resumed run's newer file
+    wins); numbers as float."""
+    last: dict[str, Any] = {}
+    for f in sorted(Path(run_dir).rglob("metrics.csv"), key=lambda p: (p.stat().st_mtime, str(p))):
+        with open(f, newline="") as fh:
+            for row in csv.DictReader(fh):
+                last.update({k: v if _number(v) is None else float(v) for k, v in row.items() if k and v})
+    return last
+
+
+def format_cell(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+
+
+def write_table(rows: list[dict], csv_path: str | os.PathLike | None, md_path: str | os.PathLike | None,
+                sort_by: str | None = None, goal: str = "minimize", title: str | None = None,
+                plus_minus: dict[str, str] | None = None) -> list[dict]:
+    """``rows`` as CSV and markdown (columns in first-seen order), sorted by ``sort_by`` (``goal`` minimize:
+    ascending; rows without a finite number there last, in order); ``plus_minus`` maps a column to its error
+    column, shown as ``value ± error`` in the markdown. Returns the rows in the written order."""
+    if goal not in ("minimize", "maximize"):
+        raise ValueError(f"goal must be minimize or maximize, got {goal!r}")
+    columns, sign, pm = list(dict.fromkeys(k for r in rows for k in r)), -1 if goal == "maximize" else 1, plus_minus
+    rows = sorted(rows, key=lambda r: (_number(r.get(sort_by)) is None, sign * (_number(r.get(sort_by)) or 0))
+                  ) if sort_by else list(rows)
+    for path in filter(None, (csv_path, md_path)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if csv_path is not None:
+        with open(csv_path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows({c: "" if r.get(c) is None else r[c] for c in columns} for r in rows)
+    if md_path is not None:
+        shown = [c for c in columns if c not in (pm or {}).values()]
+
+        def cell(r, c):
+            err = _number(r.get((pm or {}).get(c))) if _number(r.get(c)) is not None else None
+            text = format_cell(r.get(c)).replace("|", "\\|").replace("\n", " ")
+            return text + (f" ± {format_cell(err)}" if err is not None else "")
+
+        align = ["---:" if all(_number(r.get(c)) is not None or r.get(c) in (None, "") for r in rows) and any(
+            _number(r.get(c)) is not None for r in rows) else "---" for c in shown]
+        lines = ([f"# {title}", ""] if title else []) + ["| " + " | ".join(shown) + " |", f"|{'|'.join(align)}|"]
+        lines += ["| " + " | ".join(cell(r, c) for c in shown) + " |" for r in rows]
+        Path(md_path).write_text("\n".join(lines) + "\n")
+    return rows
+
+
+if __name__ == "__main__":  # python -m gmpi_lightning.runs resume fit ARGS: the path to stdout, the story to stderr
+    if sys.argv[1:3] != ["resume", "fit"]:
+        sys.exit("usage: python -m gmpi_lightning.runs resume fit --config CONFIG [overrides...]")
+    ckpt = resume_checkpoint(resolve(sys.argv[3:]))
+    print(f"resuming from {ckpt.resolve()}" if ckpt else "no checkpoint to resume from: starting fresh",
+          file=sys.stderr)
+    print(ckpt.resolve() if ckpt else "", end="\n" if ckpt else "")
