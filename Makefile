@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export GLOO_SOCKET_IFNAME ?= lo
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint clean data bench train
+.PHONY: help install test test-full lint clean data bench bench-train train
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -120,9 +120,14 @@ else
 	$(SBATCH)
 endif
 
-bench: install  ## speed benchmarks (renderer, generator, synthetic data) on this machine
+bench: install  ## speed benchmarks (renderer, generator, synthetic data, training iteration) on this machine
 	$(PY) benchmarks/bench_render.py
 	$(PY) benchmarks/bench_synthetic.py
+	$(PY) benchmarks/bench_train.py
+
+BENCH_ARGS ?=
+bench-train: install  ## one full training iteration: img/s, s/iter, peak memory, host reads (BENCH_ARGS="--profile")
+	$(PY) benchmarks/bench_train.py $(BENCH_ARGS)
 
 # Sweeps: experiments/sweeps/*.yaml in W&B's sweep format (README "Sweeps"). `make sweep` creates the sweep on the
 # W&B server (account, `wandb login`, WANDB_MODE=online) and prints its SWEEP_ID; `make agent SWEEP_ID=..` runs COUNT

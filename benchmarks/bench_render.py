@@ -48,7 +48,7 @@ def main() -> None:
         planes = preset_planes(preset, n)
         mpi = torch.rand(1, n, 4, res, res, device=dev)
         for chunk in (None, 16):
-            kw = dict(plane_depths=planes["depths"], plane_extents=planes["extents"], c2w=c2w,
+            kw = dict(plane_depths=planes.depths, plane_extents=planes.extents, c2w=c2w,
                       fov_deg=preset.fov_deg, height=res, width=res, plane_chunk=chunk)
             ms = 1000 * timed(lambda m=mpi, kw=kw: render_mpi(m, **kw), args.repeat)
             print(f"| render_mpi | {res} | {n} | {chunk or 'all'} | {ms:.0f} | {peak_mb():.0f} |")

@@ -11,7 +11,8 @@ import argparse
 import numpy as np
 import torch
 
-from gmpi_lightning.inference import generate_mpi, load_generator, render_view
+from gmpi_lightning.inference import load_generator
+from gmpi_lightning.scene import Scene
 
 
 @torch.no_grad()
@@ -25,11 +26,12 @@ def main() -> None:
     preset, res = loaded.preset, loaded.G.img_resolution
     centre, border, fg_alpha = [], [], []
     c0, c1, w = res * 5 // 16, res * 11 // 16, max(1, res // 10)
+    scene = Scene.for_generator(loaded.G, preset, args.planes)
     for seed in range(args.seeds):
-        mpi, planes = generate_mpi(loaded, seed, args.planes)
+        mpi = scene.generate(loaded.G, scene.seed_latents([seed], loaded.G.z_dim))
         fg_alpha.append(mpi[0, :-1, 3].mean(dim=(1, 2)).cpu().numpy())
         for yaw in (-0.4, 0.0, 0.4):
-            d = render_view(mpi, planes, preset, yaw, 0.0, res)["depth"][0, 0]
+            d = scene.render_pose(mpi, yaw, 0.0, resolution=res)["depth"][0, 0]
             centre.append(float(d[c0:c1, c0:c1].median()))
             border.append(float(torch.cat([d[:, :w].flatten(), d[:, -w:].flatten()]).median()))
     print(f"{args.ckpt}: near {preset.near}, far {preset.far}")

@@ -44,8 +44,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gmpi_lightning import export
-from gmpi_lightning.inference import render_view, seed_latent
-from gmpi_lightning.planes import preset_planes
+from gmpi_lightning.scene import Scene, seed_latents
 
 WANDB_MAX_POINTS = 50_000  # mesh vertices sent to wandb as a point cloud (the PLY on disk keeps all of them)
 
@@ -80,21 +79,17 @@ class MediaRenderer:
     def __init__(self, pl_module, planes: int | None = None, resolution: int | None = None,
                  truncation_psi: float = 1.0, plane_chunk: int | None = None):
         self.G, self.preset = pl_module.G_ema, pl_module.preset
-        self.mode = getattr(getattr(pl_module, "hparams", None), "mode", "gmpi")
+        self.mode = getattr(pl_module, "mode", "gmpi")
         self.resolution = resolution or self.preset.resolution
         self.truncation_psi, self.plane_chunk = truncation_psi, plane_chunk
         tensors = list(self.G.parameters()) + list(self.G.buffers())
         self.device = tensors[0].device if tensors else torch.device("cpu")
-        self.planes = None
+        self.scene = None
         if self.mode == "gmpi":
-            if planes is None:
-                self.planes = {k: getattr(pl_module, f"plane_{k}") for k in ("depths", "normalized", "extents")}
-            else:
-                self.planes = preset_planes(self.preset, planes)
-            self.planes = {k: v.to(self.device) for k, v in self.planes.items()}
+            self.scene = pl_module.scene.to(self.device) if planes is None else Scene(self.preset, planes, self.device)
 
     def latent(self, seed: int) -> torch.Tensor:
-        return seed_latent(seed, self.G.z_dim).to(self.device)
+        return seed_latents([seed], self.G.z_dim, self.device)
 
     def image_2d(self, seed: int) -> np.ndarray:
         """stylegan2 mode: the generator's image, H x W x 3 uint8."""
@@ -103,20 +98,21 @@ class MediaRenderer:
 
     def mpi(self, seed: int) -> torch.Tensor:
         """1 x L x 4 x R x R in [0, 1]."""
-        return self.G(self.latent(seed), None, self.planes["normalized"], truncation_psi=self.truncation_psi,
-                      noise_mode="const", plane_chunk=self.plane_chunk)
+        return self.scene.generate(self.G, self.latent(seed), truncation_psi=self.truncation_psi,
+                                   plane_chunk=self.plane_chunk)
 
     def view(self, mpi: torch.Tensor, yaw: float, pitch: float) -> tuple[np.ndarray, np.ndarray]:
         """(RGB, colour-mapped depth), each resolution^2 x 3 uint8. Depth spans the preset's [near, far], weighted
         by coverage. Out-of-volume rays render transparent instead of raising: a preview never stops training."""
-        r = render_view(mpi, self.planes, self.preset, yaw, pitch, self.resolution, plane_chunk=self.plane_chunk,
-                        check_inside=False)
+        r = self.scene.render_pose(mpi, yaw, pitch, resolution=self.resolution, plane_chunk=self.plane_chunk,
+                                   check_inside=False)
         depth = export.depth_to_color(r["depth"][0], self.preset.near, self.preset.far, r["alpha"][0])
         return export.to_uint8(r["rgb"][0]), depth
 
     def mesh(self, seed: int, grid: int | None, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return export.extract_mesh(self.G, self.latent(seed), self.preset, export.mesh_extent(self.planes["extents"]),
-                                   grid=grid, level=level, truncation_psi=self.truncation_psi, noise_mode="const")
+        return export.extract_mesh(self.G, self.latent(seed), self.preset,
+                                   export.mesh_extent(self.scene.planes.extents), grid=grid, level=level,
+                                   truncation_psi=self.truncation_psi, noise_mode="const")
 
     @contextlib.contextmanager
     def sampling(self) -> Iterator[MediaRenderer]:

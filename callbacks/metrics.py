@@ -50,7 +50,7 @@ class EvaluationCallback(pl.Callback):
 
     def _generator(self, pl_module):
         G = pl_module.G_ema
-        if getattr(pl_module.hparams, "mode", "gmpi") == "stylegan2":
+        if getattr(pl_module, "mode", "gmpi") == "stylegan2":
             from gmpi_lightning.nn.gmpi import FlatMPIGenerator
 
             G = FlatMPIGenerator(G)

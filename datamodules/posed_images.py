@@ -1,8 +1,8 @@
 """``PosedImageDataModule``: WebDataset shards of posed images for training and evaluation.
 
-Training: an infinite resampled stream (shards drawn with replacement, per-rank/worker streams),
-shuffled, decoded and batched in the workers; ``WebLoader(...).with_epoch(n)`` makes every rank
-yield exactly ``n`` batches per epoch, so DDP never hangs on uneven data. Evaluation: a finite pass
+Training: a resampled stream per rank (disjoint shards or samples per rank, shards drawn with replacement,
+per-worker streams), shuffled, decoded and batched in the workers, resumable at the batch; every rank yields
+exactly ``batches_per_epoch`` batches per epoch, so DDP never hangs on uneven data. Evaluation: a finite pass
 that reads every sample exactly once across ranks and workers (shards split by node, then worker).
 
 A batch is a dict: ``image`` float32 B x 3 x R x R in [-1, 1], ``w2c`` B x 16 (flattened row-major,
@@ -12,11 +12,14 @@ the discriminator's pose condition), ``yaw``/``pitch`` B, ``key`` (list), plus `
 
 from __future__ import annotations
 
+import itertools
 import os
+import zlib
 from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 import webdataset as wds
 
 from gmpi_lightning.data import collate, decode_sample, eval_loader, read_samples, resolve_shards  # noqa: F401
@@ -30,27 +33,63 @@ def mirror_w2c(w2c: np.ndarray) -> np.ndarray:
     return _MIRROR @ w2c @ _MIRROR
 
 
-class RandomXFlip:
-    """Mirror image and pose together with probability p (GMPI trains without flips: off by default)."""
-
-    def __init__(self, p: float = 0.5, seed: int | None = None):
-        self.p, self.rng = p, np.random.default_rng(seed)
-
-    def __call__(self, s: dict) -> dict:
-        if self.rng.random() >= self.p:
-            return s
-        s = dict(s, image=s["image"][:, ::-1].copy(), w2c=mirror_w2c(s["w2c"]), yaw=-s["yaw"])
-        for k in ("depth", "mask"):
-            if k in s:
-                s[k] = s[k][:, ::-1].copy()
-        return s
+def xflip(s: dict) -> dict:
+    """The sample mirrored: image (and depth, mask) flipped left-right, pose mirrored (yaw -> -yaw)."""
+    s = dict(s, image=s["image"][:, ::-1].copy(), w2c=mirror_w2c(s["w2c"]), yaw=-s["yaw"])
+    for k in ("depth", "mask"):
+        if k in s:
+            s[k] = s[k][:, ::-1].copy()
+    return s
 
 
-def _shuffle_seed(seed: int | None) -> int | None:
-    """Per-rank shuffle seed (workers differ through their resampled shard streams); None: random."""
-    if seed is None:
-        return None
-    return seed * 1_000_003 + wds.utils.pytorch_worker_info()[0]
+class TrainStream(torch.utils.data.IterableDataset):
+    """One rank's training stream: epochs of ``batches_per_epoch`` batches of ``batch_size`` from the rank's own
+    shards (or, with fewer shards than ranks, its own share of the samples: ranks never share a real), resampled
+    with replacement, shuffled, optionally x-flipped (p = 0.5). Every rank yields the same number of batches per
+    epoch, so DDP never waits on uneven data.
+
+    Every random choice is a function of (seed, rank, worker, epoch), and ``start_batch`` skips the batches a run
+    already used before decoding them, so a resumed run sees exactly the batches the uninterrupted one would. Batch
+    j of a rank comes from loader worker j % num_workers (the DataLoader's in-order round robin).
+    """
+
+    def __init__(self, urls: list[str], batch_size: int, batches_per_epoch: int, shuffle_buffer: int, xflip: bool,
+                 seed: int | None, rank: int = 0, world: int = 1, start_batch: int = 0):
+        super().__init__()
+        self.keep_share = world > 1 and len(urls) < world  # too few shards to split: split the samples by key
+        self.urls = urls if world == 1 or self.keep_share else urls[rank::world]
+        self.batch_size, self.batches_per_epoch, self.shuffle_buffer = batch_size, batches_per_epoch, shuffle_buffer
+        self.xflip, self.seed, self.rank, self.world = xflip, seed, rank, world
+        self.epoch, self.skip = divmod(start_batch, batches_per_epoch)
+
+    def _keep(self, sample: dict) -> bool:
+        return zlib.crc32(sample["__key__"].encode()) % self.world == self.rank
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        done = len(range(worker, self.skip, workers))  # this worker's batches of the epoch used before a resume
+        count = len(range(worker, self.batches_per_epoch, workers)) - done
+        epoch, skip = self.epoch, done * self.batch_size
+        self.epoch, self.skip = self.epoch + 1, 0  # the next call is the next epoch (persistent workers keep this)
+        seed = None if self.seed is None else wds.utils.make_seed(self.seed, self.rank, worker, epoch)
+        shards = wds.ResampledShards(self.urls, seed=seed or 0, deterministic=seed is not None)
+        shards.epoch = epoch - 1  # it counts its epochs from here
+        samples = wds.tarfile_to_samples()(iter(shards))
+        if self.keep_share:
+            samples = filter(self._keep, samples)
+        samples = wds.filters._shuffle(samples, self.shuffle_buffer, seed=seed)
+        flips = np.random.default_rng(seed)
+        samples = ((s, self.xflip and flips.random() < 0.5) for s in samples)  # drawn before the resume skip
+        batch = []
+        for raw, flip in itertools.islice(samples, skip, None):
+            if count == 0:
+                return
+            s = decode_sample(raw)
+            batch.append(xflip(s) if flip else s)
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch, count = [], count - 1
 
 
 class PosedImageDataModule(pl.LightningDataModule):
@@ -77,6 +116,7 @@ class PosedImageDataModule(pl.LightningDataModule):
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.xflip, self.seed = xflip, seed
         self.eval_batch_size = eval_batch_size or batch_size
+        self.train_batches_used = 0
 
     def _export_rank(self) -> None:
         """ddp_spawn workers see neither torch.distributed nor RANK: give WebDataset the rank explicitly."""
@@ -84,21 +124,29 @@ class PosedImageDataModule(pl.LightningDataModule):
         if trainer is not None and trainer.world_size > 1:
             os.environ["RANK"], os.environ["WORLD_SIZE"] = str(trainer.global_rank), str(trainer.world_size)
 
-    def train_dataset(self):
-        seed = self.seed
-        shards = wds.ResampledShards(self.urls, seed=seed or 0, deterministic=seed is not None)
-        stages = [shards, wds.tarfile_to_samples(), wds.shuffle(self.shuffle_buffer, seed=_shuffle_seed(seed)),
-                  wds.map(decode_sample)]
-        if self.xflip:
-            stages.append(wds.map(RandomXFlip(seed=seed)))
-        stages.append(wds.batched(self.batch_size, collation_fn=collate, partial=False))
-        return wds.DataPipeline(*stages)
+    def train_dataset(self, rank: int = 0, world: int = 1, start_batch: int = 0) -> TrainStream:
+        return TrainStream(self.urls, self.batch_size, self.batches_per_epoch, self.shuffle_buffer, self.xflip,
+                           self.seed, rank, world, start_batch)
 
     def train_dataloader(self):
         self._export_rank()
-        loader = wds.WebLoader(self.train_dataset(), batch_size=None, num_workers=self.num_workers,
-                               persistent_workers=self.num_workers > 0)
-        return loader.with_epoch(self.batches_per_epoch)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return wds.WebLoader(self.train_dataset(rank, world, self.train_batches_used), batch_size=None,
+                             num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    # The position in the training stream, saved in checkpoints so that a resumed run continues it.
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            self.train_batches_used += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"train_batches_used": self.train_batches_used}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train_batches_used = int(state.get("train_batches_used", 0))
 
     def eval_dataset(self):
         """Every sample exactly once across ranks (split by node) and workers (split by worker)."""

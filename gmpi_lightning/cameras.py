@@ -55,26 +55,34 @@ def _as_batch(m: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def _axis(i: int, value: float, device) -> torch.Tensor:
+    """value * e_i (float64, 3-vector) on ``device``, filled there rather than copied from the host."""
+    v = torch.zeros(3, dtype=torch.float64, device=device)
+    v[i] = value
+    return v
+
+
 def sphere_c2w(yaw, pitch, sphere_center_z: float, sphere_r: float, dtype=torch.float32) -> torch.Tensor:
     """Camera-to-world matrices (B x 4 x 4) for cameras on the sphere looking at its centre.
 
     Computed in float64 and cast, like the official code (numpy/scipy float64, then float32).
     """
     yaw = torch.as_tensor(yaw, dtype=torch.float64).reshape(-1)
-    pitch = torch.as_tensor(pitch, dtype=torch.float64).reshape(-1)
+    device = yaw.device  # computed where the angles live (no host round trip for device-sampled poses)
+    pitch = torch.as_tensor(pitch, dtype=torch.float64, device=device).reshape(-1)
     if yaw.shape != pitch.shape:
         raise ValueError(f"yaw and pitch must have the same length, got {yaw.numel()} and {pitch.numel()}")
-    centre = torch.tensor([0.0, 0.0, sphere_center_z], dtype=torch.float64)
+    centre = _axis(2, sphere_center_z, device)  # (0, 0, c), made on the device (no host-to-device copy)
     cp = pitch.cos().abs()
     offset = torch.stack([cp * yaw.sin(), -pitch.sin(), -cp * yaw.cos()], dim=-1) * sphere_r
     eye = centre + offset
     forward = -offset / offset.norm(dim=-1, keepdim=True)
-    down_world = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand_as(forward)
+    down_world = _axis(1, 1.0, device).expand_as(forward)
     right = torch.linalg.cross(down_world, forward)
     right = right / right.norm(dim=-1, keepdim=True)
     down = torch.linalg.cross(forward, right)
     down = down / down.norm(dim=-1, keepdim=True)
-    c2w = torch.eye(4, dtype=torch.float64).repeat(yaw.numel(), 1, 1)
+    c2w = torch.eye(4, dtype=torch.float64, device=device).repeat(yaw.numel(), 1, 1)
     c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = right, down, forward, eye
     return c2w.to(dtype)
 
@@ -82,12 +90,17 @@ def sphere_c2w(yaw, pitch, sphere_center_z: float, sphere_r: float, dtype=torch.
 def truncated_normal(n: int, mean: float, std: float, n_stds: float, generator: torch.Generator | None = None,
                      dtype=torch.float32) -> torch.Tensor:
     """The official sampler: 4 normal draws per value, the first strictly inside (mean +- n_stds*std),
-    else draw 0 clamped to the bounds."""
-    draws = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+    else draw 0 clamped to the bounds. Drawn on the generator's device."""
+    draws = torch.randn(n, 4, generator=generator, dtype=torch.float64, device=_device_of(generator))
     inside = (draws > -n_stds) & (draws < n_stds)
-    first = torch.where(inside.any(dim=1), inside.to(torch.int8).argmax(dim=1), torch.zeros(n, dtype=torch.long))
+    first = torch.where(inside.any(dim=1), inside.to(torch.int8).argmax(dim=1),
+                        torch.zeros(n, dtype=torch.long, device=draws.device))
     picked = draws.gather(1, first[:, None])[:, 0].clamp(-n_stds, n_stds)
     return (mean + std * picked).to(dtype)
+
+
+def _device_of(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 POSE_SAMPLE_METHODS = ("truncated_gaussian", "uniform", "gaussian")
@@ -101,11 +114,11 @@ def sample_sphere_pose(n: int, yaw_mean: float, yaw_std: float, pitch_mean: floa
         yaw = truncated_normal(n, yaw_mean, yaw_std, n_truncated_stds, generator)
         pitch = truncated_normal(n, pitch_mean, pitch_std, n_truncated_stds, generator)
     elif method == "uniform":
-        u = torch.rand(2, n, generator=generator) * 2 - 1
+        u = torch.rand(2, n, generator=generator, device=_device_of(generator)) * 2 - 1
         yaw = yaw_mean + u[0] * n_truncated_stds * yaw_std
         pitch = pitch_mean + u[1] * n_truncated_stds * pitch_std
     elif method == "gaussian":
-        g = torch.randn(2, n, generator=generator)
+        g = torch.randn(2, n, generator=generator, device=_device_of(generator))
         yaw, pitch = yaw_mean + g[0] * yaw_std, pitch_mean + g[1] * pitch_std
     else:
         raise ValueError(f"unknown pose sample method {method!r}; expected one of {POSE_SAMPLE_METHODS}")
@@ -130,9 +143,10 @@ def invert_rigid(m: torch.Tensor) -> torch.Tensor:
 
 
 def flatten_w2c(c2w: torch.Tensor) -> torch.Tensor:
-    """The discriminator's pose condition: inverse(c2w) flattened row-major, B x 16."""
+    """The discriminator's pose condition: inverse(c2w) flattened row-major, B x 16. Camera matrices are rigid: the
+    closed-form inverse (in float64) needs no solver, whose singularity check would wait on the device."""
     c2w = _as_batch(c2w)
-    return torch.linalg.inv(c2w).reshape(c2w.shape[0], 16)
+    return invert_rigid(c2w.to(torch.float64)).to(c2w.dtype).reshape(c2w.shape[0], 16)
 
 
 def _translation(z: float) -> torch.Tensor:

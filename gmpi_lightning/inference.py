@@ -16,14 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cameras
 from .io import load_gmpi_checkpoint, load_official_gmpi, load_stylegan2_pkl
 from .io.gmpi_ckpt import GMPI_FORMAT
 from .io.stylegan2_pkl import FORMAT as SG2_FORMAT
 from .nn.gmpi import FlatMPIGenerator, GMPIGenerator
-from .planes import preset_planes
 from .presets import PRESETS, Preset, get_preset
-from .render import render_mpi
+from .scene import Scene
 
 
 @dataclass
@@ -71,7 +69,7 @@ def load_training_checkpoint(path: Path) -> tuple[nn.Module, Preset, str, str | 
     hp, kwargs = ck["hyper_parameters"], ck.get("generator_init_kwargs")
     if kwargs is None:
         raise ValueError(f"{path}: no generator_init_kwargs (not a GMPIModule checkpoint of this version)")
-    stylegan2 = hp.get("mode") == "stylegan2"
+    stylegan2 = ck.get("model_mode", hp.get("mode")) == "stylegan2"
     G = (Generator if stylegan2 else GMPIGenerator)(**kwargs)
     G.load_state_dict({k[len("G_ema."):]: v for k, v in ck["state_dict"].items() if k.startswith("G_ema.")})
     G.eval().requires_grad_(False)
@@ -143,30 +141,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def seed_latent(seed: int, z_dim: int) -> torch.Tensor:
-    """NVlabs' convention (gen_images.py): z = RandomState(seed).randn(1, z_dim)."""
-    return torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim).astype(np.float32))
-
-
 @torch.no_grad()
-def generate_mpi(loaded: LoadedGenerator, seed: int, n_planes: int, truncation_psi: float = 1.0,
-                 noise_mode: str = "const", plane_chunk: int | None = None, device="cpu"):
-    """(MPI 1 x L x 4 x R x R, planes dict) for one seed."""
-    planes = preset_planes(loaded.preset, n_planes)
-    z = seed_latent(seed, loaded.G.z_dim).to(device)
-    mpi = loaded.G(z, None, planes["normalized"].to(device), truncation_psi=truncation_psi, noise_mode=noise_mode,
-                   plane_chunk=plane_chunk)
-    return mpi, planes
-
-
-@torch.no_grad()
-def render_view(mpi, planes, preset: Preset, yaw: float, pitch: float, resolution: int,
-                plane_chunk: int | None = None, check_inside: bool = True) -> dict[str, torch.Tensor]:
-    c2w = cameras.sphere_c2w(yaw, pitch, preset.sphere_center_z, preset.sphere_r).to(mpi.device)
-    return render_mpi(mpi, planes["depths"], planes["extents"], c2w, preset.fov_deg, resolution, resolution,
-                      check_inside=check_inside, plane_chunk=plane_chunk)
-
-
 def run_render(args) -> None:
     """The `gmpi render` job (arguments as parsed by the CLI)."""
     from . import export
@@ -182,12 +157,14 @@ def run_render(args) -> None:
     total = len(seeds) * (len(views) + len(sweep) + (1 if args.mesh else 0))
     bar = export.progress(total=total, unit="render", desc="gmpi render")
     render_kw = dict(resolution=res, plane_chunk=args.plane_chunk, check_inside=not args.allow_outside)
+    scene = Scene.for_generator(loaded.G, preset, args.planes, args.device)
+    gen_kw = dict(truncation_psi=args.truncation, noise_mode=args.noise_mode, plane_chunk=args.plane_chunk)
     for seed in seeds:
-        mpi, planes = generate_mpi(loaded, seed, args.planes, args.truncation, args.noise_mode, args.plane_chunk,
-                                   args.device)
+        z = scene.seed_latents([seed], loaded.G.z_dim)
+        mpi = scene.generate(loaded.G, z, **gen_kw)
         export.save_png(out / f"seed{seed:04d}_planes.png", export.plane_strip(mpi[0]))
         for v, (yaw, pitch) in enumerate(views):
-            r = render_view(mpi, planes, preset, yaw, pitch, **render_kw)
+            r = scene.render_pose(mpi, yaw, pitch, **render_kw)
             export.save_png(out / f"seed{seed:04d}_view{v:02d}.png", export.to_uint8(r["rgb"][0]))
             export.save_png(out / f"seed{seed:04d}_view{v:02d}_depth.png",
                             export.depth_to_color(r["depth"][0], preset.near, preset.far, r["alpha"][0]))
@@ -195,14 +172,13 @@ def run_render(args) -> None:
         if sweep:
             frames = []
             for yaw, pitch in sweep:
-                r = render_view(mpi, planes, preset, yaw, pitch, **render_kw)
+                r = scene.render_pose(mpi, yaw, pitch, **render_kw)
                 depth = export.depth_to_color(r["depth"][0], preset.near, preset.far, r["alpha"][0])
                 frames.append(np.concatenate([export.to_uint8(r["rgb"][0]), depth], axis=1))
                 bar.update()
             export.write_video(out / f"seed{seed:04d}_{args.trajectory}.mp4", frames, fps=args.fps)
         if args.mesh:
-            z = seed_latent(seed, loaded.G.z_dim).to(args.device)
-            verts, faces, colors = export.extract_mesh(loaded.G, z, preset, export.mesh_extent(planes["extents"]),
+            verts, faces, colors = export.extract_mesh(loaded.G, z, preset, export.mesh_extent(scene.planes.extents),
                                                        level=args.mesh_level, truncation_psi=args.truncation,
                                                        noise_mode=args.noise_mode)
             export.write_ply(out / f"seed{seed:04d}_mesh.ply", verts, faces, colors)

@@ -8,6 +8,7 @@ its *extent*; texel centres sit at ``linspace(-W/2, W/2, R)`` (consistent with a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -97,16 +98,50 @@ def plane_extents(depths: torch.Tensor, fov_deg: float, sphere_center_z: float, 
     return ext.to(torch.float32)
 
 
-def preset_planes(preset, n_planes: int, method: str | None = None) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Planes:
+    """The planes of an L-plane MPI, in the two forms its two consumers need: ``depths`` (metric z, ascending, index 0
+    nearest: the renderer's), ``normalized`` ((d - near) / (far - near): the generator's alpha-branch input) and
+    ``extents`` (L x 2 (height, width) in world units: the renderer's). Checked once here, on the host; device copies
+    (:meth:`to`) are trusted by the renderer and generator, which then never read their values back."""
+
+    depths: torch.Tensor
+    normalized: torch.Tensor
+    extents: torch.Tensor
+
+    def __post_init__(self):
+        n = self.depths.numel()
+        if self.depths.shape != (n,) or self.normalized.shape != (n,) or self.extents.shape != (n, 2) or n < 2:
+            raise ValueError(f"planes need depths (L,), normalized (L,) and extents (L, 2) with L >= 2; got "
+                             f"{tuple(self.depths.shape)}, {tuple(self.normalized.shape)}, {tuple(self.extents.shape)}")
+        if self.depths.device.type == "cpu":
+            if not all(bool(torch.isfinite(t).all()) for t in (self.depths, self.normalized, self.extents)):
+                raise ValueError("plane depths and extents must be finite")
+            if bool((self.depths[1:] <= self.depths[:-1]).any()):
+                raise ValueError(f"plane depths must increase from near to far, got {self.depths.tolist()}")
+
+    def __len__(self) -> int:
+        return self.depths.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.depths.device
+
+    def to(self, device) -> Planes:
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return Planes(*(t.to(device) for t in (self.depths, self.normalized, self.extents)))
+
+
+def preset_planes(preset, n_planes: int, method: str | None = None) -> Planes:
     """Depths, normalised depths and extents of an L-plane MPI for a preset."""
     depths = preset.plane_depths(n_planes, method)
-    return {
-        "depths": depths,
-        "normalized": normalize_depths(depths, preset.near, preset.far),
-        "extents": plane_extents(depths, preset.fov_deg, preset.sphere_center_z, preset.sphere_r, preset.yaw_mean,
-                                 preset.yaw_std, preset.pitch_mean, preset.pitch_std, preset.n_truncated_stds,
-                                 preset.spatial_enlarge_factor, preset.confined_volume),
-    }
+    return Planes(depths=depths, normalized=normalize_depths(depths, preset.near, preset.far),
+                  extents=plane_extents(depths, preset.fov_deg, preset.sphere_center_z, preset.sphere_r,
+                                        preset.yaw_mean, preset.yaw_std, preset.pitch_mean, preset.pitch_std,
+                                        preset.n_truncated_stds, preset.spatial_enlarge_factor,
+                                        preset.confined_volume))
 
 
 def texel_xyz(depth: float, extent_hw, resolution: int) -> torch.Tensor:

@@ -19,13 +19,15 @@ from .cameras import pixel_rays, sphere_c2w, truncated_normal
 TRANSMITTANCE_EPS = 1e-10
 
 
-def _check_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: torch.Tensor) -> None:
+def _check_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: torch.Tensor, values: bool) -> None:
     if mpi.ndim != 5 or mpi.shape[2] != 4:
         raise ValueError(f"mpi must be B x L x 4 x H x W (RGBA planes), got shape {tuple(mpi.shape)}")
     n = mpi.shape[1]
     if plane_depths.shape != (n,) or plane_extents.shape != (n, 2):
         raise ValueError(f"an MPI of {n} planes needs plane_depths ({n},) and plane_extents ({n}, 2); got "
                          f"{tuple(plane_depths.shape)} and {tuple(plane_extents.shape)}")
+    if not values:
+        return
     if not bool(torch.isfinite(mpi).all()):
         raise ValueError("mpi contains NaN or Inf values")
     lo, hi = float(mpi.detach().amin()), float(mpi.detach().amax())
@@ -57,7 +59,8 @@ def composite(rgb: torch.Tensor, alpha: torch.Tensor, depth: torch.Tensor | None
 
 def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: torch.Tensor, c2w: torch.Tensor,
                fov_deg: float, height: int, width: int, check_inside: bool = True,
-               plane_chunk: int | None = None, return_weights: bool = False) -> dict[str, torch.Tensor]:
+               plane_chunk: int | None = None, return_weights: bool = False,
+               validate: bool = True) -> dict[str, torch.Tensor]:
     """Render ``mpi`` (B x L x 4 x Ht x Wt, [0, 1]) from cameras ``c2w`` (B x 4 x 4 or 4 x 4).
 
     Returns ``rgb`` (B x 3 x H x W in [0, 1]), ``depth`` (z-depth, B x 1 x H x W) and ``alpha``
@@ -65,10 +68,13 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
     result, less memory: e.g. 96 planes at 1024 px); by default all planes are warped at once.
     ``check_inside`` raises if any ray misses the background plane (the official renderer exits).
     ``return_weights`` adds ``weights``: every plane's compositing weight per pixel (B x L x 1 x H x W).
+    ``validate=False`` skips every check that reads tensor values (finite and in [0, 1], camera in front of the
+    planes, ``check_inside``): on a GPU each of them waits for the device. The training loop renders its own
+    MPIs from prior cameras and passes False; user-facing entry points keep the checks.
     """
     plane_depths = torch.as_tensor(plane_depths, dtype=torch.float32, device=mpi.device)
     plane_extents = torch.as_tensor(plane_extents, dtype=torch.float32, device=mpi.device)
-    _check_mpi(mpi, plane_depths, plane_extents)
+    _check_mpi(mpi, plane_depths, plane_extents, values=validate)
     b, n_planes = mpi.shape[:2]
     c2w = torch.as_tensor(c2w, device=mpi.device)
     c2w = (c2w[None] if c2w.ndim == 2 else c2w).to(torch.float64)
@@ -80,7 +86,7 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
         # z = d the hit is o + (d - o_z) * (r / r_z): affine in the plane depth, so planes cost two FMAs each.
         rays, origins = pixel_rays(c2w, fov_deg, height, width)
         oz = origins[:, 2]
-        if bool((oz[:, None] > plane_depths.to(torch.float64)[None, 0] + 1e-9).any()):
+        if validate and bool((oz[:, None] > plane_depths.to(torch.float64)[None, 0] + 1e-9).any()):
             raise ValueError(f"camera behind the nearest plane (camera z up to {float(oz.max()):.4f}, "
                              f"nearest plane at {float(plane_depths[0]):.4f}): the MPI cannot render it")
         slope_x = (rays[..., 0] / rays[..., 2]).to(torch.float32)[:, None]  # B x 1 x H x W
@@ -103,7 +109,7 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
                 gy = (origins[:, None, 1].to(torch.float32)[..., None, None] + d32 * slope_y) * sy
                 grid = torch.stack([gx, gy], dim=-1)  # B x Lc x H x W x 2
                 z_depth = (d32 * z_per_s)[:, :, None]  # B x Lc x 1 x H x W
-                if check_inside and idx.stop == n_planes:
+                if validate and check_inside and idx.stop == n_planes:
                     worst = float(grid[:, -1].abs().max())
                     if worst > 1.0 + 1e-6:
                         raise ValueError(
@@ -143,15 +149,23 @@ def mpi_point_cloud(alpha: torch.Tensor, plane_depths: torch.Tensor, plane_exten
                     blur_ksize: int = 9) -> torch.Tensor:
     """World points of the MPI's visible surface, B x H x W x 3: the background plane's texel centres
     pulled along rays from the origin to the (blurred) canonical composited depth."""
-    from .planes import texel_xyz
-
     res = alpha.shape[-1]
     depth = canonical_depth(alpha, plane_depths)
     if blur_ksize > 1:
         sigma = gaussian_blur_default_sigma(blur_ksize)
         depth = TF.gaussian_blur(depth, [blur_ksize, blur_ksize], [sigma, sigma])
-    far = texel_xyz(float(plane_depths[-1]), plane_extents[-1], res).to(alpha)  # H x W x 3
+    far = _far_texels(plane_depths, plane_extents, res).to(alpha)  # H x W x 3
     return far[None] * (depth[:, 0, :, :, None] / (far[None, :, :, 2:] + 1e-8))
+
+
+def _far_texels(plane_depths: torch.Tensor, plane_extents: torch.Tensor, res: int) -> torch.Tensor:
+    """``planes.texel_xyz`` of the background plane, computed where the planes live (float64, no host read)."""
+    ext = torch.as_tensor(plane_extents[-1], dtype=torch.float64)
+    depth = torch.as_tensor(plane_depths[-1], dtype=torch.float64, device=ext.device)
+    steps = torch.linspace(0, 1, res, dtype=torch.float64, device=ext.device)
+    ys, xs = -ext[0] / 2 + steps * ext[0], -ext[1] / 2 + steps * ext[1]
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([x, y, depth.expand_as(x)], dim=-1)
 
 
 def point_cloud_normals(points: torch.Tensor) -> torch.Tensor:
@@ -168,7 +182,8 @@ def point_cloud_normals(points: torch.Tensor) -> torch.Tensor:
 def light_direction(yaw, pitch, sphere_center_z: float, sphere_r: float) -> torch.Tensor:
     """Unit direction from a light on the camera sphere at (yaw, pitch) towards the sphere centre, B x 3."""
     pos = sphere_c2w(yaw, pitch, sphere_center_z, sphere_r)[:, :3, 3]
-    d = torch.tensor([0.0, 0.0, sphere_center_z]) - pos
+    d = -pos
+    d[:, 2] += sphere_center_z
     return d / d.norm(dim=-1, keepdim=True)
 
 

@@ -21,12 +21,20 @@ from jsonargparse import capture_parser
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 
-from .module import GMPIModule
+from .module import GANModule
 
 DATAMODULE = "datamodules.posed_images.PosedImageDataModule"  # named, not imported: datamodules/ uses this package
 
+DEFAULT_MODEL = "gmpi_lightning.module.GMPIModule"
+
 
 class GMPICLI(LightningCLI):
+    """``model:`` takes the init args of GMPIModule directly (the default class), or ``class_path:`` another
+    GANModule (``gmpi_lightning.module.StyleGAN2Module`` for 2D pretraining) with its ``init_args``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
+
     def _parse_ckpt_path(self) -> None:
         """Resuming keeps the run's YAML/CLI configuration (LightningCLI would overwrite it with the hparams saved
         in the checkpoint), so that e.g. ``--model.max_iters`` can extend a finished run."""
@@ -48,7 +56,7 @@ class GMPICLI(LightningCLI):
 def run_lightning_cli(argv: list[str] | None, **parser_kwargs) -> GMPICLI:
     module, _, name = DATAMODULE.rpartition(".")
     datamodule = getattr(importlib.import_module(module), name)
-    return GMPICLI(GMPIModule, datamodule, args=argv, save_config_kwargs={"overwrite": True},
+    return GMPICLI(GANModule, datamodule, subclass_mode_model=True, args=argv, save_config_kwargs={"overwrite": True},
                    trainer_defaults={"max_epochs": -1, "log_every_n_steps": 10, "num_sanity_val_steps": 0},
                    parser_kwargs={"default_env": True, **parser_kwargs})
 

@@ -16,8 +16,11 @@ import lightning.pytorch as pl
 
 
 def _digest(module) -> str:
+    """Parameters and buffers, except w_avg: each rank's running mean of its own latents (rank-local, as NVlabs)."""
     h = hashlib.sha256()
     for name, p in module.state_dict().items():
+        if name.endswith("mapping.w_avg"):
+            continue
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -100,12 +100,12 @@ def test_truncated_gaussian_pose_prior():
 def test_plane_geometry_parity(gmpi_fixture):
     refs = np.load(gmpi_fixture / "refs.npz")
     planes = preset_planes(get_preset("FFHQ256"), 8)
-    assert max_err(planes["depths"], refs["plane_depths_L8"]) <= TOL
-    assert max_err(planes["normalized"], refs["normalized_plane_depths_L8"]) <= TOL
-    assert max_err(planes["extents"], refs["plane_extents_hw_L8"]) <= TOL
-    dhw = torch.cat([planes["depths"][:, None], planes["extents"]], 1)
+    assert max_err(planes.depths, refs["plane_depths_L8"]) <= TOL
+    assert max_err(planes.normalized, refs["normalized_plane_depths_L8"]) <= TOL
+    assert max_err(planes.extents, refs["plane_extents_hw_L8"]) <= TOL
+    dhw = torch.cat([planes.depths[:, None], planes.extents], 1)
     assert max_err(dhw, refs["plane_dhws_L8"]) <= TOL
-    xyz = torch.stack([texel_xyz(float(d), e, 32) for d, e in zip(planes["depths"], planes["extents"])])
+    xyz = torch.stack([texel_xyz(float(d), e, 32) for d, e in zip(planes.depths, planes.extents)])
     assert max_err(xyz, refs["tex_xyz_L8"]) <= TOL
 
 
@@ -113,7 +113,7 @@ def test_plane_geometry_parity(gmpi_fixture):
                                         ("MetFaces", 0.2473, (0.4508, 0.5684))])
 def test_plane_extents_per_preset_and_plane_count(name, fg, bg):
     for n in (32, 96):
-        ext = preset_planes(get_preset(name), n)["extents"]
+        ext = preset_planes(get_preset(name), n).extents
         assert max_err(ext[:-1], torch.full((n - 1, 2), fg)) < 1e-4
         assert max_err(ext[-1], bg) < 1e-4
 

@@ -10,7 +10,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from datamodules import converters as cv
-from datamodules.posed_images import PosedImageDataModule, RandomXFlip, mirror_w2c
+from datamodules.posed_images import PosedImageDataModule, mirror_w2c, xflip
 from datamodules.shards import BadSample, read_card
 from gmpi_lightning import cameras as C
 from gmpi_lightning.cli import main as gmpi_main
@@ -205,7 +205,7 @@ def test_training_stream_batches_and_xflip(tmp_path, cam_refs):
     # x-flip mirrors the pose consistently: flipping a sphere pose gives the pose at -yaw
     s = {"key": "k", "image": np.zeros((4, 4, 3), np.uint8), "yaw": 0.3, "pitch": 0.1,
          "w2c": C.invert_rigid(C.sphere_c2w(0.3, 0.1, 1.0, 1.0))[0].numpy()}
-    f = RandomXFlip(p=1.0)(s)
+    f = xflip(s)
     assert f["yaw"] == -0.3
     assert max_err(f["w2c"], C.invert_rigid(C.sphere_c2w(-0.3, 0.1, 1.0, 1.0))[0]) < 1e-6
 

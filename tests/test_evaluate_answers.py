@@ -16,11 +16,12 @@ import torch
 
 from gmpi_lightning.evaluation import evaluate as ev
 from gmpi_lightning.evaluation.evaluate import evaluate, json_safe, weights_warning
-from gmpi_lightning.evaluation.fakes import FakeSettings, render, seed_poses
+from gmpi_lightning.evaluation.fakes import FakeSettings, seed_poses
 from gmpi_lightning.evaluation.identity import identity_similarity
 from gmpi_lightning.evaluation.inception import INCEPTION_FILE
 from gmpi_lightning.planes import preset_planes
 from gmpi_lightning.presets import get_preset
+from gmpi_lightning.scene import Scene
 
 PRESET = get_preset("synthetic32", resolution=32)
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ class SceneGenerator(torch.nn.Module):
 
     def forward(self, z, c, plane_depths, **kw):
         n, r = plane_depths.shape[0], self.img_resolution
-        depths = preset_planes(self.preset, n)["depths"]
+        depths = preset_planes(self.preset, n).depths
         grey = (depths - self.preset.near) / (self.preset.far - self.preset.near)
         mpi = torch.zeros(z.shape[0], n, 4, r, r)
         mpi[:, :, :3] = grey[None, :, None, None, None]
@@ -107,7 +108,7 @@ def test_depth_fd_through_evaluate_matching_scene_vs_billboard(monkeypatch):
     z = torch.stack([torch.from_numpy(np.random.RandomState(s).randn(8)).float() for s in others])
     pl = preset_planes(PRESET, 24)
     yaw, pitch = seed_poses(others, PRESET, 0)
-    real = render(scene(z, None, pl["normalized"]), pl, PRESET, yaw, pitch, 32, settings)
+    real = Scene(PRESET, pl).render_pose(scene(z, None, pl.normalized), yaw, pitch, resolution=32)
     from gmpi_lightning.cameras import sphere_c2w
     from gmpi_lightning.evaluation.geometry import surface_depth
 
@@ -125,8 +126,8 @@ def test_identity_similarity_pairs_the_two_prior_views():
     res = identity_similarity(lambda img: img.flatten(1), G, PRESET, seeds, settings)
     pl = preset_planes(PRESET, 24)
     z = torch.stack([torch.from_numpy(np.random.RandomState(s).randn(8)).float() for s in seeds])
-    mpi = G(z, None, pl["normalized"])
-    a, b = (render(mpi, pl, PRESET, *seed_poses(seeds, PRESET, stream), 32, settings)["rgb"] * 2 - 1
+    mpi = G(z, None, pl.normalized)
+    a, b = (Scene(PRESET, pl).render_pose(mpi, *seed_poses(seeds, PRESET, stream), resolution=32)["rgb"] * 2 - 1
             for stream in (0, 1))
     want = torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1)
     assert res["n"] == 3 and res["mean"] == pytest.approx(float(want.mean()), rel=1e-5)

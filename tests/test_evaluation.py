@@ -141,7 +141,7 @@ def _scene(n_planes=32, r=64):
 
 def _view(mpi, planes, yaw, weights=False, pitch=0.0, chunk=None):
     c2w = sphere_c2w(torch.tensor([yaw]), torch.tensor([pitch]), PRESET.sphere_center_z, PRESET.sphere_r)
-    out = render_mpi(mpi, planes["depths"], planes["extents"], c2w, PRESET.fov_deg, 64, 64, return_weights=weights,
+    out = render_mpi(mpi, planes.depths, planes.extents, c2w, PRESET.fov_deg, 64, 64, return_weights=weights,
                      plane_chunk=chunk)
     return dict(out, c2w=c2w)
 
@@ -167,7 +167,7 @@ def test_two_view_consistency_tells_a_scene_from_a_camera_ignoring_picture():
     fa, fb = _view(flat, planes, -0.25), _view(flat, planes, 0.25)
     assert float(geometry.two_view_consistency(fa, fb, PRESET.fov_deg, PRESET.near, PRESET.far)["depth_err"]) < 1e-4
     assert float(geometry.depth_relief(fa, PRESET.fov_deg, PRESET.near, PRESET.far)) < 1e-4
-    want = (PRESET.far - float(planes["depths"][6])) / (PRESET.far - PRESET.near)
+    want = (PRESET.far - float(planes.depths[6])) / (PRESET.far - PRESET.near)
     assert float(geometry.depth_relief(a, PRESET.fov_deg, PRESET.near, PRESET.far)) == pytest.approx(want, rel=1e-3)
 
 
@@ -181,8 +181,8 @@ def test_semi_transparent_fraction_fog_vs_surface():
     assert w_surface.shape == (1, 32, 1, 64, 64)
     assert torch.allclose(w_surface.sum(1), _view(surface, planes, 0.1)["alpha"], atol=1e-5)
     assert torch.allclose(_view(fog, planes, 0.1, weights=True, chunk=5)["weights"], w_fog, atol=1e-6)
-    assert float(geometry.semi_transparent_fraction(w_surface, planes["depths"], PRESET.near, PRESET.far)) == 0.0
-    assert float(geometry.semi_transparent_fraction(w_fog, planes["depths"], PRESET.near, PRESET.far)) == 1.0
+    assert float(geometry.semi_transparent_fraction(w_surface, planes.depths, PRESET.near, PRESET.far)) == 0.0
+    assert float(geometry.semi_transparent_fraction(w_fog, planes.depths, PRESET.near, PRESET.far)) == 1.0
 
 
 def test_depth_fd_billboard_much_worse_than_matching_depth():

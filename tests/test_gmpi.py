@@ -94,9 +94,9 @@ def test_generate_render_discriminate_pipeline(fx):
     planes = preset_planes(get_preset("FFHQ256"), 8)
     c2w = C.sphere_c2w([0.0, 0.3, 0.0], [0.0, 0.0, -0.2], 1.0, 1.0)
     with torch.no_grad():
-        mpi = G(torch.from_numpy(refs["z"]), None, planes["normalized"])
+        mpi = G(torch.from_numpy(refs["z"]), None, planes.normalized)
         for k in range(3):
-            img = 2 * R.render_mpi(mpi, planes["depths"], planes["extents"], c2w[k], 12.6, 32, 32)["rgb"] - 1
+            img = 2 * R.render_mpi(mpi, planes.depths, planes.extents, c2w[k], 12.6, 32, 32)["rgb"] - 1
             assert max_err(img, refs["render_rgb_L8"][:, k]) <= TOL
             logits = D(img, C.flatten_w2c(c2w[k:k + 1]).expand(2, 16))[:, 0]
             assert max_err(logits, refs["d_logits_L8"][:, k]) <= TOL
@@ -136,8 +136,8 @@ def test_gradients_reach_the_alpha_branch():
     torch.manual_seed(2)
     G = GMPIGenerator(**SMALL).train()
     planes = preset_planes(get_preset("FFHQ256"), 6)
-    mpi = G(torch.randn(2, 16), plane_depths=planes["normalized"], noise_mode="random")
-    out = R.render_mpi(mpi, planes["depths"], planes["extents"], C.sphere_c2w([0.2, -0.1], [0, 0.1], 1, 1),
+    mpi = G(torch.randn(2, 16), plane_depths=planes.normalized, noise_mode="random")
+    out = R.render_mpi(mpi, planes.depths, planes.extents, C.sphere_c2w([0.2, -0.1], [0, 0.1], 1, 1),
                        12.6, 16, 16)
     (out["rgb"].square().mean() + out["depth"].mean()).backward()
     for name, p in G.named_parameters():

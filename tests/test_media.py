@@ -16,13 +16,14 @@ import yaml
 from callbacks.media import MediaRenderer, MeshExport, SampleGrid, SweepVideo, run_dir
 from gmpi_lightning import export
 from gmpi_lightning.cli import main as gmpi_main
-from gmpi_lightning.inference import render_view, seed_latent
-from gmpi_lightning.module import GMPIModule
+from gmpi_lightning.module import GMPIModule, StyleGAN2Module
 from gmpi_lightning.planes import preset_planes
 from gmpi_lightning.presets import get_preset
+from gmpi_lightning.scene import Scene, seed_latents
 from tests.conftest import REPO
 
 RES = 16
+SG2_ARGS = ("preset", "resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max")
 TINY = dict(preset="synthetic32", resolution=RES, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256,
             channel_max=16, train_planes=6, views_per_z=2, max_iters=3)
 
@@ -65,8 +66,8 @@ def test_grid_layout_depth_tiles_and_fixed_cameras(module, tmp_path):
     # row 1, pose (yaw 0.3, pitch 0.1) (pitch-major order: index 1 * 3 + 2) is exactly seed 1 seen from there
     planes = preset_planes(module.preset, TINY["train_planes"])
     with torch.no_grad():
-        mpi = module.G_ema(seed_latent(1, 16), None, planes["normalized"], noise_mode="const")
-    view = render_view(mpi, planes, module.preset, 0.3, 0.1, r, check_inside=False)
+        mpi = module.G_ema(seed_latents([1], 16), None, planes.normalized, noise_mode="const")
+        view = Scene(module.preset, planes).render_pose(mpi, 0.3, 0.1, resolution=r, check_inside=False)
     assert np.array_equal(tiles[1, 5].astype(np.uint8), export.to_uint8(view["rgb"][0]))
     assert np.array_equal(tiles[1, k + 5].astype(np.uint8), export.depth_to_color(
         view["depth"][0], module.preset.near, module.preset.far, view["alpha"][0]))
@@ -116,13 +117,13 @@ def test_schedule_uses_module_iterations_rank0_only(module, tmp_path):
 
 def test_stylegan2_mode_grid_is_one_row_of_2d_images(tmp_path):
     torch.manual_seed(1)
-    m = GMPIModule(**dict(TINY, mode="stylegan2"))
+    m = StyleGAN2Module(**{k: v for k, v in TINY.items() if k in SG2_ARGS})
     m.iteration = 2
     files = SampleGrid(seeds=[0, 1, 2]).run(fake_trainer(tmp_path), m)
     grid = png(files[0])
     assert grid.shape == (RES, 3 * RES, 3) and len(files) == 1
     with torch.no_grad():
-        img = m.G_ema(seed_latent(1, 16), None, noise_mode="const")
+        img = m.G_ema(seed_latents([1], 16), None, noise_mode="const")
     assert np.array_equal(grid[:, RES:2 * RES], export.to_uint8((img[0] + 1) / 2))
     assert SweepVideo(frames=3).run(fake_trainer(tmp_path), m) == []
     assert MeshExport().run(fake_trainer(tmp_path), m) == []
@@ -170,8 +171,7 @@ def box_module(opaque: bool = True, iteration: int = 11):
     preset = get_preset("synthetic32", resolution=RES)
     planes = preset_planes(preset, 6)
     return SimpleNamespace(G_ema=BoxGenerator(opaque).eval(), preset=preset, iteration=iteration,
-                           hparams=SimpleNamespace(mode="gmpi"),
-                           **{f"plane_{k}": v for k, v in planes.items()})
+                           mode="gmpi", scene=Scene(preset, planes))
 
 
 def test_mesh_of_a_known_box(tmp_path):
@@ -182,7 +182,7 @@ def test_mesh_of_a_known_box(tmp_path):
     assert len(faces) > 50 and faces.max() < len(verts)
     # the iso-surface sits half a sample outside the last opaque sample of the (blurred) box
     p = m.preset
-    h, w = (float(v) for v in m.plane_extents[0])
+    h, w = (float(v) for v in m.scene.planes.extents[0])
     step = w / (RES - 1)
     assert verts[:, 0].min() == pytest.approx(-w / 2 + 3.5 * step, abs=0.3 * step)
     assert verts[:, 0].max() == pytest.approx(-w / 2 + 11.5 * step, abs=0.3 * step)

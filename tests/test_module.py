@@ -1,5 +1,6 @@
 """Training: losses with hand-computed values, phases, EMA, worst-view selection, resume, configs, precision."""
 
+import json
 import math
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from gmpi_lightning.losses import (
     stylegan2_ema_beta,
     torch_ema_beta,
 )
-from gmpi_lightning.module import GMPIModule
+from gmpi_lightning.module import GMPIModule, StyleGAN2Module
 from gmpi_lightning.trainer import run_lightning_cli
 from tests.conftest import REPO, max_err
 
+SG2_ARGS = ("preset", "resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max")
 TINY = dict(preset="synthetic32", resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256,
             channel_max=16, train_planes=6, views_per_z=2, max_iters=3, shading_start=1, shading_grow=2)
 
@@ -34,9 +36,10 @@ def shards(tmp_path_factory):
 
 
 def _trainer(tmp_path, **kw):
-    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, default_root_dir=tmp_path, **kw)
+    kw.setdefault("enable_checkpointing", False)
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                      default_root_dir=tmp_path, **kw)
 
 
 def _dm(shards, **kw):
@@ -120,10 +123,9 @@ def test_worst_view_selection_picks_min_logit(shards, tmp_path):
             return yaw[:, None]
 
     model.D = YawD()
-    torch.manual_seed(7)
+    state = model.rng.get_state()
     chosen = model.select_views(torch.randn(3, 16))
-    torch.manual_seed(7)
-    torch.randn(3, 16)
+    model.rng.set_state(state)  # the candidates are the first draws of the module's stream
     all_poses = model.sample_c2w(15).reshape(3, 5, 4, 4)
     yaws = torch.stack([cameras.yaw_pitch_from_w2c(cameras.invert_rigid(all_poses[:, k]), 1.0)[0] for k in range(5)], 1)
     picked = cameras.yaw_pitch_from_w2c(cameras.invert_rigid(chosen), 1.0)[0]
@@ -151,7 +153,7 @@ def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path):
 def test_stylegan2_mode_trains_and_exports(shards, tmp_path):
     torch.manual_seed(4)
     out = tmp_path / "sg2.pt"
-    model = GMPIModule(**dict(TINY, mode="stylegan2", max_iters=2, export_path=str(out)))
+    model = StyleGAN2Module(**{k: v for k, v in TINY.items() if k in SG2_ARGS}, max_iters=2, export_path=str(out))
     model.D.b4.mbstd.group_size = 4
     _trainer(tmp_path).fit(model, _dm(shards))
     from gmpi_lightning.io import load_stylegan2_pkl
@@ -172,7 +174,7 @@ def test_bf16_autocast_losses_close_to_fp32(shards):
     batch = next(iter(_dm(shards).train_dataloader()))
 
     def losses():
-        torch.manual_seed(9)
+        model.rng.manual_seed(9)
         z = model.sample_z(4)
         c2w = model.sample_c2w(4)
         fake = model.fake_images(model.G, z, c2w, shade=False, noise_mode="const")
@@ -192,35 +194,84 @@ def _cli(args):
     return run_lightning_cli(args)
 
 
-def test_resume_continues_counters_and_ema(shards, tmp_path):
-    ckdir = tmp_path / "ck"
-    common = ["--config", str(REPO / "experiments" / "synthetic.yaml"), f"--data.data={shards}",
-              "--data.batch_size=4", "--data.num_workers=0", "--model.init_from=null", "--model.preset=synthetic32",
-              "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2",
-              "--model.channel_base=256", "--model.channel_max=16", "--model.train_planes=6",
-              "--model.views_per_z=2", "--model.export_path=null", "--trainer.logger=false",
-              "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
-              f"--trainer.default_root_dir={tmp_path}",
-              "--trainer.callbacks=lightning.pytorch.callbacks.ModelCheckpoint",
-              f"--trainer.callbacks.dirpath={ckdir}", "--trainer.callbacks.every_n_train_steps=4",
-              "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=-1"]
-    # "killed" after 3 iterations: the last checkpoint holds iteration 2 (4 optimiser steps)
-    cli = _cli(["fit", *common, "--model.max_iters=3"])
-    first = cli.model
-    ck = torch.load(ckdir / "epoch=0-step=4.ckpt", weights_only=False)
-    assert ck["gmpi_state"]["iteration"] == 2 and ck["gmpi_state"]["ema_updates"] == 2
-    assert "views_per_z: 2" in ck["run_config"] and "batch_size: 4" in ck["run_config"]  # the resolved config
+class KillAt(pl.Callback):
+    """Dies like a killed job (no clean shutdown of anything after it) right after iteration ``at``."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if module.iteration == self.at:
+            raise SystemExit(f"killed after iteration {self.at}")
+
+
+def _flat(obj, prefix=""):
+    """Every tensor and number of a (nested) checkpoint, by path."""
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}{key}/").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, val in enumerate(obj) for k, v in _flat(val, f"{prefix}{i}/").items()}
+    return {prefix.rstrip("/"): obj} if isinstance(obj, (torch.Tensor, int, float)) else {}
+
+
+def test_resume_is_bit_identical(shards, tmp_path):
+    """6 iterations straight vs. killed after 4, resumed from the iteration-3 checkpoint to 6: every weight, optimiser
+    moment, counter, random stream and the data position end identical. Shading, lazy R1, batch_split, x-flip and an
+    epoch boundary of the data stream (4 batches per epoch) are all in play."""
+    def run(name, *extra, kill=None):
+        ckdir = tmp_path / name
+        args = ["fit", "--config", str(REPO / "experiments" / "synthetic.yaml"), f"--data.data={shards}",
+                "--data.batch_size=4", "--data.num_workers=0", "--data.batches_per_epoch=4", "--data.xflip=true",
+                "--model.init_from=null", "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16",
+                "--model.mapping_layers=2", "--model.channel_base=256", "--model.channel_max=16",
+                "--model.train_planes=6", "--model.views_per_z=2", "--model.batch_split=2", "--model.r1_every=2",
+                "--model.shading=true", "--model.shading_start=2", "--model.shading_grow=3", "--model.max_iters=6",
+                "--model.export_path=null", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={ckdir}", *extra]
+        callbacks = [{"class_path": "callbacks.checkpoint.IterationCheckpoint",
+                      "init_args": {"dirpath": str(ckdir), "every_n_iters": 3, "save_last": True, "save_top_k": -1}}]
+        if kill:
+            callbacks.append({"class_path": "tests.test_module.KillAt", "init_args": {"at": kill}})
+        try:
+            _cli([*args, f"--trainer.callbacks={json.dumps(callbacks)}"])
+        except SystemExit as e:
+            assert kill and "killed" in str(e)
+        return ckdir
+
+    straight = run("straight")
+    killed = run("killed", kill=4)
+    assert sorted(p.name for p in killed.glob("it*.ckpt")) == ["it000003.ckpt"]  # died after it, before 6
+    ck3 = torch.load(killed / "it000003.ckpt", weights_only=True)  # plain data: loads without running code
+    assert ck3["gmpi_state"]["iteration"] == 3 and ck3["PosedImageDataModule"]["train_batches_used"] == 3
+    assert "views_per_z: 2" in ck3["run_config"] and "batch_size: 4" in ck3["run_config"]  # the resolved config
+    run("killed", f"--ckpt_path={killed / 'it000003.ckpt'}")
+    a = _flat(torch.load(straight / "it000006.ckpt", weights_only=True))
+    b = _flat(torch.load(killed / "it000006.ckpt", weights_only=True))
+    compared = [k for k in a if k.split("/")[0] in ("state_dict", "optimizer_states", "gmpi_state",
+                                                      "PosedImageDataModule")]
+    assert compared and set(compared) <= set(b)
+    assert any(k.startswith("optimizer_states/1/state/") for k in compared)  # D's Adam moments are compared
+    assert any(k.startswith("gmpi_state/rng/states") for k in compared)
+    diff = {k: float((a[k].double() - b[k].double()).abs().max()) if isinstance(a[k], torch.Tensor)
+            else abs(a[k] - b[k]) for k in compared}
+    assert max(diff.values()) == 0, {k: v for k, v in diff.items() if v}
+    assert a["gmpi_state/iteration"] == 6 and a["gmpi_state/shading_calls"] == 2 * 4 + 4  # D + G (2 chunks) x 4 its
+    # the run moved: iteration 3 and 6 differ (a resume that restored nothing would still match itself)
+    a3 = _flat(torch.load(straight / "it000003.ckpt", weights_only=True))
+    assert max(float((a3[k] - a[k]).abs().max()) for k in a if k.startswith("state_dict/G.")) > 0
+
+
+def test_training_checkpoint_loads_for_inference_and_training(shards, tmp_path):
+    torch.manual_seed(6)
+    model = GMPIModule(**dict(TINY, max_iters=2))
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, _dm(shards))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
     from gmpi_lightning.inference import load_generator
 
-    assert load_generator(ckdir / "epoch=0-step=4.ckpt").training_data == str(shards)  # gmpi evaluate's --data
-    saved_ema = {k: v for k, v in ck["state_dict"].items() if k.startswith("G_ema.")}
-    resumed = _cli(["fit", *common, "--model.max_iters=5", f"--ckpt_path={ckdir / 'epoch=0-step=4.ckpt'}"]).model
-    assert resumed.iteration == 5 and resumed.ema_updates == 5 and resumed.nimg == 5 * 4  # no reset, no repeat
-    assert first.iteration == 3
-    assert any(max_err(resumed.state_dict()[k], v) > 0 for k, v in saved_ema.items())  # EMA kept moving
-    # loading restores exactly what was saved
-    again = GMPIModule.load_from_checkpoint(ckdir / "epoch=0-step=4.ckpt", weights_only=False)
-    assert all(max_err(again.state_dict()[k], v) == 0 for k, v in saved_ema.items())
+    assert load_generator(tmp_path / "m.ckpt").kind == "gmpi"
+    again = GMPIModule.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert all(max_err(again.state_dict()[k], v) == 0 for k, v in model.state_dict().items() if "G_ema" in k)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")))
@@ -228,10 +279,12 @@ def test_every_experiment_config_runs_fast_dev_run(name, shards, tmp_path):
     args = ["fit", "--config", str(REPO / "experiments" / f"{name}.yaml"), f"--data.data={shards}",
             "--data.batch_size=4", "--data.num_workers=0", "--model.init_from=null", "--model.resolution=16",
             "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2", "--model.channel_base=256",
-            "--model.channel_max=16", "--model.train_planes=6", "--model.views_per_z=2", "--model.batch_split=2",
+            "--model.channel_max=16", "--model.batch_split=2",
             "--model.export_path=null", "--trainer.logger=false", "--trainer.callbacks=[]",
             "--trainer.fast_dev_run=1",
             "--trainer.enable_progress_bar=false", "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}"]
+    if name != "synthetic_stylegan2":  # GMPIModule's own arguments (the 2D module takes none of them)
+        args += ["--model.train_planes=6", "--model.views_per_z=2"]
     cli = _cli(args)
     assert cli.model.iteration == 1
     assert np.isfinite(float(cli.trainer.callback_metrics["loss_d"]))
@@ -252,7 +305,7 @@ def test_hparams_are_in_checkpoints(shards, tmp_path):
     trainer.fit(model, _dm(shards))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     ck = torch.load(tmp_path / "m.ckpt", weights_only=False)
-    assert ck["hyper_parameters"]["train_planes"] == 6 and "torch_rng" in ck["gmpi_state"]
+    assert ck["hyper_parameters"]["train_planes"] == 6 and ck["gmpi_state"]["rng"]["states"].shape[0] == 1
     # gmpi render reads training checkpoints directly: their G_ema, with the run's preset
     from gmpi_lightning.inference import load_generator
 
@@ -266,9 +319,10 @@ def test_hparams_are_in_checkpoints(shards, tmp_path):
         assert max_err(loaded.G(z, None, codes), model.G_ema(z, None, codes)) == 0
 
 
-def test_two_process_ddp_keeps_ranks_in_sync(shards, tmp_path):
-    """2 CPU processes (gloo): after training, G, D and G_ema are identical on both ranks; data differ."""
-    import json
+def test_two_process_ddp_ranks_draw_their_own_data_and_stay_in_sync(shards, tmp_path):
+    """2 CPU processes (gloo), batch_split 2: no image the discriminator sees on rank 0 (real or fake) is also seen
+    on rank 1, and yet G, D and G_ema end identical on both ranks, which only the gradient all-reduce (including
+    the G step's accumulation under block_backward_sync) can achieve when the ranks' data differ."""
     import os
     import subprocess
     import sys
@@ -277,17 +331,87 @@ def test_two_process_ddp_keeps_ranks_in_sync(shards, tmp_path):
                                                               "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "gmpi_lightning", "fit", "--config", str(REPO / "experiments" / "synthetic.yaml"),
-           f"--data.data={shards}", "--data.batch_size=2", "--data.num_workers=0", "--model.init_from=null",
+           f"--data.data={shards}", "--data.batch_size=4", "--data.num_workers=0", "--model.init_from=null",
            "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2",
            "--model.channel_base=256", "--model.channel_max=16", "--model.train_planes=6", "--model.views_per_z=2",
-           "--model.max_iters=3", "--model.export_path=null", "--trainer.logger=false",
+           "--model.batch_split=2", "--model.max_iters=3", "--model.export_path=null", "--trainer.logger=false",
            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu",
            "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path}",
            "--trainer.callbacks=tests.ddp_callbacks.RankReport", f"--trainer.callbacks.out={tmp_path}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2 and r0["iteration"] == r1["iteration"] == 3
-    for net in ("G", "D", "G_ema"):
-        assert r0[net] == r1[net], f"{net} differs between ranks"
-    assert r0["keys"] != r1["keys"]  # each rank saw its own samples
+    # 3 iterations x (4 reals + 4 fakes + 2 x 4 candidate views + 4 G-step fakes) images per rank
+    assert r0["seen"].shape[0] == r1["seen"].shape[0] == 3 * 20
+    assert not set(r0["keys"]) & set(r1["keys"]) and len(r0["keys"]) == 12  # disjoint reals
+    nearest = torch.cdist(r0["seen"].double(), r1["seen"].double()).min()  # closest pair across the ranks
+    assert nearest > 1.0, f"rank 0 and rank 1 saw an image in common (distance {float(nearest):.3g})"
+    for k, v in r0["weights"].items():
+        if k.endswith("mapping.w_avg"):  # rank-local running mean of each rank's own w (NVlabs: no buffer sync)
+            assert not torch.equal(v, r1["weights"][k])
+        else:
+            assert torch.equal(v, r1["weights"][k]), f"{k} differs between ranks"
+
+
+def test_an_iteration_reads_back_one_value_per_optimiser_step(shards, tmp_path):
+    """Host reads of tensor values (each one a device synchronisation on a GPU) per iteration, counted from batch start
+    to the next batch start: our code reads exactly one per optimiser step (the finiteness of gradient norm + loss),
+    plus one transfer of the logged values on logging iterations (every 4th here)."""
+    from gmpi_lightning.profiling import IterationProbe
+
+    torch.manual_seed(8)
+    model = GMPIModule(**dict(TINY, max_iters=8, batch_split=2, shading_start=1))
+    probe = IterationProbe(skip=1, where=True)
+    _trainer(tmp_path, callbacks=[probe], log_every_n_steps=4).fit(model, _dm(shards))
+    assert len(probe.project_reads) == 7  # iterations 2..8
+    logging = [it % 4 == 0 or it == 8 for it in range(2, 9)]
+    assert probe.project_reads == [3 if log else 2 for log in logging], probe.sites
+
+
+def test_lazy_r1_keeps_the_plain_learning_rate(shards, tmp_path):
+    """R1 folded into the D step every r1_every iterations: Adam keeps lr and betas (StyleGAN2's rescaling is for R1
+    as an extra step). With beta1 = 0 the first Adam step moves every D parameter with a gradient by about lr."""
+    torch.manual_seed(0)
+    model = GMPIModule(**dict(TINY, max_iters=1, r1_gamma=1.0, r1_every=4, grad_clip=None, shading=False))
+    cap = Capture()
+    _trainer(tmp_path, callbacks=[cap]).fit(model, _dm(shards))
+    opt_g, opt_d = model.trainer.optimizers
+    assert opt_d.param_groups[0]["lr"] == 0.002 and tuple(opt_d.param_groups[0]["betas"]) == (0.0, 0.9)
+    moved = [float((cap.after[n] - cap.before[n]).abs().max()) for n in cap.before if n.startswith("D.")]
+    assert max(moved) == pytest.approx(0.002, rel=0.02)  # not 0.002 * 4 / 5
+    assert cap.metrics["train/r1"] > 0  # iteration 0 % 4 == 0: R1 was in this step
+
+
+def test_checkpoints_count_iterations_not_optimiser_steps(shards, tmp_path):
+    """every_n_iters: 2 over 5 iterations (10 optimiser steps): it000002, it000004 and the final it000005, each
+    holding the iteration its name says (Lightning's every_n_train_steps: 2 would save every iteration)."""
+    from callbacks.checkpoint import IterationCheckpoint
+
+    torch.manual_seed(3)
+    model = GMPIModule(**dict(TINY, max_iters=5))
+    ck = IterationCheckpoint(dirpath=tmp_path / "ck", every_n_iters=2, save_last=True, save_top_k=-1)
+    _trainer(tmp_path, callbacks=[ck], enable_checkpointing=True).fit(model, _dm(shards))
+    names = sorted(p.name for p in (tmp_path / "ck").glob("*.ckpt"))
+    assert names == ["it000002.ckpt", "it000004.ckpt", "it000005.ckpt", "last.ckpt"]
+    for name, it in (("it000002.ckpt", 2), ("it000004.ckpt", 4), ("last.ckpt", 5)):
+        saved = torch.load(tmp_path / "ck" / name, weights_only=True)
+        assert saved["gmpi_state"]["iteration"] == it and saved["global_step"] == 2 * it
+    with pytest.raises(ValueError, match="every_n_iters"):
+        IterationCheckpoint(every_n_train_steps=400)
+
+
+def test_init_from_a_checkpoint_never_runs_its_code(shards, tmp_path):
+    """A .ckpt whose pickle would call a function when loaded with weights_only=False is refused with the file
+    named; the function never runs."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"state_dict": {}, "evil": Payload()}, tmp_path / "evil.ckpt")
+    model = GMPIModule(**dict(TINY, init_from=str(tmp_path / "evil.ckpt")))
+    with pytest.raises(ValueError, match="evil.ckpt"):
+        model.setup("fit")
+    assert not marker.exists()

@@ -267,8 +267,10 @@ def test_dry_run_prints_command_and_resolved_config(tmp_path):
     assert lines[2] == "# resolved config:"
     config = yaml.safe_load("\n".join(lines[3:]))
     assert int(config["trainer"]["devices"]) == 8 and config["trainer"]["num_nodes"] == 4
-    assert config["model"]["max_iters"] == 7 and config["model"]["r1_gamma"] == 2.5
-    assert config["model"]["train_planes"] == 32  # the rest comes from experiments/ffhq256.yaml
+    assert config["model"]["class_path"] == "gmpi_lightning.module.GMPIModule"  # the default model class
+    model = config["model"]["init_args"]
+    assert model["max_iters"] == 7 and model["r1_gamma"] == 2.5
+    assert model["train_planes"] == 32  # the rest comes from experiments/ffhq256.yaml
     assert {"trainer", "model", "data"} <= set(config) and "Initializing distributed" not in proc.stderr  # not run
 
 

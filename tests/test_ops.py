@@ -112,3 +112,31 @@ def test_modulated_conv_fused_equals_unfused_and_demod_is_scale_invariant():
 def test_assert_shape_message():
     with pytest.raises(ValueError, match=r"ws: expected shape \*x8x64, got 2x7x64"):
         ops.assert_shape(torch.zeros(2, 7, 64), [None, 8, 64], "ws")
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), ((1, 2), 0), ((2, 1), (1, 2)), (2, 1)])
+def test_fir_filter_matches_conv2d_and_its_derivatives(stride, padding):
+    """The constant-filter depthwise FIR (custom backward, used so that R1's second derivative skips the filter's
+    weight gradient) equals F.conv2d with groups=C in value, gradient and gradient of the gradient."""
+    from gmpi_lightning.nn.ops import fir_filter
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64, requires_grad=True)
+    k = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    s = (stride, stride) if isinstance(stride, int) else stride
+    ref = F.conv2d(x, k, stride=s, padding=padding, groups=3)
+    out = fir_filter(x, k, stride, padding)
+    assert out.shape == ref.shape and float((out - ref).abs().max()) < 1e-12
+
+    def both(fn):
+        y = fn(x)
+        (g,) = torch.autograd.grad((y.square() * torch.linspace(0, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum(),
+                                   x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sin().sum(), x)
+        return g.detach(), gg
+
+    (g1, gg1), (g2, gg2) = both(lambda t: fir_filter(t, k, stride, padding)), \
+        both(lambda t: F.conv2d(t, k, stride=s, padding=padding, groups=3))
+    assert float((g1 - g2).abs().max()) < 1e-10 and float((gg1 - gg2).abs().max()) < 1e-10
+    assert torch.autograd.gradcheck(lambda t: fir_filter(t, k, stride, padding), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: fir_filter(t, k, stride, padding), (x,))

@@ -30,7 +30,7 @@ def test_render_parity(refs, planes8):
     mpi = torch.from_numpy(refs["mpi_rgba_L8"])
     for k in range(3):
         c2w = torch.from_numpy(refs["cam_c2w_L8"][k])
-        out = R.render_mpi(mpi, planes8["depths"], planes8["extents"], c2w, FOV, 32, 32)
+        out = R.render_mpi(mpi, planes8.depths, planes8.extents, c2w, FOV, 32, 32)
         assert max_err(2 * out["rgb"] - 1, refs["render_rgb_L8"][:, k]) <= TOL
         assert max_err(out["depth"], refs["render_depth_L8"][:, k]) <= TOL
         assert float(out["alpha"].min()) > 0.9999  # the background plane is opaque and always hit
@@ -44,13 +44,13 @@ def test_cameras_of_the_fixture_come_from_the_sphere_sampler(refs):
 
 def test_shading_parity(refs, planes8):
     mpi = torch.from_numpy(refs["mpi_rgba_L8"][:1])
-    points = R.mpi_point_cloud(mpi[:, :, 3], planes8["depths"], planes8["extents"])
+    points = R.mpi_point_cloud(mpi[:, :, 3], planes8.depths, planes8.extents)
     assert max_err(points, refs["light_pcl_L8"]) <= TOL
     assert max_err(R.point_cloud_normals(points), refs["light_normal_L8"]) <= 1e-3
     light = R.light_direction(0.15, 0.2, 1.0, 1.0)
     assert max_err(light[0], refs["light_dir"]) <= TOL
     assert max_err(C.sphere_c2w(0.15, 0.2, 1.0, 1.0)[0, :3, 3], refs["light_pos"]) <= TOL
-    shaded = R.shade_mpi(mpi, planes8["depths"], planes8["extents"], light, ka=0.6, kd=0.4)
+    shaded = R.shade_mpi(mpi, planes8.depths, planes8.extents, light, ka=0.6, kd=0.4)
     assert max_err(shaded, refs["mpi_rgba_shaded_L8"]) <= TOL
 
 
@@ -94,9 +94,9 @@ def test_single_opaque_plane_renders_as_its_homography(planes8, yaw, pitch):
     mpi[0, k, :3] = torch.rand(3, 20, 20, generator=g)
     mpi[0, k, 3] = 1.0
     c2w = C.sphere_c2w(yaw, pitch, 1.0, 1.0)
-    out = R.render_mpi(mpi, planes8["depths"], planes8["extents"], c2w, FOV, res, res, check_inside=False)
-    ref_rgb, ref_z = _plane_reference(mpi[0, k, :3].permute(1, 2, 0).numpy(), float(planes8["depths"][k]),
-                                      planes8["extents"][k].numpy(), c2w[0].double().numpy(), res)
+    out = R.render_mpi(mpi, planes8.depths, planes8.extents, c2w, FOV, res, res, check_inside=False)
+    ref_rgb, ref_z = _plane_reference(mpi[0, k, :3].permute(1, 2, 0).numpy(), float(planes8.depths[k]),
+                                      planes8.extents[k].numpy(), c2w[0].double().numpy(), res)
     assert max_err(out["rgb"][0].permute(1, 2, 0), ref_rgb) < 1e-4
     inside = out["alpha"][0, 0] > 0.999  # where the ray hits the plane, depth is the plane's z-depth
     assert int(inside.sum()) > res * res // 2
@@ -109,12 +109,12 @@ def test_transparent_planes_in_front_of_opaque_far_plane(planes8):
     mpi[:, :, :3] = torch.rand(2, 8, 3, 16, 16, generator=g)  # colours of transparent planes must not leak
     mpi[:, -1, 3] = 1.0
     c2w = C.sphere_c2w([0.2, -0.3], [0.1, 0.05], 1.0, 1.0)
-    out = R.render_mpi(mpi, planes8["depths"], planes8["extents"], c2w, FOV, 20, 20)
+    out = R.render_mpi(mpi, planes8.depths, planes8.extents, c2w, FOV, 20, 20)
     only_far = mpi.clone()
     only_far[:, :-1] = 0
-    ref = R.render_mpi(only_far, planes8["depths"], planes8["extents"], c2w, FOV, 20, 20)
+    ref = R.render_mpi(only_far, planes8.depths, planes8.extents, c2w, FOV, 20, 20)
     assert max_err(out["rgb"], ref["rgb"]) < 1e-6
-    ref_rgb, ref_z = _plane_reference(mpi[1, -1, :3].permute(1, 2, 0).numpy(), 1.12, planes8["extents"][-1].numpy(),
+    ref_rgb, ref_z = _plane_reference(mpi[1, -1, :3].permute(1, 2, 0).numpy(), 1.12, planes8.extents[-1].numpy(),
                                       c2w[1].double().numpy(), 20)
     assert max_err(out["rgb"][1].permute(1, 2, 0), ref_rgb) < 1e-4
     assert max_err(out["depth"][1, 0], ref_z) < 1e-5
@@ -133,23 +133,23 @@ def test_compositing_order_and_weights():
 def test_plane_chunked_rendering_matches(refs, planes8):
     mpi = torch.from_numpy(refs["mpi_rgba_L8"])
     c2w = C.sphere_c2w([0.3, -0.2], [0.1, 0.0], 1.0, 1.0)
-    full = R.render_mpi(mpi, planes8["depths"], planes8["extents"], c2w, FOV, 32, 32)
+    full = R.render_mpi(mpi, planes8.depths, planes8.extents, c2w, FOV, 32, 32)
     for chunk in (1, 3, 5):
-        part = R.render_mpi(mpi, planes8["depths"], planes8["extents"], c2w, FOV, 32, 32, plane_chunk=chunk)
+        part = R.render_mpi(mpi, planes8.depths, planes8.extents, c2w, FOV, 32, 32, plane_chunk=chunk)
         for key in ("rgb", "depth", "alpha"):
             assert max_err(full[key], part[key]) < 1e-6
 
 
 def test_render_is_differentiable_in_the_mpi(planes8):
     mpi = torch.rand(1, 8, 4, 8, 8, requires_grad=True)
-    out = R.render_mpi(mpi, planes8["depths"], planes8["extents"], C.sphere_c2w(0.1, 0.1, 1.0, 1.0), FOV, 8, 8,
+    out = R.render_mpi(mpi, planes8.depths, planes8.extents, C.sphere_c2w(0.1, 0.1, 1.0, 1.0), FOV, 8, 8,
                        check_inside=False)
     (out["rgb"].sum() + out["depth"].sum()).backward()
     assert float(mpi.grad[:, :, :3].abs().sum()) > 0 and float(mpi.grad[:, :, 3].abs().sum()) > 0
 
 
 def test_render_errors(planes8):
-    d, e = planes8["depths"], planes8["extents"]
+    d, e = planes8.depths, planes8.extents
     mpi = torch.rand(1, 8, 4, 8, 8)
     mpi[:, -1, 3] = 1
     with pytest.raises(ValueError, match="rays leave the background plane"):
@@ -173,12 +173,12 @@ def test_render_errors(planes8):
 def test_flat_surface_normals_and_lambertian_factor(planes8):
     alpha = torch.zeros(1, 8, 16, 16)
     alpha[:, 4] = 1.0  # one opaque plane: a flat surface facing the canonical camera
-    normals = R.point_cloud_normals(R.mpi_point_cloud(alpha, planes8["depths"], planes8["extents"]))
+    normals = R.point_cloud_normals(R.mpi_point_cloud(alpha, planes8.depths, planes8.extents))
     # points are pulled along rays from the origin onto z = d: a fronto-parallel plane, normal (0, 0, -1)
     assert max_err(normals, torch.tensor([0.0, 0.0, -1.0]).expand(1, 16, 16, 3)) < 1e-5
     mpi = torch.cat([torch.full((1, 8, 3, 16, 16), 0.8), alpha[:, :, None]], dim=2)
     light = R.light_direction(0.0, 0.0, 1.0, 1.0)  # light at the canonical camera: l = (0, 0, 1), -n.l = 1
-    shaded = R.shade_mpi(mpi, planes8["depths"], planes8["extents"], light, ka=0.5, kd=0.25)
+    shaded = R.shade_mpi(mpi, planes8.depths, planes8.extents, light, ka=0.5, kd=0.25)
     assert max_err(shaded[:, :, :3], torch.full_like(shaded[:, :, :3], 0.8 * 0.75)) < 1e-5
     assert max_err(shaded[:, :, 3], alpha) == 0
 

@@ -7,10 +7,11 @@ import torch
 
 from gmpi_lightning import export
 from gmpi_lightning.cli import main as gmpi_main
-from gmpi_lightning.inference import load_generator, parse_seeds, seed_latent
+from gmpi_lightning.inference import load_generator, parse_seeds
 from gmpi_lightning.io import save_gmpi_checkpoint
 from gmpi_lightning.nn.gmpi import GMPIGenerator
 from gmpi_lightning.presets import get_preset
+from gmpi_lightning.scene import seed_latents
 from tests.conftest import max_err
 
 
@@ -57,8 +58,8 @@ def test_render_matches_the_python_api(small_ckpt, tmp_path):
 
     planes = preset_planes(preset, 16)
     with torch.no_grad():
-        mpi = loaded.G(seed_latent(5, 16), None, planes["normalized"])
-        img = render.render_mpi(mpi, planes["depths"], planes["extents"],
+        mpi = loaded.G(seed_latents([5], 16), None, planes.normalized)
+        img = render.render_mpi(mpi, planes.depths, planes.extents,
                                 cameras.sphere_c2w(0.2, -0.1, 1.0, 1.0), preset.fov_deg, 32, 32)["rgb"][0]
     assert max_err(iio.imread(out / "seed0005_view00.png"), export.to_uint8(img)) <= 1
 

@@ -25,8 +25,9 @@ from ..cameras import invert_rigid
 from ..data import read_card, read_samples, resolve_shards
 from ..estimators import depth_error, load_estimators, pose_error, summarize
 from ..export import progress
+from ..scene import generated_planes
 from . import geometry
-from .fakes import FakeSettings, generate, generated_planes, iter_fakes, rank_seeds, render
+from .fakes import FakeSettings, generate, iter_fakes, rank_seeds
 from .image_metrics import fid_kid, gather_rows, rank_world, real_features
 from .inception import INCEPTION_FILE, InceptionFeatures, to_uint8_images
 
@@ -179,13 +180,13 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
             c = geometry.two_view_consistency(a, batch["views"][1], preset.fov_deg, preset.near, preset.far)
             for k, v in c.items():
                 add(f"consistency_{k}", v)
-            add("semi_transparent", geometry.semi_transparent_fraction(a["weights"], batch["planes"]["depths"],
+            add("semi_transparent", geometry.semi_transparent_fraction(a["weights"], batch["scene"].planes.depths,
                                                                        preset.near, preset.far))
             add("depth_relief", geometry.depth_relief(a, preset.fov_deg, preset.near, preset.far))
         if real_depth is not None:
             idx = [s - first_seed for s in batch["seeds"]]
-            v = render(batch["mpi"], batch["planes"], preset, None, None, res, settings,
-                       c2w=real_depth["c2w"][idx])
+            with torch.no_grad():
+                v = batch["scene"].render(batch["mpi"], real_depth["c2w"][idx], res, plane_chunk=settings.plane_chunk)
             add("fake_depth_features", geometry.depth_features(geometry.surface_depth(v["depth"], v["alpha"]),
                                                                preset.near, preset.far, DEPTH_POOL))
         if est is not None:

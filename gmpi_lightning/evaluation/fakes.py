@@ -9,12 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
-from ..cameras import sample_preset_pose, sphere_c2w
-from ..planes import preset_planes
-from ..render import render_mpi
+from ..cameras import sample_preset_pose
+from ..scene import Scene
 
 POSE_STREAMS = 2  # stream 0: the image's camera; stream 1: the second view of two-view metrics
 
@@ -30,15 +28,6 @@ class FakeSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def generated_planes(G, requested: int) -> int:
-    """The vanilla alpha branch can only make its training plane count (GMPI_SPEC §8)."""
-    return G.n_train_planes if getattr(G, "alpha_mode", None) == "vanilla" else requested
-
-
-def seed_latents(seeds, z_dim: int) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.random.RandomState(s).randn(z_dim) for s in seeds]).astype(np.float32))
 
 
 def seed_poses(seeds, preset, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,35 +46,23 @@ def rank_seeds(num: int, rank: int = 0, world: int = 1, first: int = 0) -> list[
 
 
 @torch.no_grad()
-def generate(G, preset, seeds, settings: FakeSettings, device="cpu") -> tuple[torch.Tensor, dict]:
-    """MPIs (B x L x 4 x R x R) of these seeds and their planes. With random noise each fake is generated on its
-    own with the RNG seeded by its seed, so fake k is the same whatever the batch size, rank or world size."""
-    n = generated_planes(G, settings.planes)
-    planes = {k: v.to(device) for k, v in preset_planes(preset, n).items()}
-    z = seed_latents(seeds, G.z_dim).to(device)
+def generate(G, scene: Scene, seeds, settings: FakeSettings) -> torch.Tensor:
+    """MPIs (B x L x 4 x R x R) of these seeds. With random noise each fake is generated on its own with the RNG
+    seeded by its seed, so fake k is the same whatever the batch size, rank or world size."""
+    z = scene.seed_latents(seeds, G.z_dim)
     kw = dict(truncation_psi=settings.truncation, noise_mode=settings.noise_mode, plane_chunk=settings.plane_chunk)
     if settings.noise_mode != "random":
-        return G(z, None, planes["normalized"], **kw), planes
-    dev = torch.device(device)
+        return scene.generate(G, z, **kw)
+    noise = torch.Generator(scene.device)
     out = []
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        for i, s in enumerate(seeds):
-            gen_seed = int(s) + 1_000_003
-            torch.default_generator.manual_seed(gen_seed)
-            if dev.type == "cuda":
-                torch.cuda.manual_seed(gen_seed)  # this device only
-            out.append(G(z[i:i + 1], None, planes["normalized"], **kw))
-    return torch.cat(out), planes
+    for i, s in enumerate(seeds):
+        noise.manual_seed(int(s) + 1_000_003)
+        out.append(scene.generate(G, z[i:i + 1], noise_generator=noise, **kw))
+    return torch.cat(out)
 
 
-@torch.no_grad()
-def render(mpi, planes, preset, yaw, pitch, resolution: int, settings: FakeSettings | None = None,
-           c2w: torch.Tensor | None = None, return_weights: bool = False) -> dict:
-    if c2w is None:
-        c2w = sphere_c2w(yaw, pitch, preset.sphere_center_z, preset.sphere_r)
-    return render_mpi(mpi, planes["depths"], planes["extents"], c2w.to(mpi.device), preset.fov_deg, resolution,
-                      resolution, plane_chunk=settings.plane_chunk if settings else None,
-                      return_weights=return_weights)
+def fake_scene(G, preset, settings: FakeSettings, device="cpu") -> Scene:
+    return Scene.for_generator(G, preset, settings.planes, device)
 
 
 def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu", streams=(0,),
@@ -95,17 +72,19 @@ def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu"
     memory). A fake whose MPI holds NaN/inf is flagged in ``nonfinite`` (bool, B) and rendered as an empty MPI, so
     that under DDP every rank still reaches the gathers and the caller can stop on all ranks at once."""
     res = settings.resolution or G.img_resolution
+    scene = fake_scene(G, preset, settings, device)
     for i in range(0, len(seeds), settings.batch_size):
         chunk = seeds[i:i + settings.batch_size]
-        mpi, planes = generate(G, preset, chunk, settings, device)
+        mpi = generate(G, scene, chunk, settings)
         nonfinite = ~torch.isfinite(mpi).flatten(1).all(1)
         if bool(nonfinite.any()):
             mpi = torch.where(nonfinite[:, None, None, None, None], torch.zeros_like(mpi), mpi)
         views = []
         for stream in streams:
             yaw, pitch = seed_poses(chunk, preset, stream)
-            c2w = sphere_c2w(yaw, pitch, preset.sphere_center_z, preset.sphere_r)
-            out = render(mpi, planes, preset, yaw, pitch, res, settings, c2w=c2w,
-                         return_weights=return_weights and stream == streams[0])
+            c2w = scene.camera(yaw, pitch)
+            with torch.no_grad():
+                out = scene.render(mpi, c2w, res, plane_chunk=settings.plane_chunk,
+                                   return_weights=return_weights and stream == streams[0])
             views.append(dict(out, yaw=yaw, pitch=pitch, c2w=c2w))
-        yield {"seeds": chunk, "mpi": mpi, "planes": planes, "views": views, "nonfinite": nonfinite}
+        yield {"seeds": chunk, "mpi": mpi, "scene": scene, "views": views, "nonfinite": nonfinite}

@@ -17,6 +17,7 @@ from .layers import (
     Conv2dLayer,
     FullyConnectedLayer,
     MappingNetwork,
+    activation_memory_format,
     check_resolution,
     compute_dtype,
 )
@@ -60,7 +61,7 @@ class DiscriminatorBlock(nn.Module):
     def forward(self, x, img, force_fp32: bool = False):
         ref = x if x is not None else img
         dtype = compute_dtype(self.use_fp16, force_fp32, ref.device)
-        memory_format = torch.channels_last if self.channels_last and not force_fp32 else torch.contiguous_format
+        memory_format = activation_memory_format(self.channels_last, force_fp32, ref.device)
         if x is not None:
             assert_shape(x, [None, self.in_channels, self.resolution, self.resolution],
                          f"DiscriminatorBlock@{self.resolution} input")

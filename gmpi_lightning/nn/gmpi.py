@@ -234,11 +234,13 @@ class GMPIGenerator(nn.Module):
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, plane_depths: torch.Tensor | None = None,
                 truncation_psi: float = 1.0, truncation_cutoff: int | None = None, noise_mode: str = "const",
                 plane_chunk: int | None = None, force_fp32: bool = False, fused_modconv: bool | None = None,
-                opaque_background: bool | None = None) -> torch.Tensor:
+                opaque_background: bool | None = None, noise_generator: torch.Generator | None = None,
+                check_planes: bool = True) -> torch.Tensor:
         ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         return self.synthesize(ws, plane_depths, noise_mode=noise_mode, plane_chunk=plane_chunk,
                                force_fp32=force_fp32, fused_modconv=fused_modconv,
-                               opaque_background=opaque_background)
+                               opaque_background=opaque_background, noise_generator=noise_generator,
+                               check_planes=check_planes)
 
     def _activation(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_activation == "tanh":
@@ -247,12 +249,12 @@ class GMPIGenerator(nn.Module):
             return torch.sigmoid(x)
         return (x.clamp(-1, 1) + 1) / 2
 
-    def _check_planes(self, plane_depths) -> torch.Tensor:
+    def _check_planes(self, plane_depths, values: bool = True) -> torch.Tensor:
         if plane_depths is None:
             raise ValueError("plane_depths (normalised, L values in [0, 1], index 0 nearest) are required; "
                              "e.g. get_preset('FFHQ256').normalized_plane_depths(32)")
-        d = torch.as_tensor(plane_depths, dtype=torch.float32).reshape(-1).cpu()
-        if d.numel() < 2 or not bool(torch.isfinite(d).all()):
+        d = torch.as_tensor(plane_depths, dtype=torch.float32).reshape(-1)
+        if d.numel() < 2 or (values and not bool(torch.isfinite(d).all())):
             raise ValueError(f"plane_depths must hold at least 2 finite values, got {d.tolist()}")
         if self.alpha_mode == "vanilla" and d.numel() != self.n_train_planes:
             raise ValueError(f"the vanilla alpha branch generates exactly {self.n_train_planes} planes, "
@@ -261,16 +263,18 @@ class GMPIGenerator(nn.Module):
 
     def synthesize(self, ws: torch.Tensor, plane_depths, noise_mode: str = "const", plane_chunk: int | None = None,
                    force_fp32: bool = False, fused_modconv: bool | None = None,
-                   opaque_background: bool | None = None) -> torch.Tensor:
-        """ws (B x num_ws x w_dim) -> MPI B x L x 4 x R x R.
+                   opaque_background: bool | None = None, noise_generator: torch.Generator | None = None,
+                   check_planes: bool = True) -> torch.Tensor:
+        """ws (B x num_ws x w_dim) -> MPI B x L x 4 x R x R (random noise drawn from ``noise_generator``).
+        ``check_planes=False`` skips reading the depths' values (a :class:`~gmpi_lightning.planes.Planes` checked them).
 
         ``opaque_background`` overrides ``background_alpha_full`` (mesh extraction turns it off)."""
-        depths = self._check_planes(plane_depths)
+        depths = self._check_planes(plane_depths, check_planes)
         n_planes = depths.numel()
         rgb = bg = x = None
         alpha_feats = []
         for block, bws in zip(self.synthesis.blocks(), self.synthesis.split_ws(ws)):
-            x, fused = block.forward_features(x, bws, force_fp32, fused_modconv, noise_mode)
+            x, fused = block.forward_features(x, bws, force_fp32, fused_modconv, noise_mode, noise_generator)
             w_rgba, w_conv1 = bws[:, block.num_conv], bws[:, block.num_conv - 1]
             if rgb is not None:
                 rgb = upsample2d(rgb, block.resample_filter)
@@ -326,9 +330,11 @@ class FlatMPIGenerator(nn.Module):
         self.mapping = G.mapping
 
     def forward(self, z, c=None, plane_depths=None, truncation_psi: float = 1.0, truncation_cutoff=None,
-                noise_mode: str = "const", plane_chunk=None, opaque_background=None, **kwargs) -> torch.Tensor:
+                noise_mode: str = "const", plane_chunk=None, opaque_background=None, noise_generator=None,
+                **kwargs) -> torch.Tensor:
         n = torch.as_tensor(plane_depths).numel()
-        img = self.G(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, noise_mode=noise_mode)
+        img = self.G(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, noise_mode=noise_mode,
+                     noise_generator=noise_generator)
         rgb = ((img + 1) / 2).clamp(0, 1)
         mpi = torch.zeros(img.shape[0], n, 4, *img.shape[-2:], device=img.device)
         mpi[:, 0, :3], mpi[:, 0, 3] = rgb, 1.0

@@ -101,21 +101,56 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1.0):
         x = x.reshape(b, c, h, 1, w, 1)
         x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
         x = x.reshape(b, c, h * up, w * up)
-    x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
-    x = x[:, :, max(-py0, 0) : x.shape[2] - max(-py1, 0), max(-px0, 0) : x.shape[3] - max(-px1, 0)]
+    pad = (0, 0)
+    if px0 == px1 >= 0 and py0 == py1 >= 0:  # zero padding inside the convolution (no padded copy)
+        pad = (py0, px0)
+    else:
+        x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
+        x = x[:, :, max(-py0, 0) : x.shape[2] - max(-py1, 0), max(-px0, 0) : x.shape[3] - max(-px1, 0)]
     f = f * (gain ** (f.ndim / 2))
     f = f.to(x.dtype)
     if not flip_filter:
         f = f.flip(list(range(f.ndim)))
-    if f.ndim == 2:
-        x = F.conv2d(x, f[None, None].repeat(c, 1, 1, 1), groups=c)
-    else:  # separable 1-D taps
-        k = f[None, None].repeat(c, 1, 1)
-        x = F.conv2d(x, k.unsqueeze(2), groups=c)
-        x = F.conv2d(x, k.unsqueeze(3), groups=c)
-    if down > 1:
-        x = x[:, :, ::down, ::down]
-    return x
+    if f.ndim == 2:  # the filter output is only kept at every down-th pixel: compute only those (stride)
+        return fir_filter(x, f[None, None].repeat(c, 1, 1, 1), down, pad)
+    k = f[None, None].repeat(c, 1, 1)  # separable 1-D taps
+    x = fir_filter(x, k.unsqueeze(2), (1, down), (0, pad[1]))
+    return fir_filter(x, k.unsqueeze(3), (down, 1), (pad[0], 0))
+
+
+class _FIRFilter(torch.autograd.Function):
+    """Depthwise correlation of B x C x H x W with a fixed C x 1 x kh x kw filter: zero ``padding``, every ``stride``-th
+    output. The same numbers as ``F.conv2d(x, k, stride=stride, padding=padding, groups=C)``; the difference is
+    autograd. The filter is a constant, so the backward pass is only the transposed filter, written here with
+    differentiable ops. Left to PyTorch, the second derivative that R1 needs (the gradient of ||dD/dx||^2) also
+    computes the filter's weight gradient, one convolution per channel (128-512 per layer), and throws it away."""
+
+    @staticmethod
+    def forward(ctx, x, k, stride, padding):
+        ctx.save_for_backward(k)
+        ctx.stride, ctx.padding, ctx.in_hw = stride, padding, x.shape[-2:]
+        return F.conv2d(x, k, stride=stride, padding=padding, groups=k.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (k,) = ctx.saved_tensors
+        (sy, sx), (py, px), (h, w) = ctx.stride, ctx.padding, ctx.in_hw
+        out = (h - ((grad.shape[-2] - 1) * sy - 2 * py + k.shape[-2]),
+               w - ((grad.shape[-1] - 1) * sx - 2 * px + k.shape[-1]))
+        return F.conv_transpose2d(grad, k, stride=(sy, sx), padding=(py, px), output_padding=out,
+                                  groups=k.shape[0]), None, None, None
+
+
+def fir_filter(x: torch.Tensor, k: torch.Tensor, stride=1, padding=0) -> torch.Tensor:
+    """``F.conv2d(x, k, stride=stride, padding=padding, groups=C)`` for a constant depthwise filter ``k``
+    (C x 1 x kh x kw)."""
+    if k.requires_grad:
+        return F.conv2d(x, k, stride=stride, padding=padding, groups=k.shape[0])
+    return _FIRFilter.apply(x, k, _pair(stride), _pair(padding))
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def upsample2d(x, f, up=2, padding=0, flip_filter=False, gain=1.0):
@@ -222,10 +257,12 @@ def modulated_conv2d(x, weight, styles, noise=None, up=1, down=1, padding=0, res
         styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
 
     w = dcoefs = None
-    if demodulate or fused_modconv:
+    if fused_modconv:
         w = weight.unsqueeze(0) * styles.reshape(batch, 1, -1, 1, 1)
-    if demodulate:
-        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # B x Cout
+        if demodulate:
+            dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # B x Cout
+    elif demodulate:  # the same sum, sum_i s_i^2 sum_k w_oik^2, without the B x Cout x Cin x k x k weights
+        dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()
     if not fused_modconv:
         x = x * styles.to(x.dtype).reshape(batch, -1, 1, 1)
         x = conv2d_resample(x, weight.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding,

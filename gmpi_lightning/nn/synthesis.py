@@ -17,6 +17,7 @@ from .layers import (
     Conv2dLayer,
     FullyConnectedLayer,
     MappingNetwork,
+    activation_memory_format,
     check_resolution,
     compute_dtype,
 )
@@ -49,7 +50,7 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros([out_channels]))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random", fused_modconv: bool = True,
-                gain: float = 1.0) -> torch.Tensor:
+                gain: float = 1.0, noise_generator: torch.Generator | None = None) -> torch.Tensor:
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         in_res = self.resolution // self.up
@@ -57,7 +58,8 @@ class SynthesisLayer(nn.Module):
         styles = self.affine(w)
         noise = None
         if self.use_noise and noise_mode == "random":
-            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device)
+            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device,
+                                generator=noise_generator)
             noise = noise * self.noise_strength
         elif self.use_noise and noise_mode == "const":
             noise = self.noise_const * self.noise_strength
@@ -127,8 +129,10 @@ class SynthesisBlock(nn.Module):
         return self.is_last or self.architecture == "skip"
 
     def forward_features(self, x: torch.Tensor | None, ws: torch.Tensor, force_fp32: bool = False,
-                         fused_modconv: bool | None = None, noise_mode: str = "random"):
-        """Run the convolutions only. ws: B x (num_conv + num_torgb) x w_dim.
+                         fused_modconv: bool | None = None, noise_mode: str = "random",
+                         noise_generator: torch.Generator | None = None):
+        """Run the convolutions only. ws: B x (num_conv + num_torgb) x w_dim. ``noise_generator`` draws the
+        random noise (``noise_mode="random"``; default: the global stream).
 
         Returns (features B x C x R x R, fused_modconv actually used). Kept separate from ToRGB so
         that GMPI's alpha branch can read the block's features and ws.
@@ -136,29 +140,31 @@ class SynthesisBlock(nn.Module):
         assert_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim], f"SynthesisBlock@{self.resolution} ws")
         device = ws.device
         dtype = compute_dtype(self.use_fp16, force_fp32, device)
-        memory_format = torch.channels_last if self.channels_last and not force_fp32 else torch.contiguous_format
+        memory_format = activation_memory_format(self.channels_last, force_fp32, device)
         if fused_modconv is None:
             fused_modconv = (not self.training) and (dtype == torch.float32 or int(ws.shape[0]) == 1)
         w_iter = iter(ws.unbind(dim=1))
         if self.in_channels == 0:
-            x = self.const.to(dtype=dtype, memory_format=memory_format).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
-            x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+            x = self.const.to(dtype=dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            x = self.conv1(x.to(memory_format=memory_format), next(w_iter), noise_mode=noise_mode,
+                           fused_modconv=fused_modconv, noise_generator=noise_generator)
             return x, fused_modconv
         half = self.resolution // 2
         assert_shape(x, [None, self.in_channels, half, half], f"SynthesisBlock@{self.resolution} input")
         x = x.to(dtype=dtype, memory_format=memory_format)
+        kw = dict(noise_mode=noise_mode, fused_modconv=fused_modconv, noise_generator=noise_generator)
         if self.architecture == "resnet":
             y = self.skip(x, gain=np.sqrt(0.5))
-            x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
-            x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv, gain=np.sqrt(0.5))
+            x = self.conv0(x, next(w_iter), **kw)
+            x = self.conv1(x, next(w_iter), gain=np.sqrt(0.5), **kw)
             return y + x, fused_modconv
-        x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
-        x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+        x = self.conv0(x, next(w_iter), **kw)
+        x = self.conv1(x, next(w_iter), **kw)
         return x, fused_modconv
 
     def forward(self, x, img, ws, force_fp32: bool = False, fused_modconv: bool | None = None,
-                noise_mode: str = "random"):
-        x, fused_modconv = self.forward_features(x, ws, force_fp32, fused_modconv, noise_mode)
+                noise_mode: str = "random", noise_generator: torch.Generator | None = None):
+        x, fused_modconv = self.forward_features(x, ws, force_fp32, fused_modconv, noise_mode, noise_generator)
         if img is not None:
             half = self.resolution // 2
             assert_shape(img, [None, self.img_channels, half, half], f"SynthesisBlock@{self.resolution} img")

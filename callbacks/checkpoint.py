@@ -1,0 +1,48 @@
+"""Checkpoints on the GMPI iteration counter.
+
+Lightning's ``ModelCheckpoint(every_n_train_steps=N)`` counts optimiser steps: two per GMPI iteration (one D step,
+one G step), and none for a step skipped as non-finite, so ``every_n_train_steps: 400`` saves every 200 iterations
+or at drifting ones. :class:`IterationCheckpoint` counts the module's own ``iteration``::
+
+    - class_path: callbacks.checkpoint.IterationCheckpoint
+      init_args: {dirpath: runs/x/checkpoints, every_n_iters: 400, save_last: true, save_top_k: -1}
+
+It saves after every ``every_n_iters``-th iteration and after the last one (``max_iters``), as
+``it<iteration, 6 digits>.ckpt`` (plus ``last.ckpt`` with ``save_last``). Every other ModelCheckpoint option applies.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class IterationCheckpoint(ModelCheckpoint):
+    def __init__(self, every_n_iters: int | None = None, filename: str | None = "it{iteration:06d}",
+                 auto_insert_metric_name: bool = False, **kwargs):
+        if every_n_iters is not None and every_n_iters < 1:
+            raise ValueError(f"every_n_iters must be a positive number of iterations or None, got {every_n_iters}")
+        for k in ("every_n_train_steps", "train_time_interval"):
+            if kwargs.get(k):
+                raise ValueError(f"IterationCheckpoint counts iterations: use every_n_iters, not {k}")
+        kwargs.setdefault("every_n_epochs", 0)  # epochs of a resampled stream mean nothing
+        super().__init__(filename=filename, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
+        self.every_n_iters = every_n_iters
+        self._last_iteration_saved: int | None = None
+
+    def _monitor_candidates(self, trainer) -> dict:
+        candidates = super()._monitor_candidates(trainer)
+        candidates["iteration"] = torch.tensor(int(trainer.lightning_module.iteration))
+        return candidates
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        it = int(pl_module.iteration)
+        if self._should_skip_saving_checkpoint(trainer) or it == self._last_iteration_saved or it == 0:
+            return
+        final = it >= pl_module.hparams.max_iters
+        if not final and not (self.every_n_iters and it % self.every_n_iters == 0):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        self._last_iteration_saved = it
