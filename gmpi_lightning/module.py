@@ -154,19 +154,23 @@ class GANModule(pl.LightningModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ randomness
-    def rank_seed(self) -> int:
-        """``seed * world_size + rank`` (StyleGAN2-ADA); ``seed`` is seed_everything's, else this process's."""
+    @staticmethod
+    def run_seed() -> int:
+        """seed_everything's seed, else this process's initial seed."""
         seed = os.environ.get("PL_GLOBAL_SEED")
-        seed = int(seed) if seed is not None else torch.initial_seed() % 2**31
+        return int(seed) if seed is not None else torch.initial_seed() % 2**31
+
+    def rank_seed(self) -> int:
+        """``seed * world_size + rank`` (StyleGAN2-ADA's convention)."""
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
-        return seed * world + rank
+        return self.run_seed() * world + rank
 
     @property
     def rng(self) -> torch.Generator:
         """This rank's stream on this module's device: every random draw of a training iteration uses it."""
         if self._rng is None or self._rng.device != self.device:
             self._rng = torch.Generator(self.device)
-            self._rng.manual_seed(self.rank_seed())
+            self._rng.manual_seed(self.rank_seed() + 1_000_003 * self.iteration)  # iteration > 0: a changed world
             if self._rng_state is not None:
                 self._rng.set_state(self._rng_state)
                 self._rng_state = None
@@ -191,7 +195,7 @@ class GANModule(pl.LightningModule):
         rank_zero_info(f"{type(self).__name__}: {self.preset.name} {self.preset.resolution}px, batch per device "
                        f"{self.trainer.datamodule.batch_size if self.trainer.datamodule else '?'} x {world} devices, "
                        f"lr {hp.lr} for G and D (no scaling with the batch), iteration {self.iteration}/{hp.max_iters},"
-                       f" rank seeds {self.rank_seed() - self.trainer.global_rank} * {world} + rank")
+                       f" random streams seeded {self.run_seed()} * {world} + rank")
 
     def setup(self, stage: str) -> None:
         init = self.hparams.init_from
@@ -220,8 +224,7 @@ class GANModule(pl.LightningModule):
         checkpoint["generator_init_kwargs"] = self.G_ema.init_kwargs  # rebuild G_ema without the init file
         checkpoint["model_mode"] = self.mode
         checkpoint["gmpi_state"] = {**{k: getattr(self, k) for k in self.COUNTERS},
-                                    "rng": {"device_type": self.device.type, "rank_seed": self.rank_seed(),
-                                            "states": self._gather_rng_states()}}
+                                    "rng": {"device_type": self.device.type, "states": self._gather_rng_states()}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         s = checkpoint.get("gmpi_state", {})
@@ -235,7 +238,8 @@ class GANModule(pl.LightningModule):
         else:
             rank_zero_warn(f"the checkpoint's random streams were saved by {len(rng['states']) if rng else 0} "
                            f"{rng['device_type'] if rng else ''} processes, this run has {world} on {device}: every "
-                           f"rank starts a fresh stream (the run goes on, but not bit-identically)")
+                           f"rank starts a new stream, seeded with the iteration too (the run goes on, but not "
+                           f"bit-identically)")
             self._rng_state = None
         self._rng = None
 
