@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .nn.ops import input_gradients_only
+
 
 def d_logistic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating logistic D loss: softplus(-D(x)).mean() + softplus(D(G(z))).mean()."""
@@ -17,7 +19,8 @@ def g_nonsaturating_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor, gamma: float) -> torch.Tensor:
     """gamma / 2 * mean_b ||dD(x_b)/dx_b||^2; ``real_images`` must require grad. Differentiable (double backward)."""
-    (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+    with input_gradients_only():  # only the images' gradient is wanted here: no weight gradients (see ops)
+        (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
     return 0.5 * gamma * grad.square().sum(dim=[1, 2, 3]).mean()
 
 

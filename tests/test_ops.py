@@ -140,3 +140,34 @@ def test_fir_filter_matches_conv2d_and_its_derivatives(stride, padding):
     assert float((g1 - g2).abs().max()) < 1e-10 and float((gg1 - gg2).abs().max()) < 1e-10
     assert torch.autograd.gradcheck(lambda t: fir_filter(t, k, stride, padding), (x,))
     assert torch.autograd.gradgradcheck(lambda t: fir_filter(t, k, stride, padding), (x,))
+
+
+@pytest.mark.parametrize("stride,padding,groups", [(1, 1, 1), (2, 0, 1), (1, 0, 2), ((2, 1), (1, 0), 1)])
+def test_conv2d_twice_differentiable_matches_conv2d(stride, padding, groups):
+    """Same value, gradients and second derivatives as F.conv2d (for input and weight); inside
+    input_gradients_only() the weight's gradient is not computed, the input's is unchanged."""
+    from gmpi_lightning.nn.ops import conv2d_twice_differentiable, input_gradients_only
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    ours = lambda a, b: conv2d_twice_differentiable(a, b, stride, padding, groups)  # noqa: E731
+    ref = lambda a, b: F.conv2d(a, b, stride=stride, padding=padding, groups=groups)  # noqa: E731
+    assert float((ours(x, w) - ref(x, w)).abs().max()) < 1e-12
+    assert torch.autograd.gradcheck(ours, (x, w)) and torch.autograd.gradgradcheck(ours, (x, w))
+
+    def r1_like(fn, only_inputs=False):  # ||d sum(fn)/dx||^2 differentiated w.r.t. the weight, as R1 does
+        y = fn(x, w).tanh().sum()
+        if only_inputs:
+            with input_gradients_only():
+                (g,) = torch.autograd.grad(y, x, create_graph=True)
+        else:
+            (g,) = torch.autograd.grad(y, x, create_graph=True)
+        return g, torch.autograd.grad(g.square().sum(), w)[0]
+
+    (g1, gw1), (g2, gw2) = r1_like(ours, only_inputs=True), r1_like(ref)
+    assert float((g1 - g2).abs().max()) < 1e-12 and float((gw1 - gw2).abs().max()) < 1e-10
+    with input_gradients_only():
+        y = ours(x, w).sum()
+        y.backward()
+    assert w.grad is None and x.grad is not None
