@@ -2,13 +2,11 @@
 
 Row ``experiments/ablations/<row>.yaml`` holds only the ``model:`` keys it changes: an overlay, resolved as ``gmpi
 fit --config experiments/<data>.yaml --config <row>.yaml`` and trained by :mod:`gmpi_lightning.runs` in OUT/<row>/
-(config.yaml, train.log, checkpoints, gmpi.pt; done.json when finished; resumed from last.ckpt when not). Rows whose
-resolved model/data settings equal an earlier row's are trained once ("same as <row>"). Every generator is then
-evaluated alike (:mod:`gmpi_lightning.evaluation.compare`, settings checked before any training) into
-OUT/results.{csv,md} and OUT/samples.png.
+(config.yaml, train.log, checkpoints, gmpi.pt, done.json; resumed from last.ckpt). A row whose resolved model/data
+settings equal an earlier row's is trained once ("same as <row>"). Every generator is evaluated alike
+(:mod:`gmpi_lightning.evaluation.compare`, settings checked before any training) into OUT/results.{csv,md} and
+OUT/samples.png.
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -49,12 +47,6 @@ def load_row(name: str, folder: Path = ROWS) -> dict:
     return row
 
 
-def row_description(name: str) -> str:
-    """The first comment of the row's file, up to its first ``:``, ``.`` or ``(``."""
-    lines = (ROWS / f"{name}.yaml").read_text().splitlines()
-    return re.split(r"[:.(]", next((ln.lstrip("# ") for ln in lines if ln.startswith("#")), name))[0].strip()
-
-
 def plan(data: str, rows: list[str], out: str | Path, max_iters: int | None = None) -> list[runs.Run]:
     """The rows as runs in ``out/<row>`` (relative paths in their configs are relative to the repository, where
     they train), each marked ``same_as`` the first row with the same resolved model/data settings."""
@@ -93,7 +85,8 @@ def train_rows(planned: list[runs.Run], dry_run: bool = False) -> None:
 
 def evaluate_rows(planned: list[runs.Run], metrics: list[str], num_samples: int, planes: int, inception: str | None,
                   estimators: str | None, device: str = "cpu") -> list[dict]:
-    """The table: every trained row evaluated alike (a row "same as" another reuses its evaluation)."""
+    """The table: every trained row evaluated alike (a row "same as" another reuses its evaluation); its setting is
+    the first comment of its file, up to the first ``:``, ``.`` or ``(``."""
     by_name, table = {r.name: r for r in planned}, []
     for r in planned:
         src = by_name[r.same_as or r.name]
@@ -103,7 +96,9 @@ def evaluate_rows(planned: list[runs.Run], metrics: list[str], num_samples: int,
         data = str(REPO / runs.init_args(src.config, "data")["data"])
         blob = compare.evaluate_cached(src.dir / "gmpi.pt", src.dir / "eval.json", data, metrics, num_samples, planes,
                                        inception, estimators, device)
-        table.append({"row": r.name, "setting": row_description(r.name), "same_as": r.same_as or "",
+        lines = (ROWS / f"{r.name}.yaml").read_text().splitlines()
+        setting = re.split(r"[:.(]", next((ln.lstrip("# ") for ln in lines if ln.startswith("#")), r.name))[0]
+        table.append({"row": r.name, "setting": setting.strip(), "same_as": r.same_as or "",
                       **compare.table_row(blob)})
     return table
 
@@ -118,25 +113,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", help="output folder (default runs/ablations/<data>)")
     ap.add_argument("--max-iters", type=int, help=f"training length (default: {CPU_MAX_ITERS} else the base's)")
     ap.add_argument("--stage", default="all", choices=["train", "eval", "all"])
-    ap.add_argument("--metrics", help="evaluation metrics, checked before training (default: where the base's data "
-                                      "has depth consistency,depth_fd,pose,depth, plus fid,kid when Inception "
-                                      "weights are found; otherwise fid,kid,consistency)")
+    ap.add_argument("--metrics", help="checked before training (default: consistency,depth_fd,pose,depth where the "
+                    "base's data has depth, plus fid,kid when Inception weights are found; else fid,kid,consistency)")
     ap.add_argument("--num-samples", type=int, default=256, help="fakes per row")
     ap.add_argument("--planes", type=int, default=96, help="planes at inference for every row")
     ap.add_argument("--inception", default=os.environ.get("GMPI_INCEPTION_WEIGHTS") or None,
                     help="Inception weights for fid/kid (default: $GMPI_INCEPTION_WEIGHTS, else torch.hub's cache)")
-    ap.add_argument("--estimators", help="pose/depth estimator file (default runs/estimators/<data>.pt; trained on "
-                                         "the base's data when missing)")
+    ap.add_argument("--estimators", help="pose/depth estimators (default runs/estimators/<data>.pt; trained if none)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="evaluation device")
     ap.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     args = ap.parse_args(argv)
     rows = list_rows() if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
     planned = plan(args.data, rows, args.out or f"runs/ablations/{args.data}", args.max_iters)
-    out, t0 = planned[0].dir.parent, time.time()
+    out, t0, model = planned[0].dir.parent, time.time(), runs.init_args(planned[0].config, "model")
     data = str(REPO / runs.init_args(planned[0].config, "data")["data"])
     if args.stage != "train":  # every evaluation setting is checked before the first row trains
-        synthetic = str(runs.init_args(planned[0].config, "model").get("preset", "")).startswith("synthetic")
-        metrics, inception = compare.check_settings(args.metrics, data, synthetic, args.inception)
+        metrics, inception = compare.check_settings(args.metrics, data, str(model.get("preset", "")).startswith(
+            "synthetic"), args.inception)
         print(f"evaluation: {','.join(metrics)} on {args.num_samples} fakes per row, {args.planes} planes"
               + (f", Inception {inception}" if inception else ""), flush=True)
     if args.stage != "eval":
@@ -144,13 +137,13 @@ def main(argv: list[str]) -> int:
     if args.stage == "train" or args.dry_run:
         return 0
     est = Path(args.estimators or REPO / "runs" / "estimators" / f"{Path(data).name}.pt")
-    if {"pose", "depth"} & set(metrics) and not est.is_file():
+    est = est if {"pose", "depth"} & set(metrics) else None
+    if est and not est.is_file():
         from .estimator_training import train_estimators
 
         print(f"training the pose/depth estimators on {data} -> {est}", flush=True)
         train_estimators(data, est)
-    table = evaluate_rows(planned, metrics, args.num_samples, args.planes, inception,
-                          str(est) if {"pose", "depth"} & set(metrics) else None, args.device)
+    table = evaluate_rows(planned, metrics, args.num_samples, args.planes, inception, est and str(est), args.device)
     runs.write_table(table, out / "results.csv", out / "results.md", title=f"Ablations on {args.data}: "
                      f"{args.num_samples} fakes per row, {args.planes} planes; ± standard error over the fakes "
                      f"(depth FD: bootstrap)", plus_minus={c: f"{c}_se" for c in compare.COLUMNS})

@@ -1,17 +1,13 @@
 """Runs: the one layer under ``gmpi sweep-local``, ``gmpi ablations``, W&B agent runs and SLURM restarts.
 
-    resolve(args)      base experiment + overlays + overrides, exactly as ``gmpi fit`` parses them (repeated
-                       --config files merge in order, then --key=value)
-    reroot(cfg, RUN)   every output of the run in one folder: trainer root, loggers, checkpoints/, gmpi.pt
-    train(runs, ...)   RUN/config.yaml -> ``gmpi fit --config RUN/config.yaml --ckpt_path last`` (Lightning resumes
-                       from RUN/checkpoints/last*.ckpt, or starts fresh) -> RUN/done.json with the config's hash
-    write_table(rows)  the results, as CSV and markdown
-
-A folder whose config.yaml is another experiment (more than the length ``model.max_iters`` differs) is moved aside,
-never resumed from. ``python -m gmpi_lightning.runs resume fit ARGS`` prints what a SLURM job restarts from.
+A run is a base experiment + overlays + overrides, resolved exactly as ``gmpi fit`` parses them (:func:`resolve`:
+repeated --config files merge in order, then --key=value), with every output in one folder (:func:`reroot`).
+:func:`train` writes RUN/config.yaml, runs ``gmpi fit --config RUN/config.yaml --ckpt_path last`` (Lightning resumes
+from RUN/checkpoints/last*.ckpt, or starts fresh) and, when it succeeds, RUN/done.json with the config's hash;
+:func:`write_table` writes the results as CSV and markdown. A folder whose config.yaml is another experiment (more
+than ``model.max_iters`` differs) is moved aside, never resumed from. ``python -m gmpi_lightning.runs resume fit
+ARGS`` prints the checkpoint a SLURM job restarts from.
 """
-
-from __future__ import annotations
 
 import csv
 import functools
@@ -24,11 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -42,7 +36,7 @@ def parser():
     return fit_parser()
 
 
-def resolve(args: Sequence[str]) -> dict:
+def resolve(args: list[str]) -> dict:
     """``gmpi fit ARGS``'s config as a plain dict, nulls included; a bad argument raises ``ArgumentError``."""
     cfg = parser().parse_args(["fit", *args])
     return yaml.safe_load(parser().dump(cfg, skip_unset=False, skip_validation=True))["fit"]
@@ -98,12 +92,14 @@ def reroot(cfg: dict, run_dir: str | os.PathLike, **wandb) -> dict:
 
 @dataclass
 class Run:
+    """``config`` is resolved and rerooted to ``dir``; ``params`` (what the run varies) go to tables, ``command`` is
+    how it was written down; a run ``same_as`` an earlier one has its settings and is not trained twice."""
     name: str
-    dir: Path                      # where its files are
-    config: dict                   # resolved and rerooted
-    params: dict = field(default_factory=dict)        # what this run varies (for tables)
-    command: list[str] = field(default_factory=list)  # how it was written down (for printing)
-    same_as: str | None = None     # an earlier run with the same settings: not trained twice
+    dir: Path
+    config: dict
+    params: dict = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)
+    same_as: str | None = None
     status: str = "pending"
     seconds: float | None = None
 
@@ -113,7 +109,11 @@ def config_hash(cfg: dict) -> str:
 
 
 def is_done(run: Run) -> bool:
-    return (read_json(run.dir / DONE) or {}).get("config_sha256") == config_hash(run.config)
+    """RUN/done.json holds this config's hash (a missing, half-written or other run's marker is not done)."""
+    try:
+        return json.loads((run.dir / DONE).read_text()).get("config_sha256") == config_hash(run.config)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def mark_done(run: Run) -> None:
@@ -140,30 +140,12 @@ def write_config(run: Run, echo=print) -> Path:
     return tmp.replace(path)
 
 
-def launch(run: Run, program: Sequence[str], log: str = "log.txt", cwd=None, env=None, echo=print) -> int:
-    """``program`` (a command ending in ``fit``) ``--config RUN/config.yaml --ckpt_path last``, its output appended
-    to RUN/``log``; RUN/done.json when it exits 0. Returns the exit code."""
-    command = [*program, "--config", str(write_config(run, echo).resolve()), "--ckpt_path", "last"]
-    (run.dir / DONE).unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    with open(run.dir / log, "a") as fh:
-        fh.write(f"### {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
-        fh.flush()
-        try:
-            rc = subprocess.call(command, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env)
-        except OSError as e:  # e.g. the program does not exist
-            fh.write(f"could not start: {e}\n")
-            rc = 127
-    run.seconds, run.status = time.perf_counter() - t0, "finished" if rc == 0 else f"failed (exit {rc})"
-    if rc == 0:
-        mark_done(run)
-    return rc
-
-
-def train(planned: list[Run], program: Callable[[Run], Sequence[str]], parallel: int = 1, log: str = "log.txt",
-          cwd=None, env=None, echo=print) -> list[Run]:
-    """Train every run that is not done (nor the same as an earlier one), ``parallel`` at a time. Ctrl-C reaches the
-    training processes too (one process group): they stop, their last.ckpt stays, nothing new starts."""
+def train(planned: list[Run], program, parallel: int = 1, log: str = "log.txt", cwd=None, env=None,
+          echo=print) -> list[Run]:
+    """Train every run that is not done (nor the same as an earlier one), ``parallel`` at a time:
+    ``program(run)`` (a command ending in ``fit``) ``--config RUN/config.yaml --ckpt_path last``, its output appended
+    to RUN/``log``; RUN/done.json when it exits 0. Ctrl-C reaches the training processes too (one process group):
+    they stop, their last.ckpt stays, nothing new starts."""
     todo, stop = [], threading.Event()
     for r in planned:
         if r.same_as or is_done(r):
@@ -173,9 +155,23 @@ def train(planned: list[Run], program: Callable[[Run], Sequence[str]], parallel:
             todo.append(r)
 
     def one(r: Run) -> Run:
-        if not stop.is_set():
-            echo(f"[start] {r.name} -> {r.dir} (log: {r.dir / log})")
-            launch(r, program(r), log, cwd, env, echo)
+        if stop.is_set():
+            return r
+        echo(f"[start] {r.name} -> {r.dir} (log: {r.dir / log})")
+        command = [*program(r), "--config", str(write_config(r, echo).resolve()), "--ckpt_path", "last"]
+        (r.dir / DONE).unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        with open(r.dir / log, "a") as fh:
+            fh.write(f"### {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+            fh.flush()
+            try:
+                rc = subprocess.call(command, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+            except OSError as e:  # e.g. the program does not exist
+                fh.write(f"could not start: {e}\n")
+                rc = 127
+        r.seconds, r.status = time.perf_counter() - t0, "finished" if rc == 0 else f"failed (exit {rc})"
+        if rc == 0:
+            mark_done(r)
         return r
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -202,16 +198,8 @@ def resume_checkpoint(cfg: dict) -> Path | None:
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)
 
 
-def read_json(path: str | os.PathLike) -> dict | None:
-    """A JSON object, or None when the file is missing, unreadable or not an object (a half-written marker)."""
-    try:
-        blob = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return blob if isinstance(blob, dict) else None
-
-
-def _number(v: Any) -> float | None:
+def _number(v) -> float | None:
+    """``v`` as a finite float (numbers and numeric text; not bools), else None."""
     try:
         x = None if isinstance(v, bool) or v is None else float(v)
     except (TypeError, ValueError):
@@ -219,19 +207,15 @@ def _number(v: Any) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
+def read_metrics(run_dir: str | os.PathLike) -> dict:
     """The last value of every column of the run's metrics.csv files (oldest first: a resumed run's newer file
     wins); numbers as float."""
-    last: dict[str, Any] = {}
+    last = {}
     for f in sorted(Path(run_dir).rglob("metrics.csv"), key=lambda p: (p.stat().st_mtime, str(p))):
         with open(f, newline="") as fh:
             for row in csv.DictReader(fh):
                 last.update({k: v if _number(v) is None else float(v) for k, v in row.items() if k and v})
     return last
-
-
-def format_cell(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
 
 
 def write_table(rows: list[dict], csv_path: str | os.PathLike | None, md_path: str | os.PathLike | None,
@@ -242,29 +226,27 @@ def write_table(rows: list[dict], csv_path: str | os.PathLike | None, md_path: s
     column, shown as ``value ± error`` in the markdown. Returns the rows in the written order."""
     if goal not in ("minimize", "maximize"):
         raise ValueError(f"goal must be minimize or maximize, got {goal!r}")
-    columns, sign, pm = list(dict.fromkeys(k for r in rows for k in r)), -1 if goal == "maximize" else 1, plus_minus
-    rows = sorted(rows, key=lambda r: (_number(r.get(sort_by)) is None, sign * (_number(r.get(sort_by)) or 0))
-                  ) if sort_by else list(rows)
+    columns, sign = list(dict.fromkeys(k for r in rows for k in r)), -1 if goal == "maximize" else 1
+    if sort_by:
+        rows = sorted(rows, key=lambda r: (_number(r.get(sort_by)) is None, sign * (_number(r.get(sort_by)) or 0)))
     for path in filter(None, (csv_path, md_path)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     if csv_path is not None:
         with open(csv_path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows({c: "" if r.get(c) is None else r[c] for c in columns} for r in rows)
+            csv.writer(fh).writerows([columns, *(["" if r.get(c) is None else r[c] for c in columns] for r in rows)])
     if md_path is not None:
-        shown = [c for c in columns if c not in (pm or {}).values()]
+        pm = plus_minus or {}
 
         def cell(r, c):
-            err = _number(r.get((pm or {}).get(c))) if _number(r.get(c)) is not None else None
-            text = format_cell(r.get(c)).replace("|", "\\|").replace("\n", " ")
-            return text + (f" ± {format_cell(err)}" if err is not None else "")
+            v, err = r.get(c), _number(r.get(pm.get(c))) if _number(r.get(c)) is not None else None
+            text = f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+            return text.replace("|", "\\|").replace("\n", " ") + ("" if err is None else f" ± {err:.4g}")
 
-        align = ["---:" if all(_number(r.get(c)) is not None or r.get(c) in (None, "") for r in rows) and any(
-            _number(r.get(c)) is not None for r in rows) else "---" for c in shown]
-        lines = ([f"# {title}", ""] if title else []) + ["| " + " | ".join(shown) + " |", f"|{'|'.join(align)}|"]
-        lines += ["| " + " | ".join(cell(r, c) for c in shown) + " |" for r in rows]
-        Path(md_path).write_text("\n".join(lines) + "\n")
+        line, shown = lambda cells: "| " + " | ".join(cells) + " |", [c for c in columns if c not in pm.values()]
+        filled = {c: [r[c] for r in rows if r.get(c) not in (None, "")] for c in shown}
+        align = ["---:" if v and all(_number(x) is not None for x in v) else "---" for v in filled.values()]
+        lines = ([f"# {title}", ""] if title else []) + [line(shown), f"|{'|'.join(align)}|"]
+        Path(md_path).write_text("\n".join(lines + [line(cell(r, c) for c in shown) for r in rows]) + "\n")
     return rows
 
 

@@ -1,18 +1,13 @@
 """W&B sweep files (experiments/sweeps/*.yaml, W&B's format) on :mod:`gmpi_lightning.runs`.
 
-    make sweep SWEEP=experiments/sweeps/r1_lr.yaml          # W&B: `wandb sweep` (account + server), then
-    make agent SWEEP_ID=entity/project/id COUNT=4           #      `wandb agent` on each worker
-    make sweep-local SWEEP=experiments/sweeps/r1_lr.yaml PARALLEL=2   # here: grid / seeded random, no server
-
-``gmpi sweep-local`` checks the file (keys, methods, distributions, ranges; every parameter and run against the
-``gmpi fit`` parser) before anything runs, expands it, writes each run's command as ``wandb agent`` does
-(``${args}`` -> ``--name=value``) and trains run N in OUT/run-NNN; the last value of every metric lands in
-OUT/results.{csv,md}, sorted by the sweep's metric. ``python -m gmpi_lightning.sweeps fit ...`` (the files'
-``command``; ``scripts/sweep_run.py`` is their ``program``) is ``gmpi fit`` that, under ``wandb agent``, trains in
-runs/sweeps/wandb-<sweep>/<run> with an online WandbLogger.
+``make sweep`` / ``make agent`` hand the file to W&B's server and ``wandb agent``; ``gmpi sweep-local`` (``make
+sweep-local``) checks it (keys, methods, distributions, ranges; every parameter and run against the ``gmpi fit``
+parser) before anything runs, writes each run's command as ``wandb agent`` does (``${args}`` -> ``--name=value``),
+trains run N in OUT/run-NNN and writes the last value of every metric to OUT/results.{csv,md}, sorted by the sweep's
+metric. ``python -m gmpi_lightning.sweeps fit ...`` (the files' ``command``; ``scripts/sweep_run.py`` is their
+``program``) is ``gmpi fit`` that, under ``wandb agent``, trains in runs/sweeps/wandb-<sweep>/<run> with an online
+WandbLogger.
 """
-
-from __future__ import annotations
 
 import argparse
 import difflib
@@ -22,23 +17,55 @@ import os
 import random
 import shlex
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from . import runs
-from .runs import read_metrics, write_table
 
 SWEEP_KEYS = ("name", "description", "program", "command", "method", "metric", "parameters", "early_terminate",
               "project", "entity", "run_cap")
 PARAM_KEYS = ("value", "values", "distribution", "min", "max", "q", "probabilities")
-GRID = ("constant", "categorical", "int_uniform", "q_uniform")  # what W&B's grid visits
-LOCAL = GRID + ("uniform", "log_uniform", "log_uniform_values", "q_log_uniform_values")
+DRAW = {  # one draw of each distribution sweep-local samples, with W&B's meaning (log_uniform: natural-log exponents)
+    "constant": lambda s, rng: s["value"],
+    "categorical": lambda s, rng: rng.choices(s["values"], weights=s["probabilities"])[0] if s.get("probabilities")
+    else s["values"][rng.randrange(len(s["values"]))],
+    "int_uniform": lambda s, rng: rng.randint(s["min"], s["max"]),
+    "uniform": lambda s, rng: rng.uniform(s["min"], s["max"]),
+    "log_uniform": lambda s, rng: math.exp(rng.uniform(s["min"], s["max"])),
+    "log_uniform_values": lambda s, rng: math.exp(rng.uniform(math.log(s["min"]), math.log(s["max"]))),
+}  # q_uniform, q_log_uniform_values: a draw of uniform, log_uniform_values rounded to a multiple of q
+GRID = {  # what W&B's grid visits, each value once (q_uniform: numpy.arange(min, max, q))
+    "constant": lambda s: [s["value"]],
+    "categorical": lambda s: [v for i, v in enumerate(s["values"]) if v not in s["values"][:i]],
+    "int_uniform": lambda s: list(range(s["min"], s["max"] + 1)),
+    "q_uniform": lambda s: [s["min"] + i * s["q"] for i in range(max(0, math.ceil((s["max"] - s["min"]) / s["q"])))],
+}
+LOCAL = (*DRAW, "q_uniform", "q_log_uniform_values")
+RANGES = LOCAL[2:]
 WANDB_ONLY = ("q_log_uniform", "inv_log_uniform", "inv_log_uniform_values", "normal", "q_normal", "log_normal",
               "q_log_normal", "beta", "q_beta")
+SPEC_RULES = (  # (distributions, ok(spec), message): checked in order, the first that fails is the error
+    (("constant",), lambda s: "value" in s, "distribution 'constant' needs `value: x`"),
+    (("categorical",), lambda s: isinstance(s.get("values"), list) and s["values"],
+     "needs a non-empty list `values: [a, b, ...]`, got {values!r}"),
+    (("categorical",), lambda s: s.get("probabilities") is None or isinstance(s["probabilities"], list) and len(
+        s["probabilities"]) == len(s["values"]) and all(_number(p) and p >= 0 for p in s["probabilities"]) and
+        math.isclose(sum(s["probabilities"]), 1.0, abs_tol=1e-6),
+     "`probabilities` must be one non-negative number per value, summing to 1, got {probabilities!r}"),
+    (LOCAL[:1] + RANGES, lambda s: "probabilities" not in s, "`probabilities` only applies to `values`"),
+    (RANGES, lambda s: "min" in s and "max" in s, "distribution {d!r} needs `min:` and `max:` (missing {missing!r})"),
+    (RANGES, lambda s: _number(s["min"]) and _number(s["max"]), "`min` and `max` must be a number each, got {min!r}, "
+     "{max!r} (YAML reads 1e-4 as text: write 1.0e-4 or 0.0001)"),
+    (RANGES, lambda s: s["min"] <= s["max"], "min ({min}) > max ({max}); swap them"),
+    (("int_uniform",), lambda s: type(s["min"]) is int and type(s["max"]) is int,
+     "'int_uniform' needs integer min/max, got {min!r}, {max!r}"),
+    (("log_uniform_values", "q_log_uniform_values"), lambda s: s["min"] > 0,
+     "{d!r} needs min > 0 (values sampled uniformly in log)"),
+    (("q_uniform", "q_log_uniform_values"), lambda s: _number(s.get("q", 1)) and s.get("q", 1) > 0,
+     "`q` must be a positive number, got {q!r}"),
+)
 EXAMPLE = "[${env}, ${interpreter}, -m, gmpi_lightning.sweeps, fit, --config, experiments/synthetic.yaml, ${args}]"
 
 
@@ -48,10 +75,11 @@ class SweepError(ValueError):
 
 @dataclass
 class Sweep:
+    """A checked sweep file; ``params``: name -> (distribution, spec), names sorted as W&B orders them."""
     path: Path
     name: str
     method: str
-    params: dict[str, tuple[str, dict]]  # name -> (distribution, spec), names sorted as W&B orders them
+    params: dict[str, tuple[str, dict]]
     command: list[str]
     program: str | None = None
     metric: str | None = None
@@ -60,22 +88,22 @@ class Sweep:
     early_terminate: dict | None = None
 
 
-def _suggest(word: Any, options: Sequence[str]) -> str:
+def _suggest(word, options) -> str:
     close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check(ok: bool, at: str, msg: str) -> None:
+def _check(ok, at: str, msg: str) -> None:
     if not ok:
         raise SweepError(f"{at}: {msg}")
 
 
-def _number(x: Any) -> bool:
+def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _distribution(at: str, s: Any) -> str:
-    """A parameter spec's distribution (W&B's rule when it is left out), after checking the spec."""
+def _distribution(at: str, s) -> str:
+    """A parameter spec's distribution (W&B's rule when it is left out), after checking the spec (SPEC_RULES)."""
     _check(isinstance(s, dict), at, f"expected a mapping such as {{values: [...]}}, {{value: x}} or {{min: a, max: b}}"
                                     f", got {s!r}")
     _check("parameters" not in s, at, "nested `parameters` are not supported; name the option with dots (model.lr)")
@@ -83,30 +111,14 @@ def _distribution(at: str, s: Any) -> str:
            f"W&B's controller (`make sweep`); sweep-local samples {', '.join(LOCAL)}")
     for k in s:
         _check(k in PARAM_KEYS, at, f"unknown key {k!r}{_suggest(k, PARAM_KEYS)}; allowed: {', '.join(PARAM_KEYS)}")
-    lo, hi, q = s.get("min"), s.get("max"), s.get("q", 1)
     d = s.get("distribution") or ("constant" if "value" in s else "categorical" if "values" in s else (
-        "int_uniform" if type(lo) is int and type(hi) is int else "uniform") if "min" in s and "max" in s else None)
+        "int_uniform" if type(s["min"]) is int and type(s["max"]) is int else "uniform") if "min" in s and "max" in s
+        else None)
     _check(d is not None, at, f"needs `values: [...]`, `value: x` or `min:`/`max:`; found {', '.join(s) or 'nothing'}")
     _check(d in LOCAL, at, f"unknown distribution {d!r}{_suggest(d, LOCAL + WANDB_ONLY)}; use {', '.join(LOCAL)}")
-    _check("probabilities" not in s or d == "categorical", at, "`probabilities` only applies to `values`")
-    if d == "constant":
-        _check("value" in s, at, "distribution 'constant' needs `value: x`")
-    elif d == "categorical":
-        values, probs = s.get("values"), s.get("probabilities")
-        _check(isinstance(values, list) and values, at, f"needs a non-empty list `values: [a, b, ...]`, got {values!r}")
-        _check(probs is None or isinstance(probs, list) and len(probs) == len(values) and all(
-            _number(p) and p >= 0 for p in probs) and math.isclose(sum(probs), 1.0, abs_tol=1e-6), at,
-            f"`probabilities` must be {len(values)} non-negative numbers summing to 1, got {probs!r}")
-    else:
-        for key in ("min", "max"):
-            _check(key in s, at, f"distribution {d!r} needs `min:` and `max:` (missing {key!r})")
-            _check(_number(s[key]), at, f"`{key}` must be a number, got {s[key]!r}" + (
-                " (YAML reads 1e-4 as text: write 1.0e-4 or 0.0001)" if isinstance(s[key], str) else ""))
-        _check(lo <= hi, at, f"min ({lo}) > max ({hi}); swap them")
-        _check(d != "int_uniform" or type(lo) is int and type(hi) is int, at, f"'int_uniform' needs integer min/max, "
-               f"got {lo!r}, {hi!r}")
-        _check(not d.endswith("_values") or lo > 0, at, f"{d!r} needs min > 0 (values sampled uniformly in log)")
-        _check(not d.startswith("q_") or _number(q) and q > 0, at, f"`q` must be a positive number, got {q!r}")
+    fields = {**dict.fromkeys(PARAM_KEYS), "q": 1, **s, "d": d, "missing": "max" if "min" in s else "min"}
+    for applies, ok, msg in SPEC_RULES:
+        _check(d not in applies or ok(s), at, msg.format(**fields))
     return d
 
 
@@ -122,7 +134,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     _check(isinstance(raw, dict), at, "expected a mapping with method, metric, parameters and command")
     for k in raw:
         _check(k in SWEEP_KEYS, at, f"unknown key {k!r}{_suggest(k, SWEEP_KEYS)}; W&B's are {', '.join(SWEEP_KEYS)}")
-    method, metric, params = raw.get("method"), raw.get("metric"), raw.get("parameters")
+    method, metric, params, cap = raw.get("method"), raw.get("metric"), raw.get("parameters"), raw.get("run_cap")
     _check(method in ("grid", "random", "bayes"), at, f"`method` must be grid, random or bayes, got {method!r}"
            f"{_suggest(method, ('grid', 'random', 'bayes'))}")
     _check(metric is not None or method != "bayes", at, "method 'bayes' needs a `metric: {name, goal}`")
@@ -132,60 +144,36 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         "minimize", "maximize"), at, f"`metric` takes name, goal and target; metric.goal must be minimize or maximize,"
         f" got {(metric or {}).get('goal')!r}")
     _check(isinstance(params, dict) and params, at, "`parameters` must be a non-empty mapping of option -> spec")
+    _check(cap is None or type(cap) is int and cap > 0, at, f"`run_cap` must be a positive integer, got {cap!r}")
+    _check(isinstance(raw.get("early_terminate") or {}, dict), at, "`early_terminate` must be a mapping")
     _check(isinstance(raw.get("command", []), list), at, f"`command` must be a list, e.g. {EXAMPLE}")
     command = [str(c) for c in raw.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"]]
-    for c in command:
-        macro = c[2:-1] if c.startswith("${") and c.endswith("}") else "env"
-        _check(not macro.startswith("args_"), at, f"`command` uses {c}; `gmpi fit` reads --name=value: use ${{args}}")
-        _check(macro in ("env", "interpreter", "program", "args") or macro.startswith("envvar:"), at, f"`command` has "
-               f"an unknown macro {c}; W&B knows ${{env}}, ${{interpreter}}, ${{program}}, ${{args}}, ${{envvar:NAME}}")
+    for c in filter(lambda c: c.startswith("${") and c.endswith("}"), command):
+        _check(c in ("${env}", "${interpreter}", "${program}", "${args}") or c.startswith("${envvar:"), at,
+               f"`command` uses {c}: sweep-local fills ${{env}}, ${{interpreter}}, ${{program}}, ${{envvar:NAME}} and "
+               "${args} (`gmpi fit` reads --name=value: use ${args})")
     _check(command.count("${args}") == 1, at, f"`command` must contain ${{args}} exactly once (the parameters, as "
            f"--name=value), found it {command.count('${args}')} times")
     _check("${program}" not in command or raw.get("program"), at, "`command` uses ${program}, there is no `program:`")
     _check("fit" in command[:command.index("${args}")], at, f"`command` must run `gmpi fit` (a `fit` before ${{args}}"
            f"), e.g. {EXAMPLE}; got {command}")
-    cap, et = raw.get("run_cap"), raw.get("early_terminate")
-    _check(cap is None or type(cap) is int and cap > 0, at, f"`run_cap` must be a positive integer, got {cap!r}")
-    _check(et is None or isinstance(et, dict), at, "`early_terminate` must be a mapping (e.g. {type: hyperband})")
     checked = {str(n): (_distribution(f"{at}: parameter {str(n)!r}", s), s) for n, s in sorted(
         params.items(), key=lambda kv: str(kv[0]))}
     return Sweep(path, str(raw.get("name") or path.stem), method, checked, command, raw.get("program"),
-                 (metric or {}).get("name"), (metric or {}).get("goal", "minimize"), cap, et)
+                 (metric or {}).get("name"), (metric or {}).get("goal", "minimize"), cap, raw.get("early_terminate"))
 
 
-def grid_values(d: str, s: dict) -> list:
-    """The values W&B's grid visits (each once; int_uniform: min..max; q_uniform: ``numpy.arange(min, max, q)``)."""
-    if d == "int_uniform":
-        return list(range(s["min"], s["max"] + 1))
-    if d == "q_uniform":
-        return [s["min"] + i * s.get("q", 1) for i in range(max(0, math.ceil((s["max"] - s["min"]) / s.get("q", 1))))]
-    return list(dict.fromkeys(s["values"])) if "values" in s else [s["value"]]
-
-
-def sample(d: str, s: dict, rng: random.Random) -> Any:
-    """One draw, with W&B's meaning of each distribution (log_uniform: min/max are natural-log exponents)."""
-    if d == "constant":
-        return s["value"]
-    if d == "categorical":
-        probs = s.get("probabilities")
-        return rng.choices(s["values"], weights=probs)[0] if probs else s["values"][rng.randrange(len(s["values"]))]
-    lo, hi, q = s["min"], s["max"], s.get("q", 1)
-    if d == "int_uniform":
-        return rng.randint(lo, hi)
-    if d in ("uniform", "q_uniform"):
-        x = rng.uniform(lo, hi)
-    elif d == "log_uniform":
-        x = math.exp(rng.uniform(lo, hi))
-    else:  # log_uniform_values, q_log_uniform_values
-        x = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+def sample(d: str, s: dict, rng: random.Random):
+    """One draw (DRAW); a q_ distribution's is a multiple of q, as W&B's (may leave [min, max] by up to q/2)."""
     if not d.startswith("q_"):
-        return x
-    x = round(x / q) * q  # a multiple of q, as W&B (may leave [min, max] by up to q/2)
+        return DRAW[d](s, rng)
+    q = s.get("q", 1)
+    x = round(DRAW[d[2:]](s, rng) / q) * q
     return int(x) if isinstance(q, int) else x
 
 
-def expand(sweep: Sweep, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """Each run's parameter values ({name: value}, names in W&B's order)."""
+def expand(sweep: Sweep, count: int | None = None, seed: int = 0) -> list[dict]:
+    """Each run's parameter values ({name: value}, names in W&B's order; in a grid the last one varies fastest)."""
     at, n = str(sweep.path), count or sweep.run_cap
     _check(count is None or count >= 1, "--count", f"must be >= 1, got {count}")
     _check(sweep.method != "bayes", at, f"method 'bayes' needs W&B's sweep controller (a server): run `make sweep "
@@ -198,17 +186,17 @@ def expand(sweep: Sweep, count: int | None = None, seed: int = 0) -> list[dict[s
         _check(d in GRID, at, f"parameter {k!r} is continuous ({d}); a grid needs `values: [...]` (or int_uniform / "
                f"q_uniform), or use `method: random`")
         _check("probabilities" not in s, at, f"parameter {k!r}: `probabilities` are not allowed in a grid")
-    grid = [dict(zip(sweep.params, v)) for v in itertools.product(*(grid_values(*p) for p in sweep.params.values()))]
+    axes = [GRID[d]({"q": 1, **s}) for d, s in sweep.params.values()]
+    grid = [dict(zip(sweep.params, v)) for v in itertools.product(*axes)]
     return grid[:n] if n else grid
 
 
-def format_args(params: dict[str, Any]) -> list[str]:
+def format_args(params: dict) -> list[str]:
     """``${args}`` exactly as wandb's agent writes it: ``--name=value`` with Python's str() of the value."""
     return [f"--{name}={value}" for name, value in params.items()]
 
 
-def build_command(sweep: Sweep, params: dict[str, Any], interpreter: str | None = None,
-                  env: dict[str, str] | None = None) -> list[str]:
+def build_command(sweep: Sweep, params: dict, interpreter: str | None = None, env: dict | None = None) -> list[str]:
     """The sweep's ``command`` with W&B's macros filled in (``${interpreter}``: this Python, where wandb takes
     ``python`` from PATH; ``${envvar:NAME}``: the variable, or NAME when unset, as W&B)."""
     env = os.environ if env is None else env
@@ -217,18 +205,14 @@ def build_command(sweep: Sweep, params: dict[str, Any], interpreter: str | None 
     return [x for t in sweep.command for x in fill.get(t, [env.get(t[9:-1], t[9:-1]) if t[:9] == "${envvar:" else t])]
 
 
-def fit_arguments(command: list[str]) -> list[str]:
-    """What ``gmpi fit`` parses: everything after the first ``fit``."""
-    return command[command.index("fit") + 1:]
-
-
-def plan(sweep: Sweep, out: str | os.PathLike, count: int | None = None, seed: int = 0, extra: Sequence[str] = (),
+def plan(sweep: Sweep, out: str | os.PathLike, count: int | None = None, seed: int = 0, extra=(),
          interpreter: str | None = None) -> list[runs.Run]:
     """The runs, each resolved by the ``gmpi fit`` parser (a typo or a bad value stops the sweep here, before
     anything runs) and rerooted to OUT/run-NNN."""
     at, values = str(sweep.path), expand(sweep, count=count, seed=seed)
+    fit_args = lambda command: command[command.index("fit") + 1:] + list(extra)  # what `gmpi fit` parses
     try:
-        known = runs.options(runs.resolve(fit_arguments(build_command(sweep, {}, interpreter)) + list(extra)))
+        known = runs.options(runs.resolve(fit_args(build_command(sweep, {}, interpreter))))
     except Exception as e:  # argparse.ArgumentError, a missing --config file, ...
         raise SweepError(f"{at}: the sweep's command (+ extra overrides) is refused by `gmpi fit`: {str(e).strip()}"
                          f"\n  (paths in `command` are relative to the folder you run from: the repository)") from e
@@ -239,7 +223,7 @@ def plan(sweep: Sweep, out: str | os.PathLike, count: int | None = None, seed: i
     for i, params in enumerate(values, start=1):
         name, command = f"run-{i:0{max(3, len(str(len(values))))}d}", build_command(sweep, params, interpreter)
         try:
-            config = runs.resolve(fit_arguments(command) + list(extra))
+            config = runs.resolve(fit_args(command))
         except Exception as e:
             hint = ("\n  hint: W&B passes None as the text 'None', which `gmpi fit` does not read as null; write "
                     "the string 'null' in the YAML instead") if None in params.values() else ""
@@ -251,15 +235,15 @@ def plan(sweep: Sweep, out: str | os.PathLike, count: int | None = None, seed: i
 
 
 def run_sweep(sweep: Sweep, out: str | os.PathLike | None = None, parallel: int = 1, count: int | None = None,
-              seed: int = 0, extra: Sequence[str] = (), dry_run: bool = False, interpreter: str | None = None,
+              seed: int = 0, extra=(), dry_run: bool = False, interpreter: str | None = None,
               echo=print) -> tuple[int, list[dict]]:
     """Plan, train what is not done (``parallel`` at a time), write OUT/results.{csv,md}.
     Returns (0 when every run finished, else 1; the table's rows)."""
     _check(parallel >= 1, "--parallel", f"must be >= 1, got {parallel}")
-    out = Path(out or Path("runs") / "sweeps" / sweep.name)
+    out, metric = Path(out or Path("runs") / "sweeps" / sweep.name), sweep.metric
     planned = plan(sweep, out, count=count, seed=seed, extra=extra, interpreter=interpreter)
     echo(f"sweep {sweep.name} ({sweep.path}): {sweep.method}, {len(planned)} runs" + (
-        f", metric {sweep.metric} ({sweep.goal})" if sweep.metric else "") + f" -> {out}" + (
+        f", metric {metric} ({sweep.goal})" if metric else "") + f" -> {out}" + (
         "\n  note: early_terminate is ignored locally (every run trains to its end)" if sweep.early_terminate else ""))
     if dry_run:
         for r in planned:
@@ -271,22 +255,19 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike | None = None, parallel: int 
     if parallel > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     runs.train(planned, lambda r: r.command[:r.command.index("fit") + 1], parallel, env=env, echo=echo)
-    metrics = {r.name: read_metrics(r.dir) for r in planned}
-    columns = sorted({c for m in metrics.values() for c in m} - {sweep.metric})
+    metrics = {r.name: runs.read_metrics(r.dir) for r in planned}
+    columns = sorted({c for m in metrics.values() for c in m} - {metric})
     finished = [metrics[r.name] for r in planned if r.status == "finished"]
-    if sweep.metric and finished and not any(sweep.metric in m for m in finished):  # a typo: blank, unsorted column
-        echo(f"warning: no finished run logged the sweep's metric {sweep.metric!r}{_suggest(sweep.metric, columns)} "
+    if metric and finished and not any(metric in m for m in finished):  # a typo: blank, unsorted column
+        echo(f"warning: no finished run logged the sweep's metric {metric!r}{_suggest(metric, columns)} "
              f"(metric.name in {sweep.path}), so its column is empty and the table is not sorted by it; the runs' "
              f"metrics.csv have: {', '.join(columns) or 'no metrics at all'}")
-    rows = []
-    for r in planned:
-        m = metrics[r.name]
-        rows.append({"run": r.name, "status": r.status, **r.params, **({sweep.metric: m.get(sweep.metric)} if
-                     sweep.metric else {}), **{c: m.get(c) for c in columns}, "seconds": r.seconds and round(
-                     r.seconds, 1), "log": str(r.dir / "log.txt")})
-    write_table(rows, out / "results.csv", out / "results.md", sort_by=sweep.metric, goal=sweep.goal,
-                title=f"Sweep {sweep.name}: {sweep.method} over {', '.join(sweep.params)}"
-                      + (f"; sorted by {sweep.metric} ({sweep.goal})" if sweep.metric else ""))
+    rows = [{"run": r.name, "status": r.status, **r.params, **{c: metrics[r.name].get(c) for c in [metric] * bool(
+        metric) + columns}, "seconds": r.seconds and round(r.seconds, 1), "log": str(r.dir / "log.txt")}
+        for r in planned]
+    runs.write_table(rows, out / "results.csv", out / "results.md", sort_by=metric, goal=sweep.goal,
+                     title=f"Sweep {sweep.name}: {sweep.method} over {', '.join(sweep.params)}"
+                     + (f"; sorted by {metric} ({sweep.goal})" if metric else ""))
     failed = sum(r.status != "finished" for r in planned)
     echo(f"results: {out / 'results.md'} and {out / 'results.csv'} ({len(planned) - failed} finished, {failed} failed)")
     return int(failed > 0), rows
@@ -301,8 +282,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("sweep", help="sweep YAML in W&B's format, e.g. experiments/sweeps/r1_lr.yaml")
     p.add_argument("--out", help="output folder (default: runs/sweeps/<sweep name>)")
     p.add_argument("--parallel", type=int, default=1, help="runs at the same time (default: 1)")
-    p.add_argument("--count", type=int, help="number of runs (random: required unless the file has run_cap; "
-                                             "grid: only the first N)")
+    p.add_argument("--count", type=int, help="runs (random: required unless the file has run_cap; grid: the first N)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random search (default: 0)")
     p.add_argument("--dry-run", action="store_true", help="check the sweep and print every run's command")
     args = p.parse_args(argv[:cut])
@@ -313,8 +293,7 @@ def main(argv: list[str]) -> int:
         return 130
 
 
-def agent_arguments(argv: list[str], env: dict[str, str] | None = None,
-                    root: str | os.PathLike = Path("runs") / "sweeps") -> list[str]:
+def agent_arguments(argv: list[str], env: dict | None = None, root: str | os.PathLike = "runs/sweeps") -> list[str]:
     """Under ``wandb agent`` (WANDB_SWEEP_ID, WANDB_RUN_ID set): ``fit --config RUN/config.yaml`` for the run folder
     root/wandb-<sweep>/<run> (``argv`` resolved and rerooted, the WandbLogger online and named by W&B); every DDP
     rank gets the same one. Otherwise ``argv`` unchanged."""

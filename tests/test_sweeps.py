@@ -70,7 +70,7 @@ BAD = {
     "no ${args}": (dict(command=BASE_COMMAND[:-1]), ["${args} exactly once"]),
     "hydra-style args": (dict(command=BASE_COMMAND[:-1] + ["${args_no_hyphens}"]),
                          ["${args_no_hyphens}", "use ${args}"]),
-    "unknown macro": (dict(command=BASE_COMMAND + ["${foo}"]), ["unknown macro ${foo}"]),
+    "unknown macro": (dict(command=BASE_COMMAND + ["${foo}"]), ["uses ${foo}: sweep-local fills"]),
     "not gmpi fit": (dict(command=["${env}", "${interpreter}", "train.py", "${args}"]), ["must run `gmpi fit`"]),
     "program macro without program": (dict(command=["${env}", "${interpreter}", "${program}", "fit", "${args}"]),
                                       ["${program}", "no `program:`"]),
