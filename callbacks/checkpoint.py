@@ -25,7 +25,8 @@ class IterationCheckpoint(ModelCheckpoint):
         for k in ("every_n_train_steps", "train_time_interval"):
             if kwargs.get(k):
                 raise ValueError(f"IterationCheckpoint counts iterations: use every_n_iters, not {k}")
-        kwargs.setdefault("every_n_epochs", 0)  # epochs of a resampled stream mean nothing
+        if kwargs.get("every_n_epochs") is None:  # None (also LightningCLI's default) would mean every epoch
+            kwargs["every_n_epochs"] = 0  # epochs of a resampled stream mean nothing
         super().__init__(filename=filename, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
         self.every_n_iters = every_n_iters
         self._last_iteration_saved: int | None = None

@@ -43,7 +43,8 @@ def _trainer(tmp_path, **kw):
 
 
 def _dm(shards, **kw):
-    return PosedImageDataModule(str(shards), batch_size=4, batches_per_epoch=50, num_workers=0, seed=0, **kw)
+    kw = {"batches_per_epoch": 50, **kw}
+    return PosedImageDataModule(str(shards), batch_size=4, num_workers=0, seed=0, **kw)
 
 
 # ------------------------------------------------------------------------------------------ losses
@@ -379,8 +380,10 @@ def test_checkpoints_count_iterations_not_optimiser_steps(shards, tmp_path):
 
     torch.manual_seed(3)
     model = GMPIModule(**dict(TINY, max_iters=5))
-    ck = IterationCheckpoint(dirpath=tmp_path / "ck", every_n_iters=2, save_last=True, save_top_k=-1)
-    _trainer(tmp_path, callbacks=[ck], enable_checkpointing=True).fit(model, _dm(shards))
+    # every_n_epochs=None is what LightningCLI passes; with 3 batches per epoch an epoch-end save would add it000003
+    ck = IterationCheckpoint(dirpath=tmp_path / "ck", every_n_iters=2, save_last=True, save_top_k=-1,
+                             every_n_epochs=None)
+    _trainer(tmp_path, callbacks=[ck], enable_checkpointing=True).fit(model, _dm(shards, batches_per_epoch=3))
     names = sorted(p.name for p in (tmp_path / "ck").glob("*.ckpt"))
     assert names == ["it000002.ckpt", "it000004.ckpt", "it000005.ckpt", "last.ckpt"]
     for name, it in (("it000002.ckpt", 2), ("it000004.ckpt", 4), ("last.ckpt", 5)):
