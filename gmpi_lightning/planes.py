@@ -144,10 +144,12 @@ def preset_planes(preset, n_planes: int, method: str | None = None) -> Planes:
                                         preset.confined_volume))
 
 
-def texel_xyz(depth: float, extent_hw, resolution: int) -> torch.Tensor:
-    """World xyz of a plane's texel centres, R x R x 3 (row index along +y, column along +x)."""
-    h, w = float(extent_hw[0]), float(extent_hw[1])
-    ys = torch.linspace(-h / 2, h / 2, resolution, dtype=torch.float64)
-    xs = torch.linspace(-w / 2, w / 2, resolution, dtype=torch.float64)
+def texel_xyz(depth, extent_hw, resolution: int) -> torch.Tensor:
+    """World xyz of a plane's texel centres, R x R x 3 float32 (row index along +y, column along +x). ``depth`` and
+    ``extent_hw`` may be numbers or tensors; computed in float64 where the extent lives, without reading it back."""
+    ext = torch.as_tensor(extent_hw, dtype=torch.float64)
+    steps = torch.linspace(0, 1, resolution, dtype=torch.float64, device=ext.device)
+    ys, xs = (-ext[0] / 2 + steps * ext[0]), (-ext[1] / 2 + steps * ext[1])  # linspace(-h/2, h/2, R), (-w/2, w/2, R)
     y, x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([x, y, torch.full_like(x, depth)], dim=-1).to(torch.float32)
+    z = torch.as_tensor(depth, dtype=torch.float64, device=ext.device).expand_as(x)
+    return torch.stack([x, y, z], dim=-1).to(torch.float32)

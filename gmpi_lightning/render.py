@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from .cameras import pixel_rays, sphere_c2w, truncated_normal
+from .planes import texel_xyz
 
 TRANSMITTANCE_EPS = 1e-10
 
@@ -154,18 +155,8 @@ def mpi_point_cloud(alpha: torch.Tensor, plane_depths: torch.Tensor, plane_exten
     if blur_ksize > 1:
         sigma = gaussian_blur_default_sigma(blur_ksize)
         depth = TF.gaussian_blur(depth, [blur_ksize, blur_ksize], [sigma, sigma])
-    far = _far_texels(plane_depths, plane_extents, res).to(alpha)  # H x W x 3
+    far = texel_xyz(plane_depths[-1], plane_extents[-1], res).to(alpha)  # H x W x 3
     return far[None] * (depth[:, 0, :, :, None] / (far[None, :, :, 2:] + 1e-8))
-
-
-def _far_texels(plane_depths: torch.Tensor, plane_extents: torch.Tensor, res: int) -> torch.Tensor:
-    """``planes.texel_xyz`` of the background plane, computed where the planes live (float64, no host read)."""
-    ext = torch.as_tensor(plane_extents[-1], dtype=torch.float64)
-    depth = torch.as_tensor(plane_depths[-1], dtype=torch.float64, device=ext.device)
-    steps = torch.linspace(0, 1, res, dtype=torch.float64, device=ext.device)
-    ys, xs = -ext[0] / 2 + steps * ext[0], -ext[1] / 2 + steps * ext[1]
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([x, y, depth.expand_as(x)], dim=-1)
 
 
 def point_cloud_normals(points: torch.Tensor) -> torch.Tensor:
