@@ -267,9 +267,9 @@ class GANModule(pl.LightningModule):
                 r1 = r1_penalty(real_logits, real, hp.r1_gamma) * hp.r1_every
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss + r1)
-            ok = self._finish_step(opt, (loss + r1).detach(), self.D)
+            self._finish_step(opt, (loss + r1).detach(), self.D)
         return {"loss_d": loss.detach(), "r1": r1.detach(), "logits_real": real_logits.detach().mean(),
-                "logits_fake": fake_logits.detach().mean(), "ok_d": ok}
+                "logits_fake": fake_logits.detach().mean()}
 
     def g_step(self, b: int, opt) -> dict:
         z = self.sample_z(b)
@@ -290,8 +290,8 @@ class GANModule(pl.LightningModule):
                 else:
                     self.manual_backward(loss)
                 total = total + loss.detach()
-            ok = self._finish_step(opt, total, self.G)
-        return {"loss_g": total, "ok_g": ok}
+            self._finish_step(opt, total, self.G)
+        return {"loss_g": total}
 
     @staticmethod
     def slice_condition(cond, lo: int, hi: int):
@@ -301,12 +301,11 @@ class GANModule(pl.LightningModule):
         """Clip and step, unless the loss or a gradient is non-finite: then skip, count, and stop after K in a row.
 
         One host read: the total gradient norm (which clipping computes anyway) plus the loss, checked together."""
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        params = [p for p in net.parameters() if p.grad is not None]
         if self.hparams.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None],
-                                                  self.hparams.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
         else:
-            norm = torch.nn.utils.get_total_norm(grads)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not bool(torch.isfinite(norm + loss)):
             opt.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
@@ -360,7 +359,6 @@ class GANModule(pl.LightningModule):
             t0, it0 = self._t_last
             logs["img_per_s"] = batch_total * (self.iteration - it0) / max(now - t0, 1e-9)
         self._t_last = (now, self.iteration)
-        logs.pop("ok_d"), logs.pop("ok_g")
         on_device = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
         host = torch.stack([logs[k].float() for k in on_device]).cpu()  # one transfer for all of them
         logs.update(zip(on_device, host.unbind()))
