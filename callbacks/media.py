@@ -177,10 +177,11 @@ def _seeds(seeds: Sequence[int] | None, default: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------- callbacks
 class SampleGrid(MediaCallback):
-    """A fixed grid: one row per seed; columns are the RGB views at every (yaw, pitch), then the colour-mapped
-    depth at the same poses, so the PNG is ``len(seeds) * res`` high and ``2 * len(yaws) * len(pitches) * res``
-    wide (poses ordered pitch-major as ``gmpi render``). Also an RGBA strip of the first seed's planes.
-    In ``stylegan2`` mode: one row of the 2D images, ``res`` high and ``len(seeds) * res`` wide.
+    """A fixed grid: one row per seed ("seed N" on the left); columns are the RGB views at every (yaw, pitch), then
+    the colour-mapped depth at the same poses ("RGB yaw +0.30", "depth yaw +0.30" above; poses ordered pitch-major
+    as ``gmpi render``). Views smaller than ``min_tile`` pixels are repeated (nearest) by an integer factor so that
+    the grid reads at a glance; ``layout`` (an ``export.GridLayout``) says where each tile is. Also a labelled
+    RGBA strip of up to 8 of the first seed's planes, near to far. In ``stylegan2`` mode: one row of the 2D images.
 
     Args:
         every_n_iters: render every this many iterations (the module's counter); None: only at the end.
@@ -189,32 +190,41 @@ class SampleGrid(MediaCallback):
         planes: plane count of the rendered MPI; None: the module's training planes.
         resolution: rendered views' size; None: the preset's resolution.
         out_dir: write here instead of ``<trainer.log_dir>/media``.
+        min_tile: smallest tile size in the PNG (views are repeated by an integer factor up to it; 1: as rendered).
     """
 
     def __init__(self, every_n_iters: int | None = 200, seeds: list[int] | None = None,
                  yaws: Sequence[float] = (-0.3, 0.0, 0.3), pitches: Sequence[float] = (0.0,), planes: int | None = None,
                  resolution: int | None = None, truncation_psi: float = 1.0, at_end: bool = True,
-                 plane_chunk: int | None = None, out_dir: str | None = None):
+                 plane_chunk: int | None = None, out_dir: str | None = None, min_tile: int = 128):
         super().__init__(every_n_iters, at_end, planes, resolution, truncation_psi, plane_chunk, out_dir)
         self.seeds = _seeds(seeds, 4)
+        self.min_tile, self.layout = min_tile, None
         self.poses = [(float(y), float(p)) for p in pitches for y in yaws]
         if not self.poses:
             raise ValueError("need at least one yaw and one pitch")
 
     def make(self, renderer, out, iteration, trainer):
         if renderer.mode != "gmpi":
-            grid = np.concatenate([renderer.image_2d(s) for s in self.seeds], axis=1)
+            grid, self.layout = export.labeled_grid([[renderer.image_2d(s) for s in self.seeds]], [""],
+                                                    [f"seed {s}" for s in self.seeds], self.min_tile)
             path = export.save_png(out / f"samples_it{iteration:06d}.png", grid)
             _log_images(trainer, "media/samples", [path], [f"iteration {iteration}, seeds {self.seeds}"])
             return [path]
-        rows, strip = [], None
+        rows, planes = [], None
         for seed in self.seeds:
             mpi = renderer.mpi(seed)
-            if strip is None:
-                strip = export.plane_strip(mpi[0])
+            if planes is None:
+                planes = export.plane_tiles(mpi[0])
             views = [renderer.view(mpi, yaw, pitch) for yaw, pitch in self.poses]
-            rows.append(np.concatenate([v[0] for v in views] + [v[1] for v in views], axis=1))
-        grid_path = export.save_png(out / f"samples_it{iteration:06d}.png", np.concatenate(rows, axis=0))
+            rows.append([v[0] for v in views] + [v[1] for v in views])
+        cams = [f"{y:+.2f},{p:+.2f}" if len(set(p for _, p in self.poses)) > 1 else f"yaw {y:+.2f}"
+                for y, p in self.poses]
+        grid, self.layout = export.labeled_grid(rows, [f"seed {s}" for s in self.seeds],
+                                                [f"RGB {c}" for c in cams] + [f"depth {c}" for c in cams],
+                                                self.min_tile)
+        strip, _ = export.labeled_grid([planes[1]], [""], [f"plane {i}" for i in planes[0]], self.min_tile)
+        grid_path = export.save_png(out / f"samples_it{iteration:06d}.png", grid)
         strip_path = export.save_png(out / f"planes_it{iteration:06d}_seed{self.seeds[0]:04d}.png", strip)
         poses = ", ".join(f"({y:+.2f}, {p:+.2f})" for y, p in self.poses)
         _log_images(trainer, "media/samples", [grid_path],

@@ -5,6 +5,7 @@ Shared by ``gmpi render`` and the logging callbacks. Images are uint8 H x W x C 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,60 @@ def depth_to_color(depth: torch.Tensor, near: float, far: float, coverage: torch
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
-def plane_strip(mpi: torch.Tensor, max_planes: int = 8) -> np.ndarray:
-    """One MPI (L x 4 x H x W) -> RGBA strip of up to ``max_planes`` evenly chosen planes, near to far."""
+def plane_tiles(mpi: torch.Tensor, max_planes: int = 8) -> tuple[list[int], list[np.ndarray]]:
+    """One MPI (L x 4 x H x W) -> (indices, RGBA images) of up to ``max_planes`` evenly chosen planes, near to far."""
     n = mpi.shape[0]
     idx = np.unique(np.linspace(0, n - 1, min(n, max_planes)).round().astype(int))
-    return np.concatenate([to_uint8(mpi[i]) for i in idx], axis=1)
+    return idx.tolist(), [to_uint8(mpi[i]) for i in idx]
+
+
+def plane_strip(mpi: torch.Tensor, max_planes: int = 8) -> np.ndarray:
+    """The :func:`plane_tiles` side by side, at their own resolution."""
+    return np.concatenate(plane_tiles(mpi, max_planes)[1], axis=1)
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where the tiles of a :func:`labeled_grid` are: tile (row, col) starts at (top + row * size, left + col * size)
+    and is its source tile repeated ``scale`` times along both axes."""
+
+    top: int
+    left: int
+    size: int
+    scale: int
+
+    def tile(self, image: np.ndarray, row: int, col: int) -> np.ndarray:
+        """The source tile back from the image (every ``scale``-th pixel)."""
+        y, x = self.top + row * self.size, self.left + col * self.size
+        return image[y:y + self.size:self.scale, x:x + self.size:self.scale]
+
+
+def labeled_grid(tiles: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str],
+                 min_tile: int = 128) -> tuple[np.ndarray, GridLayout]:
+    """Rows x cols of equal H x W x C uint8 tiles as one picture a person can read: small tiles repeated (nearest,
+    by an integer factor) to at least ``min_tile`` pixels, column labels above, row labels on the left (white
+    background; RGBA tiles get an opaque one). Returns the image and where the tiles are."""
+    from PIL import Image, ImageDraw
+
+    h, w, c = tiles[0][0].shape
+    scale = max(1, -(-min_tile // h))
+    size = h * scale
+    font_h, char_w = 12, 6  # PIL's built-in bitmap font: no font file needed
+    left = 8 + char_w * max(len(t) for t in row_labels) if any(row_labels) else 0
+    top = font_h + 6 if col_labels else 0
+    canvas = np.full((top + len(tiles) * size, left + len(tiles[0]) * w * scale, c), 255, np.uint8)
+    for r, row in enumerate(tiles):
+        for k, tile in enumerate(row):
+            canvas[top + r * size:top + (r + 1) * size, left + k * w * scale:left + (k + 1) * w * scale] = \
+                tile.repeat(scale, axis=0).repeat(scale, axis=1)
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    ink = (0, 0, 0, 255)[:c]  # black (opaque for RGBA)
+    for k, text in enumerate(col_labels):
+        draw.text((left + k * w * scale + 2, 2), text, fill=ink)
+    for r, text in enumerate(row_labels):
+        draw.text((4, top + r * size + size // 2 - font_h // 2), text, fill=ink)
+    return np.asarray(image), GridLayout(top, left, size, scale)
 
 
 def save_png(path: str | Path, img: np.ndarray) -> Path:

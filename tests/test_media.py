@@ -52,14 +52,20 @@ def png(path) -> np.ndarray:
 def test_grid_layout_depth_tiles_and_fixed_cameras(module, tmp_path):
     seeds, yaws, pitches, r = [0, 1, 2], [-0.3, 0.0, 0.3], [0.0, 0.1], 24
     module.iteration = 7
-    files = SampleGrid(every_n_iters=1, seeds=seeds, yaws=yaws, pitches=pitches, resolution=r).run(
-        fake_trainer(tmp_path), module)
+    cb = SampleGrid(every_n_iters=1, seeds=seeds, yaws=yaws, pitches=pitches, resolution=r)
+    files = cb.run(fake_trainer(tmp_path), module)
     assert [f.name for f in files] == ["samples_it000007.png", "planes_it000007_seed0000.png"]
     assert all(f.parent == tmp_path / "media" for f in files)
-    grid = png(files[0])
+    grid, lay = png(files[0]), cb.layout
     k = len(yaws) * len(pitches)
-    assert grid.shape == (len(seeds) * r, 2 * k * r, 3)  # seeds rows x (K RGB tiles | K depth tiles)
-    tiles = grid.reshape(len(seeds), r, 2 * k, r, 3).transpose(0, 2, 1, 3, 4).astype(np.float64)
+    # seeds rows x (K RGB tiles | K depth tiles), each 24 px view repeated 6x (>= 128 px), labels above and left
+    assert lay.scale == 6 and lay.size == 144 and lay.top > 0 and lay.left > 0
+    assert grid.shape == (lay.top + len(seeds) * 144, lay.left + 2 * k * 144, 3)
+    assert (grid[:lay.top] < 128).any() and (grid[lay.top:, :lay.left] < 128).any()  # dark label text on white
+    tiles = np.stack([np.stack([lay.tile(grid, i, j) for j in range(2 * k)]) for i in range(len(seeds))])
+    big = grid[lay.top:lay.top + 144, lay.left:lay.left + 144]
+    assert np.array_equal(big, tiles[0, 0].repeat(6, 0).repeat(6, 1))  # nearest: every source pixel a 6x6 block
+    tiles = tiles.astype(np.float64)
     rgb, depth = tiles[:, :k], tiles[:, k:]
     assert np.abs(rgb - depth).mean() > 20  # colour-mapped depth is not the image
     assert np.abs(rgb[0] - rgb[1]).mean() > 1  # different seeds, different samples
@@ -72,9 +78,9 @@ def test_grid_layout_depth_tiles_and_fixed_cameras(module, tmp_path):
     assert np.array_equal(tiles[1, k + 5].astype(np.uint8), export.depth_to_color(
         view["depth"][0], module.preset.near, module.preset.far, view["alpha"][0]))
     # the plane strip: 6 training planes of the 16 px texture, RGBA, and the last (background) plane opaque
-    strip = png(files[1])
-    assert strip.shape == (RES, 6 * RES, 4)
-    assert strip[:, -RES:, 3].min() == 255
+    strip = png(files[1])  # 16 px planes repeated 8x, labelled above
+    assert strip.shape[1] == 6 * 8 * RES and strip.shape[2] == 4
+    assert strip[-8 * RES:, -8 * RES:, 3].min() == 255
 
 
 def test_same_seeds_same_bytes_and_training_state_untouched(module, tmp_path):
@@ -119,12 +125,13 @@ def test_stylegan2_mode_grid_is_one_row_of_2d_images(tmp_path):
     torch.manual_seed(1)
     m = StyleGAN2Module(**{k: v for k, v in TINY.items() if k in SG2_ARGS})
     m.iteration = 2
-    files = SampleGrid(seeds=[0, 1, 2]).run(fake_trainer(tmp_path), m)
+    cb = SampleGrid(seeds=[0, 1, 2], min_tile=1)  # as rendered, labels above
+    files = cb.run(fake_trainer(tmp_path), m)
     grid = png(files[0])
-    assert grid.shape == (RES, 3 * RES, 3) and len(files) == 1
+    assert grid.shape == (cb.layout.top + RES, cb.layout.left + 3 * RES, 3) and len(files) == 1
     with torch.no_grad():
         img = m.G_ema(seed_latents([1], 16), None, noise_mode="const")
-    assert np.array_equal(grid[:, RES:2 * RES], export.to_uint8((img[0] + 1) / 2))
+    assert np.array_equal(cb.layout.tile(grid, 0, 1), export.to_uint8((img[0] + 1) / 2))
     assert SweepVideo(frames=3).run(fake_trainer(tmp_path), m) == []
     assert MeshExport().run(fake_trainer(tmp_path), m) == []
 
@@ -280,7 +287,7 @@ def test_gmpi_fit_writes_media_into_the_run_folder(shards, tmp_path):
     names = sorted(p.name for p in media.iterdir())
     assert names == ["planes_it000002_seed0000.png", "planes_it000003_seed0000.png", "samples_it000002.png",
                      "samples_it000003.png", "sweep_yaw_it000003_seed0000.mp4"]
-    assert png(media / "samples_it000003.png").shape == (2 * RES, 2 * 3 * RES, 3)
+    assert png(media / "samples_it000003.png").shape[0] > 2 * 128  # 2 seeds x tiles of at least 128 px
     assert not np.array_equal(png(media / "samples_it000002.png"), png(media / "samples_it000003.png"))  # trained
     assert iio.imread(media / "sweep_yaw_it000003_seed0000.mp4", plugin="pyav").shape == (4, RES, 2 * RES, 3)
 
