@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -66,7 +65,7 @@ def data_for(res: int, cache: Path) -> Path:
     return out
 
 
-def phases(timer, cuda: bool):
+def phases(timer):
     """The phases of an iteration, patched by name so that the same table works on older checkouts."""
     import lightning.pytorch as pl
     import torch
@@ -125,7 +124,7 @@ def run(name: str, args, device: str, precision: str) -> dict:
     import torch
 
     from datamodules.posed_images import PosedImageDataModule
-    from gmpi_lightning.module import GMPIModule
+    from gmpi_lightning.module import GMPIModule, peak_memory_mb
 
     IterationProbe, PhaseTimer = profiling().IterationProbe, profiling().PhaseTimer
 
@@ -135,7 +134,7 @@ def run(name: str, args, device: str, precision: str) -> dict:
     torch.manual_seed(0)
     iters = args.warmup + args.iters
     module = GMPIModule(**cfg["model"], max_iters=iters, export_path=None)
-    timer = phases(PhaseTimer(cuda=device == "cuda"), device == "cuda") if args.profile else None
+    timer = phases(PhaseTimer(cuda=device == "cuda")) if args.profile else None
     probe = IterationProbe(timer, skip=args.warmup)
     trainer = pl.Trainer(accelerator=device, devices=1, precision=precision, max_epochs=-1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -162,8 +161,7 @@ def run(name: str, args, device: str, precision: str) -> dict:
         trainer.fit(module, dm)
     secs = sorted(probe.seconds)
     median = secs[len(secs) // 2]
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = peak_memory_mb(torch.device(device))
     row = {"config": name, "device": device, "precision": precision, "batch": batch, "iters": len(secs),
            "s_per_iter": median, "s_per_iter_mean": sum(secs) / len(secs), "seconds": probe.seconds,
            "img_per_s": batch / median, "peak_mem_mb": peak,
@@ -173,8 +171,7 @@ def run(name: str, args, device: str, precision: str) -> dict:
         row["cuda_sync_warnings_per_iter"] = sync_warnings
     if timer is not None:
         total = sum(probe.seconds)
-        row["phases"] = {k: v / len(secs) for k, v in sorted(timer.total.items(), key=lambda kv: -kv[1])
-                         if k != "iteration"}
+        row["phases"] = {k: v / len(secs) for k, v in sorted(timer.total.items(), key=lambda kv: -kv[1])}
         row["phase_total_s"] = total / len(secs)
         if name == "synthetic32":
             row["callbacks_amortised"] = amortised_callbacks(trainer, module, str(data))

@@ -280,7 +280,7 @@ class GANModule(pl.LightningModule):
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device=self.device)
             for i, (lo, hi) in enumerate(bounds):
-                c = self.slice_condition(cond, lo, hi)
+                c = None if cond is None else cond[lo:hi]
                 logits = self.D(self.fake_images(self.G, z[lo:hi], c, self.rng), self.d_condition(c))
                 loss = g_nonsaturating_loss(logits) / chunks
                 block_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
@@ -292,10 +292,6 @@ class GANModule(pl.LightningModule):
                 total = total + loss.detach()
             self._finish_step(opt, total, self.G)
         return {"loss_g": total}
-
-    @staticmethod
-    def slice_condition(cond, lo: int, hi: int):
-        return None if cond is None else cond[lo:hi]
 
     def _finish_step(self, opt, loss: torch.Tensor, net) -> bool:
         """Clip and step, unless the loss or a gradient is non-finite: then skip, count, and stop after K in a row.
@@ -485,9 +481,6 @@ class GMPIModule(GANModule):
         """n cameras (c2w) from the preset's prior."""
         return self.scene.sample_cameras(n, generator)
 
-    def sample_c2w(self, n: int) -> torch.Tensor:
-        return self.sample_condition(n, self.rng)
-
     def shade(self, mpi: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Shading augmentation of fake MPIs after ``shading_start`` iterations (counts calls, as the official)."""
         hp = self.hparams
@@ -528,7 +521,7 @@ class GMPIModule(GANModule):
         """Per z, the pose (of views_per_z prior poses) with the lowest D logit: c2w B x 4 x 4. Scored view by view:
         on a CPU, 4 D calls of B images take 25 % less time than one call of 4B (measured at 32 px, B = 8)."""
         n, b = self.hparams.views_per_z, z.shape[0]
-        c2w = self.sample_c2w(b * n).reshape(b, n, 4, 4)
+        c2w = self.sample_condition(b * n, self.rng).reshape(b, n, 4, 4)
         if self.hparams.view_selection == "random" or n == 1:
             return c2w[:, 0]
         mpi = self.scene.generate(self.G, z, noise_mode="random", noise_generator=self.rng)

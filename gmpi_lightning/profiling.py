@@ -55,11 +55,11 @@ class HostReads(TorchFunctionMode):
 
 class PhaseTimer:
     """Exclusive wall time per phase. ``wrap(owner, attr, name)`` patches ``owner.attr`` while the timer is active
-    (``with timer:``). Call :meth:`sync` from a phase boundary on a GPU (pass ``cuda=True``) so that time is
-    attributed to the phase that queued the work."""
+    (``with timer:``). ``cuda=True`` synchronises at every phase boundary, so that GPU time is attributed to the phase
+    that queued the work."""
 
     def __init__(self, cuda: bool = False):
-        self.total, self.calls = defaultdict(float), Counter()
+        self.total = defaultdict(float)
         self._stack: list[list] = []
         self._patches: list[tuple] = []
         self.cuda = cuda
@@ -88,7 +88,6 @@ class PhaseTimer:
         if self._stack:
             self.total[self._stack[-1][0]] += now - self._stack[-1][1]
         self._stack.append([name, now])
-        self.calls[name] += 1
 
     def _exit(self) -> None:
         now = self._now()
@@ -108,18 +107,6 @@ class PhaseTimer:
     def __exit__(self, *exc) -> None:
         for owner, attr, original in reversed(self._saved):
             setattr(owner, attr, original)
-
-    def phase(self, name: str):
-        """Context manager for an explicit phase."""
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                timer._enter(name)
-
-            def __exit__(self, *exc):
-                timer._exit()
-        return _Phase()
 
 
 class IterationProbe(pl.Callback):
@@ -151,7 +138,6 @@ class IterationProbe(pl.Callback):
         self._batches += 1
         if self.timer is not None and self._batches == self.skip + 1:
             self.timer.total.clear()
-            self.timer.calls.clear()
             self.timer._enter("lightning + data + callbacks")  # everything outside the named phases
         self._mode = HostReads(self.where)
         self._mode.__enter__()

@@ -127,7 +127,7 @@ def test_worst_view_selection_picks_min_logit(shards, tmp_path):
     state = model.rng.get_state()
     chosen = model.select_views(torch.randn(3, 16))
     model.rng.set_state(state)  # the candidates are the first draws of the module's stream
-    all_poses = model.sample_c2w(15).reshape(3, 5, 4, 4)
+    all_poses = model.sample_condition(15, model.rng).reshape(3, 5, 4, 4)
     yaws = torch.stack([cameras.yaw_pitch_from_w2c(cameras.invert_rigid(all_poses[:, k]), 1.0)[0] for k in range(5)], 1)
     picked = cameras.yaw_pitch_from_w2c(cameras.invert_rigid(chosen), 1.0)[0]
     assert max_err(picked, yaws.min(dim=1).values) < 1e-5
@@ -177,7 +177,7 @@ def test_bf16_autocast_losses_close_to_fp32(shards):
     def losses():
         model.rng.manual_seed(9)
         z = model.sample_z(4)
-        c2w = model.sample_c2w(4)
+        c2w = model.sample_condition(4, model.rng)
         fake = model.fake_images(model.G, z, c2w, shade=False, noise_mode="const")
         real_logits = model.D(batch["image"], batch["w2c"])
         fake_logits = model.D(fake, model.d_condition(c2w))

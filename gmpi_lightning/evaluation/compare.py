@@ -124,12 +124,13 @@ def sample_figure(ckpts: list[tuple[str, Path]], path: Path, seeds=(0, 1), yaws=
 
     from .. import export
     from ..inference import load_generator
-    from .fakes import FakeSettings, fake_scene, generate
+    from ..scene import Scene
+    from .fakes import FakeSettings, generate
 
     rows, n, settings = [], len(seeds), FakeSettings(planes=planes, noise_mode="const")
     for _, ckpt in ckpts:
         loaded = load_generator(ckpt)
-        scene, p = fake_scene(loaded.G, loaded.preset, settings), loaded.preset
+        scene, p = Scene.for_generator(loaded.G, loaded.preset, settings.planes), loaded.preset
         mpi = generate(loaded.G, scene, list(seeds), settings)
         views = [scene.render_pose(mpi, torch.full((n,), y), torch.zeros(n), resolution=loaded.G.img_resolution)
                  for y in yaws]

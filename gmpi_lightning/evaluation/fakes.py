@@ -61,10 +61,6 @@ def generate(G, scene: Scene, seeds, settings: FakeSettings) -> torch.Tensor:
     return torch.cat(out)
 
 
-def fake_scene(G, preset, settings: FakeSettings, device="cpu") -> Scene:
-    return Scene.for_generator(G, preset, settings.planes, device)
-
-
 def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu", streams=(0,),
                return_weights: bool = False) -> Iterator[dict]:
     """Batches of rendered fakes: {'seeds', 'mpi', 'planes', 'nonfinite', 'views': [per stream {rgb, depth, alpha,
@@ -72,7 +68,7 @@ def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu"
     memory). A fake whose MPI holds NaN/inf is flagged in ``nonfinite`` (bool, B) and rendered as an empty MPI, so
     that under DDP every rank still reaches the gathers and the caller can stop on all ranks at once."""
     res = settings.resolution or G.img_resolution
-    scene = fake_scene(G, preset, settings, device)
+    scene = Scene.for_generator(G, preset, settings.planes, device)
     for i in range(0, len(seeds), settings.batch_size):
         chunk = seeds[i:i + settings.batch_size]
         mpi = generate(G, scene, chunk, settings)

@@ -119,35 +119,12 @@ def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1.0):
     return fir_filter(x, k.unsqueeze(3), (down, 1), (pad[0], 0))
 
 
-class _FIRFilter(torch.autograd.Function):
-    """Depthwise correlation of B x C x H x W with a fixed C x 1 x kh x kw filter: zero ``padding``, every ``stride``-th
-    output. The same numbers as ``F.conv2d(x, k, stride=stride, padding=padding, groups=C)``; the difference is
-    autograd. The filter is a constant, so the backward pass is only the transposed filter, written here with
-    differentiable ops. Left to PyTorch, the second derivative that R1 needs (the gradient of ||dD/dx||^2) also
-    computes the filter's weight gradient, one convolution per channel (128-512 per layer), and throws it away."""
-
-    @staticmethod
-    def forward(ctx, x, k, stride, padding):
-        ctx.save_for_backward(k)
-        ctx.stride, ctx.padding, ctx.in_hw = stride, padding, x.shape[-2:]
-        return F.conv2d(x, k, stride=stride, padding=padding, groups=k.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (k,) = ctx.saved_tensors
-        (sy, sx), (py, px), (h, w) = ctx.stride, ctx.padding, ctx.in_hw
-        out = (h - ((grad.shape[-2] - 1) * sy - 2 * py + k.shape[-2]),
-               w - ((grad.shape[-1] - 1) * sx - 2 * px + k.shape[-1]))
-        return F.conv_transpose2d(grad, k, stride=(sy, sx), padding=(py, px), output_padding=out,
-                                  groups=k.shape[0]), None, None, None
-
-
 def fir_filter(x: torch.Tensor, k: torch.Tensor, stride=1, padding=0) -> torch.Tensor:
     """``F.conv2d(x, k, stride=stride, padding=padding, groups=C)`` for a constant depthwise filter ``k``
-    (C x 1 x kh x kw)."""
-    if k.requires_grad:
-        return F.conv2d(x, k, stride=stride, padding=padding, groups=k.shape[0])
-    return _FIRFilter.apply(x, k, _pair(stride), _pair(padding))
+    (C x 1 x kh x kw). Through :func:`conv2d_twice_differentiable`: left to PyTorch, the second derivative that R1
+    needs (the gradient of ||dD/dx||^2) also computes the filter's weight gradient, one convolution per channel
+    (128-512 per layer), and throws it away."""
+    return conv2d_twice_differentiable(x, k, stride, padding, groups=k.shape[0])
 
 
 def _pair(v) -> tuple[int, int]:
@@ -200,8 +177,8 @@ class _Conv2dTwice(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, stride, padding, groups):
-        ctx.save_for_backward(x, w)
-        ctx.conf = (stride, padding, groups)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w)  # x only for the weight's gradient
+        ctx.conf, ctx.in_hw = (stride, padding, groups), x.shape[-2:]
         return F.conv2d(x, w, None, stride, padding, 1, groups)
 
     @staticmethod
@@ -210,8 +187,9 @@ class _Conv2dTwice(torch.autograd.Function):
         (sy, sx), (py, px), groups = ctx.conf
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            out = (x.shape[-2] - ((grad.shape[-2] - 1) * sy - 2 * py + w.shape[-2]),
-                   x.shape[-1] - ((grad.shape[-1] - 1) * sx - 2 * px + w.shape[-1]))
+            (h, wd) = ctx.in_hw
+            out = (h - ((grad.shape[-2] - 1) * sy - 2 * py + w.shape[-2]),
+                   wd - ((grad.shape[-1] - 1) * sx - 2 * px + w.shape[-1]))
             gx = F.conv_transpose2d(grad, w, None, (sy, sx), (py, px), out, groups)
         if ctx.needs_input_grad[1] and not _INPUT_GRADIENTS_ONLY[0]:
             gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, (sy, sx), (py, px), 1, groups)
