@@ -8,6 +8,8 @@ Add them under ``trainer.callbacks`` of an experiment YAML::
       init_args: {frames: 48, fps: 12}
     - class_path: callbacks.media.MeshExport
       init_args: {seeds: [0]}
+    - class_path: callbacks.media.WebViewer
+      init_args: {seeds: [0, 1, 2, 3]}
 
 Schedule: every ``every_n_iters`` of the module's own ``iteration`` counter (one D step + one G step; Lightning's
 ``global_step`` counts both optimisers, i.e. 2 per iteration) and once more at the end of training (``at_end``),
@@ -26,9 +28,11 @@ Files go to ``<run>/media/`` where ``<run>`` is ``trainer.log_dir`` (the first l
     planes_it000200_seed0000.png       RGBA strip of up to 8 planes of the first seed, near to far
     sweep_yaw_it000800_seed0000.mp4    camera sweep, RGB | depth side by side
     mesh_it000800_seed0000.ply         marching cubes over the alpha volume
+    web_it000800/index.html            the WebGL viewer page of the seeds (gmpi export-web; opens from disk)
 
 With a ``WandbLogger`` among the loggers the same media are logged under ``media/samples``, ``media/planes``,
-``media/sweep`` and ``media/mesh`` (a coloured point cloud of the mesh vertices: wandb's Object3D reads no PLY),
+``media/sweep``, ``media/mesh`` (a coloured point cloud of the mesh vertices: wandb's Object3D reads no PLY) and
+``media/web`` (the viewer page as one ``wandb.Html`` file: orbit the samples in the dashboard),
 at ``trainer/global_step`` (the x-axis of every metric); captions carry the iteration.
 """
 
@@ -301,6 +305,33 @@ class MeshExport(MediaCallback):
             _log_point_cloud(trainer, "media/mesh", verts, colors, f"iteration {iteration}, seed {seed}: "
                              f"{len(verts)} vertices, {len(faces)} faces")
         return paths
+
+
+class WebViewer(MediaCallback):
+    """The interactive WebGL page of the seeds' MPIs (:mod:`gmpi_lightning.web`, as ``gmpi export-web``) at the end
+    of training (and every ``every_n_iters`` when set): ``<run>/media/web_it<iteration>/index.html``, which opens from
+    disk; with a ``WandbLogger`` also logged as ``wandb.Html`` under ``media/web``. Nothing in ``stylegan2`` mode."""
+
+    def __init__(self, seeds: list[int] | None = None, at_end: bool = True, every_n_iters: int | None = None,
+                 planes: int | None = None, resolution: int | None = None, truncation_psi: float = 1.0,
+                 plane_chunk: int | None = None, out_dir: str | None = None, force: bool = False):
+        super().__init__(every_n_iters, at_end, planes, resolution, truncation_psi, plane_chunk, out_dir)
+        self.seeds, self.force = _seeds(seeds, 4), force
+
+    def make(self, renderer, out, iteration, trainer):
+        from gmpi_lightning.web import ViewerWriter, wandb_html
+
+        if renderer.mode != "gmpi":
+            rank_zero_info("WebViewer: no MPI to show for a 2D (stylegan2) generator")
+            return []
+        info = {"iteration": iteration, "truncation_psi": renderer.truncation_psi, "noise_mode": "const"}
+        with ViewerWriter(out / f"web_it{iteration:06d}", renderer.preset, renderer.scene.planes, renderer.resolution,
+                          renderer.G.img_resolution, self.seeds, info, self.force, verbose=False) as page:
+            for seed in self.seeds:
+                page.add(seed, renderer.mpi(seed)[0])
+        for lg in wandb_loggers(trainer):
+            lg.log_metrics({"media/web": wandb_html(page.out)}, step=trainer.global_step)
+        return [page.out / "index.html"]
 
 
 # --------------------------------------------------------------------------------------------------- wandb

@@ -2,7 +2,8 @@
 
     gmpi fit|validate|test --config experiments/NAME.yaml [--model.key=value ...]   (LightningCLI)
     gmpi import-stylegan2 IN.pkl OUT.pt     NVlabs pickle -> plain weights_only file (no code executed)
-    gmpi render --ckpt CKPT --seeds 0-3 --planes 96 --out DIR [--video] [--mesh]
+    gmpi render --ckpt CKPT --seeds 0-3 --planes 96 --out DIR [--video] [--mesh] [--web]
+    gmpi export-web --ckpt CKPT --seeds 0-3 --planes 32 --out DIR   WebGL viewer page: open from disk, orbit, depth
     gmpi data synthetic|ffhq|eg3d|folder ...  posed-image shards + dataset.json + preview.png
     gmpi evaluate --ckpt CKPT --data DATA --metrics fid,kid,consistency,depth_fd,pose,depth --out r.json
     gmpi estimators train --data data/synthetic32 --out runs/estimators/synthetic32.pt
@@ -71,6 +72,9 @@ def _render(argv: list[str]) -> int:
     p.add_argument("--plane-chunk", type=int, help="planes per chunk in generation/compositing (memory)")
     p.add_argument("--allow-outside", action="store_true", help="render rays that miss the background plane "
                                                                "(transparent) instead of stopping")
+    p.add_argument("--web", action="store_true", help="also write OUT/web/: the WebGL viewer page of these MPIs "
+                                                       "(as gmpi export-web; open index.html from disk)")
+    p.add_argument("--wandb-project", help="log that page to W&B (wandb.Html) in this project (implies --web)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
@@ -134,6 +138,7 @@ def _cuda() -> bool:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "import-stylegan2": (_import_stylegan2, "convert an NVlabs StyleGAN2-ADA pickle safely"),
     "render": (_render, "views, depth, plane strip, video and mesh from a checkpoint"),
+    "export-web": (_named("gmpi_lightning.web:main"), "a WebGL page of generated MPIs: opens from disk, orbit, depth"),
     "fit": (lambda a: _lightning(["fit", *a]), "train (LightningCLI): gmpi fit --config experiments/synthetic.yaml"),
     "validate": (lambda a: _lightning(["validate", *a]), "validate a checkpoint (LightningCLI)"),
     "test": (lambda a: _lightning(["test", *a]), "test a checkpoint (LightningCLI)"),

@@ -159,9 +159,18 @@ def run_render(args) -> None:
     render_kw = dict(resolution=res, plane_chunk=args.plane_chunk, check_inside=not args.allow_outside)
     scene = Scene.for_generator(loaded.G, preset, args.planes, args.device)
     gen_kw = dict(truncation_psi=args.truncation, noise_mode=args.noise_mode, plane_chunk=args.plane_chunk)
+    page = None
+    if getattr(args, "web", False) or getattr(args, "wandb_project", None):  # OUT/web: the same MPIs in a browser
+        from .web import ViewerWriter
+
+        page = ViewerWriter(out / "web", preset, scene.planes, res, loaded.G.img_resolution, seeds,
+                            {"checkpoint": Path(args.ckpt).name, "truncation_psi": args.truncation,
+                             "noise_mode": args.noise_mode})
     for seed in seeds:
         z = scene.seed_latents([seed], loaded.G.z_dim)
         mpi = scene.generate(loaded.G, z, **gen_kw)
+        if page is not None:
+            page.add(seed, mpi[0])
         export.save_png(out / f"seed{seed:04d}_planes.png", export.plane_strip(mpi[0]))
         for v, (yaw, pitch) in enumerate(views):
             r = scene.render_pose(mpi, yaw, pitch, **render_kw)
@@ -185,3 +194,9 @@ def run_render(args) -> None:
             bar.update()
     bar.close()
     print(f"wrote {len(list(out.glob('seed*')))} files to {out}")
+    if page is not None:
+        print(f"wrote the viewer page {page.close()}")
+        if getattr(args, "wandb_project", None):
+            from .web import log_to_wandb
+
+            log_to_wandb(page.out, project=args.wandb_project)
