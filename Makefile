@@ -165,6 +165,7 @@ endif
 CKPT    ?= $(RUN)/gmpi.pt
 METRICS ?= consistency,depth_fd,pose,depth
 N       ?= 256
+REF     ?= all
 # `make ablations DATA=synthetic` (or DATA=ffhq256 ...: the base is experiments/$(DATA).yaml); DATA=data/synthetic*
 # (the default DATA) also means the synthetic base
 BASES    = $(sort $(basename $(notdir $(wildcard experiments/*.yaml))))
@@ -181,10 +182,10 @@ $(SYN_DATA)/.ready: | install
 estimators: $(SYN_DATA)/.ready  ## train the small pose/depth CNNs on the synthetic ground truth -> runs/estimators/synthetic32.pt
 	$(VENV)/bin/gmpi estimators train --data $(SYN_DATA) --out runs/estimators/synthetic32.pt $(ARGS)
 
-evaluate: install  ## evaluate CKPT (default: the default run) on METRICS with N fakes -> runs/synthetic/eval.json
+evaluate: install  ## evaluate CKPT (default run) on METRICS with N fakes + reference rows REF -> runs/synthetic/eval.json
 	@test -f runs/estimators/synthetic32.pt || ! echo "$(METRICS)" | grep -qE "pose|depth" || $(MAKE) --no-print-directory estimators DATA=$(SYN_DATA)
 	$(VENV)/bin/gmpi evaluate --ckpt $(CKPT) --data $(SYN_DATA) --metrics $(METRICS) --num-samples $(N) \
-		--estimators runs/estimators/synthetic32.pt --out $(RUN)/eval.json $(ARGS)
+		--estimators runs/estimators/synthetic32.pt$(if $(REF), --reference $(REF)) --out $(RUN)/eval.json $(ARGS)
 
 ablations: install  ## DATA=synthetic|ffhq256.. [DRY=1]: train + evaluate experiments/ablations/* -> runs/ablations/<DATA>
 	$(if $(and $(filter synthetic,$(ABLATE)),$(if $(dry),,y)),@$(MAKE) --no-print-directory $(SYN_DATA)/.ready \

@@ -304,3 +304,27 @@ def iter_synthetic(num: int, cfg: SyntheticConfig, batch_size: int = 64) -> Iter
         batch = render_heads(range(start, min(start + batch_size, num)), cfg)
         for j in range(batch["image"].shape[0]):
             yield {key: batch[key][j] for key in KEYS} | {"index": start + j}
+
+
+class HeadTruth:
+    """The ground truth of a synthetic dataset, renderable at any camera: evaluation seed ``k`` is the held-out
+    sample ``count + k`` (never in the shards). Reference rows of ``gmpi evaluate --reference`` use it
+    (:mod:`gmpi_lightning.evaluation.reference`)."""
+
+    def __init__(self, cfg: SyntheticConfig, first_index: int):
+        self.cfg, self.first_index = cfg, int(first_index)
+
+    @classmethod
+    def from_card(cls, card: dict, resolution: int | None = None) -> HeadTruth:
+        gen = card.get("generator") or {}
+        cfg = SyntheticConfig(resolution=int(resolution or card["resolution"]),
+                              supersample=int(gen.get("supersample", 2)), seed=int(gen.get("seed", 0)),
+                              preset=str(card["preset"]))
+        return cls(cfg, int(card["count"]) + int(card.get("rejected", 0)))
+
+    def views(self, seeds, yaw, pitch) -> dict[str, torch.Tensor]:
+        """Heads of evaluation ``seeds`` at (yaw, pitch): 'rgb' B x 3 x R x R in [0, 1], 'depth' B x 1 x R x R
+        (z-depth), 'mask' B x 1 x R x R."""
+        out = render_heads([self.first_index + int(s) for s in seeds], self.cfg, yaw=yaw, pitch=pitch)
+        return {"rgb": out["image"].permute(0, 3, 1, 2).float() / 255, "depth": out["depth"][:, None],
+                "mask": out["mask"][:, None]}

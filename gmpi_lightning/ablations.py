@@ -20,6 +20,7 @@ import yaml
 
 from . import runs
 from .evaluation import compare
+from .inference import load_generator
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = REPO / "experiments" / "ablations"
@@ -144,6 +145,9 @@ def main(argv: list[str]) -> int:
         print(f"training the pose/depth estimators on {data} -> {est}", flush=True)
         train_estimators(data, est)
     table = evaluate_rows(planned, metrics, args.num_samples, args.planes, inception, est and str(est), args.device)
+    first = planned[0].dir.with_name(planned[0].same_as or planned[0].name) / "gmpi.pt"
+    table += compare.reference_rows(data, load_generator(first).preset, metrics, args.num_samples, args.planes,
+                                    est and str(est), out / "reference.json", args.device)
     runs.write_table(table, out / "results.csv", out / "results.md", title=f"Ablations on {args.data}: "
                      f"{args.num_samples} fakes per row, {args.planes} planes; ± standard error over the fakes "
                      f"(depth FD: bootstrap)", plus_minus={c: f"{c}_se" for c in compare.COLUMNS})

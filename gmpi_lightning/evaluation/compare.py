@@ -12,7 +12,8 @@ import json
 import tarfile
 from pathlib import Path
 
-from ..data import resolve_shards
+from ..data import read_card, resolve_shards
+from .reference import KINDS, TRUTH_PROVIDERS
 
 COLUMNS = ["fid", "kid", "pose", "pose_yaw_slope", "depth", "depth_fd", "consistency_photo_l1", "consistency_depth_err",
            "semi_transparent", "depth_relief"]
@@ -98,6 +99,33 @@ def evaluate_cached(ckpt: Path, cache: Path, data: str, metrics: list[str], num_
                         inception, estimators=estimators, device=device, show_progress=True)
         cache.write_text(json.dumps(dict(blob, request=want), indent=2))
     return blob
+
+
+REFERENCE_SETTINGS = {"renders": "reference: the ground truth rendered at each camera",
+                      "mpi": "reference: MPI built from the ground truth (frontal RGB + depth)",
+                      "billboard": "reference: the frontal image on one plane"}
+
+
+def reference_rows(data: str, preset, metrics: list[str], num_samples: int, planes: int, estimators: str | None,
+                   cache: Path, device: str = "cpu") -> list[dict]:
+    """The reference rows (:mod:`.reference`) as table rows, for data whose ground truth can be rendered (else
+    none), from ``cache`` when it answers the same request."""
+    if read_card(data).get("source") not in TRUTH_PROVIDERS:
+        return []
+    want = dict(evaluation_request(Path(data) / "dataset.json", data, metrics, num_samples, planes, None, estimators,
+                                   device), preset=preset.to_dict())
+    blob = json.loads(cache.read_text()) if cache.is_file() else None
+    if blob is None or blob.get("request") != want:
+        from .evaluate import evaluate_references
+        from .fakes import FakeSettings
+
+        print(f"evaluating the reference rows of {data}", flush=True)
+        blob = {"rows": evaluate_references(list(KINDS), data, preset, metrics, num_samples,
+                                            FakeSettings(planes=planes, batch_size=8), estimators, device),
+                "request": want}
+        cache.write_text(json.dumps(blob, indent=2))
+    return [{"row": f"ref_{kind}", "setting": REFERENCE_SETTINGS[kind], "same_as": "", **table_row(r)}
+            for kind, r in blob["rows"].items()]
 
 
 def table_row(blob: dict) -> dict:

@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from . import geometry
 from .fakes import FakeSettings, generate, iter_fakes, rank_seeds
 from .image_metrics import fid_kid, gather_rows, rank_world, real_features
 from .inception import INCEPTION_FILE, InceptionFeatures, to_uint8_images
+from .reference import iter_reference, load_truth, parse_kinds
 
 ALL_METRICS = ("fid", "kid", "consistency", "depth_fd", "pose", "depth")
 DEPTH_POOL = 16  # depth_fd feature: 16 x 16 pooled normalised depth
@@ -127,9 +129,12 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
              settings: FakeSettings | None = None, inception: str | Path | None = None, num_real: int | None = None,
              kid_subsets: int = 100, kid_subset_size: int = 1000, estimators: str | Path | None = None,
              cache_dir: str | Path | None = None, use_cache: bool = True, device="cpu", first_seed: int = 0,
-             show_progress: bool = True) -> dict:
+             show_progress: bool = True, source=None) -> dict:
     """Compute ``metrics`` for generator ``G`` (an MPI generator in eval mode) on seeds first_seed..+num_samples.
 
+    ``source`` replaces the generator's fakes by other pictures of the same seeds and cameras: a callable
+    ``(seeds, settings, device, streams, return_weights) -> batches`` as :func:`~.fakes.iter_fakes` yields them
+    (the reference rows of :mod:`.reference`); ``G`` is then None.
     Returns {'metrics': {name: value}, 'details': {...}, 'settings': {...}}; identical on every rank."""
     settings = settings or FakeSettings()
     missing = sorted(m for m in metrics if m in NEEDS_DATA and not data)
@@ -142,7 +147,7 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     extractor = InceptionFeatures(inception).to(device) if {"fid", "kid"} & set(metrics) else None
     est = resolve_estimators(estimators, metrics, device) if {"pose", "depth"} & set(metrics) else None
     real_depth = real_depth_samples(data, num_samples) if "depth_fd" in metrics else None
-    res = settings.resolution or G.img_resolution
+    res = settings.resolution or (preset.resolution if G is None else G.img_resolution)
     seeds = rank_seeds(num_samples, rank, world, first_seed)
     streams = (0, 1) if "consistency" in metrics else (0,)
     # every rank gathers the same keys with the same widths, even a rank without seeds (num_samples < world)
@@ -169,8 +174,8 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
         acc[name].append(value.detach().double().cpu().reshape(value.shape[0], -1))
 
     bar = progress(total=len(seeds), desc="gmpi evaluate", unit="fake", disable=not show_progress or rank != 0)
-    for batch in iter_fakes(G, preset, seeds, settings, device, streams=streams,
-                            return_weights="consistency" in metrics):
+    fakes = source or (lambda *a: iter_fakes(G, preset, *a))
+    for batch in fakes(seeds, settings, device, streams, "consistency" in metrics):
         a = batch["views"][0]
         add("seed", torch.tensor(batch["seeds"], dtype=torch.float64))
         add("nonfinite", _nonfinite(batch))
@@ -180,13 +185,12 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
             c = geometry.two_view_consistency(a, batch["views"][1], preset.fov_deg, preset.near, preset.far)
             for k, v in c.items():
                 add(f"consistency_{k}", v)
-            add("semi_transparent", geometry.semi_transparent_fraction(a["weights"], batch["scene"].planes.depths,
-                                                                       preset.near, preset.far))
+            add("semi_transparent", torch.zeros(len(batch["seeds"])) if a.get("weights") is None else  # a surface
+                geometry.semi_transparent_fraction(a["weights"], batch["scene"].planes.depths, preset.near, preset.far))
             add("depth_relief", geometry.depth_relief(a, preset.fov_deg, preset.near, preset.far))
         if real_depth is not None:
             idx = [s - first_seed for s in batch["seeds"]]
-            with torch.no_grad():
-                v = batch["scene"].render(batch["mpi"], real_depth["c2w"][idx], res, plane_chunk=settings.plane_chunk)
+            v = batch["render_at"](real_depth["c2w"][idx].to(device))
             add("fake_depth_features", geometry.depth_features(geometry.surface_depth(v["depth"], v["alpha"]),
                                                                preset.near, preset.far, DEPTH_POOL))
         if est is not None:
@@ -258,11 +262,27 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
                               seeds=f"{first_seed}-{first_seed + num_samples - 1}", world_size=world,
                               num_real=num_real or "all", kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                               latent="z_k = RandomState(k).randn(z_dim)", pose="preset prior, Generator(2k) "
-                              "(second view: Generator(2k+1))", planes_generated=generated_planes(G, settings.planes),
+                              "(second view: Generator(2k+1))",
+                              planes_generated=settings.planes if G is None else generated_planes(G, settings.planes),
                               noise="random: seeded by each fake's seed" if settings.noise_mode == "random"
                               else settings.noise_mode, device=str(device), versions=_versions())
     result["seconds"] = round(time.time() - t0, 2)
     return result
+
+
+def evaluate_references(kinds: list[str], data: str | Path, preset, metrics: list[str], num_samples: int,
+                        settings: FakeSettings | None = None, estimators=None, device="cpu", first_seed: int = 0,
+                        show_progress: bool = True) -> dict:
+    """The reference rows (:mod:`.reference`: ground-truth renders, ground-truth MPI, billboard) of ``data`` on the
+    same seeds, cameras and planes as a generator's evaluation: {kind: evaluate()'s result}. FID/KID are left out
+    (their scale is known: 0 for the data itself) to keep the rows cheap."""
+    settings = settings or FakeSettings()
+    truth = load_truth(data, settings.resolution or preset.resolution)
+    metrics = [m for m in metrics if m not in ("fid", "kid")]
+    return {kind: evaluate(None, preset, metrics, num_samples, data, settings, estimators=estimators, device=device,
+                           first_seed=first_seed, show_progress=show_progress,
+                           source=partial(iter_reference, kind, truth, preset))
+            for kind in kinds}
 
 
 def _versions() -> dict:
@@ -304,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimators", help="estimator file for pose/depth (`gmpi estimators train`)")
     p.add_argument("--cache-dir", help="real-feature cache (default $GMPI_CACHE or ~/.cache/gmpi-lightning)")
     p.add_argument("--no-cache", action="store_true", help="recompute the real features")
+    p.add_argument("--reference", help="also score reference rows on data with a renderable ground truth (the "
+                   "synthetic heads): renders,mpi,billboard or all (docs/3D.md)")
     p.add_argument("--device", default=_cuda_default())
     p.add_argument("--out", help="JSON file for the results (default: print only)")
     return p
@@ -352,6 +374,7 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     metrics = parse_metrics(args.metrics)
+    kinds = parse_kinds(args.reference)
     device = init_distributed(args.device)
     rank, world = rank_world()
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -366,6 +389,12 @@ def main(argv: list[str]) -> int:
         result = evaluate(loaded.G, loaded.preset, metrics, args.num_samples, data, settings, args.inception,
                           args.num_real, args.kid_subsets, args.kid_subset_size, estimators, args.cache_dir,
                           not args.no_cache, device, args.first_seed)
+        if kinds:
+            if not data:
+                raise ValueError("--reference renders the data's ground truth: pass --data (a `gmpi data synthetic` "
+                                 "folder)")
+            result["reference"] = evaluate_references(kinds, data, loaded.preset, metrics, args.num_samples, settings,
+                                                      estimators, device, args.first_seed)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -374,8 +403,10 @@ def main(argv: list[str]) -> int:
     result = {"checkpoint": str(args.ckpt), "generator_kind": loaded.kind, "preset": loaded.preset.to_dict(),
               "data": data, **result, "command": "gmpi evaluate " + " ".join(argv),
               "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    for name, value in result["metrics"].items():
-        print(f"  {name:24s} {value:.6g}")
+    rows = {"generator": result["metrics"], **{k: v["metrics"] for k, v in result.get("reference", {}).items()}}
+    print(f"  {'':24s} " + " ".join(f"{k:>11s}" for k in rows))
+    for name in result["metrics"]:
+        print(f"  {name:24s} " + " ".join(f"{r[name]:11.5g}" if name in r else f"{'-':>11s}" for r in rows.values()))
     for w in result["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     if args.out:
@@ -385,4 +416,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["ALL_METRICS", "evaluate", "generate", "json_safe", "main", "parse_metrics", "resolve_estimators"]
+__all__ = ["ALL_METRICS", "evaluate", "evaluate_references", "generate", "json_safe", "main", "parse_metrics",
+           "resolve_estimators"]

@@ -63,10 +63,11 @@ def generate(G, scene: Scene, seeds, settings: FakeSettings) -> torch.Tensor:
 
 def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu", streams=(0,),
                return_weights: bool = False) -> Iterator[dict]:
-    """Batches of rendered fakes: {'seeds', 'mpi', 'planes', 'nonfinite', 'views': [per stream {rgb, depth, alpha,
-    yaw, pitch, c2w}]}. ``return_weights`` adds the per-plane weights to the first view only (B x L x 1 x H x W:
-    memory). A fake whose MPI holds NaN/inf is flagged in ``nonfinite`` (bool, B) and rendered as an empty MPI, so
-    that under DDP every rank still reaches the gathers and the caller can stop on all ranks at once."""
+    """Batches of rendered fakes: {'seeds', 'mpi', 'scene', 'nonfinite', 'views': [per stream {rgb, depth, alpha,
+    yaw, pitch, c2w}], 'render_at': c2w -> the fakes' views from those cameras}. ``return_weights`` adds the
+    per-plane weights to the first view only (B x L x 1 x H x W: memory). A fake whose MPI holds NaN/inf is
+    flagged in ``nonfinite`` (bool, B) and rendered as an empty MPI, so that under DDP every rank still reaches the
+    gathers and the caller can stop on all ranks at once."""
     res = settings.resolution or G.img_resolution
     scene = Scene.for_generator(G, preset, settings.planes, device)
     for i in range(0, len(seeds), settings.batch_size):
@@ -75,12 +76,16 @@ def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu"
         nonfinite = ~torch.isfinite(mpi).flatten(1).all(1)
         if bool(nonfinite.any()):
             mpi = torch.where(nonfinite[:, None, None, None, None], torch.zeros_like(mpi), mpi)
+
+        @torch.no_grad()
+        def render_at(c2w, mpi=mpi, weights=False):
+            return scene.render(mpi, c2w, res, plane_chunk=settings.plane_chunk, return_weights=weights)
+
         views = []
         for stream in streams:
             yaw, pitch = seed_poses(chunk, preset, stream)
             c2w = scene.camera(yaw, pitch)
-            with torch.no_grad():
-                out = scene.render(mpi, c2w, res, plane_chunk=settings.plane_chunk,
-                                   return_weights=return_weights and stream == streams[0])
-            views.append(dict(out, yaw=yaw, pitch=pitch, c2w=c2w))
-        yield {"seeds": chunk, "mpi": mpi, "scene": scene, "views": views, "nonfinite": nonfinite}
+            views.append(dict(render_at(c2w, weights=return_weights and stream == streams[0]), yaw=yaw, pitch=pitch,
+                              c2w=c2w))
+        yield {"seeds": chunk, "mpi": mpi, "scene": scene, "views": views, "render_at": render_at,
+               "nonfinite": nonfinite}

@@ -1,0 +1,215 @@
+"""Reference rows: what the representation can hold, scored by the same estimators as a generator (issue 12).
+
+On data whose ground truth can be rendered at any camera (the synthetic heads), ``gmpi evaluate --reference`` scores
+three references next to the generator, on the same seeds, cameras and planes:
+
+``renders``
+    the ground truth itself, rendered by the data's renderer at every fake's camera (the estimators' best case);
+``mpi``
+    the **ground-truth MPI**: each head's frontal image and depth written into the evaluation's planes at the
+    generator's resolution (:func:`mpi_from_view`), then rendered like a fake. This is the ceiling of a generator
+    that reproduced its data perfectly in the canonical view;
+``billboard``
+    the frontal image on the one plane nearest the head's median depth (:func:`billboard_mpi`): a flat cut-out,
+    the floor a 3D-aware generator must beat.
+
+Head ``k`` of a reference row is the data renderer's sample ``count + k`` (held out: never in the training shards);
+its cameras are those of fake ``k`` (:func:`~gmpi_lightning.evaluation.fakes.seed_poses`).
+
+Construction of the ground-truth MPI (:func:`mpi_from_view`), from an image and z-depth seen by the canonical
+camera (yaw 0, pitch 0, on the preset's sphere):
+
+* every texel of every plane is projected into the input camera; texels outside its view are transparent;
+* the surface seen through a texel is put on the plane nearest its depth (depth quantised to the planes, as a
+  generator's MPI must), and the object is **solid behind its surface**: every plane from that one to the plane
+  before the background is opaque with the surface's colour, so a turned camera sees the silhouette's colour
+  extruded backwards instead of a hole (``thickness`` limits the extrusion);
+* the background plane is opaque everywhere: where the input camera sees it, its colour; where the object hides it
+  (or the input camera does not reach it), a harmonic fill (:func:`harmonic_fill`: each unknown texel the average
+  of its neighbours, known texels fixed) of the visible background, which reproduces smooth backgrounds such as the
+  synthetic heads' linear gradients.
+
+At the input camera the ground-truth MPI renders the input image back (up to the renderer's bilinear resampling of
+the texels), and its depth is the input depth quantised to the planes (tests/test_reference.py measures both).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..cameras import invert_rigid, yaw_pitch_from_w2c
+from ..planes import Planes, texel_xyz
+from ..scene import Scene
+from .fakes import seed_poses
+
+KINDS = ("renders", "mpi", "billboard")
+TRUTH_PROVIDERS = {"synthetic": "datamodules.synthetic.HeadTruth"}  # card "source" -> class, named (package arrows)
+
+
+def parse_kinds(text: str | list[str] | None) -> list[str]:
+    names = [k.strip() for k in (text.split(",") if isinstance(text, str) else text or []) if k.strip()]
+    if names == ["all"]:
+        return list(KINDS)
+    bad = [k for k in names if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown reference row(s) {bad}; choose from {', '.join(KINDS)} (or all)")
+    return names
+
+
+def load_truth(data: str | Path, resolution: int | None = None):
+    """The ground-truth renderer of a ``gmpi data`` folder (its card names the source), at ``resolution``."""
+    from ..data import read_card
+
+    card = read_card(data)
+    source = card.get("source")
+    if source not in TRUTH_PROVIDERS:
+        raise ValueError(f"{data}: reference rows render each sample's ground truth at new cameras, which needs the "
+                         f"data's renderer; this data's source is {source!r} (supported: "
+                         f"{', '.join(TRUTH_PROVIDERS)}, e.g. `gmpi data synthetic`). Drop --reference.")
+    module, _, name = TRUTH_PROVIDERS[source].rpartition(".")
+    return getattr(importlib.import_module(module), name).from_card(card, resolution)
+
+
+def _project(planes: Planes, resolution: int, w2c: torch.Tensor, fov_deg: float):
+    """Every texel of every plane in the input camera: normalised image coordinates (L x R x R x 2, -1..1 = the
+    image's outer pixel edges, ``align_corners=False``) and camera z (L x R x R)."""
+    pts = torch.stack([texel_xyz(d, e, resolution) for d, e in zip(planes.depths.cpu(), planes.extents.cpu())])
+    cam = pts.double() @ w2c[:3, :3].T.double() + w2c[:3, 3].double()
+    t = math.tan(math.radians(fov_deg) / 2)
+    grid = cam[..., :2] / cam[..., 2:].clamp_min(1e-9) / t
+    return grid.float(), cam[..., 2].float()
+
+
+def _sample(img: torch.Tensor, grid: torch.Tensor, mode: str, padding: str = "zeros") -> torch.Tensor:
+    """img B x C x H x W sampled at grid (L x R x R x 2) for every batch item: B x L x C x R x R."""
+    b, c = img.shape[:2]
+    n, r = grid.shape[0], grid.shape[1]
+    g = grid.to(img.device).reshape(1, n * r, r, 2).expand(b, -1, -1, -1)
+    out = F.grid_sample(img, g, mode=mode, padding_mode=padding, align_corners=False)  # B x C x (L R) x R
+    return out.reshape(b, c, n, r, r).transpose(1, 2)
+
+
+def harmonic_fill(rgb: torch.Tensor, known: torch.Tensor, iters: int = 400) -> torch.Tensor:
+    """Fill the texels where ``known`` (B x 1 x H x W, bool) is False so that each is the average of its four
+    neighbours (a discrete Laplace equation with the known texels fixed; replicate borders), starting from a
+    coarse-to-fine average of the known colours. Rows without a known texel come back mid-grey."""
+    known = known.to(rgb.dtype)
+    # coarse-to-fine start: known-weighted averages on a pyramid, each level filling the holes of the finer one
+    levels, (c, w) = [], (rgb * known, known)
+    while True:
+        levels.append((c, w))
+        if min(c.shape[-2:]) <= 1:
+            break
+        c, w = F.avg_pool2d(c, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)
+    fill = torch.where(levels[-1][1] > 0, levels[-1][0] / levels[-1][1].clamp_min(1e-12), torch.full_like(c, 0.5))
+    for c, w in reversed(levels[:-1]):
+        up = F.interpolate(fill, size=c.shape[-2:], mode="bilinear", align_corners=False)
+        fill = torch.where(w > 0, c / w.clamp_min(1e-12), up)
+    x = torch.where(known > 0, rgb, fill)
+    kernel = torch.tensor([[0, 0.25, 0], [0.25, 0, 0.25], [0, 0.25, 0]], dtype=rgb.dtype, device=rgb.device)
+    kernel = kernel.expand(rgb.shape[1], 1, 3, 3)
+    for _ in range(iters):
+        avg = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=rgb.shape[1])
+        x = torch.where(known > 0, rgb, avg)
+    return x
+
+
+def _input_camera(scene: Scene, c2w: torch.Tensor | None) -> torch.Tensor:
+    c2w = scene.camera(0.0, 0.0)[0] if c2w is None else torch.as_tensor(c2w).reshape(4, 4)
+    return invert_rigid(c2w.double().cpu())[0]
+
+
+def mpi_from_view(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolution: int,
+                  c2w: torch.Tensor | None = None, thickness: float | None = None, fill_iters: int = 400
+                  ) -> torch.Tensor:
+    """The ground-truth MPI (B x L x 4 x R x R, planes of ``scene``) of images (B x 3 x H x W in [0, 1]) and their
+    z-depths (B x 1 x H x W) seen by camera ``c2w`` (default: the canonical camera, yaw 0 and pitch 0). See the
+    module's docstring for the construction; ``thickness`` (world units) keeps the extrusion behind the surface that
+    deep (default: to the plane before the background)."""
+    planes = scene.planes.to("cpu")
+    n = len(planes)
+    grid, z_cam = _project(planes, resolution, _input_camera(scene, c2w), scene.preset.fov_deg)
+    image, depth = image.float().cpu(), depth.float().cpu()
+    rgb = _sample(image, grid, "bilinear")                        # B x L x 3 x R x R
+    surf = _sample(depth, grid, "nearest")[:, :, 0]               # B x L x R x R: the surface seen through the texel
+    inside = (grid.abs() <= 1).all(-1)                            # L x R x R
+    d = planes.depths.double()
+    mids = ((d[1:] + d[:-1]) / 2).float()                         # the surface belongs to its nearest plane
+    surf_plane = torch.bucketize(surf.contiguous(), mids)         # B x L x R x R, index of the surface's plane
+    index = torch.arange(n).reshape(1, n, 1, 1)
+    surf_z = planes.depths[surf_plane]                            # the surface's depth, quantised to the planes
+    solid = (z_cam[None] >= surf_z - 1e-6) & (surf_plane < n - 1) & (index < n - 1)
+    if thickness is not None:
+        solid &= z_cam[None] <= surf + thickness
+    alpha = (solid & inside[None]).float()
+    # the background plane: visible background where the input camera sees it, a harmonic fill elsewhere
+    seen = (inside[-1][None] & (surf_plane[:, -1] == n - 1))[:, None]
+    bg = harmonic_fill(rgb[:, -1], seen, fill_iters)
+    # colours stay where alpha is 0: the renderer interpolates straight RGB and alpha separately, so a zeroed colour
+    # would darken every texel next to a transparent one
+    rgb = torch.cat([rgb[:, :-1], bg[:, None]], 1)
+    alpha[:, -1] = 1.0
+    return torch.cat([rgb, alpha[:, :, None]], 2).clamp(0, 1)
+
+
+def billboard_mpi(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolution: int,
+                  c2w: torch.Tensor | None = None) -> torch.Tensor:
+    """The flat cut-out: the whole image (edge colours beyond its view) on the single plane nearest the median depth
+    of what is in front of the background, over an opaque background plane of the same picture."""
+    planes = scene.planes.to("cpu")
+    n = len(planes)
+    grid, _ = _project(planes, resolution, _input_camera(scene, c2w), scene.preset.fov_deg)
+    rgb = _sample(image.float().cpu(), grid, "bilinear", padding="border")
+    d = planes.depths
+    front = depth.float().cpu().flatten(1)
+    out = torch.zeros(rgb.shape[0], n, 4, resolution, resolution)
+    for b in range(rgb.shape[0]):
+        fg = front[b][front[b] < float((d[-1] + d[-2]) / 2)]
+        k = int(torch.argmin((d - (fg if fg.numel() else front[b]).median()).abs()))
+        for i in sorted({k, n - 1}):
+            out[b, i, :3], out[b, i, 3] = rgb[b, i], 1.0
+    return out
+
+
+def iter_reference(kind: str, truth, preset, seeds: list[int], settings, device="cpu", streams=(0,),
+                   return_weights: bool = False) -> Iterator[dict]:
+    """Batches shaped like :func:`~gmpi_lightning.evaluation.fakes.iter_fakes`' for reference row ``kind``: the same
+    cameras per seed, ``render_at(c2w)`` (views at other cameras, e.g. the real samples' for depth FD)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown reference row {kind!r}; choose from {', '.join(KINDS)}")
+    res = settings.resolution or preset.resolution
+    scene = Scene(preset, settings.planes, device)
+    for i in range(0, len(seeds), settings.batch_size):
+        chunk = seeds[i:i + settings.batch_size]
+        if kind == "renders":
+            mpi = None
+
+            def render_at(c2w, chunk=chunk, weights=False):
+                yaw, pitch = yaw_pitch_from_w2c(invert_rigid(c2w.double().cpu()), preset.sphere_center_z)
+                v = truth.views(chunk, yaw, pitch)
+                return {"rgb": v["rgb"].to(device), "depth": v["depth"].to(device),
+                        "alpha": torch.ones_like(v["depth"]).to(device)}
+        else:
+            front = truth.views(chunk, torch.zeros(len(chunk)), torch.zeros(len(chunk)))
+            build = mpi_from_view if kind == "mpi" else billboard_mpi
+            mpi = build(front["rgb"], front["depth"], scene.to("cpu"), preset.resolution).to(device)
+
+            def render_at(c2w, mpi=mpi, weights=False):
+                return scene.render(mpi, c2w, res, plane_chunk=settings.plane_chunk, return_weights=weights)
+        views = []
+        for stream in streams:
+            yaw, pitch = seed_poses(chunk, preset, stream)
+            c2w = scene.camera(yaw, pitch)
+            views.append(dict(render_at(c2w, weights=return_weights and stream == streams[0]), yaw=yaw, pitch=pitch,
+                              c2w=c2w))
+        yield {"seeds": chunk, "mpi": mpi, "scene": scene, "views": views, "render_at": render_at,
+               "nonfinite": torch.zeros(len(chunk), dtype=torch.bool)}
+
+
+__all__ = ["KINDS", "billboard_mpi", "harmonic_fill", "iter_reference", "load_truth", "mpi_from_view", "parse_kinds"]
