@@ -9,6 +9,7 @@
     gmpi estimators train --data data/synthetic32 --out runs/estimators/synthetic32.pt
     gmpi sweep-local experiments/sweeps/NAME.yaml [--parallel N]   W&B sweep file, run here without a server
     gmpi ablations --data synthetic          train + evaluate experiments/ablations/* into one table
+    gmpi invert --ckpt CKPT --image IMG --out DIR [--pose Y,P] [--views "Y,P;..."] [--video] [--mesh]
 
 Each subcommand is a small function registered in ``COMMANDS``.
 """
@@ -147,6 +148,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "estimators": (_estimators, "train/evaluate pose and depth estimators for the pose/depth metrics"),
     "evaluate": (_evaluate, "FID/KID, 3D consistency, depth FD, pose/depth error of a checkpoint -> JSON"),
     "ablations": (_ablations, "train and evaluate the paper's ablation rows (experiments/ablations/) into one table"),
+    "invert": (_named("gmpi_lightning.invert_cli:main"), "one image -> latent + tuned generator, novel views, depth, "
+                                                          "video, mesh"),
 }
 
 

@@ -1,0 +1,318 @@
+"""``gmpi invert``: one image in; latent, tuned generator, novel views, depth, video and mesh out.
+
+    gmpi invert --ckpt runs/synthetic/gmpi.pt --image head.png --out runs/invert/head \\
+        [--pose YAW,PITCH] [--views "-0.3,0;0.3,0"] [--video] [--mesh] [--steps 300] [--pti-steps 100]
+
+The same from Python: :func:`invert_image` (files) or :func:`gmpi_lightning.inversion.invert` (tensors).
+Files in ``--out``: ``input.png`` (the image as used), ``recon.png`` (rendered at the input camera), ``latent.pt``,
+``generator.pt`` (when stage 2 tuned it; ``gmpi render --ckpt`` loads it), ``view_NN.png`` + ``view_NN_depth.png``
+per requested view, ``views.json``, ``metrics.json``, with ``--video`` ``yaw.mp4`` (RGB | depth), with ``--mesh``
+``mesh.ply``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .inversion import Inversion, InvertSettings, PinnedLatent, invert
+from .presets import Preset
+from .scene import Scene
+
+LATENT_FORMAT = "gmpi-lightning/latent/v1"
+
+
+def _warn(msg: str) -> None:
+    print(f"gmpi invert: warning: {msg}", file=sys.stderr)
+
+
+def parse_pose(text: str) -> tuple[float, float]:
+    try:
+        yaw, pitch = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"cannot parse pose {text!r}: use YAW,PITCH in radians, e.g. 0.2,-0.05") from None
+    return yaw, pitch
+
+
+def parse_views(text: str) -> list[tuple[float, float]]:
+    """'Y1,P1;Y2,P2' -> [(Y1, P1), (Y2, P2)] (radians)."""
+    parts = [p for p in str(text).split(";") if p.strip()]
+    if not parts:
+        raise ValueError(f"no views in {text!r}: use e.g. \"-0.3,0;0.3,0\"")
+    return [parse_pose(p) for p in parts]
+
+
+# ============================================================================================== inputs
+def load_image(path: str | Path, resolution: int, crop: bool = True, warn=_warn) -> torch.Tensor:
+    """An image file as ``1 x 3 x R x R`` in [0, 1] (quantised to 8 bits, so input.png is exactly what is
+    inverted): grey or RGBA made RGB, a non-square image centre-cropped (with ``crop``; otherwise an error), another
+    size resized; each change is reported through ``warn``."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        img = np.asarray(iio.imread(path))
+    except Exception as e:  # imageio raises many types for files it cannot decode
+        raise ValueError(f"{path}: cannot read it as an image ({type(e).__name__}); pass a PNG or JPEG file") from None
+    if img.ndim == 4 or (img.ndim == 3 and img.shape[-1] not in (1, 2, 3, 4)):
+        raise ValueError(f"{path}: {img.shape} is not a single picture (an animation or a volume?); pass one "
+                         f"PNG/JPEG frame")
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.shape[-1] in (2, 4):
+        warn(f"{path}: alpha channel ignored (the RGB is inverted as it is; flatten transparent areas first)")
+        img = img[..., :-1]
+    img = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
+    scale = 255.0 if img.dtype == np.uint8 else 65535.0 if img.dtype == np.uint16 else 1.0
+    x = torch.from_numpy(np.ascontiguousarray(img).astype(np.float32) / scale).permute(2, 0, 1)[None].clamp(0, 1)
+    h, w = x.shape[-2:]
+    if h != w:
+        if not crop:
+            raise ValueError(f"{path}: the image is {w} x {h}, not square; crop it to the face yourself, or drop "
+                             f"--no-crop to centre-crop it to {min(h, w)} x {min(h, w)}")
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        warn(f"{path}: {w} x {h} is not square: centre-cropped to {side} x {side} (pass --no-crop to refuse)")
+        x = x[..., top:top + side, left:left + side]
+    if x.shape[-1] != resolution:
+        warn(f"{path}: {x.shape[-1]} x {x.shape[-1]} resized to the generator's {resolution} x {resolution}")
+        shrink = x.shape[-1] > resolution  # area: the mean of the pixels each output pixel covers
+        x = F.interpolate(x, size=(resolution, resolution), mode="area" if shrink else "bicubic",
+                          **({} if shrink else {"align_corners": False})).clamp(0, 1)
+    return (x * 255 + 0.5).floor() / 255
+
+
+def pose_range(preset: Preset) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(yaw, pitch) intervals of the preset's training prior: mean +- n_truncated_stds * std."""
+    n = preset.n_truncated_stds
+    return ((preset.yaw_mean - n * preset.yaw_std, preset.yaw_mean + n * preset.yaw_std),
+            (preset.pitch_mean - n * preset.pitch_std, preset.pitch_mean + n * preset.pitch_std))
+
+
+def _range_text(preset: Preset) -> str:
+    (y0, y1), (p0, p1) = pose_range(preset)
+    return f"yaw {y0:.3f}..{y1:.3f}, pitch {p0:.3f}..{p1:.3f} rad"
+
+
+def check_pose(yaw: float, pitch: float, preset: Preset) -> None:
+    (y0, y1), (p0, p1) = pose_range(preset)
+    if not (y0 - 1e-6 <= yaw <= y1 + 1e-6 and p0 - 1e-6 <= pitch <= p1 + 1e-6):
+        raise ValueError(f"--pose {yaw},{pitch} is outside the {preset.name} preset's camera range "
+                         f"({_range_text(preset)}: the training prior); the generator never saw such a view. "
+                         f"Pass a pose inside it, or leave --pose out to estimate it")
+
+
+def resolve_pose(pose, target: torch.Tensor, preset: Preset, estimators, training_data, warn=_warn
+                 ) -> tuple[float, float, str]:
+    """(yaw, pitch, source): ``pose`` as given (checked), else the pose estimator's reading (clamped into the
+    prior's range), else the preset's mean pose with a warning."""
+    if pose is not None:
+        yaw, pitch = pose
+        check_pose(yaw, pitch, preset)
+        return float(yaw), float(pitch), "given"
+    if estimators is None and training_data:  # as `gmpi evaluate`: runs/estimators/<data>.pt when it is there
+        from .evaluation.evaluate import default_inputs
+
+        estimators = default_inputs(["pose"], None, None, training_data)[1]
+    if estimators is None:
+        warn(f"no --pose and no pose estimator for this checkpoint's data: using the {preset.name} preset's mean "
+             f"pose (yaw {preset.yaw_mean}, pitch {preset.pitch_mean}); pass --pose YAW,PITCH or --estimators FILE")
+        return float(preset.yaw_mean), float(preset.pitch_mean), "preset mean"
+    from .estimators import load_estimators
+
+    pose_model = load_estimators(estimators, map_location=target.device)[0]
+    with torch.no_grad():
+        yaw, pitch = (float(v) for v in pose_model(target * 2 - 1)[0])
+    (y0, y1), (p0, p1) = pose_range(preset)
+    cy, cp = min(max(yaw, y0), y1), min(max(pitch, p0), p1)
+    if (cy, cp) != (yaw, pitch):
+        warn(f"estimated pose {yaw:.3f},{pitch:.3f} clamped into the preset's range ({_range_text(preset)})")
+    print(f"pose estimated by {estimators}: yaw {cy:.3f}, pitch {cp:.3f}")
+    return cy, cp, f"estimated ({estimators})"
+
+
+def check_views(scene: Scene, views: list[tuple[float, float]]) -> None:
+    """Every requested view must see only the MPI (rays inside the background plane): checked before optimising."""
+    r = 4
+    mpi = torch.zeros(1, len(scene.planes), 4, r, r, device=scene.device)
+    mpi[:, -1, 3] = 1
+    for i, (yaw, pitch) in enumerate(views):
+        try:
+            scene.render_pose(mpi, yaw, pitch, resolution=8)
+        except ValueError:
+            raise ValueError(f"view {i} (yaw {yaw}, pitch {pitch}) looks past the edge of the MPI; the "
+                             f"{scene.preset.name} preset covers the training prior ({_range_text(scene.preset)}): "
+                             f"choose views nearer to it") from None
+
+
+def load_gmpi(ckpt, device):
+    """A GMPI generator (ours or the official release) from ``ckpt``; anything else is a clear error."""
+    from .inference import load_generator
+    from .nn.gmpi import GMPIGenerator
+
+    try:
+        loaded = load_generator(ckpt, device=device)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # the loaders' many ways of saying "not that format"
+        raise ValueError(f"{ckpt}: not a GMPI generator checkpoint ({type(e).__name__}: {e}); pass the .pt that "
+                         f"training writes (e.g. runs/synthetic/gmpi.pt) or an official generator.pth") from None
+    if not isinstance(loaded.G, GMPIGenerator):
+        raise ValueError(f"{ckpt}: a {loaded.kind} generator, not a GMPI one: a 2D StyleGAN2 has no geometry to "
+                         f"invert into; pass a GMPI checkpoint (e.g. runs/synthetic/gmpi.pt)")
+    return loaded
+
+
+# ============================================================================================= outputs
+def _save_view(out: Path, stem: str, r: dict, preset: Preset) -> tuple[str, str]:
+    from . import export
+
+    export.save_png(out / f"{stem}.png", export.to_uint8(r["rgb"][0]))
+    export.save_png(out / f"{stem}_depth.png", export.depth_to_color(r["depth"][0], preset.near, preset.far,
+                                                                      r["alpha"][0]))
+    return f"{stem}.png", f"{stem}_depth.png"
+
+
+def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: bool = False, frames: int = 60,
+                  fps: int = 12, mesh_level: float = 0.5, extra: dict | None = None, warn=_warn) -> dict:
+    """The files of ``gmpi invert`` (module docstring); returns the metrics written to metrics.json."""
+    from . import export
+    from .io import save_gmpi_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    preset, chunk = inv.scene.preset, (extra or {}).get("settings", {}).get("plane_chunk")
+    export.save_png(out / "input.png", export.to_uint8(inv.target[0]))
+    export.save_png(out / "recon.png", export.to_uint8(inv.reconstruction()["rgb"][0]))
+    torch.save({"format": LATENT_FORMAT, "ws": inv.ws.detach().cpu(), "yaw": inv.yaw, "pitch": inv.pitch,
+                "planes": len(inv.scene.planes), "preset": preset.name,
+                "generator": "generator.pt" if inv.tuned else str((extra or {}).get("checkpoint"))}, out / "latent.pt")
+    if inv.tuned:
+        save_gmpi_checkpoint(out / "generator.pt", inv.G, preset.to_dict(),
+                             extra={"data": (extra or {}).get("training_data"), "latent": "latent.pt",
+                                    "inverted_image": str(out / "input.png")})
+    listed = []
+    for i, (yaw, pitch) in enumerate(views):
+        rgb, depth = _save_view(out, f"view_{i:02d}", inv.render(yaw, pitch, plane_chunk=chunk), preset)
+        listed.append({"index": i, "yaw": yaw, "pitch": pitch, "image": rgb, "depth": depth})
+    (out / "views.json").write_text(json.dumps({"input": {"yaw": inv.yaw, "pitch": inv.pitch,
+                                                          "image": "input.png", "recon": "recon.png"},
+                                                "views": listed}, indent=1))
+    if video:
+        (y0, y1), _ = pose_range(preset)
+        sweep = export.sweep_poses("yaw", frames, (y0 + y1) / 2, inv.pitch, yaw_range=(y1 - y0) / 2)
+        clips = []
+        for yaw, pitch in sweep:
+            r = inv.render(yaw, pitch, plane_chunk=chunk)
+            clips.append(np.concatenate([export.to_uint8(r["rgb"][0]), export.depth_to_color(
+                r["depth"][0], preset.near, preset.far, r["alpha"][0])], axis=1))
+        export.write_video(out / "yaw.mp4", clips, fps=fps)
+    metrics = {**inv.metrics(), "tuned": inv.tuned, "interrupted": inv.interrupted, "stages": inv.history,
+               **(extra or {})}
+    if mesh:
+        try:
+            verts, faces, colors = export.extract_mesh(PinnedLatent(inv.G, inv.ws), inv.ws.new_zeros(1, 1), preset,
+                                                       export.mesh_extent(inv.scene.planes.extents), level=mesh_level)
+            export.write_ply(out / "mesh.ply", verts, faces, colors)
+            metrics["mesh"] = {"file": "mesh.ply", "vertices": len(verts), "faces": len(faces)}
+        except ValueError as e:
+            warn(f"no mesh: {e}")
+            metrics.setdefault("warnings", []).append(f"no mesh: {e}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    return metrics
+
+
+# ============================================================================================ the flow
+def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
+                 views: list[tuple[float, float]] | None = None, video: bool = False, mesh: bool = False,
+                 settings: InvertSettings | None = None, estimators=None, crop: bool = True, device: str = "cpu",
+                 progress: bool = True, frames: int = 60, fps: int = 12, mesh_level: float = 0.5) -> dict:
+    """``gmpi invert`` as a function: every file of the command written to ``out``; returns metrics.json's dict.
+    ``views`` default to yaw -0.3, 0, 0.3 around the preset's mean pose."""
+    t0 = time.perf_counter()
+    notes: list[str] = []
+
+    def warn(msg):
+        notes.append(msg)
+        _warn(msg)
+
+    s = settings or InvertSettings()
+    loaded = load_gmpi(ckpt, device)
+    preset, G = loaded.preset, loaded.G
+    views = views if views is not None else [(preset.yaw_mean + d, preset.pitch_mean) for d in (-0.3, 0.0, 0.3)]
+    check_views(Scene.for_generator(G, preset, s.planes or preset.train_planes, device), views)
+    target = load_image(image, G.img_resolution, crop=crop, warn=warn).to(device)
+    yaw, pitch, source = resolve_pose(pose, target, preset, estimators, loaded.training_data, warn=warn)
+    inv = invert(G, preset, target, yaw, pitch, s, progress=progress)
+    if inv.interrupted:
+        warn("interrupted (Ctrl-C): writing the best result so far")
+    extra = {"image": str(image), "pose_source": source, "checkpoint": str(ckpt), "training_data": loaded.training_data,
+             "device": str(device), "seconds_inversion": sum(h["seconds"] for h in inv.history.values()),
+             "settings": asdict(s), "warnings": notes}
+    metrics = write_outputs(inv, Path(out), views, video, mesh, frames, fps, mesh_level, extra, warn=warn)
+    metrics["seconds_total"] = time.perf_counter() - t0
+    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    return metrics
+
+
+def _attach_negative_values(argv: list[str], options=("--pose", "--views")) -> list[str]:
+    """``--pose -0.2,0`` -> ``--pose=-0.2,0``: argparse would read a value starting with '-' as an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv) and re.match(r"-[\d.]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def main(argv: list[str]) -> int:
+    d = InvertSettings()
+    p = argparse.ArgumentParser(prog="gmpi invert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Invert one image into a GMPI scene (latent + pivotal tuning) and render "
+                                            "novel views, depth, a video and a mesh of it.")
+    p.add_argument("--ckpt", required=True, help="GMPI generator checkpoint (ours or an official generator.pth)")
+    p.add_argument("--image", required=True, help="the image (PNG/JPEG; centre-cropped and resized as needed)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--pose", help="camera of the image, YAW,PITCH radians (default: estimated)")
+    p.add_argument("--estimators", help="pose estimator file (default: runs/estimators/<training data>.pt if there)")
+    p.add_argument("--views", help="novel views \"Y1,P1;Y2,P2\" (default: yaw -0.3,0,0.3)")
+    p.add_argument("--video", action="store_true", help="yaw sweep over the prior's range: yaw.mp4 (RGB | depth)")
+    p.add_argument("--frames", type=int, default=60)
+    p.add_argument("--fps", type=int, default=12)
+    p.add_argument("--mesh", action="store_true", help="marching cubes over the alpha volume: mesh.ply")
+    p.add_argument("--mesh-level", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=d.steps, help="stage 1 steps (latent: W, then W+)")
+    p.add_argument("--pti-steps", type=int, default=d.pti_steps, help="stage 2 steps (pivotal tuning; 0: off)")
+    p.add_argument("--no-w-plus", action="store_true", help="stage 1 in W only")
+    p.add_argument("--planes", type=int, help="MPI planes (default: the preset's training count)")
+    p.add_argument("--plane-chunk", type=int, help="planes per chunk (memory at high resolution)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-crop", action="store_true", help="refuse a non-square image instead of centre-cropping it")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (1 is fastest at 32-64 px on a machine shared with "
+                                               "other jobs)")
+    a = p.parse_args(_attach_negative_values(argv))
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    s = InvertSettings(steps=a.steps, pti_steps=a.pti_steps, w_plus_from=1.0 if a.no_w_plus else d.w_plus_from,
+                       planes=a.planes, plane_chunk=a.plane_chunk, seed=a.seed)
+    pose = parse_pose(a.pose) if a.pose is not None else None
+    views = parse_views(a.views) if a.views is not None else None
+    m = invert_image(a.ckpt, a.image, a.out, pose, views, a.video, a.mesh, s, a.estimators, not a.no_crop,
+                     a.device, frames=a.frames, fps=a.fps, mesh_level=a.mesh_level)
+    print(f"reconstruction at the input camera: PSNR {m['recon_psnr']:.2f} dB, SSIM {m['recon_ssim']:.3f} "
+          f"({m['seconds_inversion']:.1f} s) -> {a.out}")
+    return 130 if m["interrupted"] else 0
