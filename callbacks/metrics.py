@@ -17,6 +17,7 @@ appends a line to ``<log dir>/eval.jsonl``. FID/KID need the Inception weights f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning.pytorch as pl
 
@@ -43,6 +44,11 @@ class EvaluationCallback(pl.Callback):
             if not isinstance(self.data, str):
                 raise ValueError(f"EvaluationCallback: metrics {sorted(NEEDS_DATA & set(self.metrics))} need the real "
                                  f"data folder; set init_args.data")
+        if {"pose", "depth"} & set(self.metrics) and isinstance(self.estimators, str) \
+                and not Path(self.estimators).is_file():  # fail now, not at the first evaluation
+            raise FileNotFoundError(f"EvaluationCallback: metrics pose/depth need the estimator file "
+                                    f"{self.estimators}, which is not there: `make estimators` writes "
+                                    f"runs/estimators/synthetic32.pt (or drop pose,depth from the metrics)")
         if {"fid", "kid"} & set(self.metrics):
             from gmpi_lightning.evaluation.inception import resolve_weights
 

@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
                      f"{args.num_samples} fakes per row, {args.planes} planes; ± standard error over the fakes "
                      f"(depth FD: bootstrap)", plus_minus={c: f"{c}_se" for c in compare.COLUMNS})
     fig = compare.sample_figure([(r.name, r.dir.with_name(r.same_as or r.name) / "gmpi.pt") for r in planned],
-                                out / "samples.png", planes=args.planes)
+                                out / "samples.png", planes=args.planes, data=data)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {fig} ({time.time() - t0:.0f} s)")
     return 0

@@ -253,7 +253,7 @@ def test_experiment_configs_build_their_media_callbacks():
                 mod, name = cb["class_path"].rsplit(".", 1)
                 obj = getattr(importlib.import_module(mod), name)(**cb.get("init_args", {}))
                 seen.setdefault(path.stem, []).append(type(obj).__name__)
-    assert seen["synthetic"] == ["SampleGrid", "SweepVideo", "MeshExport"]
+    assert seen["synthetic"] == seen["synthetic_long"] == ["SampleGrid", "SweepVideo", "MeshExport", "WebViewer"]
     assert seen["synthetic_stylegan2"] == ["SampleGrid"]
     for name in ("ffhq256", "ffhq512", "ffhq1024", "afhqcat512", "metfaces1024"):
         assert seen[name] == ["SampleGrid", "SweepVideo"]

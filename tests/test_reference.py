@@ -113,3 +113,15 @@ def test_reference_needs_data_whose_truth_can_be_rendered(tmp_path):
                                                        "shards": []}))
     with pytest.raises(ValueError, match=r"source is 'ffhq'.*Drop --reference"):
         load_truth(tmp_path)
+
+
+def test_evaluation_callback_without_its_estimator_file_stops_at_the_start(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.metrics import EvaluationCallback
+
+    cb = EvaluationCallback(metrics=["consistency", "pose"], estimators=str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match="make estimators"):
+        cb.setup(SimpleNamespace(datamodule=None), None, "fit")
+    (tmp_path / "missing.pt").write_bytes(b"")
+    cb.setup(SimpleNamespace(datamodule=None), None, "fit")  # present: no error

@@ -141,38 +141,44 @@ def table_row(blob: dict) -> dict:
 
 
 def sample_figure(ckpts: list[tuple[str, Path]], path: Path, seeds=(0, 1), yaws=(-0.4, 0.0, 0.4),
-                  planes: int = 96) -> Path:
-    """One row per (label, generator file): RGB for each seed x yaw, then the colour-mapped depth of those views."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+                  planes: int = 96, data: str | None = None) -> Path:
+    """One labelled row per (label, generator file): RGB of each seed at each yaw, then the colour-mapped depth of
+    those views; small views repeated (nearest) to 128 px. With ``data`` whose ground truth renders
+    (:mod:`.reference`), two more rows: the ground truth of held-out heads at the same cameras and the MPI built
+    from it (what an MPI of these planes can show)."""
     import torch
 
     from .. import export
     from ..inference import load_generator
     from ..scene import Scene
     from .fakes import FakeSettings, generate
+    from .reference import load_truth, mpi_from_view
 
-    rows, n, settings = [], len(seeds), FakeSettings(planes=planes, noise_mode="const")
-    for _, ckpt in ckpts:
+    n, settings = len(seeds), FakeSettings(planes=planes, noise_mode="const")
+
+    def row(views, preset):
+        return ([export.to_uint8(v["rgb"][b]) for v in views for b in range(n)]
+                + [export.depth_to_color(v["depth"][b], preset.near, preset.far, v["alpha"][b])
+                   for v in views for b in range(n)])
+
+    tiles, labels, preset = [], [], None
+    for label, ckpt in ckpts:
         loaded = load_generator(ckpt)
-        scene, p = Scene.for_generator(loaded.G, loaded.preset, settings.planes), loaded.preset
+        scene, preset = Scene.for_generator(loaded.G, loaded.preset, settings.planes), loaded.preset
         mpi = generate(loaded.G, scene, list(seeds), settings)
-        views = [scene.render_pose(mpi, torch.full((n,), y), torch.zeros(n), resolution=loaded.G.img_resolution)
-                 for y in yaws]
-        rows.append(np.concatenate([export.to_uint8(v["rgb"][b]) for v in views for b in range(n)]
-                                   + [export.depth_to_color(v["depth"][b], p.near, p.far, v["alpha"][b])
-                                      for v in views for b in range(n)], axis=1))
-    fig, axes = plt.subplots(len(rows), 1, figsize=(rows[0].shape[1] / 40, 0.9 * len(rows) + 0.4), squeeze=False)
-    for ax, (label, _), img in zip(axes[:, 0], ckpts, rows):
-        ax.imshow(img, interpolation="nearest")
-        ax.set(xticks=[], yticks=[])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"seeds {list(seeds)} x yaw {list(yaws)}: RGB, then depth (turbo: near -> far)", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        res = loaded.G.img_resolution
+        tiles.append(row([scene.render_pose(mpi, torch.full((n,), y), torch.zeros(n), resolution=res)
+                          for y in yaws], preset))
+        labels.append(label)
+    if data is not None and preset is not None and read_card(data).get("source") in TRUTH_PROVIDERS:
+        truth, scene = load_truth(data, preset.resolution), Scene(preset, planes)
+        gt = [truth.views(seeds, torch.full((n,), y), torch.zeros(n)) for y in yaws]
+        tiles.append(row([dict(v, alpha=torch.ones_like(v["depth"])) for v in gt], preset))
+        front = truth.views(seeds, torch.zeros(n), torch.zeros(n))
+        mpi = mpi_from_view(front["rgb"], front["depth"], scene, preset.resolution)
+        tiles.append(row([scene.render_pose(mpi, torch.full((n,), y), torch.zeros(n), resolution=preset.resolution)
+                          for y in yaws], preset))
+        labels += ["ref: truth", "ref: GT MPI"]
+    cols = [f"s{s} yaw{y:+.1f}" for y in yaws for s in seeds]
+    image, _ = export.labeled_grid(tiles, labels, cols + [c + " D" for c in cols])
+    return export.save_png(path, image)
