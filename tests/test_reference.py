@@ -125,3 +125,19 @@ def test_evaluation_callback_without_its_estimator_file_stops_at_the_start(tmp_p
         cb.setup(SimpleNamespace(datamodule=None), None, "fit")
     (tmp_path / "missing.pt").write_bytes(b"")
     cb.setup(SimpleNamespace(datamodule=None), None, "fit")  # present: no error
+
+
+def test_ablation_figure_is_a_labelled_grid_with_ground_truth_rows(shards, tmp_path):
+    import imageio.v3 as iio
+
+    from gmpi_lightning.evaluation.compare import sample_figure
+    from gmpi_lightning.export import to_uint8
+    from tests.test_evaluate_answers import _tiny_checkpoint
+
+    ckpt = _tiny_checkpoint(tmp_path / "g.pt", shards)
+    img = iio.imread(sample_figure([("full", ckpt), ("other", ckpt)], tmp_path / "s.png", planes=6, data=str(shards)))
+    top, left, size = 18, 8 + 6 * len("ref: GT MPI"), 128  # 16 px views repeated 8 times, labels above and left
+    assert img.shape[:2] == (top + 4 * size, left + 12 * size)  # 2 generators + truth + GT MPI; 2 seeds x 3 yaws x 2
+    truth = load_truth(shards).views([0], [-0.4], [0.0])["rgb"][0]
+    assert (img[top + 2 * size:top + 3 * size:8, left:left + size:8] == to_uint8(truth)).all()  # row 3: the truth
+    assert (img[:top, left:] < 128).any() and (img[top:, :left] < 128).any()  # ink: column and row labels

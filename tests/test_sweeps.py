@@ -252,11 +252,18 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
     files = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
     assert {p.stem for p in files} >= {"r1_lr", "train_planes", "shading"}
     expected = {"r1_lr": (9, {"model.r1_gamma": 3, "model.lr": 3}), "train_planes": (3, {"model.train_planes": 3}),
-                "shading": (2, {"model.shading": 2})}  # runs, distinct values per varied parameter
+                "shading": (2, {"model.shading": 2}), "where_3d": (6, {"model.r1_gamma": 3, "model.alpha_init_logit": 2}),
+                "learning_curve": (2, {"config": 2})}  # runs, distinct values per varied parameter
     for path in files:
         sw = sweeps.load_sweep(path)
-        assert "experiments/synthetic.yaml" in sw.command and sw.metric == "eval/depth_fd"
+        assert "experiments/synthetic.yaml" in sw.command and sw.metric in ("eval/depth_fd", "eval/pose_yaw_slope")
         planned = sweeps.plan(sw, tmp_path / sw.name)
+        if sw.name == "learning_curve":  # a `config` value is one more overlay: the official recipe's keys land
+            official = [runs.init_args(r.config, "model") for r in planned if "official" in r.params["config"]][0]
+            current = [runs.init_args(r.config, "model") for r in planned if "current" in r.params["config"]][0]
+            assert (official["alpha_init_gain"], official["shading"]) == (1.0, True)
+            assert (current["alpha_init_gain"], current["shading"]) == (0.3, False)
+            assert official["max_iters"] == current["max_iters"] == 4000
         if sw.name in expected:
             n, varied = expected[sw.name]
             assert len(planned) == n and len({json.dumps(r.params) for r in planned}) == n
