@@ -34,17 +34,17 @@ from .scene import Scene
 @dataclass
 class InvertSettings:
     steps: int = 300              # stage 1 (latent) optimiser steps
-    pti_steps: int = 100          # stage 2 (pivotal tuning of the synthesis network); 0 = latent only
+    pti_steps: int = 150          # stage 2 (pivotal tuning of the synthesis network); 0 = latent only
     w_plus_from: float = 0.5      # fraction of stage 1 after which each layer gets its own w (1.0: W only)
     planes: int | None = None     # MPI planes while optimising and rendering (default: the preset's train_planes)
     lr: float = 0.05              # Adam, stage 1 (cosine ramp-down over the last quarter)
     noise: float = 0.05           # stage 1: noise on w, times the spread of mapped w, decaying to 0 at 3/4 of it
     w_plus_reg: float = 0.01      # W+: squared distance of the layers from their mean / spread^2
     ssim_weight: float = 1.0      # image loss = L1 + ssim_weight * (1 - pyramid SSIM)
-    pti_lr: float = 3e-4          # Adam, stage 2
+    pti_lr: float = 1e-3          # Adam, stage 2 (cosine ramp-down; 2e-3 already oscillates at 32 px)
     depth_weight: float = 1.0     # stage 2: |depth - untuned depth| / (far - near) at prior cameras
     depth_cameras: int = 2        # prior cameras per stage-2 step for the depth term
-    locality_weight: float = 1.0  # stage 2: |MPI - untuned MPI| at a latent between the pivot and a random sample
+    locality_weight: float = 0.1  # stage 2: |MPI - untuned MPI| at a latent between the pivot and a random sample
     seed: int = 0                 # w noise, prior cameras and locality latents
     plane_chunk: int | None = None  # planes per chunk in generation/compositing (memory at high resolution)
 

@@ -1,7 +1,7 @@
 """``gmpi invert``: one image in; latent, tuned generator, novel views, depth, video and mesh out.
 
     gmpi invert --ckpt runs/synthetic/gmpi.pt --image head.png --out runs/invert/head \\
-        [--pose YAW,PITCH] [--views "-0.3,0;0.3,0"] [--video] [--mesh] [--steps 300] [--pti-steps 100]
+        [--pose YAW,PITCH] [--views "-0.3,0;0.3,0"] [--video] [--mesh] [--steps 300] [--pti-steps 150]
 
 The same from Python: :func:`invert_image` (files) or :func:`gmpi_lightning.inversion.invert` (tensors).
 Files in ``--out``: ``input.png`` (the image as used), ``recon.png`` (rendered at the input camera), ``latent.pt``,
