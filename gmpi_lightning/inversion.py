@@ -127,11 +127,15 @@ class Inversion:
     tuned: bool = False               # stage 2 changed G
     interrupted: bool = False         # Ctrl-C: the best step so far of the stage it stopped in
     history: dict = field(default_factory=dict)  # per stage: steps done, best loss, seconds
+    _mpi: torch.Tensor | None = field(default=None, repr=False)
 
     @torch.no_grad()
     def mpi(self, plane_chunk: int | None = None) -> torch.Tensor:
-        return self.G.synthesize(self.ws, self.scene.planes.normalized, noise_mode="const", plane_chunk=plane_chunk,
-                                 check_planes=False)
+        """The scene, 1 x L x 4 x R x R (made once: views and video frames reuse it)."""
+        if self._mpi is None:
+            self._mpi = self.G.synthesize(self.ws, self.scene.planes.normalized, noise_mode="const",
+                                          plane_chunk=plane_chunk, check_planes=False)
+        return self._mpi
 
     @torch.no_grad()
     def render(self, yaw: float, pitch: float, resolution: int | None = None, plane_chunk: int | None = None,
@@ -216,7 +220,7 @@ def pivotal_tuning(G, ws: torch.Tensor, scene: Scene, c2w, target, s: InvertSett
     """Stage 2: a copy of ``G`` whose synthesis network is tuned so that the pivot ``ws`` reproduces ``target``,
     regularised to keep the pivot's rendered depth at prior cameras and the MPIs of nearby latents."""
     w_mean, w_spread = stats
-    tuned = copy.deepcopy(G).eval().requires_grad_(False)
+    tuned = copy.deepcopy(G).eval().requires_grad_(False)  # G: eval, no grad (invert set it)
     tuned.synthesis.requires_grad_(True)
     params = [p for p in tuned.synthesis.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=s.pti_lr, betas=(0.9, 0.999))
@@ -279,16 +283,17 @@ def invert(G, preset: Preset, target: torch.Tensor, yaw: float, pitch: float,
         raise ValueError(f"target must be 1 x 3 x {G.img_resolution} x {G.img_resolution}, got {tuple(target.shape)}")
     device = next(G.parameters()).device
     target = target.to(device, torch.float32)
-    G = G.eval().requires_grad_(False)
     scene = Scene.for_generator(G, preset, s.planes or preset.train_planes, device)
     c2w = scene.camera(yaw, pitch)
-    stats = latent_stats(G, seed=s.seed)
+    flags, training = [p.requires_grad for p in G.parameters()], G.training
+    G.eval().requires_grad_(False)  # only the latent (stage 1) and a copy of G (stage 2) learn; restored below
     bar = None
     if progress:
         from .export import progress as progress_bar
 
         bar = progress_bar(total=s.steps + s.pti_steps, desc="gmpi invert", unit="step")
     try:
+        stats = latent_stats(G, seed=s.seed)
         ws, h1 = optimise_latent(G, scene, c2w, target, s, stats, bar)
         history = {"latent": h1}
         tuned = G
@@ -297,5 +302,8 @@ def invert(G, preset: Preset, target: torch.Tensor, yaw: float, pitch: float,
     finally:
         if bar is not None:
             bar.close()
+        for p, flag in zip(G.parameters(), flags):
+            p.requires_grad_(flag)
+        G.train(training)
     interrupted = any(h.get("interrupted") for h in history.values())
     return Inversion(tuned, ws, scene, float(yaw), float(pitch), target, tuned is not G, interrupted, history)

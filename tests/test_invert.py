@@ -113,6 +113,10 @@ def test_known_answer_inversion_recovers_the_scene():
     assert psnr_ssim(start, target)[0] < 10  # where the search starts; measured: 39.6 / 35.1 dB after 200 steps
     assert recon_psnr > 35 and novel_psnr > 30 and psnr_ssim(target, truth)[0] < 20
     assert not inv.tuned and inv.G is G and inv.history["latent"]["steps"] == 200
+    G.train().requires_grad_(True)  # the caller's mode and flags survive (only the latent and a copy learn)
+    invert(G, PRESET, target, 0.15, -0.05, InvertSettings(steps=2, pti_steps=2))
+    assert G.training and all(p.requires_grad and p.grad is None for p in G.parameters())
+    G.eval()
     # W+ in the second half: layers differ; W only: one w for all layers
     assert float((inv.ws - inv.ws[:, :1]).abs().max()) > 1e-4
     w_only = invert(G, PRESET, target, 0.15, -0.05, InvertSettings(steps=4, pti_steps=0, w_plus_from=1.0))
