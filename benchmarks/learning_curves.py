@@ -18,8 +18,8 @@ from pathlib import Path
 PANELS = [("pose_yaw_slope", "pose slope (1 = turns with the camera)"), ("pose", "pose error (rad²)"),
           ("depth", "depth error (z-scored; flat = 1)"), ("depth_fd", "depth FD"),
           ("depth_relief", "depth relief")]
-REF_STYLE = {"renders": ("k", "ground-truth renders"), "mpi": ("tab:green", "ground-truth MPI"),
-             "billboard": ("tab:red", "billboard")}
+REF_STYLE = {"renders": ("k", ":", "ground-truth renders"), "mpi": ("k", "--", "ground-truth MPI"),
+             "billboard": ("tab:gray", "-.", "billboard")}  # black/grey: never a run's colour
 
 
 def read_curve(run: Path) -> list[dict]:
@@ -69,7 +69,8 @@ def plot(curves, path: Path, reference: dict | None = None, title: str = "") -> 
         for kind, row in (reference or {}).items():
             value = row["metrics"].get(key)
             if value is not None and kind in REF_STYLE:
-                ax.axhline(value, color=REF_STYLE[kind][0], ls="--", lw=1, label=REF_STYLE[kind][1])
+                color, style, name = REF_STYLE[kind]
+                ax.axhline(value, color=color, ls=style, lw=1, label=name)
         ax.set(title=name, xlabel="GMPI iteration")
         ax.grid(alpha=0.3)
         if key == "depth_fd":

@@ -49,15 +49,13 @@ def _floats(text: str) -> list[float]:
 
 
 def _render(argv: list[str]) -> int:
+    from .inference import add_generator_arguments
+
     p = argparse.ArgumentParser(
         prog="gmpi render",
         description="Render views, depth, an RGBA plane strip, a camera-sweep video and a mesh per seed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="our checkpoint (.pt), an official generator.pth/ema.pth, "
-                                                  "or a StyleGAN2 .pkl (flat baseline)")
-    p.add_argument("--config", help="official runs: config.pth or JSON with the generator kwargs")
-    p.add_argument("--preset", help="camera/plane preset (default: stored in the checkpoint, else by resolution)")
-    p.add_argument("--seeds", default="0-3", help="e.g. 0-3,7 (z = RandomState(seed).randn, as NVlabs)")
+    add_generator_arguments(p)
     p.add_argument("--planes", type=int, default=96, help="planes at inference (the paper uses 96)")
     p.add_argument("--truncation", type=float, default=1.0, help="truncation psi")
     p.add_argument("--noise-mode", default="const", choices=["const", "random", "none"])

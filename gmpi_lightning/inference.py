@@ -33,6 +33,16 @@ class LoadedGenerator:
     training_data: str | None = None  # the shards it was trained on, where the checkpoint records them
 
 
+def add_generator_arguments(p, seeds: bool = True) -> None:
+    """The options every command that loads a generator shares: --ckpt, --config, --preset (and --seeds)."""
+    p.add_argument("--ckpt", required=True, help="our checkpoint (.pt or a training .ckpt), an official "
+                                                  "generator.pth/ema.pth, or a StyleGAN2 .pkl (flat baseline)")
+    p.add_argument("--config", help="official runs: config.pth or JSON with the generator kwargs")
+    p.add_argument("--preset", help="camera/plane preset (default: stored in the checkpoint, else by resolution)")
+    if seeds:
+        p.add_argument("--seeds", default="0-3", help="e.g. 0-3,7 (z = RandomState(seed).randn, as NVlabs)")
+
+
 def _preset_for(name: str | None, resolution: int, stored: dict | None = None) -> Preset:
     if name:
         preset = get_preset(name)

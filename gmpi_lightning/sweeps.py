@@ -216,8 +216,9 @@ def plan(sweep: Sweep, out: str | os.PathLike, count: int | None = None, seed: i
     except Exception as e:  # argparse.ArgumentError, a missing --config file, ...
         raise SweepError(f"{at}: the sweep's command (+ extra overrides) is refused by `gmpi fit`: {str(e).strip()}"
                          f"\n  (paths in `command` are relative to the folder you run from: the repository)") from e
-    for k in sweep.params:  # `config`: one more --config file per run (an overlay: a recipe as one value)
-        _check(k in known or k == "config", at, f"parameter {k!r} is not an option of `gmpi fit`{_suggest(k, known)}; list them with "
+    for k in sweep.params:  # `config`: one more --config file per run (an overlay: a recipe as one sweep value)
+        _check(k in known or k == "config", at,
+               f"parameter {k!r} is not an option of `gmpi fit`{_suggest(k, known)}; list them with "
                f"`gmpi fit --config <config> --print_config`")
     planned = []
     for i, params in enumerate(values, start=1):

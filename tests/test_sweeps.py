@@ -254,6 +254,7 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
     # runs, distinct values per varied parameter
     expected = {"r1_lr": (9, {"model.r1_gamma": 3, "model.lr": 3}), "train_planes": (3, {"model.train_planes": 3}),
                 "shading": (2, {"model.shading": 2}), "learning_curve": (2, {"config": 2}),
+                "official_parts": (2, {"config": 2}),
                 "where_3d": (6, {"model.r1_gamma": 3, "model.alpha_init_logit": 2})}
     for path in files:
         sw = sweeps.load_sweep(path)

@@ -302,11 +302,11 @@ def _cuda_default() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..inference import add_generator_arguments
+
     p = argparse.ArgumentParser(prog="gmpi evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="generator: our .pt, a training .ckpt, or official files")
-    p.add_argument("--config", help="official runs: config.pth or JSON with the generator kwargs")
-    p.add_argument("--preset", help="camera/plane preset (default: stored in the checkpoint)")
+    add_generator_arguments(p, seeds=False)
     p.add_argument("--data", help="real data (a `gmpi data` folder): needed by fid, kid, depth_fd")
     p.add_argument("--metrics", default="consistency", help=f"comma-separated: {','.join(ALL_METRICS)} or all")
     p.add_argument("--num-samples", type=int, default=1000, help="fakes (paper: 50000 for FID/KID, 1024 for 3D)")

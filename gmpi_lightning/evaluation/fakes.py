@@ -81,11 +81,18 @@ def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu"
         def render_at(c2w, mpi=mpi, weights=False):
             return scene.render(mpi, c2w, res, plane_chunk=settings.plane_chunk, return_weights=weights)
 
-        views = []
-        for stream in streams:
-            yaw, pitch = seed_poses(chunk, preset, stream)
-            c2w = scene.camera(yaw, pitch)
-            views.append(dict(render_at(c2w, weights=return_weights and stream == streams[0]), yaw=yaw, pitch=pitch,
-                              c2w=c2w))
-        yield {"seeds": chunk, "mpi": mpi, "scene": scene, "views": views, "render_at": render_at,
-               "nonfinite": nonfinite}
+        yield fake_batch(chunk, mpi, scene, render_at, streams, return_weights, nonfinite)
+
+
+def fake_batch(seeds: list[int], mpi, scene: Scene, render_at, streams=(0,), return_weights: bool = False,
+               nonfinite: torch.Tensor | None = None) -> dict:
+    """One batch as :func:`iter_fakes` yields it: every stream's views of ``seeds`` from their cameras
+    (:func:`seed_poses`), rendered by ``render_at(c2w, weights=...)``."""
+    views = []
+    for stream in streams:
+        yaw, pitch = seed_poses(seeds, scene.preset, stream)
+        c2w = scene.camera(yaw, pitch)
+        views.append(dict(render_at(c2w, weights=return_weights and stream == streams[0]), yaw=yaw, pitch=pitch,
+                          c2w=c2w))
+    return {"seeds": seeds, "mpi": mpi, "scene": scene, "views": views, "render_at": render_at,
+            "nonfinite": torch.zeros(len(seeds), dtype=torch.bool) if nonfinite is None else nonfinite}

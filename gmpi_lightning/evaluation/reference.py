@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..cameras import invert_rigid, yaw_pitch_from_w2c
 from ..planes import Planes, texel_xyz
 from ..scene import Scene
-from .fakes import seed_poses
+from .fakes import fake_batch
 
 KINDS = ("renders", "mpi", "billboard")
 TRUTH_PROVIDERS = {"synthetic": "datamodules.synthetic.HeadTruth"}  # card "source" -> class, named (package arrows)
@@ -202,14 +202,7 @@ def iter_reference(kind: str, truth, preset, seeds: list[int], settings, device=
 
             def render_at(c2w, mpi=mpi, weights=False):
                 return scene.render(mpi, c2w, res, plane_chunk=settings.plane_chunk, return_weights=weights)
-        views = []
-        for stream in streams:
-            yaw, pitch = seed_poses(chunk, preset, stream)
-            c2w = scene.camera(yaw, pitch)
-            views.append(dict(render_at(c2w, weights=return_weights and stream == streams[0]), yaw=yaw, pitch=pitch,
-                              c2w=c2w))
-        yield {"seeds": chunk, "mpi": mpi, "scene": scene, "views": views, "render_at": render_at,
-               "nonfinite": torch.zeros(len(chunk), dtype=torch.bool)}
+        yield fake_batch(chunk, mpi, scene, render_at, streams, return_weights)
 
 
 __all__ = ["KINDS", "billboard_mpi", "harmonic_fill", "iter_reference", "load_truth", "mpi_from_view", "parse_kinds"]

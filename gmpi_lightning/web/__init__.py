@@ -249,18 +249,14 @@ def export_web(ckpt, seeds=(0, 1, 2, 3), planes: int = 32, out="web", resolution
 
 def main(argv: list[str]) -> int:
     """``gmpi export-web``."""
-    from ..inference import parse_seeds
+    from ..inference import add_generator_arguments, parse_seeds
 
     p = argparse.ArgumentParser(
         prog="gmpi export-web",
         description="Write a self-contained WebGL viewer (index.html + scripts) of the seeds' MPIs: open it from "
                     "disk in any browser, drag to orbit, toggle depth. The MPIs are generated as `gmpi render` "
                     "generates them.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="our checkpoint (.pt), an official generator.pth/ema.pth, "
-                                                  "or a StyleGAN2 .pkl (flat baseline)")
-    p.add_argument("--config", help="official runs: config.pth or JSON with the generator kwargs")
-    p.add_argument("--preset", help="camera/plane preset (default: stored in the checkpoint, else by resolution)")
-    p.add_argument("--seeds", default="0-3", help="e.g. 0-3,7 (z = RandomState(seed).randn, as gmpi render)")
+    add_generator_arguments(p)
     p.add_argument("--planes", type=int, default=32, help="planes of the exported MPIs")
     p.add_argument("--resolution", type=int, help="page render size in pixels (default: the generator's); "
                                                   "planes are stored at min(this, the generator's)")
