@@ -34,13 +34,16 @@ def read_curve(run: Path) -> list[dict]:
 
 
 def label_of(run: Path) -> str:
+    """``sweep/run-NNN: what it varies`` (from done.json; a run stopped before the end has none: the folder names)."""
+    name = f"{run.parent.name}/{run.name}"
     done = run / "done.json"
     if done.is_file():
         params = json.loads(done.read_text()).get("params") or {}
-        shown = {k.split(".")[-1]: v for k, v in params.items() if not k.endswith("max_iters")}
+        shown = {k.split(".")[-1]: Path(v).stem if str(v).endswith(".yaml") else v for k, v in params.items()
+                 if not k.endswith("max_iters")}
         if shown:
-            return f"{run.name}: " + ", ".join(f"{k}={v}" for k, v in shown.items())
-    return run.name
+            return f"{name}: " + ", ".join(f"{k}={v}" for k, v in shown.items())
+    return name
 
 
 def collect(paths: list[str]) -> list[tuple[str, list[dict]]]:
@@ -69,8 +72,8 @@ def plot(curves, path: Path, reference: dict | None = None, title: str = "") -> 
         for kind, row in (reference or {}).items():
             value = row["metrics"].get(key)
             if value is not None and kind in REF_STYLE:
-                color, style, name = REF_STYLE[kind]
-                ax.axhline(value, color=color, ls=style, lw=1, label=name)
+                color, style, ref_label = REF_STYLE[kind]
+                ax.axhline(value, color=color, ls=style, lw=1, label=ref_label)
         ax.set(title=name, xlabel="GMPI iteration")
         ax.grid(alpha=0.3)
         if key == "depth_fd":
