@@ -120,21 +120,21 @@ def harmonic_fill(rgb: torch.Tensor, known: torch.Tensor, iters: int = 400) -> t
     return x
 
 
-def _input_camera(scene: Scene, c2w: torch.Tensor | None) -> torch.Tensor:
-    c2w = scene.camera(0.0, 0.0)[0] if c2w is None else torch.as_tensor(c2w).reshape(4, 4)
-    return invert_rigid(c2w.double().cpu())[0]
+def _canonical_w2c(scene: Scene) -> torch.Tensor:
+    """World-to-camera of the canonical camera (yaw 0, pitch 0), whose optical axis is the planes' z: camera depth
+    and plane depth are the same number, which the quantisation of the surface to the planes relies on."""
+    return invert_rigid(scene.camera(0.0, 0.0)[0].double().cpu())[0]
 
 
 def mpi_from_view(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolution: int,
-                  c2w: torch.Tensor | None = None, thickness: float | None = None, fill_iters: int = 400
-                  ) -> torch.Tensor:
+                  thickness: float | None = None, fill_iters: int = 400) -> torch.Tensor:
     """The ground-truth MPI (B x L x 4 x R x R, planes of ``scene``) of images (B x 3 x H x W in [0, 1]) and their
-    z-depths (B x 1 x H x W) seen by camera ``c2w`` (default: the canonical camera, yaw 0 and pitch 0). See the
-    module's docstring for the construction; ``thickness`` (world units) keeps the extrusion behind the surface that
-    deep (default: to the plane before the background)."""
+    z-depths (B x 1 x H x W) seen by the canonical camera (yaw 0, pitch 0). See the module's docstring for the
+    construction; ``thickness`` (world units) keeps the extrusion behind the surface that deep (default: to the
+    plane before the background)."""
     planes = scene.planes.to("cpu")
     n = len(planes)
-    grid, z_cam = _project(planes, resolution, _input_camera(scene, c2w), scene.preset.fov_deg)
+    grid, z_cam = _project(planes, resolution, _canonical_w2c(scene), scene.preset.fov_deg)
     image, depth = image.float().cpu(), depth.float().cpu()
     rgb = _sample(image, grid, "bilinear")                        # B x L x 3 x R x R
     surf = _sample(depth, grid, "nearest")[:, :, 0]               # B x L x R x R: the surface seen through the texel
@@ -158,13 +158,12 @@ def mpi_from_view(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolu
     return torch.cat([rgb, alpha[:, :, None]], 2).clamp(0, 1)
 
 
-def billboard_mpi(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolution: int,
-                  c2w: torch.Tensor | None = None) -> torch.Tensor:
+def billboard_mpi(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolution: int) -> torch.Tensor:
     """The flat cut-out: the whole image (edge colours beyond its view) on the single plane nearest the median depth
     of what is in front of the background, over an opaque background plane of the same picture."""
     planes = scene.planes.to("cpu")
     n = len(planes)
-    grid, _ = _project(planes, resolution, _input_camera(scene, c2w), scene.preset.fov_deg)
+    grid, _ = _project(planes, resolution, _canonical_w2c(scene), scene.preset.fov_deg)
     rgb = _sample(image.float().cpu(), grid, "bilinear", padding="border")
     d = planes.depths
     front = depth.float().cpu().flatten(1)
