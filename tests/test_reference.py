@@ -141,3 +141,18 @@ def test_ablation_figure_is_a_labelled_grid_with_ground_truth_rows(shards, tmp_p
     truth = load_truth(shards).views([0], [-0.4], [0.0])["rgb"][0]
     assert (img[top + 2 * size:top + 3 * size:8, left:left + size:8] == to_uint8(truth)).all()  # row 3: the truth
     assert (img[:top, left:] < 128).any() and (img[top:, :left] < 128).any()  # ink: column and row labels
+
+
+def test_gmpi_evaluate_refuses_reference_rows_before_evaluating(tmp_path, monkeypatch, capsys):
+    from gmpi_lightning.cli import main
+    from gmpi_lightning.evaluation import evaluate as ev
+    from tests.test_evaluate_answers import _tiny_checkpoint
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "dataset.json").write_text(json.dumps({"format": "gmpi-lightning/shards", "source": "folder",
+                                                             "shards": []}))
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("the generator was evaluated first"))
+    code = main(["evaluate", "--ckpt", str(_tiny_checkpoint(tmp_path / "g.pt", tmp_path / "d")), "--data",
+                 str(tmp_path / "d"), "--metrics", "consistency", "--num-samples", "4", "--reference", "all",
+                 "--device", "cpu"])
+    assert code != 0 and "source is 'folder'" in capsys.readouterr().err

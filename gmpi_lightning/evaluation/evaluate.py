@@ -380,6 +380,12 @@ def main(argv: list[str]) -> int:
     log = print if rank == 0 else (lambda *a, **k: None)
     loaded = load_generator(args.ckpt, args.config, args.preset, device)
     data, estimators = default_inputs(metrics, args.data, args.estimators, loaded.training_data, log)
+    truth_data = (data or loaded.training_data) if kinds else None
+    if kinds:  # checked before the generator's evaluation, not after it
+        if not truth_data:
+            raise ValueError("--reference renders the data's ground truth: pass --data (a `gmpi data synthetic` "
+                             "folder)")
+        load_truth(truth_data)  # refuses data whose ground truth cannot be rendered, naming its source
     settings = FakeSettings(planes=args.planes, truncation=args.truncation, noise_mode=args.noise_mode,
                             resolution=args.resolution, batch_size=args.batch_size, plane_chunk=args.plane_chunk)
     log(f"{loaded.kind} generator {loaded.source} | preset {loaded.preset.name} | metrics {','.join(metrics)} | "
@@ -390,11 +396,8 @@ def main(argv: list[str]) -> int:
                           args.num_real, args.kid_subsets, args.kid_subset_size, estimators, args.cache_dir,
                           not args.no_cache, device, args.first_seed)
         if kinds:
-            if not data:
-                raise ValueError("--reference renders the data's ground truth: pass --data (a `gmpi data synthetic` "
-                                 "folder)")
-            result["reference"] = evaluate_references(kinds, data, loaded.preset, metrics, args.num_samples, settings,
-                                                      estimators, device, args.first_seed)
+            result["reference"] = evaluate_references(kinds, truth_data, loaded.preset, metrics, args.num_samples,
+                                                      settings, estimators, device, args.first_seed)
     finally:
         if world > 1:
             dist.destroy_process_group()

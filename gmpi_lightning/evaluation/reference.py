@@ -197,7 +197,7 @@ def iter_reference(kind: str, truth, preset, seeds: list[int], settings, device=
         else:
             front = truth.views(chunk, torch.zeros(len(chunk)), torch.zeros(len(chunk)))
             build = mpi_from_view if kind == "mpi" else billboard_mpi
-            mpi = build(front["rgb"], front["depth"], scene.to("cpu"), preset.resolution).to(device)
+            mpi = build(front["rgb"], front["depth"], scene, preset.resolution).to(device)  # built on the CPU
 
             def render_at(c2w, mpi=mpi, weights=False):
                 return scene.render(mpi, c2w, res, plane_chunk=settings.plane_chunk, return_weights=weights)
