@@ -179,7 +179,9 @@ $(SYN_DATA)/.ready: | install
 	test -f runs/synthetic_stylegan2/stylegan2.pt || $(VENV)/bin/gmpi fit --config experiments/synthetic_stylegan2.yaml
 	touch $@
 
-estimators: $(SYN_DATA)/.ready  ## train the small pose/depth CNNs on the synthetic ground truth -> runs/estimators/synthetic32.pt
+# the estimators learn from the data's ground truth alone: no 2D StyleGAN2 needed
+estimators: | install  ## train the small pose/depth CNNs on the synthetic ground truth -> runs/estimators/synthetic32.pt
+	test -f $(SYN_DATA)/dataset.json || $(VENV)/bin/gmpi data synthetic --out $(SYN_DATA) --num 10000 --resolution 32
 	$(VENV)/bin/gmpi estimators train --data $(SYN_DATA) --out runs/estimators/synthetic32.pt $(ARGS)
 
 evaluate: install  ## evaluate CKPT (default run) on METRICS with N fakes + reference rows REF -> runs/synthetic/eval.json

@@ -7,6 +7,7 @@ from one batch start to the next through a real ``Trainer.fit`` on synthetic sha
     ffhq64        FFHQ geometry with small nets at 64 px, batch 4, 32 planes, shading on (the side-by-side config)
     ffhq256       the FFHQ256 architecture (NVlabs widths), batch 2 on CPU (8 on a GPU), shading on
     ffhq512       the FFHQ512 architecture (GPU only by default)
+    ffhq1024      the FFHQ1024 architecture, batch 4 in 2 chunks (GPU only by default)
 
 Prints img/s, seconds per iteration, peak memory and the host reads per iteration, on CPU and, where CUDA is present,
 in fp32 and bf16. ``--profile`` adds where the time goes (exclusive time per phase, including the amortised cost of
@@ -41,6 +42,9 @@ CONFIGS = {
         preset="FFHQ256", train_planes=32, views_per_z=4, shading=True, shading_start=0, betas=(0.0, 0.9))),
     "ffhq512": dict(res=512, batch=2, gpu_batch=4, model=dict(
         preset="FFHQ512", train_planes=32, views_per_z=4, shading=True, shading_start=0, betas=(0.0, 0.9),
+        batch_split=2)),
+    "ffhq1024": dict(res=1024, batch=1, gpu_batch=4, model=dict(
+        preset="FFHQ1024", train_planes=32, views_per_z=4, shading=True, shading_start=0, betas=(0.0, 0.9),
         batch_split=2)),
 }
 
@@ -228,6 +232,11 @@ def main() -> None:
             print(f"[bench-train] {name} on {device} ({precision}), {a.warmup} + {a.iters} iterations ...",
                   flush=True)
             rows.append(run(name, a, device, precision))
+            r = rows[-1]
+            print(f"[bench-train] {name} {precision}: {r['s_per_iter']:.4f} s/iter, {r['img_per_s']:.2f} img/s, "
+                  f"peak {r['peak_mem_mb']:.0f} MB", flush=True)
+            if args.json:  # after every row, so a run stopped part-way keeps what it measured
+                Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
     print_table(rows)
     meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu",
             "threads": torch.get_num_threads(), "code": args.code or str(HERE)}

@@ -17,13 +17,14 @@ appends a line to ``<log dir>/eval.jsonl``. FID/KID need the Inception weights f
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
 
 from callbacks.media import run_dir
-from gmpi_lightning.evaluation.evaluate import NEEDS_DATA, evaluate, json_safe, parse_metrics
-from gmpi_lightning.evaluation.fakes import FakeSettings
+from gmpi_lightning.evaluation.evaluate import NEEDS_DATA, NEEDS_ESTIMATORS, evaluate, json_safe, parse_metrics
+from gmpi_lightning.evaluation.fakes import IMAGE_METRICS, FakeSettings, iter_images_2d
 
 
 class EvaluationCallback(pl.Callback):
@@ -38,13 +39,16 @@ class EvaluationCallback(pl.Callback):
         self._last = -1
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._is_2d(pl_module) and set(self.metrics) - set(IMAGE_METRICS):
+            raise ValueError(f"EvaluationCallback: a 2D StyleGAN2 run has images, no 3D: metrics "
+                             f"{sorted(set(self.metrics) - set(IMAGE_METRICS))} do not apply; use {IMAGE_METRICS}")
         if self.data is None and NEEDS_DATA & set(self.metrics):
             dm = trainer.datamodule
             self.data = getattr(getattr(dm, "hparams", None), "data", None) if dm is not None else None
             if not isinstance(self.data, str):
                 raise ValueError(f"EvaluationCallback: metrics {sorted(NEEDS_DATA & set(self.metrics))} need the real "
                                  f"data folder; set init_args.data")
-        if {"pose", "depth"} & set(self.metrics) and isinstance(self.estimators, str) \
+        if NEEDS_ESTIMATORS & set(self.metrics) and isinstance(self.estimators, str) \
                 and not Path(self.estimators).is_file():  # fail now, not at the first evaluation
             raise FileNotFoundError(f"EvaluationCallback: metrics pose/depth need the estimator file "
                                     f"{self.estimators}, which is not there: `make estimators` writes "
@@ -54,13 +58,9 @@ class EvaluationCallback(pl.Callback):
 
             resolve_weights(self.inception)  # fail now, with the instructions, rather than at the first evaluation
 
-    def _generator(self, pl_module):
-        G = pl_module.G_ema
-        if getattr(pl_module, "mode", "gmpi") == "stylegan2":
-            from gmpi_lightning.nn.gmpi import FlatMPIGenerator
-
-            G = FlatMPIGenerator(G)
-        return G
+    @staticmethod
+    def _is_2d(pl_module) -> bool:
+        return getattr(pl_module, "mode", "gmpi") == "stylegan2"
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         hp = pl_module.hparams
@@ -68,10 +68,14 @@ class EvaluationCallback(pl.Callback):
                                 batch_size=self.batch_size, noise_mode="const")
         was_training = pl_module.G_ema.training
         pl_module.G_ema.eval()
+        G, source = pl_module.G_ema, None
+        if self._is_2d(pl_module):  # a 2D generator: its images, scored by the image metrics only
+            G, source = None, partial(iter_images_2d, pl_module.G_ema, pl_module.preset)
         try:
-            result = evaluate(self._generator(pl_module), pl_module.preset, self.metrics, self.num_samples, self.data,
+            result = evaluate(G, pl_module.preset, self.metrics, self.num_samples, self.data,
                               settings, self.inception, self.num_real, kid_subset_size=self.kid_subset_size,
-                              estimators=self.estimators, device=pl_module.device, show_progress=False)
+                              estimators=self.estimators, device=pl_module.device, show_progress=False,
+                              source=source)
         finally:
             pl_module.G_ema.train(was_training)
         self._last = pl_module.iteration

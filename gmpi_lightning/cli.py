@@ -22,6 +22,8 @@ import pickle
 import sys
 from collections.abc import Callable
 
+from .lock import RunFolderBusy
+
 
 def _import_stylegan2(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="gmpi import-stylegan2",
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]][0](argv[1:])
-    except (FileNotFoundError, FileExistsError, ValueError, pickle.UnpicklingError) as e:  # user errors
+    except (FileNotFoundError, FileExistsError, ValueError, pickle.UnpicklingError, RunFolderBusy) as e:  # user errors
         print(f"gmpi {argv[0]}: error: {e}", file=sys.stderr)
         return 1
 

@@ -226,6 +226,11 @@ class PoseCNN(nn.Module):
     def forward_normalized(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(_resize(images, self.input_size)))
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 128: the regression head's hidden layer, a description of what the network reads pose from (the
+        features of ``est_fd``, a Fréchet distance of fakes to reals in this space)."""
+        return self.head[:3](self.features(_resize(images, self.input_size)))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_normalized(images) * self.pose_std + self.pose_mean
 

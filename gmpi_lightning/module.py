@@ -414,9 +414,13 @@ class GMPIModule(GANModule):
 
     Args:
         alpha_mode, pos_enc_multires: the alpha branch (see ``GMPIGenerator``).
-        alpha_init_gain, alpha_init_logit: start of the new alpha branch (official: 1, 0; see ``GMPIGenerator``).
+        alpha_init_gain, alpha_init_logit, alpha_depth_slope, alpha_depth_center: start of the new alpha branch
+            (official: 1, 0 and no ramp; see ``GMPIGenerator``).
         train_planes: planes per MPI during training (official 32).
         pose_conditioning: condition D on the flattened w2c (GMPI); False is the ablation.
+        d_pose_init: how the pose-conditioned D starts from the pretrained one: ``official`` (its logit is the
+            pretrained logit times a random pose-dependent gain, sign included) or ``pretrained_logit`` (the
+            pretrained logit at every pose); see ``PoseConditionedDiscriminator.from_stylegan2``.
         mbstd_group_size: minibatch-stddev group (GMPI 1: per-sample independent logits).
         views_per_z, view_selection: G's worst-of-N views scored by D (``worst``) or one random view (``random``).
         shading, shading_schedule, shading_start, shading_grow: Lambertian shading of fake MPIs
@@ -428,10 +432,11 @@ class GMPIModule(GANModule):
     def __init__(self, *args,
                  # the alpha branch and its planes
                  alpha_mode: str = "normalize_add_z", pos_enc_multires: int = 0, alpha_init_gain: float = 1.0,
-                 alpha_init_logit: float = 0.0, train_planes: int = 32,
+                 alpha_init_logit: float = 0.0, alpha_depth_slope: float = 0.0, alpha_depth_center: float = 0.0,
+                 train_planes: int = 32,
                  # the pose-conditioned discriminator and the G step's views
-                 pose_conditioning: bool = True, mbstd_group_size: int = 1, views_per_z: int = 4,
-                 view_selection: str = "worst",
+                 pose_conditioning: bool = True, d_pose_init: str = "official", mbstd_group_size: int = 1,
+                 views_per_z: int = 4, view_selection: str = "worst",
                  # shading augmentation of fakes
                  shading: bool = True, shading_schedule: str = "as_coded", shading_start: int = 1000,
                  shading_grow: int = 1000, **kwargs):
@@ -439,8 +444,9 @@ class GMPIModule(GANModule):
             raise ValueError(f"view_selection must be 'worst' or 'random', got {view_selection!r}")
         self._gmpi_args = dict(alpha_mode=alpha_mode, pos_enc_multires=pos_enc_multires,
                                alpha_init_gain=alpha_init_gain, alpha_init_logit=alpha_init_logit,
+                               alpha_depth_slope=alpha_depth_slope, alpha_depth_center=alpha_depth_center,
                                train_planes=train_planes, pose_conditioning=pose_conditioning,
-                               mbstd_group_size=mbstd_group_size)
+                               d_pose_init=d_pose_init, mbstd_group_size=mbstd_group_size)
         super().__init__(*args, **kwargs)
         self.shading_calls, self._last_shading = 0, 1.0
         self._scene = Scene(self.preset, train_planes)
@@ -453,9 +459,12 @@ class GMPIModule(GANModule):
                         if a["alpha_mode"] == "learnable_tokens" else None)
         G = GMPIGenerator.from_stylegan2(G2d, alpha_mode=a["alpha_mode"], pos_enc_multires=a["pos_enc_multires"],
                                          n_train_planes=a["train_planes"], token_depths=token_depths,
-                                         alpha_init_gain=a["alpha_init_gain"], alpha_init_logit=a["alpha_init_logit"])
+                                         alpha_init_gain=a["alpha_init_gain"], alpha_init_logit=a["alpha_init_logit"],
+                                         alpha_depth_slope=a["alpha_depth_slope"],
+                                         alpha_depth_center=a["alpha_depth_center"])
         if a["pose_conditioning"]:
-            D = PoseConditionedDiscriminator.from_stylegan2(D2d, mbstd_group_size=a["mbstd_group_size"])
+            D = PoseConditionedDiscriminator.from_stylegan2(D2d, mbstd_group_size=a["mbstd_group_size"],
+                                                            pose_init=a["d_pose_init"])
         else:  # ablation: unconditional D (still with the GMPI mbstd group)
             D = copy.deepcopy(D2d)
             D.b4.mbstd.group_size = a["mbstd_group_size"]

@@ -2,7 +2,7 @@
 
 A run is a base experiment + overlays + overrides, resolved exactly as ``gmpi fit`` parses them (:func:`resolve`:
 repeated --config files merge in order, then --key=value), with every output in one folder (:func:`reroot`).
-:func:`train` writes RUN/config.yaml, runs ``gmpi fit --config RUN/config.yaml --ckpt_path last`` (Lightning resumes
+:func:`train` writes RUN/config.yaml (and RUN/params.json, what the run varies), runs ``gmpi fit --config RUN/config.yaml --ckpt_path last`` (Lightning resumes
 from RUN/checkpoints/last*.ckpt, or starts fresh) and, when it succeeds, RUN/done.json with the config's hash;
 :func:`write_table` writes the results as CSV and markdown. A folder whose config.yaml is another experiment (more
 than ``model.max_iters`` differs) is moved aside, never resumed from. ``python -m gmpi_lightning.runs resume fit
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-CONFIG, DONE = "config.yaml", "done.json"
+CONFIG, DONE, PARAMS = "config.yaml", "done.json", "params.json"
 
 
 @functools.cache
@@ -160,6 +160,7 @@ def train(planned: list[Run], program, parallel: int = 1, log: str = "log.txt", 
         echo(f"[start] {r.name} -> {r.dir} (log: {r.dir / log})")
         command = [*program(r), "--config", str(write_config(r, echo).resolve()), "--ckpt_path", "last"]
         (r.dir / DONE).unlink(missing_ok=True)
+        (r.dir / PARAMS).write_text(json.dumps(r.params, indent=1, default=str))  # what it varies, from the start
         t0 = time.perf_counter()
         with open(r.dir / log, "a") as fh:
             fh.write(f"### {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")

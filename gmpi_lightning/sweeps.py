@@ -205,11 +205,23 @@ def build_command(sweep: Sweep, params: dict, interpreter: str | None = None, en
     return [x for t in sweep.command for x in fill.get(t, [env.get(t[9:-1], t[9:-1]) if t[:9] == "${envvar:" else t])]
 
 
+def with_seeds(values: list[dict], seeds: list[int] | None) -> list[dict]:
+    """Every arm (a run's parameter values) once per seed: ``seed_everything`` and ``data.seed`` set to it (a seed
+    axis; arm-major, so an arm's repeats are neighbours). No seeds: ``values`` unchanged."""
+    if not seeds:
+        return values
+    _check(len(set(seeds)) == len(seeds), "--seeds", f"repeats a seed: {seeds}")
+    return [{**params, **dict.fromkeys(SEED_KEYS, s)} for params in values for s in seeds]
+
+
 def plan(sweep: Sweep, out: str | os.PathLike, count: int | None = None, seed: int = 0, extra=(),
-         interpreter: str | None = None) -> list[runs.Run]:
+         interpreter: str | None = None, seeds: list[int] | None = None) -> list[runs.Run]:
     """The runs, each resolved by the ``gmpi fit`` parser (a typo or a bad value stops the sweep here, before
-    anything runs) and rerooted to OUT/run-NNN."""
-    at, values = str(sweep.path), expand(sweep, count=count, seed=seed)
+    anything runs) and rerooted to OUT/run-NNN; with ``seeds``, each arm once per seed (:func:`with_seeds`)."""
+    at = str(sweep.path)
+    clash = sorted(set(SEED_KEYS) & set(sweep.params)) if seeds else []
+    _check(not clash, at, f"the sweep varies {clash} itself; drop --seeds or that parameter")
+    values = with_seeds(expand(sweep, count=count, seed=seed), seeds)
     fit_args = lambda command: command[command.index("fit") + 1:] + list(extra)  # what `gmpi fit` parses
     try:
         known = runs.options(runs.resolve(fit_args(build_command(sweep, {}, interpreter))))
@@ -237,12 +249,13 @@ def plan(sweep: Sweep, out: str | os.PathLike, count: int | None = None, seed: i
 
 def run_sweep(sweep: Sweep, out: str | os.PathLike | None = None, parallel: int = 1, count: int | None = None,
               seed: int = 0, extra=(), dry_run: bool = False, interpreter: str | None = None,
-              echo=print) -> tuple[int, list[dict]]:
-    """Plan, train what is not done (``parallel`` at a time), write OUT/results.{csv,md}.
+              echo=print, seeds: list[int] | None = None) -> tuple[int, list[dict]]:
+    """Plan, train what is not done (``parallel`` at a time), write OUT/results.{csv,md} (and, where runs repeat
+    an arm with other seeds, OUT/summary.{csv,md}: mean and standard deviation per arm).
     Returns (0 when every run finished, else 1; the table's rows)."""
     _check(parallel >= 1, "--parallel", f"must be >= 1, got {parallel}")
     out, metric = Path(out or Path("runs") / "sweeps" / sweep.name), sweep.metric
-    planned = plan(sweep, out, count=count, seed=seed, extra=extra, interpreter=interpreter)
+    planned = plan(sweep, out, count=count, seed=seed, extra=extra, interpreter=interpreter, seeds=seeds)
     echo(f"sweep {sweep.name} ({sweep.path}): {sweep.method}, {len(planned)} runs" + (
         f", metric {metric} ({sweep.goal})" if metric else "") + f" -> {out}" + (
         "\n  note: early_terminate is ignored locally (every run trains to its end)" if sweep.early_terminate else ""))
@@ -271,7 +284,54 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike | None = None, parallel: int 
                      + (f"; sorted by {metric} ({sweep.goal})" if metric else ""))
     failed = sum(r.status != "finished" for r in planned)
     echo(f"results: {out / 'results.md'} and {out / 'results.csv'} ({len(planned) - failed} finished, {failed} failed)")
+    summary = summarize_seeds(rows, list(sweep.params) + [k for k in SEED_KEYS if seeds], [metric] * bool(metric) +
+                              columns)
+    if summary:
+        runs.write_table(summary, out / "summary.csv", out / "summary.md", sort_by=metric and f"{metric}_mean",
+                         goal=sweep.goal, plus_minus={f"{c}_mean": f"{c}_sd" for c in [metric] * bool(metric) + columns},
+                         title=f"Sweep {sweep.name}: mean ± sd over seeds, per arm (finished runs)")
+        echo(f"per arm over seeds: {out / 'summary.md'}")
     return int(failed > 0), rows
+
+
+SEED_KEYS = ("seed_everything", "data.seed")  # what a seed axis sets: the module's streams and the data order
+
+
+def summarize_seeds(rows: list[dict], params: list[str], metrics: list[str]) -> list[dict]:
+    """One row per arm (the parameter values other than the seeds) with ``n`` finished seeds and each metric's
+    ``_mean`` and ``_sd`` (sample standard deviation; blank for one seed). Empty when no seed parameter varies."""
+    seed_params = [k for k in params if k in SEED_KEYS]
+    if not seed_params or len({tuple(r.get(k) for k in seed_params) for r in rows}) < 2:
+        return []
+    arms: dict[tuple, list[dict]] = {}
+    for r in rows:
+        arms.setdefault(tuple((k, r.get(k)) for k in params if k not in SEED_KEYS), []).append(r)
+    out = []
+    for arm, members in arms.items():
+        done = [r for r in members if r.get("status") == "finished"]
+        row = {**dict(arm), "n": len(done), "seeds": " ".join(str(r.get(seed_params[0])) for r in done)}
+        for c in metrics:
+            values = [v for v in (runs._number(r.get(c)) for r in done) if v is not None]
+            if values:
+                mean = sum(values) / len(values)
+                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+                row[f"{c}_mean"], row[f"{c}_sd"] = mean, sd
+        out.append(row)
+    return out
+
+
+def _seed_list(text: str) -> list[int]:
+    """``0,1,2`` or ``0-2`` (or both, ``0-2,7``) -> [0, 1, 2(, 7)]."""
+    out = []
+    try:
+        for part in filter(None, (t.strip() for t in text.split(","))):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds such as 0,1,2 or 0-2, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("no seeds given")
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -285,11 +345,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--parallel", type=int, default=1, help="runs at the same time (default: 1)")
     p.add_argument("--count", type=int, help="runs (random: required unless the file has run_cap; grid: the first N)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random search (default: 0)")
+    p.add_argument("--seeds", type=_seed_list, help="repeat every run with these seeds (seed_everything and "
+                   "data.seed), e.g. 0,1,2 or 0-2; OUT/summary.md then gives mean ± sd per arm")
     p.add_argument("--dry-run", action="store_true", help="check the sweep and print every run's command")
     args = p.parse_args(argv[:cut])
     try:
         return run_sweep(load_sweep(args.sweep), args.out, args.parallel, args.count, args.seed, argv[cut + 1:],
-                         args.dry_run, echo=lambda msg: print(msg, flush=True))[0]
+                         args.dry_run, echo=lambda msg: print(msg, flush=True), seeds=args.seeds)[0]
     except KeyboardInterrupt:
         return 130
 

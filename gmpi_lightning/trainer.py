@@ -21,6 +21,7 @@ from jsonargparse import capture_parser
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 
+from . import lock
 from .module import GANModule
 
 DATAMODULE = "datamodules.posed_images.PosedImageDataModule"  # named, not imported: datamodules/ uses this package
@@ -46,6 +47,8 @@ class GMPICLI(LightningCLI):
                                                                              devices not in ("auto", "1"))
         if trainer.get("strategy") in (None, "auto") and many:
             trainer["strategy"] = DDPStrategy(find_unused_parameters=True, broadcast_buffers=False)
+        if self.subcommand == "fit" and trainer.get("default_root_dir"):
+            lock.acquire(trainer["default_root_dir"])  # one live run per run folder (lock.py)
 
 
     def instantiate_classes(self) -> None:

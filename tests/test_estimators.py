@@ -311,3 +311,45 @@ def test_precomputed_estimates_json_and_errors(tmp_path):
     dup.write_text(json.dumps({"convention": "deep3dface", "items": [{"index": 1, "angle": [0, 0, 0]}] * 2}))
     with pytest.raises(ValueError, match="duplicate"):
         PrecomputedEstimates(dup)
+
+
+def test_est_fd_is_the_frechet_distance_of_the_pose_features(shards, trained):
+    """est_fd (gmpi evaluate's 2D quality number): the Fréchet distance between PoseCNN.embed features of the fakes
+    and of the first reals. Held-out reals score near 0 and the same reals blurred far more (rules out a metric that
+    ignores the images), and the value is the FD of exactly those features (rules out other layers or another real
+    set)."""
+    from gmpi_lightning.data import read_samples, resolve_shards
+    from gmpi_lightning.evaluation.evaluate import evaluate
+    from gmpi_lightning.evaluation.fakes import fake_batch
+    from gmpi_lightning.evaluation.geometry import frechet_distance
+    from gmpi_lightning.presets import get_preset
+    from gmpi_lightning.scene import Scene
+
+    path, _ = trained
+    pose, _, _ = load_estimators(path)
+    preset = get_preset("synthetic32", resolution=16)
+    reals = torch.cat([b["image"] for b in read_samples(resolve_shards(shards)[0], 256)])
+    held_out = reals[-256:]
+
+    def source(images):
+        def fakes(seeds, settings, device, streams, return_weights):
+            for i in range(0, len(seeds), settings.batch_size):
+                chunk = seeds[i:i + settings.batch_size]
+                rgb = (images[chunk] + 1) / 2
+
+                def render_at(c2w, rgb=rgb, weights=False):
+                    return {"rgb": rgb, "depth": rgb[:, :1] * 0, "alpha": rgb[:, :1] * 0 + 1}
+
+                yield fake_batch(chunk, None, Scene(preset, 2), render_at, streams)
+        return fakes
+
+    def est_fd(images, num_real=512):
+        return evaluate(None, preset, ["est_fd"], len(images), shards, num_real=num_real, estimators=path,
+                        show_progress=False, source=source(images))["metrics"]["est_fd"]
+
+    blurry = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(held_out, 4), scale_factor=4)
+    same, blur = est_fd(held_out), est_fd(blurry)
+    assert same < 0.25 * blur, (same, blur)  # measured 0.57 vs 10.9
+    with torch.no_grad():
+        direct = frechet_distance(pose.embed(reals[:512]).double(), pose.embed(blurry).double())
+    assert abs(blur - direct) < 1e-6 * max(1.0, direct)

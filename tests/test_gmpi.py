@@ -185,6 +185,88 @@ def test_pose_conditioned_d_from_pretrained():
         D(img, torch.randn(2, 9))
 
 
+def _pose_batch(n: int, seed: int = 0):
+    """n poses across the FFHQ prior's yaw range (flattened w2c) and n random images."""
+    g = torch.Generator().manual_seed(seed)
+    yaw = torch.linspace(-0.58, 0.58, n, dtype=torch.float64)
+    pitch = 0.25 * torch.rand(n, generator=g, dtype=torch.float64) - 0.125
+    return C.flatten_w2c(C.sphere_c2w(yaw, pitch, 1.0, 1.0)).float(), torch.randn(n, 3, 16, 16, generator=g)
+
+
+def test_pose_d_official_start_is_the_2d_logit_times_a_random_gain():
+    """Rules out: an init that silently changes the official weight copy (the gain must be sum(cmap)/4, random
+    in size and sign), and a gain helper that measures something else."""
+    from gmpi_lightning.nn.discriminator import pose_gain
+
+    D0 = Discriminator(c_dim=0, img_resolution=16, img_channels=3, channel_base=256, channel_max=32,
+                       epilogue_kwargs=dict(mbstd_group_size=1)).eval()
+    c, img = _pose_batch(9)
+    signs = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        D = PoseConditionedDiscriminator.from_stylegan2(D0).eval()
+        with torch.no_grad():
+            ratio = D(img, c)[:, 0] / D0(img)[:, 0]
+        assert max_err(ratio, pose_gain(D, c)) < 1e-4
+        signs.add(bool((ratio < 0).all()))
+    assert signs == {True, False}  # some official starts call every image by the opposite verdict
+
+
+def test_pose_d_pretrained_logit_start_keeps_the_verdict_and_can_learn_the_pose():
+    """At every pose the start's logit is the pretrained D's (rules out a wrong row scale, e.g. rows not summing to
+    sqrt(cmap_dim), or a pose mapping left random), and one Adam step on a pose-dependent target makes the logit
+    depend on the pose (rules out identical rows with a constant cmap: the normalisation then passes no gradient to
+    the pose mapping, and D stays unconditional forever)."""
+    torch.manual_seed(0)
+    D0 = Discriminator(c_dim=0, img_resolution=16, img_channels=3, channel_base=256, channel_max=32,
+                       epilogue_kwargs=dict(mbstd_group_size=1)).eval()
+    D = PoseConditionedDiscriminator.from_stylegan2(D0, pose_init="pretrained_logit").eval()
+    c, img = _pose_batch(16)
+    with torch.no_grad():
+        assert max_err(D(img, c), D0(img)) < 1e-5
+        same = img[:1].expand(16, -1, -1, -1)
+        assert float(D(same, c).std()) < 1e-6  # pose-independent at the start
+    opt = torch.optim.Adam(D.parameters(), lr=0.002, betas=(0.0, 0.9))
+    yaw_sign = torch.linspace(-1, 1, 16)
+    for _ in range(5):  # D should learn: images seen from the right are real, from the left fake
+        opt.zero_grad()
+        (torch.nn.functional.softplus(-yaw_sign * D(same, c)[:, 0])).mean().backward()
+        assert float(D.mapping.weight.grad.abs().max()) > 0
+        opt.step()
+    with torch.no_grad():
+        logits = D(same, c)[:, 0]
+    # the verdict now depends on the pose (identical rows leave this at 0 to rounding)
+    assert float(logits[-4:].mean() - logits[:4].mean()) > 0.02 * float(logits.abs().mean())
+    with pytest.raises(ValueError, match="pose_init"):
+        PoseConditionedDiscriminator.from_stylegan2(D0, pose_init="zero")
+
+
+def test_alpha_depth_ramp_moves_the_opaque_layer():
+    """A steep ramp centred at depth c puts the start's opaque layer at c (rules out a ramp with the wrong sign, which
+    would make the near planes opaque, or one not added to every plane), and the default adds nothing."""
+    torch.manual_seed(7)
+    preset = get_preset("FFHQ256")
+    planes = preset_planes(preset, 32)
+    z = torch.randn(2, 16)
+    for center in (0.1, 0.5):
+        G = GMPIGenerator(**SMALL, alpha_init_gain=0.0, alpha_init_logit=0.0, alpha_depth_slope=60.0,
+                          alpha_depth_center=center).eval()
+        with torch.no_grad():
+            mpi = G(z, plane_depths=planes.normalized)
+            w = R.render_mpi(mpi, planes.depths, planes.extents, C.sphere_c2w([0.0], [0.0], 1.0, 1.0), 12.6, 16, 16,
+                             return_weights=True)["weights"][:, :, 0, 4:-4, 4:-4].mean(dim=(0, 2, 3))
+        expected = int(torch.argmin((planes.normalized - center).abs()))
+        assert abs(int(torch.argmax(w)) - expected) <= 1 and float(w[expected - 1:expected + 2].sum()) > 0.9
+    torch.manual_seed(8)
+    base = GMPIGenerator(**SMALL).eval()
+    torch.manual_seed(8)
+    zero = GMPIGenerator(**SMALL, alpha_depth_slope=0.0, alpha_depth_center=0.3).eval()
+    with torch.no_grad():
+        assert max_err(base(z, plane_depths=planes.normalized), zero(z, plane_depths=planes.normalized)) == 0
+    with pytest.raises(ValueError, match="depth2alpha"):
+        GMPIGenerator(**SMALL, alpha_mode="depth2alpha", alpha_depth_slope=1.0)
+
+
 @pytest.mark.parametrize("mode", ["add_z", "learnable_tokens", "vanilla", "depth2alpha"])
 def test_alpha_branch_variants(mode):
     torch.manual_seed(5)

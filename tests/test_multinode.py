@@ -419,3 +419,13 @@ def test_sweep_agent_run_with_two_ddp_processes(shards, tmp_path):
     ckpt = torch.load(agent_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["lr"] == 0.0005
     assert not (run / "rank0.jsonl").exists()  # nothing went to the YAML's own folder
+
+
+def test_make_estimators_needs_the_data_only(tmp_path):
+    """`make estimators` trains the pose/depth CNNs from the data's ground truth: it must not train a 2D StyleGAN2
+    first (nor any `gmpi fit`), which would also race a `make train` into the same run folder."""
+    proc = subprocess.run(make("-n", "estimators"), cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "gmpi estimators train --data data/synthetic32" in proc.stdout
+    assert "fit" not in proc.stdout and "stylegan2" not in proc.stdout

@@ -8,7 +8,16 @@ import torch
 
 from datamodules.converters import convert_synthetic
 from datamodules.synthetic import HeadTruth, SyntheticConfig
-from gmpi_lightning.evaluation.reference import billboard_mpi, harmonic_fill, load_truth, mpi_from_view
+from gmpi_lightning.evaluation.reference import (
+    KINDS,
+    billboard_mpi,
+    blurred,
+    card_depth,
+    harmonic_fill,
+    iter_reference,
+    load_truth,
+    mpi_from_view,
+)
 from gmpi_lightning.presets import get_preset
 from gmpi_lightning.scene import Scene
 
@@ -60,6 +69,36 @@ def test_ground_truth_mpi_turns_like_the_head_and_the_billboard_does_not(heads, 
     assert all(float(fb[i][front["mask"][i]].std()) < 1e-4 for i in range(N))
 
 
+def test_cards_sit_where_named_and_the_blurred_mpi_keeps_the_geometry(heads):
+    """card_* rows are the billboard on the near plane, the rotation centre's plane and halfway to the background
+    (rules out cards at one depth, which could not show a metric rewarding where a flat layer sits); mpi_blur has the
+    ground-truth MPI's depth exactly and only its colours blurred (rules out a blur that moves the geometry)."""
+    truth, scene, front, mpi = heads
+    from gmpi_lightning.evaluation.fakes import FakeSettings
+
+    cam = scene.camera(torch.zeros(N), torch.zeros(N))
+    want = {"card_front": PRESET.near, "card_center": PRESET.sphere_center_z,
+            "card_back": (PRESET.sphere_center_z + PRESET.far) / 2}
+    settings = FakeSettings(planes=32, batch_size=N)
+    depths = {}
+    for kind in ("card_front", "card_center", "card_back", "mpi", "mpi_blur"):
+        batch = next(iter_reference(kind, truth, PRESET, list(range(N)), settings))
+        depths[kind] = batch["render_at"](cam)["depth"]
+        if kind.startswith("card"):
+            spacing = float((scene.planes.depths[1:] - scene.planes.depths[:-1]).max())
+            assert abs(card_depth(kind, PRESET) - want[kind]) < 1e-6
+            inside = front["mask"]
+            assert float((depths[kind][inside] - want[kind]).abs().max()) < spacing  # flat, at its depth
+            assert float(depths[kind][inside].std()) < 1e-4
+    assert torch.equal(depths["mpi"], depths["mpi_blur"])
+    sharp = next(iter_reference("mpi", truth, PRESET, list(range(N)), settings))["render_at"](cam)["rgb"]
+    soft = next(iter_reference("mpi_blur", truth, PRESET, list(range(N)), settings))["render_at"](cam)["rgb"]
+    grad = lambda x: (x[..., 1:] - x[..., :-1]).abs().mean()
+    assert float(grad(soft)) < 0.85 * float(grad(sharp))  # features smoothed away (measured 0.73; no blur: 1)
+    flat = torch.ones(1, 3, 9, 9)
+    assert torch.allclose(blurred(flat, 1.5), flat)  # a blur keeps a constant image (normalised kernel)
+
+
 def test_thickness_limits_the_extrusion(heads):
     _, scene, front, _ = heads
     solid = mpi_from_view(front["rgb"], front["depth"], scene, 32)
@@ -93,7 +132,7 @@ def test_reference_rows_through_gmpi_evaluate(shards, tmp_path):
                  "--metrics", "consistency,depth_fd", "--num-samples", "8", "--planes", "12", "--reference", "all",
                  "--device", "cpu", "--out", str(out)]) == 0
     ref = json.loads(out.read_text())["reference"]
-    assert sorted(ref) == ["billboard", "mpi", "renders"]
+    assert sorted(ref) == sorted(KINDS)
     m = {k: v["metrics"] for k, v in ref.items()}
     assert m["renders"]["semi_transparent"] == 0
     assert m["renders"]["depth_fd"] < m["mpi"]["depth_fd"] < m["billboard"]["depth_fd"]

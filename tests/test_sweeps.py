@@ -255,10 +255,12 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
     expected = {"r1_lr": (9, {"model.r1_gamma": 3, "model.lr": 3}), "train_planes": (3, {"model.train_planes": 3}),
                 "shading": (2, {"model.shading": 2}), "learning_curve": (2, {"config": 2}),
                 "official_parts": (2, {"config": 2}),
-                "where_3d": (6, {"model.r1_gamma": 3, "model.alpha_init_logit": 2})}
+                "where_3d": (6, {"model.r1_gamma": 3, "model.alpha_init_logit": 2}), "suspects": (5, {"config": 5}),
+                "priors": (6, {"model.channel_max": 3, "model.lr": 2})}
     for path in files:
         sw = sweeps.load_sweep(path)
-        assert "experiments/synthetic.yaml" in sw.command and sw.metric in ("eval/depth_fd", "eval/pose_yaw_slope")
+        base = "experiments/synthetic_stylegan2.yaml" if sw.name == "priors" else "experiments/synthetic.yaml"
+        assert base in sw.command and sw.metric in ("eval/depth_fd", "eval/pose_yaw_slope", "eval/est_fd")
         planned = sweeps.plan(sw, tmp_path / sw.name)
         if sw.name == "learning_curve":  # a `config` value is one more overlay: the official recipe's keys land
             official = [runs.init_args(r.config, "model") for r in planned if "official" in r.params["config"]][0]
@@ -274,7 +276,7 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
             cfg, run_dir = r.config, str(r.dir)
             trainer = cfg["trainer"]
             assert trainer["default_root_dir"] == run_dir
-            assert runs.init_args(cfg, "model")["export_path"] == f"{run_dir}/gmpi.pt"
+            assert runs.init_args(cfg, "model")["export_path"] == f"{run_dir}/{'stylegan2' if 'stylegan2' in base else 'gmpi'}.pt"
             assert all(runs.init_args(cfg, "model")[k[6:]] == v for k, v in r.params.items() if k.startswith("model."))
             assert all(lg["init_args"]["save_dir"] == run_dir for lg in trainer["logger"])
             ckpt = [cb for cb in trainer["callbacks"] if "dirpath" in cb["init_args"]]  # the checkpoint callback
@@ -289,6 +291,34 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
     assert printed.count("-m gmpi_lightning.sweeps fit --config experiments/synthetic.yaml") == 2
     assert "--model.shading=False" in printed and "--model.shading=True" in printed
     assert not (tmp_path / "dry").exists()
+
+
+def test_seed_axis_repeats_every_arm_and_summarises_mean_and_sd(tmp_path, capsys):
+    """--seeds: each arm once per seed with seed_everything and data.seed set in the resolved config (rules out
+    repeats that share a seed), arm-major order; summary.md's mean and sd are those of the seeds' values."""
+    sw = sweeps.load_sweep(_write(tmp_path, _sweep()))
+    planned = sweeps.plan(sw, tmp_path / "out", seeds=[0, 1, 2])
+    assert [(r.params["model.lr"], r.params["seed_everything"]) for r in planned] == [
+        (a, s) for a in (0.001, 0.002) for s in (0, 1, 2)]
+    for r in planned:
+        assert r.config["seed_everything"] == r.params["seed_everything"] == r.params["data.seed"]
+        assert runs.init_args(r.config, "data")["seed"] == r.params["data.seed"]
+    rows = [{"run": r.name, "status": "finished", **r.params, "eval/x": v}
+            for r, v in zip(planned, [1.0, 2.0, 3.0, 10.0, 10.0, None])]
+    rows[5]["status"] = "failed (exit 1)"
+    summary = sweeps.summarize_seeds(rows, ["model.lr", *sweeps.SEED_KEYS], ["eval/x"])
+    assert [(r["model.lr"], r["n"], r["eval/x_mean"], r["eval/x_sd"]) for r in summary] == [
+        (0.001, 3, 2.0, 1.0), (0.002, 2, 10.0, 0.0)]
+    assert sweeps.summarize_seeds(rows[:1], ["model.lr"], ["eval/x"]) == []  # no seed axis: no summary
+    with pytest.raises(SweepError, match="repeats a seed"):
+        sweeps.plan(sw, tmp_path / "out", seeds=[0, 0])
+    clash = sweeps.load_sweep(_write(tmp_path, _sweep(parameters={"seed_everything": {"values": [1, 2]}}), "c.yaml"))
+    with pytest.raises(SweepError, match="drop --seeds"):
+        sweeps.plan(clash, tmp_path / "out", seeds=[0, 1])
+    assert sweeps._seed_list("0-2,7") == [0, 1, 2, 7]
+    assert cli.main(["sweep-local", str(sw.path), "--seeds", "3-4", "--dry-run", "--out", str(tmp_path / "d")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("--seed_everything=3 --data.seed=3") == 2 and "4 runs" in printed
 
 
 def test_shipped_sweep_program_runs_as_a_file():

@@ -103,7 +103,11 @@ def evaluate_cached(ckpt: Path, cache: Path, data: str, metrics: list[str], num_
 
 REFERENCE_SETTINGS = {"renders": "reference: the ground truth rendered at each camera",
                       "mpi": "reference: MPI built from the ground truth (frontal RGB + depth)",
-                      "billboard": "reference: the frontal image on one plane"}
+                      "billboard": "reference: the frontal image on one plane",
+                      "card_front": "reference: the frontal image on the nearest plane",
+                      "card_center": "reference: the frontal image on the plane of the rotation centre",
+                      "card_back": "reference: the frontal image halfway from the centre to the background",
+                      "mpi_blur": "reference: MPI built from the ground truth with a blurred frontal image"}
 
 
 def reference_rows(data: str, preset, metrics: list[str], num_samples: int, planes: int, estimators: str | None,

@@ -6,7 +6,8 @@
 Metrics (see the README's "Metrics" section for what they mean and how they map to the paper's columns):
 ``fid``, ``kid`` (Inception features, real statistics cached), ``consistency`` (two-view reprojection error,
 semi-transparent rays, depth relief), ``depth_fd`` (needs ground-truth depth in the data), ``pose`` and
-``depth`` (need an estimator file from ``gmpi estimators train`` or an external one).
+``depth`` (need an estimator file from ``gmpi estimators train`` or an external one), ``est_fd`` (Fréchet distance
+of fakes to reals in the pose estimator's features: an image-quality number without Inception weights).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from .image_metrics import fid_kid, gather_rows, rank_world, real_features
 from .inception import INCEPTION_FILE, InceptionFeatures, to_uint8_images
 from .reference import iter_reference, load_truth, parse_kinds
 
-ALL_METRICS = ("fid", "kid", "consistency", "depth_fd", "pose", "depth")
+ALL_METRICS = ("fid", "kid", "consistency", "depth_fd", "pose", "depth", "est_fd")
 DEPTH_POOL = 16  # depth_fd feature: 16 x 16 pooled normalised depth
-NEEDS_DATA = {"fid", "kid", "depth_fd"}
+NEEDS_DATA = {"fid", "kid", "depth_fd", "est_fd"}
+NEEDS_ESTIMATORS = {"pose", "depth", "est_fd"}
+EST_FD_REALS = 2000  # est_fd: the first reals in shard order (a fixed set, so every evaluation compares alike)
 
 
 def parse_metrics(text: str | list[str]) -> list[str]:
@@ -73,8 +76,8 @@ def resolve_estimators(estimators, metrics: list[str], device) -> tuple:
     a ``(pose, depth)`` pair or a ``{"pose": .., "depth": ..}`` dict of modules/callables (README "Pose and depth
     estimators" for the conventions)."""
     if estimators is None:
-        raise ValueError("pose/depth need an estimator: `gmpi estimators train --data DATA --out EST.pt` then "
-                         "--estimators EST.pt, or pass (pose_module, depth_module) to evaluate() (or drop pose,depth "
+        raise ValueError("pose/depth/est_fd need an estimator: `gmpi estimators train --data DATA --out EST.pt` "
+                         "then --estimators EST.pt, or pass (pose_module, depth_module) to evaluate() (or drop them "
                          "from --metrics)")
     if isinstance(estimators, (str, Path)):
         pose, depth, info = load_estimators(estimators)
@@ -88,6 +91,9 @@ def resolve_estimators(estimators, metrics: list[str], device) -> tuple:
     for name, net in (("pose", pose), ("depth", depth)):
         if name in metrics and net is None:
             raise ValueError(f"metric {name!r} was asked for but no {name} estimator was given")
+    if "est_fd" in metrics and not hasattr(pose, "embed"):
+        raise ValueError("metric 'est_fd' reads the features of a trained PoseCNN (`gmpi estimators train`); the "
+                         f"given pose estimator ({type(pose).__name__}) has no embed()")
     pose, depth = (n.to(device).eval() if isinstance(n, torch.nn.Module) else n for n in (pose, depth))
     return pose, depth, info
 
@@ -109,6 +115,20 @@ def real_depth_samples(data: str | Path, num: int, batch_size: int = 64) -> dict
         raise ValueError(f"{data}: depth_fd asked for {num} real samples but the data holds {seen}")
     w = torch.cat(w2c)[:num].reshape(-1, 4, 4).double()
     return {"depth": torch.cat(depth)[:num], "c2w": invert_rigid(w).float()}
+
+
+@torch.no_grad()
+def real_estimator_features(data: str | Path, pose_net, num: int = EST_FD_REALS, batch_size: int = 256,
+                            device="cpu") -> torch.Tensor:
+    """The pose estimator's features (``PoseCNN.embed``) of the first ``num`` real images in shard order (every
+    rank the same ones): N x 128."""
+    feats, seen = [], 0
+    for batch in read_samples(resolve_shards(str(data))[0], batch_size):
+        feats.append(pose_net.embed(batch["image"][: num - seen].to(device)).double().cpu())
+        seen += feats[-1].shape[0]
+        if seen >= num:
+            break
+    return torch.cat(feats)
 
 
 def _nonfinite(batch: dict) -> torch.Tensor:
@@ -145,7 +165,7 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     t0 = time.time()
     rank, world = rank_world()
     extractor = InceptionFeatures(inception).to(device) if {"fid", "kid"} & set(metrics) else None
-    est = resolve_estimators(estimators, metrics, device) if {"pose", "depth"} & set(metrics) else None
+    est = resolve_estimators(estimators, metrics, device) if NEEDS_ESTIMATORS & set(metrics) else None
     real_depth = real_depth_samples(data, num_samples) if "depth_fd" in metrics else None
     res = settings.resolution or (preset.resolution if G is None else G.img_resolution)
     seeds = rank_seeds(num_samples, rank, world, first_seed)
@@ -163,6 +183,8 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
         widths.update(pose_error=1, pose_pred=2, pose_true=2)
     if "depth" in metrics:
         widths["depth_error"] = 1
+    if "est_fd" in metrics:
+        widths["est_features"] = est[0].embed(torch.zeros(1, 3, res, res, device=device)).shape[1]
     if extractor is not None and data is not None:
         real_res = read_card(data).get("resolution")
         if real_res and real_res != res:
@@ -205,6 +227,8 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
                 out = est[1](img)
                 add("depth_error", depth_error(out["depth"], geometry.surface_depth(a["depth"], a["alpha"]),
                                                out["mask"]))
+            if "est_fd" in metrics:
+                add("est_features", est[0].embed(img))
         bar.update(len(batch["seeds"]))
     bar.close()
     per = {k: gather_rows(torch.cat(v) if v else torch.zeros(0, widths[k], dtype=torch.float64))
@@ -240,6 +264,11 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
             "num_real": int(real_f.shape[0]), "poses": "the real samples' cameras",
             "bootstrap_se": geometry.frechet_bootstrap_se(real_f, per["fake_depth_features"]),
             "feature": f"{DEPTH_POOL}x{DEPTH_POOL} area-pooled clip((z - near) / (far - near), 0, 1)"}
+    if "est_features" in per:
+        real_f = real_estimator_features(data, est[0], num_real or EST_FD_REALS, device=device)
+        result["metrics"]["est_fd"] = geometry.frechet_distance(real_f, per["est_features"])
+        result["details"]["est_fd"] = {"num_real": int(real_f.shape[0]), "feature": "PoseCNN.embed (128)",
+                                       "bootstrap_se": geometry.frechet_bootstrap_se(real_f, per["est_features"])}
     for k in ("pose_error", "depth_error"):
         if k in per:
             s = summarize(per[k])
@@ -341,7 +370,7 @@ def default_inputs(metrics: list[str], data: str | None, estimators: str | None,
                                     f"was trained on {recorded}, which is not here: pass --data")
         data = recorded
         log(f"--data: {data} (the checkpoint's training data)")
-    if estimators is None and {"pose", "depth"} & set(metrics) and (data or recorded):
+    if estimators is None and NEEDS_ESTIMATORS & set(metrics) and (data or recorded):
         guess = Path("runs") / "estimators" / f"{Path(data or recorded).name}.pt"
         if guess.is_file():
             estimators = str(guess)

@@ -96,3 +96,25 @@ def fake_batch(seeds: list[int], mpi, scene: Scene, render_at, streams=(0,), ret
                           c2w=c2w))
     return {"seeds": seeds, "mpi": mpi, "scene": scene, "views": views, "render_at": render_at,
             "nonfinite": torch.zeros(len(seeds), dtype=torch.bool) if nonfinite is None else nonfinite}
+
+
+IMAGE_METRICS = ("fid", "kid", "est_fd")  # what a 2D generator's pictures can be scored on
+
+
+def iter_images_2d(G, preset, seeds: list[int], settings: FakeSettings, device="cpu", streams=(0,),
+                   return_weights: bool = False) -> Iterator[dict]:
+    """A 2D StyleGAN2's images as :func:`iter_fakes` batches (``evaluate(..., source=partial(iter_images_2d, G, preset))``):
+    fake k is ``G(RandomState(k).randn)``, the same picture at every camera (only :data:`IMAGE_METRICS` apply)."""
+    for i in range(0, len(seeds), settings.batch_size):
+        chunk = seeds[i:i + settings.batch_size]
+        scene = Scene(preset, 2, device)
+        with torch.no_grad():
+            img = G(scene.seed_latents(chunk, G.z_dim), None, truncation_psi=settings.truncation, noise_mode="const")
+        rgb = ((img.float() + 1) / 2).clamp(0, 1)
+        blank = torch.zeros_like(rgb[:, :1])
+
+        def render_at(c2w, rgb=rgb, blank=blank, weights=False):
+            return {"rgb": rgb, "depth": blank, "alpha": blank + 1}
+
+        yield fake_batch(chunk, None, scene, render_at, streams, False,
+                         ~torch.isfinite(rgb).flatten(1).all(1).cpu())

@@ -11,7 +11,14 @@ three references next to the generator, on the same seeds, cameras and planes:
     that reproduced its data perfectly in the canonical view;
 ``billboard``
     the frontal image on the one plane nearest the head's median depth (:func:`billboard_mpi`): a flat cut-out,
-    the floor a 3D-aware generator must beat.
+    the floor a 3D-aware generator must beat;
+``card_front``, ``card_center``, ``card_back``
+    the same flat picture on the nearest plane (the face's front), on the plane nearest the camera sphere's centre
+    (the head's rotation centre) and halfway from there to the background: a metric that rewards a flat layer for
+    *where* it sits would score these apart;
+``mpi_blur``
+    the ground-truth MPI built from a blurred frontal image (Gaussian, ``BLUR_SIGMA_PX`` pixels at 32 px): the true
+    geometry without eyes, nose or mouth, so the gap to ``mpi`` is what the metrics read from the features.
 
 Head ``k`` of a reference row is the data renderer's sample ``count + k`` (held out: never in the training shards);
 its cameras are those of fake ``k`` (:func:`~gmpi_lightning.evaluation.fakes.seed_poses`).
@@ -48,7 +55,9 @@ from ..planes import Planes, texel_xyz
 from ..scene import Scene
 from .fakes import fake_batch
 
-KINDS = ("renders", "mpi", "billboard")
+KINDS = ("renders", "mpi", "billboard", "card_front", "card_center", "card_back", "mpi_blur")
+CARDS = {"card_front": 0.0, "card_center": None, "card_back": 0.5}  # where between the centre (0) and background (1)
+BLUR_SIGMA_PX = 1.5  # mpi_blur at 32 px (scaled with the resolution)
 TRUTH_PROVIDERS = {"synthetic": "datamodules.synthetic.HeadTruth"}  # card "source" -> class, named (package arrows)
 
 
@@ -158,9 +167,11 @@ def mpi_from_view(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolu
     return torch.cat([rgb, alpha[:, :, None]], 2).clamp(0, 1)
 
 
-def billboard_mpi(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolution: int) -> torch.Tensor:
-    """The flat cut-out: the whole image (edge colours beyond its view) on the single plane nearest the median depth
-    of what is in front of the background, over an opaque background plane of the same picture."""
+def billboard_mpi(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolution: int,
+                  at: float | None = None) -> torch.Tensor:
+    """The flat cut-out: the whole image (edge colours beyond its view) on a single plane, over an opaque background
+    plane of the same picture. The plane is the one nearest ``at`` (a depth in world units), or by default the one
+    nearest the median depth of what is in front of the background."""
     planes = scene.planes.to("cpu")
     n = len(planes)
     grid, _ = _project(planes, resolution, _canonical_w2c(scene), scene.preset.fov_deg)
@@ -170,10 +181,33 @@ def billboard_mpi(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolu
     out = torch.zeros(rgb.shape[0], n, 4, resolution, resolution)
     for b in range(rgb.shape[0]):
         fg = front[b][front[b] < float((d[-1] + d[-2]) / 2)]
-        k = int(torch.argmin((d - (fg if fg.numel() else front[b]).median()).abs()))
+        target = (fg if fg.numel() else front[b]).median() if at is None else torch.tensor(at)
+        k = min(int(torch.argmin((d - target).abs())), n - 2)
         for i in sorted({k, n - 1}):
             out[b, i, :3], out[b, i, 3] = rgb[b, i], 1.0
     return out
+
+
+def card_depth(kind: str, preset) -> float:
+    """World depth of a ``card_*`` reference row's plane: the near plane, the camera sphere's centre, or halfway from
+    the centre to the background (:data:`CARDS`)."""
+    frac = CARDS[kind]
+    if frac is None:
+        return float(preset.sphere_center_z)
+    return preset.near if frac == 0.0 else float(preset.sphere_center_z + frac * (preset.far - preset.sphere_center_z))
+
+
+def blurred(image: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Gaussian blur of B x 3 x H x W images (reflect borders), sigma in pixels."""
+    radius = max(1, int(math.ceil(3 * sigma_px)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    k = (k / k.sum()).to(image)
+    c = image.shape[1]
+    out = F.conv2d(F.pad(image, (radius, radius, 0, 0), mode="reflect"), k.reshape(1, 1, 1, -1).expand(c, 1, 1, -1),
+                   groups=c)
+    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), k.reshape(1, 1, -1, 1).expand(c, 1, -1, 1),
+                    groups=c)
 
 
 def iter_reference(kind: str, truth, preset, seeds: list[int], settings, device="cpu", streams=(0,),
@@ -196,8 +230,15 @@ def iter_reference(kind: str, truth, preset, seeds: list[int], settings, device=
                         "alpha": torch.ones_like(v["depth"]).to(device)}
         else:
             front = truth.views(chunk, torch.zeros(len(chunk)), torch.zeros(len(chunk)))
-            build = mpi_from_view if kind == "mpi" else billboard_mpi
-            mpi = build(front["rgb"], front["depth"], scene, preset.resolution).to(device)  # built on the CPU
+            rgb, depth = front["rgb"], front["depth"]
+            if kind == "mpi_blur":
+                rgb = blurred(rgb.float(), BLUR_SIGMA_PX * rgb.shape[-1] / 32)
+            if kind in ("mpi", "mpi_blur"):
+                mpi = mpi_from_view(rgb, depth, scene, preset.resolution)
+            else:
+                at = card_depth(kind, preset) if kind in CARDS else None
+                mpi = billboard_mpi(rgb, depth, scene, preset.resolution, at=at)
+            mpi = mpi.to(device)  # built on the CPU
 
             def render_at(c2w, mpi=mpi, weights=False):
                 return scene.render(mpi, c2w, res, plane_chunk=settings.plane_chunk, return_weights=weights)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -223,12 +224,29 @@ class PoseConditionedDiscriminator(Discriminator):
         return normalize_2nd_moment(self.mapping(c.to(torch.float32)))
 
     @classmethod
-    def from_stylegan2(cls, D: Discriminator, c_dim: int = 16, cmap_dim: int = 16,
-                       mbstd_group_size: int = 1) -> PoseConditionedDiscriminator:
-        """Pose-conditioned D initialised from an unconditional pretrained D. The pretrained 1-row output
-        layer is broadcast to all ``cmap_dim`` rows (as the official weight copy does)."""
+    def from_stylegan2(cls, D: Discriminator, c_dim: int = 16, cmap_dim: int = 16, mbstd_group_size: int = 1,
+                       pose_init: str = "official") -> PoseConditionedDiscriminator:
+        """Pose-conditioned D initialised from an unconditional pretrained D.
+
+        ``pose_init`` says how the new parts start:
+
+        ``official``
+            the pretrained 1-row output layer broadcast to all ``cmap_dim`` rows and the pose mapping at PyTorch's
+            default init (the official weight copy). The logit is then the pretrained one times the pose-dependent
+            gain ``sum(cmap(c)) / sqrt(cmap_dim)``, whose size and sign depend only on the random init
+            (:func:`pose_gain` measures it): it can call every real image fake, or flip sign across the poses.
+        ``pretrained_logit``
+            the logit equals the pretrained logit at every pose: pose mapping weight 0 and bias 1 (so ``cmap`` is
+            all ones whatever the pose), and output row ``i`` is the pretrained row times
+            ``(1 + delta_i) / sqrt(cmap_dim)`` with ``delta`` a fixed zero-mean pattern (``sum(rows) / sqrt(cmap_dim)``
+            is the pretrained row). ``delta`` breaks the symmetry between the rows: with identical rows the
+            gradient reaching the pose mapping through the normalisation is exactly zero and D would never learn
+            to use the pose.
+        """
         if D.c_dim != 0:
             raise ValueError("from_stylegan2 expects an unconditional discriminator (c_dim = 0)")
+        if pose_init not in POSE_INITS:
+            raise ValueError(f"pose_init must be one of {POSE_INITS}, got {pose_init!r}")
         kw = D.init_kwargs
         new = cls(img_resolution=kw["img_resolution"], img_channels=kw["img_channels"], c_dim=c_dim,
                   cmap_dim=cmap_dim, mbstd_group_size=mbstd_group_size, channel_base=kw["channel_base"],
@@ -241,5 +259,26 @@ class PoseConditionedDiscriminator(Discriminator):
                 if name not in own:
                     raise ValueError(f"pretrained D tensor {name} has no counterpart in the pose-conditioned D")
                 own[name].copy_(t.expand_as(own[name]) if name.startswith("b4.out.") else t)
+            if pose_init == "pretrained_logit":
+                rows = (1 + row_pattern(cmap_dim)) / math.sqrt(cmap_dim)
+                own["b4.out.weight"].mul_(rows[:, None])
+                own["b4.out.bias"].mul_(rows)
+                own["mapping.weight"].zero_()
+                own["mapping.bias"].fill_(1.0)
         new.load_state_dict(own)
         return new.to(next(D.parameters()).device)
+
+
+POSE_INITS = ("official", "pretrained_logit")
+
+
+def row_pattern(n: int, amplitude: float = 0.5) -> torch.Tensor:
+    """A fixed zero-mean pattern of ``n`` numbers (a cosine over the rows), the rows' spread in ``pretrained_logit``."""
+    return amplitude * torch.cos(2 * math.pi * (torch.arange(n, dtype=torch.float64) + 0.5) / n).float()
+
+
+@torch.no_grad()
+def pose_gain(D: PoseConditionedDiscriminator, w2c_flat: torch.Tensor) -> torch.Tensor:
+    """What the pose condition multiplies a logit by when every output row is the same (the official start):
+    ``sum(cmap(c)) / sqrt(cmap_dim)`` per pose (B). 1 everywhere = the pretrained verdict at every pose."""
+    return D.embed_condition(w2c_flat).sum(1) / math.sqrt(D.cmap_dim)

@@ -169,6 +169,13 @@ class GMPIGenerator(nn.Module):
     ``plane_depths`` are the *normalised* depths in [0, 1] fed to the alpha branch (see
     :meth:`~gmpi_lightning.presets.Preset.normalized_plane_depths`); any L works except for the
     ``vanilla`` branch, which is fixed at ``n_train_planes``.
+
+    Where the new alpha branch starts (the official code: StyleGAN2's initialisation, ``gain 1, logit 0``):
+    ``alpha_init_gain`` scales the ToAlpha weights (per-pixel and per-plane terms alike), ``alpha_init_logit`` sets
+    the logit of every plane. ``alpha_depth_slope`` (0: off, the official architecture) adds a fixed ramp
+    ``slope * (d - alpha_depth_center)`` to the logit of the plane at normalised depth ``d``: with a steep slope a
+    pixel turns opaque at the plane where its own logit crosses the ramp, so the start is an opaque layer at
+    ``alpha_depth_center`` and a per-pixel logit change of ``slope * dz`` moves a pixel's depth by ``dz``.
     """
 
     def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int, img_channels: int = 3,
@@ -178,7 +185,8 @@ class GMPIGenerator(nn.Module):
                  separate_background: bool = True, background_ratio: float = 0.05,
                  background_alpha_full: bool = True, final_activation: str = "tanh",
                  depth2alpha_z_range: float = 1.0, depth2alpha_n_z_bins: int = 256,
-                 alpha_init_gain: float = 1.0, alpha_init_logit: float = 0.0):
+                 alpha_init_gain: float = 1.0, alpha_init_logit: float = 0.0, alpha_depth_slope: float = 0.0,
+                 alpha_depth_center: float = 0.0):
         super().__init__()
         if final_activation not in FINAL_ACTIVATIONS:
             raise ValueError(f"final_activation must be one of {FINAL_ACTIVATIONS}, got {final_activation!r}")
@@ -192,6 +200,9 @@ class GMPIGenerator(nn.Module):
         self.separate_background, self.background_ratio = separate_background, background_ratio
         self.background_alpha_full = background_alpha_full and alpha_mode != "vanilla"
         self.final_activation = final_activation
+        if alpha_depth_slope and alpha_mode == "depth2alpha":
+            raise ValueError("alpha_depth_slope offsets per-plane alpha logits; depth2alpha has none")
+        self.alpha_depth_slope, self.alpha_depth_center = float(alpha_depth_slope), float(alpha_depth_center)
         self.depth2alpha_delta = depth2alpha_z_range / depth2alpha_n_z_bins
         self.synthesis = GMPISynthesisNetwork(
             w_dim=w_dim, img_resolution=img_resolution, img_channels=3, alpha_mode=alpha_mode,
@@ -309,6 +320,9 @@ class GMPIGenerator(nn.Module):
             if f is not None:
                 y = block.alpha_logits(f, code, token_w)
                 acc = y if acc is None else acc + y
+        if self.alpha_depth_slope:  # a fixed ramp over the planes (see the class docstring)
+            d = depths.to(device=device, dtype=acc.dtype)
+            acc = acc + self.alpha_depth_slope * (d - self.alpha_depth_center)[None, :, None, None]
         if self.alpha_mode == "depth2alpha":  # soft step: planes behind the predicted surface are opaque
             surface = self._activation(acc)  # B x 1 x R x R in [0, 1]
             d = depths.to(device)[None, :, None, None]

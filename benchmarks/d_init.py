@@ -1,0 +1,132 @@
+"""What the pose-conditioned discriminator says at the start of a GMPI run, before any step.
+
+The module is built exactly as ``gmpi fit --config CONFIG`` builds it (``seed_everything`` from the config, then
+the model's arguments), once per seed and per ``d_pose_init``. Printed per (init, seed):
+
+* the 2D pretrained D's mean logit on reals and on the starting fakes (the untrained GMPI at prior cameras), and
+  their gap (> 0: the 2D D tells them apart the right way);
+* the same for the pose-conditioned D (reals with their own poses, fakes with theirs);
+* its gain per yaw bin: the pose-conditioned logit over the 2D logit of the same images (1 = the pretrained verdict,
+  negative = the verdict flipped), from a least-squares fit per bin.
+
+    python benchmarks/d_init.py --config experiments/synthetic.yaml --seeds 0,1,2,3,4 --inits official,pretrained_logit
+
+``--gain-stats N --preset FFHQ256`` needs neither data nor a network: for N fresh official pose mappings (PyTorch's
+default init of Linear(16, 16), seeds 0..N-1) it reports how often the start's gain ``sum(cmap) / sqrt(16)`` is
+negative over the preset's yaw range, everywhere, somewhere (a verdict that flips with the pose), and its spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import lightning.pytorch as pl
+import torch
+
+from gmpi_lightning import runs
+from gmpi_lightning.data import collate, read_samples, resolve_shards
+from gmpi_lightning.module import GMPIModule
+
+
+def real_batch(data: str, n: int) -> dict:
+    urls, _ = resolve_shards(data)
+    samples = []
+    for s in read_samples(urls):
+        samples.append(s)
+        if len(samples) >= n:
+            break
+    return collate(samples)
+
+
+@torch.no_grad()
+def measure(model: GMPIModule, D2d, reals: dict, n_fake: int, yaw_bins: torch.Tensor, seed: int) -> dict:
+    g = torch.Generator().manual_seed(10_000 + seed)
+    c2w = model.sample_condition(n_fake, g)
+    fakes = model.fake_images(model.G, model.sample_z(n_fake, g), c2w, g, shade=False, noise_mode="const")
+    out = {"d2d_real": D2d(reals["image"])[:, 0], "d2d_fake": D2d(fakes)[:, 0],
+           "dpose_real": model.D(reals["image"], model.real_condition(reals))[:, 0],
+           "dpose_fake": model.D(fakes, model.d_condition(c2w))[:, 0]}
+    row = {k: float(v.mean()) for k, v in out.items()}
+    row["gap_2d"], row["gap_pose"] = row["d2d_real"] - row["d2d_fake"], row["dpose_real"] - row["dpose_fake"]
+    # gain per yaw: the same images (reals and fakes) judged at each bin's camera, against the 2D logit
+    imgs = torch.cat([reals["image"], fakes])
+    base = D2d(imgs)[:, 0]
+    gains = []
+    for yaw in yaw_bins.tolist():
+        cam = model.scene.camera(torch.full((len(imgs),), yaw), torch.zeros(len(imgs)))
+        logit = model.D(imgs, model.d_condition(cam.float()))[:, 0]
+        gains.append(float((logit * base).sum() / base.square().sum()))
+    row["gain_per_yaw"] = [round(x, 3) for x in gains]
+    return row
+
+
+@torch.no_grad()
+def gain_stats(preset_name: str, n: int) -> dict:
+    """The official start's pose gain for ``n`` fresh pose mappings at yaws across the prior (pitch = mean)."""
+    from gmpi_lightning.cameras import flatten_w2c, sphere_c2w
+    from gmpi_lightning.nn.ops import normalize_2nd_moment
+    from gmpi_lightning.presets import get_preset
+
+    p = get_preset(preset_name)
+    yaw = torch.linspace(p.yaw_mean - p.n_truncated_stds * p.yaw_std, p.yaw_mean + p.n_truncated_stds * p.yaw_std, 21)
+    c2w = sphere_c2w(yaw.double(), torch.full_like(yaw, p.pitch_mean).double(), p.sphere_center_z, p.sphere_r)
+    cond = flatten_w2c(c2w).float()
+    gains = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        lin = torch.nn.Linear(16, 16)
+        gains.append(normalize_2nd_moment(lin(cond)).sum(1) / 4)
+    g = torch.stack(gains)  # n x yaws
+    neg_all, neg_any = (g < 0).all(1), (g < 0).any(1)
+    return {"preset": preset_name, "mappings": n, "yaws": [round(float(y), 2) for y in (yaw[0], yaw[-1])],
+            "negative everywhere": float(neg_all.float().mean()), "sign flips with yaw": float(
+                (neg_any & ~neg_all).float().mean()), "positive everywhere": float((~neg_any).float().mean()),
+            "gain at yaw 0: 5/50/95 %": [round(float(q), 2) for q in torch.quantile(g[:, 10], torch.tensor(
+                [0.05, 0.5, 0.95]))], "gain range across yaw (median)": round(float((g.max(1).values - g.min(
+                1).values).median()), 2)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="experiments/synthetic.yaml")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--inits", default="official,pretrained_logit")
+    ap.add_argument("--num", type=int, default=64, help="reals and fakes each")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--gain-stats", type=int, default=0, help="N fresh official pose mappings (no data, no network)")
+    ap.add_argument("--preset", default="FFHQ256", help="the pose prior of --gain-stats")
+    args = ap.parse_args(argv)
+    if args.gain_stats:
+        print(json.dumps(gain_stats(args.preset, args.gain_stats), indent=1))
+        return 0
+    cfg = runs.resolve(["--config", args.config])
+    model_args = dict(runs.init_args(cfg, "model"))
+    model_args.pop("class_path", None)
+    reals = real_batch(runs.init_args(cfg, "data")["data"], args.num)
+    from gmpi_lightning.presets import get_preset
+
+    p = get_preset(model_args["preset"])
+    bins = torch.linspace(p.yaw_mean - p.n_truncated_stds * p.yaw_std, p.yaw_mean + p.n_truncated_stds * p.yaw_std, 5)
+    print(f"yaw bins: {[round(b, 2) for b in bins.tolist()]}")
+    print("| d_pose_init | seed | 2D D real | 2D D fake | 2D gap | pose D real | pose D fake | pose gap | gain per yaw |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for init in args.inits.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            pl.seed_everything(seed, verbose=False)
+            model = GMPIModule(**{**model_args, "d_pose_init": init}).eval()
+            D2d = model._backbone()[1].eval()  # the pretrained 2D D, as loaded from init_from
+            row = {"d_pose_init": init, "seed": seed, **measure(model, D2d, reals, args.num, bins, seed)}
+            rows.append(row)
+            print(f"| {init} | {seed} | {row['d2d_real']:.2f} | {row['d2d_fake']:.2f} | {row['gap_2d']:+.2f} | "
+                  f"{row['dpose_real']:.2f} | {row['dpose_fake']:.2f} | {row['gap_pose']:+.2f} | "
+                  f"{', '.join(f'{x:+.2f}' for x in row['gain_per_yaw'])} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""One live training run per run folder: ``<default_root_dir>/.run.lock`` holds the holder's pid, host, start time
+and command while ``gmpi fit`` runs, so a second run started into the same folder (two ``make`` targets that both
+train the 2D prior, a sweep started twice) stops at once with a message that names the holder, instead of writing
+checkpoints and logs over the first.
+
+A lock whose process is gone (same host, pid not alive), or one left by an earlier attempt of the same SLURM job (a
+requeued job restarts with a new pid, possibly on another node), is taken over with a note. Under DDP only the
+global rank 0 process holds it; the other ranks are the same run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+LOCK_NAME = ".run.lock"
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live run holds this run folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _global_rank() -> int:
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def holder(folder: str | os.PathLike) -> dict | None:
+    """The lock's record, or None when the folder is free (no lock, or an unreadable one)."""
+    try:
+        return json.loads((Path(folder) / LOCK_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stale(record: dict) -> str | None:
+    """Why a held lock may be taken over, or None when its holder may still be running."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and record.get("slurm_job_id") == job:
+        return f"an earlier attempt of SLURM job {job}"
+    if record.get("host") == socket.gethostname() and not _alive(int(record.get("pid", -1))):
+        return f"process {record.get('pid')} is gone"
+    return None
+
+
+def acquire(folder: str | os.PathLike, argv: list[str] | None = None, echo=print) -> Path | None:
+    """Take ``folder``'s lock for this process (released at exit); None on ranks other than 0. Raises
+    :class:`RunFolderBusy` when a live run holds it."""
+    if _global_rank() != 0:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "command": " ".join(argv or sys.argv)}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = holder(folder) or {}
+            why = _stale(held)
+            if why is None:
+                raise RunFolderBusy(
+                    f"{folder} is in use by another run: pid {held.get('pid')} on {held.get('host')}, started "
+                    f"{held.get('started')}: {held.get('command')!r}. Wait for it to finish, stop it, or train into "
+                    f"another folder (--trainer.default_root_dir=...). If that run is gone (e.g. its machine "
+                    f"crashed), delete {path}.") from None
+            echo(f"{path}: taking over the lock ({why})")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        atexit.register(release, path, os.getpid())
+        return path
+    raise RunFolderBusy(f"{path}: could not take the lock (another run took it at the same time)")
+
+
+def release(path: str | os.PathLike, pid: int | None = None) -> None:
+    """Remove the lock if this process (or ``pid``) holds it."""
+    path = Path(path)
+    record = holder(path.parent)
+    if record is not None and record.get("pid") == (pid or os.getpid()):
+        path.unlink(missing_ok=True)
