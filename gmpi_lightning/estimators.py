@@ -227,9 +227,11 @@ class PoseCNN(nn.Module):
         return self.head(self.features(_resize(images, self.input_size)))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """B x 128: the regression head's hidden layer, a description of what the network reads pose from (the
-        features of ``est_fd``, a Fréchet distance of fakes to reals in this space)."""
-        return self.head[:3](self.features(_resize(images, self.input_size)))
+        """B x C: the last convolutional features averaged over the image, i.e. which features (eyes, hair, skin,
+        background) the network sees, not where: the space of ``est_fd``, a Fréchet distance of fakes to reals that
+        measures appearance without being dominated by the fakes' pose distribution (the regression head's hidden
+        layer is: it encodes the pose)."""
+        return self.features(_resize(images, self.input_size)).mean(dim=(2, 3))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_normalized(images) * self.pose_std + self.pose_mean

@@ -256,7 +256,7 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
                 "shading": (2, {"model.shading": 2}), "learning_curve": (2, {"config": 2}),
                 "official_parts": (2, {"config": 2}),
                 "where_3d": (6, {"model.r1_gamma": 3, "model.alpha_init_logit": 2}), "suspects": (5, {"config": 5}),
-                "priors": (6, {"model.channel_max": 3, "model.lr": 2})}
+                "priors": (4, {"model.channel_max": 2, "model.lr": 2})}
     for path in files:
         sw = sweeps.load_sweep(path)
         base = "experiments/synthetic_stylegan2.yaml" if sw.name == "priors" else "experiments/synthetic.yaml"
