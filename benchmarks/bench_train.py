@@ -54,7 +54,7 @@ def profiling():
     import importlib.util
 
     if "bench_profiling" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_profiling", HERE / "gmpi_lightning" / "profiling.py")
+        spec = importlib.util.spec_from_file_location("bench_profiling", HERE / "benchmarks" / "profiling.py")
         sys.modules["bench_profiling"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["bench_profiling"])
     return sys.modules["bench_profiling"]

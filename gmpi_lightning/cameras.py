@@ -1,4 +1,4 @@
-"""Cameras in GMPI's conventions (GMPI_SPEC §1). Pure functions of tensors.
+"""Cameras in GMPI's conventions (docs/METHOD.md §1). Pure functions of tensors.
 
 * World (MPI) frame: +X right, +Y down, +Z forward. Cameras: OpenCV (x right, y down, z forward);
   ``c2w`` columns are the camera axes and centre in world coordinates.

@@ -105,7 +105,7 @@ class PinnedLatent(nn.Module):
     def __init__(self, G, ws: torch.Tensor):
         super().__init__()
         self.G, self.ws = G, ws
-        self.img_resolution, self.alpha_mode = G.img_resolution, G.alpha_mode
+        self.img_resolution, self.alpha_mode, self.alpha = G.img_resolution, G.alpha_mode, G.alpha
 
     def forward(self, z, c=None, plane_depths=None, noise_mode: str = "const", plane_chunk=None,
                 opaque_background=None, **_) -> torch.Tensor:

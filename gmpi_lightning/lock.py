@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import RunFolderBusy
+
 LOCK_NAME = ".run.lock"
-
-
-class RunFolderBusy(RuntimeError):
-    """Another live run holds this run folder."""
 
 
 def _alive(pid: int) -> bool:

@@ -1,6 +1,6 @@
 """Training modules: the 2D GAN phases (:class:`GANModule`) and what GMPI adds to them (:class:`GMPIModule`).
 
-One iteration, as the official training loop (GMPI_SPEC §6.4):
+One iteration, as the official training loop (docs/METHOD.md §6):
 
     D step: fakes = render(G(z) [shaded after shading_start], one prior pose per z); reals with their poses;
             loss = softplus(-D(real)) + softplus(D(fake)) [+ r1_every * R1 (gamma/2 ||grad_x D(real)||^2) every
@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import cameras
 from .losses import d_logistic_loss, ema_update, g_nonsaturating_loss, r1_penalty, stylegan2_ema_beta, torch_ema_beta
+from .nn.alpha import alpha_branch
 from .nn.discriminator import Discriminator, PoseConditionedDiscriminator
 from .nn.gmpi import GMPIGenerator
 from .nn.synthesis import Generator
@@ -456,7 +457,7 @@ class GMPIModule(GANModule):
     def build_networks(self, G2d, D2d):
         a = self._gmpi_args
         token_depths = (self.preset.normalized_plane_depths(a["train_planes"]).tolist()
-                        if a["alpha_mode"] == "learnable_tokens" else None)
+                        if alpha_branch(a["alpha_mode"]).uses_tokens else None)
         G = GMPIGenerator.from_stylegan2(G2d, alpha_mode=a["alpha_mode"], pos_enc_multires=a["pos_enc_multires"],
                                          n_train_planes=a["train_planes"], token_depths=token_depths,
                                          alpha_init_gain=a["alpha_init_gain"], alpha_init_logit=a["alpha_init_logit"],

@@ -1,4 +1,4 @@
-"""MPI rendering and shading (GMPI_SPEC §4). Pure functions of tensors, float32, differentiable in the MPI.
+"""MPI rendering and shading (docs/METHOD.md §4). Pure functions of tensors, float32, differentiable in the MPI.
 
 An MPI is ``B x L x 4 x Ht x Wt`` RGBA in [0, 1], plane 0 nearest, fixed in the world frame. A view
 is rendered by intersecting each pixel's ray with every plane ``z = d_i``, sampling the plane's
@@ -180,7 +180,7 @@ def light_direction(yaw, pitch, sphere_center_z: float, sphere_r: float) -> torc
 
 def sample_light(n: int, yaw_mean=0.0, yaw_std=0.2, pitch_mean=0.2, pitch_std=0.05, n_stds=2.0,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Light (yaw, pitch) per MPI: in front of the face and slightly above (GMPI_SPEC §4.3)."""
+    """Light (yaw, pitch) per MPI: in front of the face and slightly above (docs/METHOD.md §4.3)."""
     return (truncated_normal(n, yaw_mean, yaw_std, n_stds, generator),
             truncated_normal(n, pitch_mean, pitch_std, n_stds, generator))
 

@@ -2,11 +2,11 @@
 
 A run is a base experiment + overlays + overrides, resolved exactly as ``gmpi fit`` parses them (:func:`resolve`:
 repeated --config files merge in order, then --key=value), with every output in one folder (:func:`reroot`).
-:func:`train` writes RUN/config.yaml (and RUN/params.json, what the run varies), runs ``gmpi fit --config RUN/config.yaml --ckpt_path last`` (Lightning resumes
-from RUN/checkpoints/last*.ckpt, or starts fresh) and, when it succeeds, RUN/done.json with the config's hash;
-:func:`write_table` writes the results as CSV and markdown. A folder whose config.yaml is another experiment (more
-than ``model.max_iters`` differs) is moved aside, never resumed from. ``python -m gmpi_lightning.runs resume fit
-ARGS`` prints the checkpoint a SLURM job restarts from.
+:func:`train` writes RUN/config.yaml (and RUN/params.json, what the run varies), runs ``gmpi fit --config
+RUN/config.yaml --ckpt_path last`` (Lightning resumes from RUN/checkpoints/last*.ckpt, or starts fresh) and, when it
+succeeds, RUN/done.json with the config's hash; :func:`write_table` writes the results as CSV and markdown. A folder
+whose config.yaml is another experiment (more than ``model.max_iters`` differs) is moved aside, never resumed from.
+``python -m gmpi_lightning.runs resume fit ARGS`` prints the checkpoint a SLURM job restarts from.
 """
 
 import csv

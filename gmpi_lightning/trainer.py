@@ -15,16 +15,14 @@ whenever more than one device is used.
 
 from __future__ import annotations
 
-import importlib
-
 from jsonargparse import capture_parser
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 
+from datamodules.posed_images import PosedImageDataModule
+
 from . import lock
 from .module import GANModule
-
-DATAMODULE = "datamodules.posed_images.PosedImageDataModule"  # named, not imported: datamodules/ uses this package
 
 DEFAULT_MODEL = "gmpi_lightning.module.GMPIModule"
 
@@ -57,9 +55,8 @@ class GMPICLI(LightningCLI):
 
 
 def run_lightning_cli(argv: list[str] | None, **parser_kwargs) -> GMPICLI:
-    module, _, name = DATAMODULE.rpartition(".")
-    datamodule = getattr(importlib.import_module(module), name)
-    return GMPICLI(GANModule, datamodule, subclass_mode_model=True, args=argv, save_config_kwargs={"overwrite": True},
+    return GMPICLI(GANModule, PosedImageDataModule, subclass_mode_model=True, args=argv,
+                   save_config_kwargs={"overwrite": True},
                    trainer_defaults={"max_epochs": -1, "log_every_n_steps": 10, "num_sanity_val_steps": 0},
                    parser_kwargs={"default_env": True, **parser_kwargs})
 

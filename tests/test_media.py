@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from callbacks.media import MediaRenderer, MeshExport, SampleGrid, SweepVideo, run_dir
+from callbacks.media import MeshExport, SampleGrid, SweepVideo, module_sampler, run_dir
 from gmpi_lightning import export
 from gmpi_lightning.cli import main as gmpi_main
 from gmpi_lightning.module import GMPIModule, StyleGAN2Module
@@ -144,10 +144,10 @@ def test_sweep_video_reads_back(module, tmp_path):
     frames = iio.imread(files[1], plugin="pyav").astype(np.float64)
     assert frames.shape == (7, r, 2 * r, 3)  # RGB | depth
     # frame 0 is seed 3 at the first sweep pose (h264 is lossy: close to it, far from seed 0's)
-    renderer = MediaRenderer(module, resolution=r)
+    sampler = module_sampler(module, resolution=r)
     yaw, pitch = export.sweep_poses("yaw", 7, module.preset.yaw_mean, module.preset.pitch_mean)[0]
-    with renderer.sampling():
-        ref3, ref0 = (np.concatenate(renderer.view(renderer.mpi(s), yaw, pitch), axis=1) for s in (3, 0))
+    with sampler.sampling():
+        ref3, ref0 = (np.concatenate(sampler.view(sampler.mpi(s), yaw, pitch), axis=1) for s in (3, 0))
     err = np.abs(frames[0] - ref3).mean()
     assert err < 10 and err < 0.5 * np.abs(frames[0] - ref0).mean()
     assert np.abs(frames[0] - frames[-1]).mean() > 2 * err  # the camera moved

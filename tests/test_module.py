@@ -348,7 +348,7 @@ def test_an_iteration_reads_back_one_value_per_optimiser_step(shards, tmp_path):
     """Host reads of tensor values (each one a device synchronisation on a GPU) per iteration, counted from batch start
     to the next batch start: our code reads exactly one per optimiser step (the finiteness of gradient norm + loss),
     plus one transfer of the logged values on logging iterations (every 4th here)."""
-    from gmpi_lightning.profiling import IterationProbe
+    from benchmarks.profiling import IterationProbe
 
     torch.manual_seed(8)
     model = GMPIModule(**dict(TINY, max_iters=8, batch_split=2, shading_start=1))

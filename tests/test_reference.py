@@ -1,4 +1,4 @@
-"""Reference rows (issue 12): the ground-truth MPI reproduces its input view and turns like the head; the billboard
+"""Reference rows: the ground-truth MPI reproduces its input view and turns like the head; the billboard
 does not; the harmonic fill; the rows through ``gmpi evaluate --reference``; data without a renderable truth."""
 
 import json

@@ -7,7 +7,8 @@ import torch
 
 from gmpi_lightning import export
 from gmpi_lightning.cli import main as gmpi_main
-from gmpi_lightning.inference import load_generator, parse_seeds
+from gmpi_lightning.commands import parse_seeds
+from gmpi_lightning.inference import load_generator
 from gmpi_lightning.io import save_gmpi_checkpoint
 from gmpi_lightning.nn.gmpi import GMPIGenerator
 from gmpi_lightning.presets import get_preset
@@ -85,7 +86,7 @@ def test_render_errors_are_clear(small_ckpt, tmp_path, capsys):
     assert "rays leave the background plane" in capsys.readouterr().err
     with pytest.raises(ValueError, match="parse seeds"):
         parse_seeds("a-b")
-    assert parse_seeds("0-2,7") == [0, 1, 2, 7]
+    assert parse_seeds("0-2,7") == (0, 1, 2, 7)
 
 
 def test_mesh_of_a_known_surface():

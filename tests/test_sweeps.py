@@ -13,6 +13,7 @@ import yaml
 
 from datamodules.converters import convert_synthetic
 from gmpi_lightning import cli, runs, sweeps
+from gmpi_lightning.commands import Seeds, parse_seeds
 from gmpi_lightning.sweeps import SweepError
 from tests.conftest import REPO
 
@@ -315,7 +316,7 @@ def test_seed_axis_repeats_every_arm_and_summarises_mean_and_sd(tmp_path, capsys
     clash = sweeps.load_sweep(_write(tmp_path, _sweep(parameters={"seed_everything": {"values": [1, 2]}}), "c.yaml"))
     with pytest.raises(SweepError, match="drop --seeds"):
         sweeps.plan(clash, tmp_path / "out", seeds=[0, 1])
-    assert sweeps._seed_list("0-2,7") == [0, 1, 2, 7]
+    assert sweeps.Seeds is Seeds and parse_seeds("0-2,7") == (0, 1, 2, 7)  # the flag's type: ranges and numbers
     assert cli.main(["sweep-local", str(sw.path), "--seeds", "3-4", "--dry-run", "--out", str(tmp_path / "d")]) == 0
     printed = capsys.readouterr().out
     assert printed.count("--seed_everything=3 --data.seed=3") == 2 and "4 runs" in printed

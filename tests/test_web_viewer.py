@@ -27,7 +27,7 @@ from gmpi_lightning.web.headless import Chromium, find_chromium
 
 RES = 32
 PLANES = 24
-MAD_LIMIT = 3.0  # grey levels (of 255) per channel, the bar
+MAD_LIMIT = 3.0  # grey levels (of 255) per channel: the acceptance bar
 CHROMIUM = find_chromium()
 
 

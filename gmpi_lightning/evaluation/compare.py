@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 from ..data import read_card, resolve_shards
-from .reference import KINDS, TRUTH_PROVIDERS
+from .reference import KINDS, TRUTH_RENDERERS
 
 COLUMNS = ["fid", "kid", "pose", "pose_yaw_slope", "depth", "depth_fd", "consistency_photo_l1", "consistency_depth_err",
            "semi_transparent", "depth_relief"]
@@ -114,7 +114,7 @@ def reference_rows(data: str, preset, metrics: list[str], num_samples: int, plan
                    cache: Path, device: str = "cpu") -> list[dict]:
     """The reference rows (:mod:`.reference`) as table rows, for data whose ground truth can be rendered (else
     none), from ``cache`` when it answers the same request."""
-    if read_card(data).get("source") not in TRUTH_PROVIDERS:
+    if read_card(data).get("source") not in TRUTH_RENDERERS:
         return []
     want = dict(evaluation_request(Path(data) / "dataset.json", data, metrics, num_samples, planes, None, estimators,
                                    device), preset=preset.to_dict())
@@ -174,7 +174,7 @@ def sample_figure(ckpts: list[tuple[str, Path]], path: Path, seeds=(0, 1), yaws=
         tiles.append(row([scene.render_pose(mpi, torch.full((n,), y), torch.zeros(n), resolution=res)
                           for y in yaws], preset))
         labels.append(label)
-    if data is not None and preset is not None and read_card(data).get("source") in TRUTH_PROVIDERS:
+    if data is not None and preset is not None and read_card(data).get("source") in TRUTH_RENDERERS:
         truth, scene = load_truth(data, preset.resolution), Scene(preset, planes)
         gt = [truth.views(seeds, torch.full((n,), y), torch.zeros(n)) for y in yaws]
         tiles.append(row([dict(v, alpha=torch.ones_like(v["depth"])) for v in gt], preset))

@@ -267,7 +267,8 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     if "est_features" in per:
         real_f = real_estimator_features(data, est[0], num_real or EST_FD_REALS, device=device)
         result["metrics"]["est_fd"] = geometry.frechet_distance(real_f, per["est_features"])
-        result["details"]["est_fd"] = {"num_real": int(real_f.shape[0]), "feature": "PoseCNN.embed: conv features, image mean",
+        result["details"]["est_fd"] = {"num_real": int(real_f.shape[0]),
+                                       "feature": "PoseCNN.embed: conv features, image mean",
                                        "bootstrap_se": geometry.frechet_bootstrap_se(real_f, per["est_features"])}
     for k in ("pose_error", "depth_error"):
         if k in per:
