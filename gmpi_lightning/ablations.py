@@ -115,7 +115,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-iters", type=int, help=f"training length (default: {CPU_MAX_ITERS} else the base's)")
     ap.add_argument("--stage", default="all", choices=["train", "eval", "all"])
     ap.add_argument("--metrics", help="checked before training (default: consistency,depth_fd,pose,depth where the "
-                    "base's data has depth, plus fid,kid when Inception weights are found; else fid,kid,consistency)")
+                    "base's data has depth, plus fid,kid,pr,is when Inception weights are found; else "
+                    "fid,kid,pr,is,consistency)")
     ap.add_argument("--num-samples", type=int, default=256, help="fakes per row")
     ap.add_argument("--planes", type=int, default=96, help="planes at inference for every row")
     ap.add_argument("--inception", default=os.environ.get("GMPI_INCEPTION_WEIGHTS") or None,
