@@ -70,7 +70,8 @@ def weights_warning(weights: Path, sha256: str) -> str | None:
     if sha256.startswith(expected):
         return None
     return (f"the Inception weights file {weights} has sha256 {sha256[:8]}..., not {expected}... as torch-fidelity's "
-            f"{INCEPTION_FILE}: its FID/KID compare only with numbers computed with the same file")
+            f"{INCEPTION_FILE}: its FID, KID, precision/recall and IS compare only with numbers computed with the same "
+            f"file")
 
 
 def resolve_estimators(estimators, metrics: list[str], device) -> tuple:
