@@ -10,7 +10,8 @@ training plane count unless ``planes`` is given.
 Runs every ``every_n_iters`` GMPI iterations (the module's own counter, not ``global_step``, which counts two
 optimiser steps per iteration) and at the end of training, on the EMA generator. Under DDP every rank renders
 its share of the seeds and the results are gathered once; rank 0 logs ``eval/<metric>`` to every logger and
-appends a line to ``<log dir>/eval.jsonl``. FID/KID need the Inception weights file (see
+appends a line to ``<log dir>/eval.jsonl``. FID, KID, precision/recall (``pr``: ``eval/precision``,
+``eval/recall``) and the Inception Score (``is``: ``eval/is``) need the Inception weights file (see
 :mod:`gmpi_lightning.evaluation.inception`); a missing file stops the run at its start, not after hours.
 """
 
@@ -23,7 +24,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from callbacks.media import run_dir
-from gmpi_lightning.evaluation.evaluate import NEEDS_DATA, NEEDS_ESTIMATORS, evaluate, json_safe, parse_metrics
+from gmpi_lightning.evaluation.evaluate import (
+    INCEPTION_METRICS,
+    NEEDS_DATA,
+    NEEDS_ESTIMATORS,
+    evaluate,
+    json_safe,
+    parse_metrics,
+)
 from gmpi_lightning.evaluation.fakes import IMAGE_METRICS, FakeSettings, iter_images_2d
 
 
@@ -53,7 +61,7 @@ class EvaluationCallback(pl.Callback):
             raise FileNotFoundError(f"EvaluationCallback: metrics pose/depth need the estimator file "
                                     f"{self.estimators}, which is not there: `make estimators` writes "
                                     f"runs/estimators/synthetic32.pt (or drop pose,depth from the metrics)")
-        if {"fid", "kid"} & set(self.metrics):
+        if INCEPTION_METRICS & set(self.metrics):
             from gmpi_lightning.evaluation.inception import resolve_weights
 
             resolve_weights(self.inception)  # fail now, with the instructions, rather than at the first evaluation

@@ -117,7 +117,7 @@ def ablations(data: str = "synthetic", rows: str = "all", out: str | None = None
         max_iters: training length (default: the CPU length of the synthetic base, else the base's).
         stage: train, eval or all.
         metrics: checked before training (default: consistency,depth_fd,pose,depth where the base's data has depth,
-            plus fid,kid when Inception weights are found; else fid,kid,consistency).
+            plus fid,kid,pr,is when Inception weights are found; else fid,kid,pr,is,consistency).
         num_samples: fakes per row.
         planes: planes at inference for every row.
         inception: Inception weights for fid/kid (default: $GMPI_INCEPTION_WEIGHTS, else torch.hub's cache).

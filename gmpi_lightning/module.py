@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import cameras
+from .augment import AdaptiveP, PoseSafeAugment
 from .losses import d_logistic_loss, ema_update, g_nonsaturating_loss, r1_penalty, stylegan2_ema_beta, torch_ema_beta
 from .nn.alpha import alpha_branch
 from .nn.discriminator import Discriminator, PoseConditionedDiscriminator
@@ -70,6 +71,12 @@ class GANModule(pl.LightningModule):
             optimiser steps).
         max_nonfinite: stop with an error after this many consecutive non-finite steps (each is skipped).
         export_path: at the end of fit, write the inference file there (``gmpi render`` reads it).
+        augment, augment_p, augment_ops, ada_target, ada_interval, ada_kimg: pose-safe augmentation of every image D
+            trains on (``gmpi_lightning.augment``; docs/SMALL_DATA.md). ``none`` (official, default), ``ada``
+            (StyleGAN2-ADA's adaptive p, starting at ``augment_p``, updated every ``ada_interval`` iterations towards
+            r_t = ``ada_target``, able to go from 0 to 1 in ``ada_kimg`` thousand reals) or ``fixed`` (p =
+            ``augment_p``). The reals and the fakes of both phases are augmented; R1 is the gradient with respect
+            to the reals before augmentation; the worst-view scoring sees renders as they are.
     """
 
     mode = "gan"
@@ -85,7 +92,11 @@ class GANModule(pl.LightningModule):
                  ema: str = "stylegan2", ema_kimg: float = 10.0, ema_rampup: float | None = 0.05,
                  ema_decay: float = 0.999,
                  # run
-                 max_iters: int = 5000, max_nonfinite: int = 20, export_path: str | None = None):
+                 max_iters: int = 5000, max_nonfinite: int = 20, export_path: str | None = None,
+                 # augmentation of what D sees (small datasets)
+                 augment: str = "none", augment_p: float = 0.0,
+                 augment_ops: tuple[str, ...] = ("translate", "brightness", "contrast", "cutout"),
+                 ada_target: float = 0.6, ada_interval: int = 4, ada_kimg: float = 100.0):
         super().__init__()
         self.save_hyperparameters()
         if ema not in ("stylegan2", "torch_ema"):
@@ -96,12 +107,14 @@ class GANModule(pl.LightningModule):
         self.preset = get_preset(preset, **({"resolution": resolution} if resolution else {}))
         self.G, self.D = self.build_networks(*self._backbone())
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.d_augment, self.ada = self.build_augmentation()
         # our counters (checkpointed in on_save_checkpoint)
         self.iteration, self.nimg, self.ema_updates = 0, 0, 0
         self.nonfinite_in_row, self.nonfinite_total = 0, 0
         self._rng: torch.Generator | None = None
         self._rng_state: torch.Tensor | None = None  # a resumed stream, applied when the generator is made
         self._t_last, self._logs = None, {}
+        self._signs_since_log: torch.Tensor | None = None  # (sum of sign(D(real)), count) for the logged r_t
 
     # --------------------------------------------------------------------------------------- networks
     def _backbone(self) -> tuple[Generator, Discriminator]:
@@ -154,6 +167,40 @@ class GANModule(pl.LightningModule):
     def export(self, path: str | Path) -> Path:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------------------------- augmentation of D's input
+    def build_augmentation(self) -> tuple[PoseSafeAugment | None, AdaptiveP | None]:
+        hp = self.hparams
+        if hp.augment not in ("none", "ada", "fixed"):
+            raise ValueError(f"augment must be 'none', 'ada' or 'fixed', got {hp.augment!r}")
+        if hp.augment == "none":
+            return None, None
+        if hp.ada_interval < 1:
+            raise ValueError(f"ada_interval must be >= 1, got {hp.ada_interval}")
+        return PoseSafeAugment(hp.augment_ops), AdaptiveP(hp.augment_p, hp.ada_target, hp.ada_kimg,
+                                                          adaptive=hp.augment == "ada")
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """What D trains on: ``images`` augmented with the current p (draws from this rank's stream), or as they are
+        when augmentation is off."""
+        return images if self.d_augment is None else self.d_augment(images, self.ada.p, self.rng)
+
+    @torch.no_grad()
+    def observe_real_logits(self, real_logits: torch.Tensor) -> dict:
+        """StyleGAN2-ADA's overfitting heuristic r_t = E[sign(D(real))] since the last logged iteration (logged as
+        ``ada_rt`` with or without augmentation) and, with ``augment: ada``, p's update every ``ada_interval``
+        iterations from every rank's signs."""
+        s = real_logits.detach().float().sign()
+        signs = torch.stack([s.sum(), torch.ones_like(s).sum()])
+        self._signs_since_log = signs if self._signs_since_log is None else self._signs_since_log + signs
+        logs = {"ada_rt": self._signs_since_log[0] / self._signs_since_log[1]}
+        if self.ada is not None:
+            self.ada.observe(real_logits)
+            if (self.iteration + 1) % self.hparams.ada_interval == 0:
+                strategy = self._trainer.strategy if self._trainer is not None else None
+                self.ada.update(None if strategy is None else lambda t: strategy.reduce(t, reduce_op="sum"))
+            logs["augment_p"] = self.ada.p.clone()
+        return logs
+
     # ------------------------------------------------------------------------------------------ randomness
     @staticmethod
     def run_seed() -> int:
@@ -182,7 +229,10 @@ class GANModule(pl.LightningModule):
 
     def _gather_rng_states(self) -> torch.Tensor:
         """Every rank's stream state (world x bytes); a collective: on_save_checkpoint runs on every rank."""
-        state = self.rng.get_state()
+        return self._gather_per_rank(self.rng.get_state())
+
+    def _gather_per_rank(self, state: torch.Tensor) -> torch.Tensor:
+        """Every rank's copy of a 1-d ``state`` (world x n, on the CPU); a collective."""
         if self._trainer is None or self.trainer.world_size == 1:
             return state[None]
         return self.trainer.strategy.all_gather(state.to(self.device)).reshape(self.trainer.world_size, -1).cpu()
@@ -226,6 +276,9 @@ class GANModule(pl.LightningModule):
         checkpoint["model_mode"] = self.mode
         checkpoint["gmpi_state"] = {**{k: getattr(self, k) for k in self.COUNTERS},
                                     "rng": {"device_type": self.device.type, "states": self._gather_rng_states()}}
+        if self.ada is not None:  # p (equal on every rank) and every rank's signs since p's last update
+            checkpoint["gmpi_state"]["ada"] = {"p": self.ada.p.detach().cpu().clone(),
+                                               "signs": self._gather_per_rank(self.ada.signs.detach())}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         s = checkpoint.get("gmpi_state", {})
@@ -243,6 +296,10 @@ class GANModule(pl.LightningModule):
                            f"bit-identically)")
             self._rng_state = None
         self._rng = None
+        ada = s.get("ada")
+        if self.ada is not None and ada is not None:  # else p starts at augment_p (a run that had no augmentation)
+            self.ada.p.copy_(ada["p"])
+            self.ada.signs.copy_(ada["signs"][rank] if len(ada["signs"]) == world else torch.zeros(2))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -260,8 +317,8 @@ class GANModule(pl.LightningModule):
             cond = self.sample_condition(b, self.rng)
             fake = self.fake_images(self.G, self.sample_z(b), cond, self.rng)
         with self.toggled_optimizer(opt):
-            real_logits = self.D(real, self.real_condition(batch))
-            fake_logits = self.D(fake, self.d_condition(cond))
+            real_logits = self.D(self.augment(real), self.real_condition(batch))  # R1: gradient w.r.t. `real`
+            fake_logits = self.D(self.augment(fake), self.d_condition(cond))
             loss = d_logistic_loss(real_logits, fake_logits)
             r1 = torch.zeros((), device=self.device)
             if real.requires_grad:
@@ -270,7 +327,7 @@ class GANModule(pl.LightningModule):
             self.manual_backward(loss + r1)
             self._finish_step(opt, (loss + r1).detach(), self.D)
         return {"loss_d": loss.detach(), "r1": r1.detach(), "logits_real": real_logits.detach().mean(),
-                "logits_fake": fake_logits.detach().mean()}
+                "logits_fake": fake_logits.detach().mean(), **self.observe_real_logits(real_logits)}
 
     def g_step(self, b: int, opt) -> dict:
         z = self.sample_z(b)
@@ -282,7 +339,7 @@ class GANModule(pl.LightningModule):
             total = torch.zeros((), device=self.device)
             for i, (lo, hi) in enumerate(bounds):
                 c = None if cond is None else cond[lo:hi]
-                logits = self.D(self.fake_images(self.G, z[lo:hi], c, self.rng), self.d_condition(c))
+                logits = self.D(self.augment(self.fake_images(self.G, z[lo:hi], c, self.rng)), self.d_condition(c))
                 loss = g_nonsaturating_loss(logits) / chunks
                 block_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
                 if i < chunks - 1 and block_sync is not None:  # accumulate without an all-reduce per chunk (DDP)
@@ -352,6 +409,7 @@ class GANModule(pl.LightningModule):
         first_or_last = self.iteration == 1 or self.iteration >= self.hparams.max_iters or self.trainer.fast_dev_run
         if self.iteration % every and not first_or_last:
             return
+        self._signs_since_log = None  # the logged r_t covers the iterations since the previous log
         if self._t_last is not None:
             t0, it0 = self._t_last
             logs["img_per_s"] = batch_total * (self.iteration - it0) / max(now - t0, 1e-9)

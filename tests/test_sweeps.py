@@ -257,7 +257,7 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
                 "shading": (2, {"model.shading": 2}), "learning_curve": (2, {"config": 2}),
                 "official_parts": (2, {"config": 2}),
                 "where_3d": (6, {"model.r1_gamma": 3, "model.alpha_init_logit": 2}), "suspects": (5, {"config": 5}),
-                "priors": (4, {"model.channel_max": 2, "model.lr": 2})}
+                "priors": (4, {"model.channel_max": 2, "model.lr": 2}), "small_data": (2, {"model.augment": 2})}
     for path in files:
         sw = sweeps.load_sweep(path)
         base = "experiments/synthetic_stylegan2.yaml" if sw.name == "priors" else "experiments/synthetic.yaml"
@@ -269,6 +269,10 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
             assert (official["alpha_init_gain"], official["shading"]) == (1.0, True)
             assert (current["alpha_init_gain"], current["shading"]) == (0.3, False)
             assert official["max_iters"] == current["max_iters"] == 4000
+        if sw.name == "small_data":  # the overlay's 500 images and a p that can move within the run
+            model = [runs.init_args(r.config, "model") for r in planned]
+            assert [m["augment"] for m in model] == ["none", "ada"] and {m["ada_kimg"] for m in model} == {10.0}
+            assert {runs.init_args(r.config, "data")["data"] for r in planned} == {"data/synthetic32_500"}
         if sw.name in expected:
             n, varied = expected[sw.name]
             assert len(planned) == n and len({json.dumps(r.params) for r in planned}) == n
@@ -277,7 +281,8 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
             cfg, run_dir = r.config, str(r.dir)
             trainer = cfg["trainer"]
             assert trainer["default_root_dir"] == run_dir
-            assert runs.init_args(cfg, "model")["export_path"] == f"{run_dir}/{'stylegan2' if 'stylegan2' in base else 'gmpi'}.pt"
+            export = "stylegan2" if "stylegan2" in base else "gmpi"
+            assert runs.init_args(cfg, "model")["export_path"] == f"{run_dir}/{export}.pt"
             assert all(runs.init_args(cfg, "model")[k[6:]] == v for k, v in r.params.items() if k.startswith("model."))
             assert all(lg["init_args"]["save_dir"] == run_dir for lg in trainer["logger"])
             ckpt = [cb for cb in trainer["callbacks"] if "dirpath" in cb["init_args"]]  # the checkpoint callback
