@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     p = get_preset(model_args["preset"])
     bins = torch.linspace(p.yaw_mean - p.n_truncated_stds * p.yaw_std, p.yaw_mean + p.n_truncated_stds * p.yaw_std, 5)
     print(f"yaw bins: {[round(b, 2) for b in bins.tolist()]}")
-    print("| d_pose_init | seed | 2D D real | 2D D fake | 2D gap | pose D real | pose D fake | pose gap | gain per yaw |")
+    print("| d_pose_init | seed | 2D D real | 2D D fake | 2D gap | pose D real | pose D fake | pose gap | "
+          "gain per yaw |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for init in args.inits.split(","):

@@ -39,11 +39,10 @@ def time_stage(config: str, data: Path, iters: int, warmup: int, prior_arch: dic
 
     import lightning.pytorch as pl
     import torch
+    from profiling import IterationProbe  # benchmarks/profiling.py, beside this script
 
     from datamodules.posed_images import PosedImageDataModule
-
     from gmpi_lightning import runs
-    from profiling import IterationProbe  # benchmarks/profiling.py, beside this script
 
     cfg = runs.resolve(["--config", config])
     cls_path, args = _model_args(cfg)

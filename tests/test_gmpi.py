@@ -21,8 +21,8 @@ from gmpi_lightning.io import (
     save_gmpi_checkpoint,
 )
 from gmpi_lightning.nn import Discriminator, Generator
+from gmpi_lightning.nn.alpha import instance_normalize
 from gmpi_lightning.nn.discriminator import PoseConditionedDiscriminator
-from gmpi_lightning.nn.alpha import ALPHA_MODES, instance_normalize
 from gmpi_lightning.nn.gmpi import GMPIGenerator, border_background, positional_encoding, token_interpolation
 from gmpi_lightning.planes import preset_planes
 from gmpi_lightning.presets import get_preset
