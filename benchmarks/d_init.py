@@ -27,6 +27,7 @@ import torch
 from gmpi_lightning import runs
 from gmpi_lightning.data import collate, read_samples, resolve_shards
 from gmpi_lightning.module import GMPIModule
+from gmpi_lightning.networks import stylegan2_backbone
 
 
 def real_batch(data: str, n: int) -> dict:
@@ -42,11 +43,11 @@ def real_batch(data: str, n: int) -> dict:
 @torch.no_grad()
 def measure(model: GMPIModule, D2d, reals: dict, n_fake: int, yaw_bins: torch.Tensor, seed: int) -> dict:
     g = torch.Generator().manual_seed(10_000 + seed)
-    c2w = model.sample_condition(n_fake, g)
-    fakes = model.fake_images(model.G, model.sample_z(n_fake, g), c2w, g, shade=False, noise_mode="const")
+    c2w = model.fakes.sample(n_fake, g)
+    fakes = model.fakes.images(model.G, model.sample_z(n_fake, g), c2w, g, noise_mode="const")
     out = {"d2d_real": D2d(reals["image"])[:, 0], "d2d_fake": D2d(fakes)[:, 0],
-           "dpose_real": model.D(reals["image"], model.real_condition(reals))[:, 0],
-           "dpose_fake": model.D(fakes, model.d_condition(c2w))[:, 0]}
+           "dpose_real": model.D(reals["image"], model.fakes.real_condition(reals))[:, 0],
+           "dpose_fake": model.D(fakes, model.fakes.condition(c2w))[:, 0]}
     row = {k: float(v.mean()) for k, v in out.items()}
     row["gap_2d"], row["gap_pose"] = row["d2d_real"] - row["d2d_fake"], row["dpose_real"] - row["dpose_fake"]
     # gain per yaw: the same images (reals and fakes) judged at each bin's camera, against the 2D logit
@@ -55,7 +56,7 @@ def measure(model: GMPIModule, D2d, reals: dict, n_fake: int, yaw_bins: torch.Te
     gains = []
     for yaw in yaw_bins.tolist():
         cam = model.scene.camera(torch.full((len(imgs),), yaw), torch.zeros(len(imgs)))
-        logit = model.D(imgs, model.d_condition(cam.float()))[:, 0]
+        logit = model.D(imgs, model.fakes.condition(cam.float()))[:, 0]
         gains.append(float((logit * base).sum() / base.square().sum()))
     row["gain_per_yaw"] = [round(x, 3) for x in gains]
     return row
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
         for seed in (int(s) for s in args.seeds.split(",")):
             pl.seed_everything(seed, verbose=False)
             model = GMPIModule(**{**model_args, "d_pose_init": init}).eval()
-            D2d = model._backbone()[1].eval()  # the pretrained 2D D, as loaded from init_from
+            D2d = stylegan2_backbone(model.hparams.init_from, model.preset)[1].eval()  # the pretrained 2D D
             row = {"d_pose_init": init, "seed": seed, **measure(model, D2d, reals, args.num, bins, seed)}
             rows.append(row)
             print(f"| {init} | {seed} | {row['d2d_real']:.2f} | {row['d2d_fake']:.2f} | {row['gap_2d']:+.2f} | "

@@ -125,9 +125,9 @@ def test_worst_view_selection_picks_min_logit(shards, tmp_path):
 
     model.D = YawD()
     state = model.rng.get_state()
-    chosen = model.select_views(torch.randn(3, 16))
+    chosen = model.fakes.g_step_condition(model.G, model.D, torch.randn(3, 16), model.rng)
     model.rng.set_state(state)  # the candidates are the first draws of the module's stream
-    all_poses = model.sample_condition(15, model.rng).reshape(3, 5, 4, 4)
+    all_poses = model.fakes.sample(15, model.rng).reshape(3, 5, 4, 4)
     yaws = torch.stack([cameras.yaw_pitch_from_w2c(cameras.invert_rigid(all_poses[:, k]), 1.0)[0] for k in range(5)], 1)
     picked = cameras.yaw_pitch_from_w2c(cameras.invert_rigid(chosen), 1.0)[0]
     assert max_err(picked, yaws.min(dim=1).values) < 1e-5
@@ -138,7 +138,7 @@ def test_shading_schedule_in_training(shards, tmp_path):
     model = GMPIModule(**dict(TINY, max_iters=3, shading_start=1, shading_grow=4, shading_schedule="as_coded"))
     _trainer(tmp_path).fit(model, _dm(shards))
     # iterations 2 and 3 shade: 2 calls each (D step, G step) -> 4 calls -> full strength
-    assert model.shading_calls == 4 and model._last_shading == pytest.approx(0.9 + 0.1)
+    assert model.fakes.shading_calls == 4 and model.fakes.last_shading == pytest.approx(0.9 + 0.1)
 
 
 def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path):
@@ -177,10 +177,10 @@ def test_bf16_autocast_losses_close_to_fp32(shards):
     def losses():
         model.rng.manual_seed(9)
         z = model.sample_z(4)
-        c2w = model.sample_condition(4, model.rng)
-        fake = model.fake_images(model.G, z, c2w, shade=False, noise_mode="const")
+        c2w = model.fakes.sample(4, model.rng)
+        fake = model.fakes.images(model.G, z, c2w, noise_mode="const")
         real_logits = model.D(batch["image"], batch["w2c"])
-        fake_logits = model.D(fake, model.d_condition(c2w))
+        fake_logits = model.D(fake, model.fakes.condition(c2w))
         return float(d_logistic_loss(real_logits, fake_logits)), float(g_nonsaturating_loss(fake_logits))
 
     with torch.no_grad():
