@@ -30,7 +30,7 @@ class IterationLog:
         return iteration % every == 0 or iteration == 1 or iteration >= max_iters or bool(trainer.fast_dev_run)
 
     def write(self, module, logs: dict, batch_total: int, batch: int, **scalars) -> None:
-        """Log ``logs`` (device tensors and numbers) and ``scalars`` under ``train/`` (the progress-bar values plain)."""
+        """Log ``logs`` (device tensors, numbers) and ``scalars`` under ``train/`` (progress-bar values plain)."""
         now = time.perf_counter()
         if self._last is not None:
             t0, it0 = self._last
