@@ -68,8 +68,9 @@ def _render(argv: list[str]) -> int:
     p.add_argument("--trajectory", default="yaw", choices=["yaw", "pitch", "circle"])
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--mesh", action="store_true", help="marching cubes over the alpha volume -> PLY")
+    p.add_argument("--mesh", action="store_true", help="marching cubes over the alpha volume -> mesh file(s)")
     p.add_argument("--mesh-level", type=float, default=0.5, help="iso-level on the smoothed alpha volume")
+    p.add_argument("--mesh-format", default="ply", help="mesh files: ply, glb (glTF binary) or both, e.g. ply,glb")
     p.add_argument("--plane-chunk", type=int, help="planes per chunk in generation/compositing (memory)")
     p.add_argument("--allow-outside", action="store_true", help="render rays that miss the background plane "
                                                                "(transparent) instead of stopping")

@@ -155,8 +155,10 @@ def parse_seeds(text: str) -> list[int]:
 def run_render(args) -> None:
     """The `gmpi render` job (arguments as parsed by the CLI)."""
     from . import export
+    from .mesh_io import parse_mesh_formats, write_mesh
 
     seeds = parse_seeds(args.seeds)
+    mesh_formats = parse_mesh_formats(getattr(args, "mesh_format", "ply"))
     loaded = load_generator(args.ckpt, args.config, args.preset, args.device)
     preset, out = loaded.preset, Path(args.out)
     res = args.resolution or loaded.G.img_resolution
@@ -200,7 +202,7 @@ def run_render(args) -> None:
             verts, faces, colors = export.extract_mesh(loaded.G, z, preset, export.mesh_extent(scene.planes.extents),
                                                        level=args.mesh_level, truncation_psi=args.truncation,
                                                        noise_mode=args.noise_mode)
-            export.write_ply(out / f"seed{seed:04d}_mesh.ply", verts, faces, colors)
+            write_mesh(out / f"seed{seed:04d}_mesh", verts, faces, colors, mesh_formats)
             bar.update()
     bar.close()
     print(f"wrote {len(list(out.glob('seed*')))} files to {out}")
