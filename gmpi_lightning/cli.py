@@ -10,6 +10,7 @@
     gmpi sweep-local experiments/sweeps/NAME.yaml [--parallel N]   W&B sweep file, run here without a server
     gmpi ablations --data synthetic          train + evaluate experiments/ablations/* into one table
     gmpi invert --ckpt CKPT --image IMG --out DIR [--pose Y,P] [--views "Y,P;..."] [--video] [--mesh]
+    gmpi poses --ckpt CKPT --images DIR --out poses.json [--min-confidence C]   cameras of your own images
 
 Each subcommand is a small function registered in ``COMMANDS``.
 """
@@ -151,6 +152,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "ablations": (_ablations, "train and evaluate the paper's ablation rows (experiments/ablations/) into one table"),
     "invert": (_named("gmpi_lightning.invert_cli:main"), "one image -> latent + tuned generator, novel views, depth, "
                                                           "video, mesh"),
+    "poses": (_named("gmpi_lightning.poses:main"), "a folder of images -> their cameras (poses.json for gmpi data "
+                                                   "folder), estimated by the generator"),
 }
 
 
