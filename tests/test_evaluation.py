@@ -340,9 +340,8 @@ def test_callback_without_inception_fails_at_start(monkeypatch, tmp_path):
 
     monkeypatch.delenv("GMPI_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cb = EvaluationCallback(metrics="fid", data="unused")
-    with pytest.raises(FileNotFoundError, match=INCEPTION_FILE):
-        cb.setup(None, None, "fit")
+    with pytest.raises(FileNotFoundError, match=INCEPTION_FILE):  # when made: before gmpi fit starts any logger
+        EvaluationCallback(metrics="fid", data="unused")
 
 
 def test_gmpi_evaluate_command_writes_json(shards, tmp_path):
