@@ -10,7 +10,8 @@ ways:
   (``gmpi_lightning.pose_search``), then yaw and pitch learned with the latent in stage 1 (no pivotal tuning: it
   does not move the camera);
 * ``search only``: the search's winner, before the refinement;
-* ``pose CNN``: the pose estimator's reading (``runs/estimators/<data>.pt``; skipped when there is none);
+* ``pose CNN``: the pose estimator's reading (``runs/estimators/<data>.pt``; skipped when there is none), and
+  ``pose CNN + refine``: that reading as the start of the same refinement (``gmpi invert --pose-init cnn``);
 * ``prior mean``: the preset's mean pose for every head (what knowing nothing gives).
 
 ``--source generator`` draws the heads with the checkpoint itself instead (seed k's latent, the same prior poses):
@@ -34,12 +35,13 @@ import numpy as np
 import torch
 
 from datamodules.synthetic import SyntheticConfig, render_heads, sample_poses
+from gmpi_lightning.cameras import pose_range
 from gmpi_lightning.estimators import load_estimators
 from gmpi_lightning.inversion import InvertSettings, invert
 from gmpi_lightning.invert_cli import load_gmpi
 from gmpi_lightning.pose_search import SearchSettings
 
-ROWS = ("search + refine", "search only", "pose CNN", "prior mean")
+ROWS = ("search + refine", "search only", "pose CNN + refine", "pose CNN", "prior mean")
 WRONG = 0.1  # rad: a yaw error this large is a wrong camera, not an imprecise one
 
 
@@ -103,7 +105,12 @@ def main() -> None:
                              "prior mean": [preset.yaw_mean, preset.pitch_mean]}}
         if pose_cnn is not None:
             with torch.no_grad():
-                rec["estimates"]["pose CNN"] = [float(v) for v in pose_cnn(image.cpu() * 2 - 1)[0]]
+                read = [float(v) for v in pose_cnn(image.cpu() * 2 - 1)[0]]
+            (y0, y1), (p0, p1) = pose_range(preset)  # as gmpi invert: a reading outside the prior is clamped
+            start = [min(max(read[0], y0), y1), min(max(read[1], p0), p1)]
+            cnn = invert(G, preset, image, *start, settings=settings, refine_pose=True)
+            rec["estimates"]["pose CNN"] = read
+            rec["estimates"]["pose CNN + refine"] = [cnn.yaw, cnn.pitch]
         heads.append(rec)
         ours = rec["estimates"]["search + refine"]
         print(f"[{n + 1}/{len(indices)}] head {idx} truth {y:+.3f} {p:+.3f}: estimated {ours[0]:+.3f} {ours[1]:+.3f} "
@@ -139,6 +146,7 @@ def write_report(args, heads: list[dict], settings: InvertSettings, search: Sear
     cpu = float(np.mean([h["cpu_seconds"] for h in heads]))
     command = (f"python benchmarks/bench_poses.py --ckpt {args.ckpt} --num {args.num}"
                + (f" --source {args.source}" if args.source != "data" else "")
+               + (f" --steps {args.steps}" if args.steps != InvertSettings.steps else "")
                + "".join(f" --set {kv}" for kv in args.set) + "".join(f" --search {kv}" for kv in args.search))
     lines = [f"`{command}` (checkpoint sha256 {digest}; {len(heads)} held-out heads ({args.source}) at prior poses; "
              f"{seconds:.1f} s wall, {cpu:.1f} CPU s per head on {args.device}, {args.threads} thread(s))", "",

@@ -2,6 +2,7 @@
 
     inv = invert(G, preset, target, yaw=0.1, pitch=0.0)     # target: 1 x 3 x R x R in [0, 1]
     out = inv.render(0.4, 0.0)                              # {'rgb', 'depth', 'alpha'} from a novel camera
+    inv = invert(G, preset, target)                         # camera unknown: searched, then learned (inv.yaw)
 
 Stage 1 optimises the latent so that the MPI rendered at the input's camera reproduces the image: first one w
 (started from the mean of mapped samples, with decaying noise to escape poor basins), then, for the second part of
@@ -11,7 +12,9 @@ depth of the pivot's MPI at cameras drawn from the preset's prior stays close to
 camera alone cannot say where things are), and the MPIs of latents between the pivot and random samples stay close
 too (PTI's locality term, so the tuned file is still a generator). The image loss is L1 plus a pyramid SSIM: it runs
 offline, needs no pretrained network (LPIPS would download VGG/AlexNet weights and sees little at 32 px). Ctrl-C
-ends the current stage and keeps the best step so far. docs/INVERSION.md explains the choices and the measurements.
+ends the current stage and keeps the best step so far. Without a camera, :mod:`~gmpi_lightning.pose_search` finds a
+start and stage 1 learns yaw and pitch with the latent (inside the prior). docs/INVERSION.md explains the choices
+and the measurements.
 The command and its files: :mod:`gmpi_lightning.invert_cli`.
 """
 
