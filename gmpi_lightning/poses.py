@@ -223,5 +223,8 @@ def main(argv: list[str]) -> int:
     if report["interrupted"]:
         print("interrupted (Ctrl-C): run the same command again to continue", file=sys.stderr)
         return 130
-    print(f"next: gmpi data folder --images {a.images} --poses {a.out} --preset {report['preset']} --out DATA")
+    if report["count"]:
+        print(f"next: gmpi data folder --images {a.images} --poses {a.out} --preset {report['preset']} --out DATA")
+    else:
+        print(f"no image has a camera in {a.out}: see the report for why", file=sys.stderr)
     return 0
