@@ -27,11 +27,11 @@ Files go to ``<run>/media/`` where ``<run>`` is ``trainer.log_dir`` (the first l
     samples_it000200.png               seeds (rows) x [RGB at each pose | colour-mapped depth at each pose]
     planes_it000200_seed0000.png       RGBA strip of up to 8 planes of the first seed, near to far
     sweep_yaw_it000800_seed0000.mp4    camera sweep, RGB | depth side by side
-    mesh_it000800_seed0000.ply         marching cubes over the alpha volume
+    mesh_it000800_seed0000.ply, .glb   marching cubes over the alpha volume (glb: glTF binary, vertex colours)
     web_it000800/index.html            the WebGL viewer page of the seeds (gmpi export-web; opens from disk)
 
 With a ``WandbLogger`` among the loggers the same media are logged under ``media/samples``, ``media/planes``,
-``media/sweep``, ``media/mesh`` (a coloured point cloud of the mesh vertices: wandb's Object3D reads no PLY) and
+``media/sweep``, ``media/mesh`` (the glb mesh as ``wandb.Object3D``, which reads glTF but no PLY) and
 ``media/web`` (the viewer page as one ``wandb.Html`` file: orbit the samples in the dashboard),
 at ``trainer/global_step`` (the x-axis of every metric); captions carry the iteration.
 """
@@ -221,17 +221,24 @@ class SweepVideo(MediaCallback):
 
 
 class MeshExport(MediaCallback):
-    """PLY mesh per seed (marching cubes over the alpha volume at ``level``, ``grid`` = texture resolution by
-    default) at the end of training. An alpha volume that never crosses the level gives a warning, not a crash.
-    Nothing in ``stylegan2`` mode."""
+    """Mesh per seed (marching cubes over the alpha volume at ``level``, ``grid`` = texture resolution by default) at
+    the end of training, as ``formats`` (``ply``, ``glb``: glTF binary with the MPI's vertex colours,
+    :mod:`gmpi_lightning.mesh_io`; default both). With a ``WandbLogger`` the glb is logged as ``wandb.Object3D``
+    (a point cloud of the vertices when only PLY is written). An alpha volume that never crosses the level gives a
+    warning, not a crash. Nothing in ``stylegan2`` mode."""
 
     def __init__(self, seeds: list[int] | None = None, grid: int | None = None, level: float = 0.5,
                  at_end: bool = True, every_n_iters: int | None = None, truncation_psi: float = 1.0,
-                 out_dir: str | None = None):
+                 out_dir: str | None = None, formats: list[str] | None = None):
+        from gmpi_lightning.mesh_io import parse_mesh_formats
+
         super().__init__(every_n_iters, at_end, truncation_psi=truncation_psi, out_dir=out_dir)
         self.seeds, self.grid, self.level = _seeds(seeds, 1), grid, level
+        self.formats = parse_mesh_formats(formats or ["ply", "glb"])
 
     def make(self, sampler, out, iteration, trainer):
+        from gmpi_lightning.mesh_io import write_mesh
+
         if sampler.scene is None:
             rank_zero_info("MeshExport: no alpha volume in a 2D (stylegan2) generator")
             return []
@@ -248,10 +255,14 @@ class MeshExport(MediaCallback):
                     raise
                 rank_zero_warn(f"MeshExport: no mesh for seed {seed} at iteration {iteration}: {e}")
                 continue
-            path = export.write_ply(out / f"mesh_it{iteration:06d}_seed{seed:04d}.ply", verts, faces, colors)
-            paths.append(path)
-            _log_point_cloud(trainer, "media/mesh", verts, colors, f"iteration {iteration}, seed {seed}: "
-                             f"{len(verts)} vertices, {len(faces)} faces")
+            written = write_mesh(out / f"mesh_it{iteration:06d}_seed{seed:04d}", verts, faces, colors, self.formats)
+            paths += written
+            caption = f"iteration {iteration}, seed {seed}: {len(verts)} vertices, {len(faces)} faces"
+            glb = [p for p in written if p.suffix == ".glb"]
+            if glb:
+                _log_mesh_file(trainer, "media/mesh", glb[0], caption)
+            else:
+                _log_point_cloud(trainer, "media/mesh", verts, colors, caption)
         return paths
 
 
@@ -286,6 +297,17 @@ class WebViewer(MediaCallback):
 def _log_images(trainer, key: str, paths: list[Path], captions: list[str]) -> None:
     for lg in wandb_loggers(trainer):
         lg.log_image(key=key, images=[str(p) for p in paths], step=trainer.global_step, caption=captions)
+
+
+def _log_mesh_file(trainer, key: str, path: Path, caption: str) -> None:
+    """The coloured mesh itself: wandb's Object3D reads glTF binary."""
+    loggers = wandb_loggers(trainer)
+    if not loggers:
+        return
+    import wandb
+
+    for lg in loggers:
+        lg.log_metrics({key: wandb.Object3D(str(path), caption=caption)}, step=trainer.global_step)
 
 
 def _log_point_cloud(trainer, key: str, verts: np.ndarray, colors: np.ndarray, caption: str) -> None:

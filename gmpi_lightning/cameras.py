@@ -131,6 +131,13 @@ def sample_preset_pose(n: int, preset, generator: torch.Generator | None = None)
                               preset.n_truncated_stds, preset.pose_sample_method, generator)
 
 
+def pose_range(preset) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(yaw, pitch) intervals of a preset's training prior: mean +- n_truncated_stds * std."""
+    n = preset.n_truncated_stds
+    return ((preset.yaw_mean - n * preset.yaw_std, preset.yaw_mean + n * preset.yaw_std),
+            (preset.pitch_mean - n * preset.pitch_std, preset.pitch_mean + n * preset.pitch_std))
+
+
 def invert_rigid(m: torch.Tensor) -> torch.Tensor:
     """Inverse of rigid 4 x 4 transforms (R, t) -> (R^T, -R^T t)."""
     m = _as_batch(m)

@@ -10,6 +10,7 @@
     gmpi sweep-local experiments/sweeps/NAME.yaml [--parallel N] [--seeds 0-2]   a W&B sweep file, without a server
     gmpi ablations --data synthetic         train + evaluate experiments/ablations/* into one table
     gmpi invert --ckpt CKPT --image IMG --out DIR [--pose Y,P] [--views "Y,P;..."] [--video] [--mesh]
+    gmpi poses --ckpt CKPT --images DIR --out poses.json [--min-confidence C]   cameras of your own images
 
 Flags are the functions' parameter names with dashes (``--noise-mode``; the underscore spelling works too), types and
 defaults come from the annotations, help from the docstrings' ``Args:``; a parameter typed as a dataclass contributes
@@ -87,7 +88,7 @@ def _commands() -> dict:
     import datamodules.synthetic  # noqa: F401  (registers the synthetic heads' ground truth for --reference rows)
     from datamodules import cli as data_cli
 
-    from . import ablations, estimator_training, invert_cli, sweeps
+    from . import ablations, estimator_training, invert_cli, poses, sweeps
     from .evaluation import evaluate
 
     return {
@@ -103,6 +104,7 @@ def _commands() -> dict:
         "evaluate": evaluate.main,
         "ablations": (ablations.ablations, False),
         "invert": invert_cli.main,
+        "poses": poses.main,
     }
 
 
@@ -118,6 +120,7 @@ HELP = {
     "evaluate": "FID/KID, 3D consistency, depth FD, pose/depth error of a checkpoint -> JSON",
     "ablations": "train and evaluate the paper's ablation rows (experiments/ablations/) into one table",
     "invert": "one image -> latent + tuned generator, novel views, depth, video, mesh",
+    "poses": "a folder of images -> their cameras (poses.json for gmpi data folder), estimated by the generator",
 }
 
 

@@ -192,6 +192,9 @@ def resume_checkpoint(cfg: dict) -> Path | None:
     """The newest of the checkpoint callbacks' last*.ckpt (what ``--ckpt_path last`` finds) and the hpc_ckpt_N.ckpt
     that SLURM auto-requeue writes into the trainer root (which Lightning on SLURM loads by itself, even when
     older): after a requeue that is the hpc checkpoint, after a resubmission last.ckpt."""
+    from .run_paths import fill_run_paths
+
+    cfg = fill_run_paths(json.loads(json.dumps(cfg, default=str)))  # paths the config leaves out: under its root
     trainer = cfg.get("trainer") or {}
     dirs = [(e.get("init_args") or {}).get("dirpath") for e in _entries(trainer.get("callbacks"))]
     found = [p for d in dirs if d for p in Path(d).glob("last*.ckpt")]

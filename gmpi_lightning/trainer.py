@@ -23,6 +23,7 @@ from datamodules.posed_images import PosedImageDataModule
 
 from . import lock
 from .module import GANModule
+from .run_paths import fill_run_paths
 
 DEFAULT_MODEL = "gmpi_lightning.module.GMPIModule"
 
@@ -45,6 +46,7 @@ class GMPICLI(LightningCLI):
                                                                              devices not in ("auto", "1"))
         if trainer.get("strategy") in (None, "auto") and many:
             trainer["strategy"] = DDPStrategy(find_unused_parameters=True, broadcast_buffers=False)
+        fill_run_paths(cfg)  # outputs the config leaves out go under trainer.default_root_dir (run_paths.py)
         if self.subcommand == "fit" and trainer.get("default_root_dir"):
             lock.acquire(trainer["default_root_dir"])  # one live run per run folder (lock.py)
 

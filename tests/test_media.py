@@ -184,8 +184,11 @@ def box_module(opaque: bool = True, iteration: int = 11):
 def test_mesh_of_a_known_box(tmp_path):
     m = box_module()
     files = MeshExport(seeds=[5], grid=32).run(fake_trainer(tmp_path), m)
-    assert [f.name for f in files] == ["mesh_it000011_seed0005.ply"]
+    assert [f.name for f in files] == ["mesh_it000011_seed0005.ply", "mesh_it000011_seed0005.glb"]
     verts, faces = export.read_ply(files[0])
+    from tests.test_mesh_io import read_glb  # the same mesh in glTF's axes (x, -y, -z)
+
+    np.testing.assert_allclose(read_glb(files[1])["POSITION"], verts * np.array([1, -1, -1], np.float32), atol=1e-6)
     assert len(faces) > 50 and faces.max() < len(verts)
     # the iso-surface sits half a sample outside the last opaque sample of the (blurred) box
     p = m.preset
@@ -230,14 +233,16 @@ def test_wandb_offline_run_receives_the_media(module, tmp_path, monkeypatch):
                    + MeshExport(grid=32).run(trainer, box_module(iteration=4)))
     run_files = Path(logger.experiment.dir)
     logger.experiment.finish()
-    assert sorted(p.name for p in written) == ["mesh_it000004_seed0000.ply", "planes_it000004_seed0000.png",
-                                                "samples_it000004.png", "sweep_yaw_it000004_seed0000.mp4"]
+    assert sorted(p.name for p in written) == ["mesh_it000004_seed0000.glb", "mesh_it000004_seed0000.ply",
+                                                "planes_it000004_seed0000.png", "samples_it000004.png",
+                                                "sweep_yaw_it000004_seed0000.mp4"]
     assert all(p.parent == tmp_path / "media" for p in written)
     media = run_files / "media"
     assert "offline-run-" in str(run_files) and media.is_dir()
     images, videos = sorted(media.rglob("*.png")), sorted(media.rglob("*.mp4"))
-    points = sorted(media.rglob("*.pts.json"))
-    assert len(images) == 2 and len(videos) == 1 and len(points) == 1
+    meshes = sorted(media.rglob("*.glb"))  # the coloured mesh itself (Object3D reads glb), not a point cloud
+    assert len(images) == 2 and len(videos) == 1 and len(meshes) == 1 and not list(media.rglob("*.pts.json"))
+    assert meshes[0].read_bytes() == written[4].read_bytes()
     assert {png(p).shape for p in images} == {png(written[0]).shape, png(written[1]).shape}
     assert videos[0].read_bytes() == written[2].read_bytes()
 

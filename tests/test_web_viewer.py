@@ -123,6 +123,27 @@ def test_page_reports_errors_fps_and_clamps_the_pose(page):
         assert np.array_equal(a, b)
 
 
+@browser_test
+def test_small_pages_are_shown_large_with_nearest_upscaling(page):
+    """A 32 px page in a 900 x 700 window is shown at the largest whole multiple that fits above the controls
+    (20 x: 640 px), each drawn pixel an exact block: the block centres are the 1:1 picture. Rules out leaving it at
+    32 px in the corner, smoothing the upscale (blocks would blur), and drawing more pixels instead of showing them
+    larger (the picture would no longer be gmpi render's at the page's size)."""
+    url = f"{(page / 'index.html').as_uri()}?seed=1&yaw=0.2&pitch=-0.1"
+    with Chromium(CHROMIUM) as browser:
+        one = shot(browser, url, 32)
+        assert browser.evaluate("window.gmpiViewer.shown") == 32  # a window too small to enlarge: 1:1
+        browser.open(url, 900, 700)
+        shown = browser.evaluate("window.gmpiViewer.shown")
+        assert shown == 640 and browser.evaluate("document.getElementById('view').width") == 32
+        big = iio.imread(io.BytesIO(browser.screenshot(0, 0, shown, shown)))[..., :3].astype(np.float64)
+        panel_top = browser.evaluate("document.getElementById('panel').getBoundingClientRect().top")
+    scale = shown // 32
+    assert np.array_equal(big[scale // 2::scale, scale // 2::scale], one) and panel_top == shown
+    blocks = big.reshape(32, scale, 32, scale, 3)
+    assert np.abs(blocks - blocks[:, :1, :, :1]).max() == 0  # every block one colour: nearest, not bilinear
+
+
 # ------------------------------------------------------------------------------------------ no browser needed
 def test_folder_format_and_shared_colour_layers(page):
     names = sorted(p.name for p in page.iterdir())

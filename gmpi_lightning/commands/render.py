@@ -40,8 +40,9 @@ def render(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | None = 
            noise_mode: Literal["const", "random", "none"] = "const", yaw: Floats = YAWS,
            pitch: Floats = PITCHES, resolution: int | None = None, video: bool = False,
            trajectory: Literal["yaw", "pitch", "circle"] = "yaw", frames: int = 100, fps: int = 8, mesh: bool = False,
-           mesh_level: float = 0.5, plane_chunk: int | None = None, allow_outside: bool = False, web: bool = False,
-           wandb_project: str | None = None, device: str | None = None) -> Path:
+           mesh_level: float = 0.5, mesh_format: str = "ply", plane_chunk: int | None = None,
+           allow_outside: bool = False, web: bool = False, wandb_project: str | None = None,
+           device: str | None = None) -> Path:
     """Render views, depth, an RGBA plane strip, a camera-sweep video and a mesh per seed.
 
     Args:
@@ -61,15 +62,18 @@ def render(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | None = 
         trajectory: the sweep's path.
         frames: frames of the sweep.
         fps: frames per second of the video.
-        mesh: marching cubes over the alpha volume -> PLY.
+        mesh: marching cubes over the alpha volume -> mesh file(s).
         mesh_level: iso-level on the smoothed alpha volume.
+        mesh_format: mesh files: ply, glb (glTF binary with vertex colours) or both, e.g. ply,glb.
         plane_chunk: planes per chunk in generation/compositing (memory).
         allow_outside: render rays that miss the background plane (transparent) instead of stopping.
         web: also write OUT/web/: the WebGL viewer page of these MPIs (as gmpi export-web; open index.html from disk).
         wandb_project: log that page to W&B (wandb.Html) in this project (implies --web).
         device: cuda or cpu (default: cuda when available).
     """
-    device = device or default_device()
+    from ..mesh_io import parse_mesh_formats, write_mesh
+
+    device, mesh_formats = device or default_device(), parse_mesh_formats(mesh_format)
     loaded = load_generator(ckpt, config, preset, device)
     sampler = Sampler(loaded.G, loaded.preset, planes, device, resolution or loaded.G.img_resolution, truncation,
                       noise_mode, plane_chunk, check_inside=not allow_outside)
@@ -101,7 +105,7 @@ def render(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | None = 
                                fps=fps)
             bar.update(frames)
         if mesh:
-            export.write_ply(out / f"seed{seed:04d}_mesh.ply", *sampler.mesh(seed, level=mesh_level))
+            write_mesh(out / f"seed{seed:04d}_mesh", *sampler.mesh(seed, level=mesh_level), mesh_formats)
             bar.update()
     bar.close()
     print(f"wrote {len(list(out.glob('seed*')))} files to {out}")
