@@ -344,7 +344,7 @@ def test_official_checkpoint_loading_generator_and_ema(fx, tmp_path):
     assert max_err(G_ema.synthesis.b8.toalpha.weight, G.synthesis.b8.toalpha.weight + 0.01) < 1e-6
     assert max_err(G_ema.mapping.w_avg, G.mapping.w_avg) == 0  # buffers from generator.pth
     faithful = load_official_gmpi(run / "ema.pth", keep_init_buffers=True)
-    assert float(faithful.mapping.w_avg.abs().max()) == 0  # the official evaluation's state (GMPI_SPEC §11.18)
+    assert float(faithful.mapping.w_avg.abs().max()) == 0  # the official evaluation's state (docs/METHOD.md §11.18)
     torch.save({"shadow_params": shifted[:-1]}, run / "ema.pth")
     with pytest.raises(NetworkFormatError, match="EMA parameters"):
         load_official_gmpi(run / "ema.pth")

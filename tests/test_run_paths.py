@@ -44,12 +44,15 @@ def test_ffhq256_outputs_follow_the_run_root(tmp_path):
     mine = _outputs(fill_run_paths(runs.resolve(["--config", FFHQ, f"--trainer.default_root_dir={root}",
                                                  "--model.export_path=/keep/g.pt"])))
     assert mine["export"] == "/keep/g.pt"
-    spelled = os.path.join(REPO, "experiments", "synthetic.yaml")  # paths written out in full: used as given
-    cfg = runs.resolve(["--config", spelled, f"--trainer.default_root_dir={root}"])
-    assert _outputs(fill_run_paths(cfg))["checkpoints"] == ["runs/synthetic/checkpoints"]
+    spelled = tmp_path / "spelled.yaml"  # a path written out in full: used as given
+    spelled.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.checkpoint.IterationCheckpoint\n"
+                       "      init_args: {dirpath: runs/mine/checkpoints, every_n_iters: 5}\n")
+    cfg = runs.resolve(["--config", os.path.join(REPO, "experiments", "synthetic.yaml"), "--config", f"{spelled}",
+                        f"--trainer.default_root_dir={root}"])
+    assert _outputs(fill_run_paths(cfg))["checkpoints"] == ["runs/mine/checkpoints"]
     # the sweep/ablation layer moves both kinds of file into its run folder
-    for exp in (FFHQ, spelled):
-        out = _outputs(fill_run_paths(runs.reroot(runs.resolve(["--config", exp]), str(tmp_path / "run"))))
+    for exp in ([FFHQ], [os.path.join(REPO, "experiments", "synthetic.yaml"), "--config", str(spelled)]):
+        out = _outputs(fill_run_paths(runs.reroot(runs.resolve(["--config", *exp]), str(tmp_path / "run"))))
         assert out["checkpoints"] == [str(tmp_path / "run" / "checkpoints")]
         assert out["export"].startswith(str(tmp_path / "run")) and set(out["loggers"]) == {str(tmp_path / "run")}
 
