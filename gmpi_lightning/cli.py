@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import pickle
+import re
 import sys
 from collections.abc import Callable
 
@@ -61,6 +62,7 @@ def _parameters(func: Callable) -> dict[str, inspect.Parameter]:
 def run(func: Callable, argv: list[str], prog: str, positional: bool = False):
     """Parse ``argv`` for ``func`` and call it; dataclass-typed parameters are rebuilt from their flags."""
     params = _parameters(func)
+    argv = _join_negative_values(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     if cut < len(argv) and "overrides" not in params:
         raise InputError(f"{prog} takes no arguments after `--`")
@@ -73,6 +75,20 @@ def run(func: Callable, argv: list[str], prog: str, positional: bool = False):
         elif name in ns:
             kwargs[name] = ns.pop(name)
     return func(**kwargs)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--pose -0.2,0`` -> ``--pose=-0.2,0``: argparse reads a value that starts with '-' as an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and \
+                re.match(r"-[\d.]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def _lightning(subcommand: str) -> Callable[[list[str]], None]:
@@ -88,8 +104,9 @@ def _commands() -> dict:
     import datamodules.synthetic  # noqa: F401  (registers the synthetic heads' ground truth for --reference rows)
     from datamodules import cli as data_cli
 
-    from . import ablations, estimator_training, invert_cli, poses, sweeps
-    from .evaluation import evaluate
+    from . import ablations, estimator_training, sweeps
+    from .commands import evaluate as evaluate_cmd
+    from .commands import invert as invert_cmd
 
     return {
         "import-stylegan2": (render_commands.import_stylegan2, True),
@@ -101,10 +118,10 @@ def _commands() -> dict:
                  "eg3d": (data_cli.eg3d, False), "folder": (data_cli.folder, False)},
         "estimators": {"train": (estimator_training.train_command, False),
                        "eval": (estimator_training.eval_command, False)},
-        "evaluate": evaluate.main,
+        "evaluate": (evaluate_cmd.evaluate_command, False),
         "ablations": (ablations.ablations, False),
-        "invert": invert_cli.main,
-        "poses": poses.main,
+        "invert": (invert_cmd.invert, False),
+        "poses": (invert_cmd.poses, False),
     }
 
 

@@ -16,9 +16,7 @@ per requested view, ``views.json``, ``metrics.json``, with ``--video`` ``yaw.mp4
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import asdict
@@ -314,75 +312,3 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
     metrics["seconds_total"] = time.perf_counter() - t0
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     return metrics
-
-
-def _attach_negative_values(argv: list[str], options=("--pose", "--views")) -> list[str]:
-    """``--pose -0.2,0`` -> ``--pose=-0.2,0``: argparse would read a value starting with '-' as an option."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] in options and i + 1 < len(argv) and re.match(r"-[\d.]", argv[i + 1]):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
-def main(argv: list[str]) -> int:
-    d = InvertSettings()
-    p = argparse.ArgumentParser(prog="gmpi invert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Invert one image into a GMPI scene (latent + pivotal tuning) and render "
-                                            "novel views, depth, a video and a mesh of it.")
-    p.add_argument("--ckpt", required=True, help="GMPI generator checkpoint (ours or an official generator.pth)")
-    p.add_argument("--image", required=True, help="the image (PNG/JPEG; centre-cropped and resized as needed)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pose", help="camera of the image, YAW,PITCH radians (default: estimated, see --pose-init)")
-    p.add_argument("--pose-init", choices=POSE_INIT, help="without --pose, where the camera starts before it is "
-                   "refined with the latent: search (the generator scores a grid over the pose prior; default), "
-                   "cnn (the pose estimator; default when --estimators is given), mean (the preset's mean pose)")
-    p.add_argument("--pose-lr", type=float, default=d.pose_lr, help="stage 1 step of the estimated camera's yaw "
-                                                                   "and pitch (0: keep the starting camera)")
-    p.add_argument("--search-grid", default=f"{SearchSettings.yaws}x{SearchSettings.pitches}",
-                   help="camera search: YAWSxPITCHES candidates over the prior")
-    p.add_argument("--search-steps", type=int, default=SearchSettings.steps, help="latent steps per candidate")
-    p.add_argument("--estimators", help="pose estimator file for --pose-init cnn (default: "
-                                        "runs/estimators/<training data>.pt if there)")
-    p.add_argument("--views", help="novel views \"Y1,P1;Y2,P2\" (default: yaw -0.3,0,0.3)")
-    p.add_argument("--video", action="store_true", help="yaw sweep over the prior's range: yaw.mp4 (RGB | depth)")
-    p.add_argument("--frames", type=int, default=60)
-    p.add_argument("--fps", type=int, default=12)
-    p.add_argument("--mesh", action="store_true", help="marching cubes over the alpha volume: mesh.ply")
-    p.add_argument("--mesh-level", type=float, default=0.5)
-    p.add_argument("--mesh-format", default="ply", help="ply, glb (glTF binary, vertex colours) or both: ply,glb")
-    p.add_argument("--steps", type=int, default=d.steps, help="stage 1 steps (latent: W, then W+)")
-    p.add_argument("--pti-steps", type=int, default=d.pti_steps, help="stage 2 steps (pivotal tuning; 0: off)")
-    p.add_argument("--no-w-plus", action="store_true", help="stage 1 in W only")
-    p.add_argument("--planes", type=int, help="MPI planes (default: the preset's training count)")
-    p.add_argument("--plane-chunk", type=int, help="planes per chunk (memory at high resolution)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-crop", action="store_true", help="refuse a non-square image instead of centre-cropping it")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (1 is fastest at 32-64 px on a machine shared with "
-                                               "other jobs)")
-    a = p.parse_args(_attach_negative_values(argv))
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    s = InvertSettings(steps=a.steps, pti_steps=a.pti_steps, w_plus_from=1.0 if a.no_w_plus else d.w_plus_from,
-                       planes=a.planes, plane_chunk=a.plane_chunk, seed=a.seed, pose_lr=a.pose_lr)
-    search = SearchSettings(*parse_grid(a.search_grid), steps=a.search_steps, plane_chunk=a.plane_chunk)
-    from .mesh_io import parse_mesh_formats
-
-    mesh_formats = parse_mesh_formats(a.mesh_format)
-    pose = parse_pose(a.pose) if a.pose is not None else None
-    views = parse_views(a.views) if a.views is not None else None
-    m = invert_image(a.ckpt, a.image, a.out, pose, views, a.video, a.mesh, s, a.estimators, not a.no_crop,
-                     a.device, frames=a.frames, fps=a.fps, mesh_level=a.mesh_level, pose_init=a.pose_init,
-                     search=search, mesh_formats=mesh_formats)
-    cam = m["camera"]
-    print(f"camera ({cam['source']}{', refined' if cam['refined'] else ''}): yaw {cam['yaw']:.3f}, pitch "
-          f"{cam['pitch']:.3f}" + (f", search confidence {cam['confidence']:.3f}" if cam.get("confidence") is not None
-                                   else ""))
-    print(f"reconstruction at the input camera: PSNR {m['recon_psnr']:.2f} dB, SSIM {m['recon_ssim']:.3f} "
-          f"({m['seconds_inversion']:.1f} s) -> {a.out}")
-    return 130 if m["interrupted"] else 0

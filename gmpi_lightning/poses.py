@@ -19,7 +19,6 @@ every image, so Ctrl-C (exit code 130) keeps every finished image; the same comm
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,8 +26,6 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-import torch
 
 from .inversion import InvertSettings, invert
 from .pose_search import SearchSettings
@@ -183,48 +180,3 @@ def _write(out: Path, meta: dict, done: dict, bad: dict, min_confidence, flag: f
     _write_json(out, poses)
     _write_json(report_path(out), report)
     return report
-
-
-def main(argv: list[str]) -> int:
-    from .invert_cli import parse_grid
-
-    d, ds = InvertSettings(), SearchSettings()
-    p = argparse.ArgumentParser(prog="gmpi poses", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Estimate the camera of every image in a folder with a GMPI checkpoint "
-                                            "(analysis-by-synthesis) and write the poses.json `gmpi data folder` "
-                                            "reads, with a per-image confidence and a report.")
-    p.add_argument("--ckpt", required=True, help="GMPI generator checkpoint (ours or an official generator.pth)")
-    p.add_argument("--images", required=True, help="folder of square images (searched recursively)")
-    p.add_argument("--out", required=True, help="poses file to write (JSON); the report goes next to it")
-    p.add_argument("--min-confidence", type=float, help="leave images whose search confidence is below this out of "
-                                                        "--out (they stay in the report)")
-    p.add_argument("--skip-bad", action="store_true", help="list unreadable or non-square images in the report "
-                                                           "instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming an earlier run")
-    p.add_argument("--steps", type=int, default=d.steps, help="stage 1 steps (latent and camera)")
-    p.add_argument("--pose-lr", type=float, default=d.pose_lr, help="stage 1 step of yaw and pitch (0: the search's)")
-    p.add_argument("--search-grid", default=f"{ds.yaws}x{ds.pitches}", help="YAWSxPITCHES candidates over the prior")
-    p.add_argument("--search-steps", type=int, default=ds.steps, help="latent steps per candidate")
-    p.add_argument("--planes", type=int, help="MPI planes (default: the preset's training count)")
-    p.add_argument("--plane-chunk", type=int, help="planes per chunk (memory at high resolution)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (1 is fastest at 32-64 px next to other jobs)")
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    settings = InvertSettings(steps=a.steps, pti_steps=0, pose_lr=a.pose_lr, planes=a.planes,
-                              plane_chunk=a.plane_chunk, seed=a.seed)
-    search = SearchSettings(*parse_grid(a.search_grid), steps=a.search_steps, plane_chunk=a.plane_chunk)
-    report = estimate_folder(a.ckpt, a.images, a.out, settings, search, a.min_confidence, a.skip_bad, a.overwrite,
-                             a.device)
-    print(f"wrote {report['count']} camera(s) to {a.out} ({len(report['low_confidence'])} unsure, "
-          f"{len(report['left_out'])} left out, {len(report['skipped'])} skipped; report {report_path(a.out)})")
-    if report["interrupted"]:
-        print("interrupted (Ctrl-C): run the same command again to continue", file=sys.stderr)
-        return 130
-    if report["count"]:
-        print(f"next: gmpi data folder --images {a.images} --poses {a.out} --preset {report['preset']} --out DATA")
-    else:
-        print(f"no image has a camera in {a.out}: see the report for why", file=sys.stderr)
-    return 0

@@ -13,11 +13,7 @@ of fakes to reals in the pose estimator's features: an image-quality number with
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import math
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -33,7 +29,7 @@ from . import geometry
 from .fakes import FakeSettings, generate, iter_fakes, rank_seeds
 from .image_metrics import fid_kid, gather_rows, inception_score, precision_recall, rank_world, real_features
 from .inception import INCEPTION_FILE, InceptionFeatures, to_uint8_images
-from .reference import iter_reference, load_truth, parse_kinds
+from .reference import iter_reference, load_truth
 
 ALL_METRICS = ("fid", "kid", "pr", "is", "consistency", "depth_fd", "pose", "depth", "est_fd")
 DEPTH_POOL = 16  # depth_fd feature: 16 x 16 pooled normalised depth
@@ -346,40 +342,6 @@ def _versions() -> dict:
     return out
 
 
-def _cuda_default() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from ..inference import add_generator_arguments
-
-    p = argparse.ArgumentParser(prog="gmpi evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_generator_arguments(p, seeds=False)
-    p.add_argument("--data", help="real data (a `gmpi data` folder): needed by fid, kid, pr, depth_fd, est_fd")
-    p.add_argument("--metrics", default="consistency", help=f"comma-separated: {','.join(ALL_METRICS)} or all")
-    p.add_argument("--num-samples", type=int, default=1000, help="fakes (paper: 50000 for FID/KID, 1024 for 3D)")
-    p.add_argument("--num-real", type=int, help="real images for FID/KID/PR (default: all, as fid50k_full)")
-    p.add_argument("--planes", type=int, default=96, help="planes at inference (paper: 96)")
-    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi (paper: 1.0)")
-    p.add_argument("--noise-mode", default="random", choices=["random", "const", "none"])
-    p.add_argument("--resolution", type=int, help="render resolution (default: the generator's)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--plane-chunk", type=int, help="generate/warp this many planes at a time (memory)")
-    p.add_argument("--first-seed", type=int, default=0)
-    p.add_argument("--inception", help=f"local {INCEPTION_FILE} (or $GMPI_INCEPTION_WEIGHTS)")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--estimators", help="estimator file for pose/depth (`gmpi estimators train`)")
-    p.add_argument("--cache-dir", help="real-feature cache (default $GMPI_CACHE or ~/.cache/gmpi-lightning)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the real features")
-    p.add_argument("--reference", help="also score reference rows on data with a renderable ground truth (the "
-                   "synthetic heads): renders,mpi,billboard or all (docs/3D.md)")
-    p.add_argument("--device", default=_cuda_default())
-    p.add_argument("--out", help="JSON file for the results (default: print only)")
-    return p
-
-
 def default_inputs(metrics: list[str], data: str | None, estimators: str | None, recorded: str | None,
                    log=print) -> tuple[str | None, str | None]:
     """--data defaults to the shards the checkpoint was trained on (where it records them), --estimators to
@@ -398,75 +360,5 @@ def default_inputs(metrics: list[str], data: str | None, estimators: str | None,
     return data, estimators
 
 
-def init_distributed(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL with one GPU per rank."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return device
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
-
-
-def main(argv: list[str]) -> int:
-    """``gmpi evaluate``; under ``torchrun --nproc_per_node=N -m gmpi_lightning evaluate ...`` every rank renders
-    its share of the seeds and rank 0 prints and writes the JSON."""
-    import torch.distributed as dist
-
-    from ..inference import load_generator
-
-    args = build_parser().parse_args(argv)
-    metrics = parse_metrics(args.metrics)
-    kinds = parse_kinds(args.reference)
-    device = init_distributed(args.device)
-    rank, world = rank_world()
-    log = print if rank == 0 else (lambda *a, **k: None)
-    loaded = load_generator(args.ckpt, args.config, args.preset, device)
-    data, estimators = default_inputs(metrics, args.data, args.estimators, loaded.training_data, log)
-    truth_data = (data or loaded.training_data) if kinds else None
-    if kinds:  # checked before the generator's evaluation, not after it
-        if not truth_data:
-            raise ValueError("--reference renders the data's ground truth: pass --data (a `gmpi data synthetic` "
-                             "folder)")
-        load_truth(truth_data)  # refuses data whose ground truth cannot be rendered, naming its source
-    settings = FakeSettings(planes=args.planes, truncation=args.truncation, noise_mode=args.noise_mode,
-                            resolution=args.resolution, batch_size=args.batch_size, plane_chunk=args.plane_chunk)
-    log(f"{loaded.kind} generator {loaded.source} | preset {loaded.preset.name} | metrics {','.join(metrics)} | "
-        f"{args.num_samples} fakes, {settings.planes} planes, psi {settings.truncation}"
-        f"{f' | {world} processes' if world > 1 else ''}", flush=True)
-    try:
-        result = evaluate(loaded.G, loaded.preset, metrics, args.num_samples, data, settings, args.inception,
-                          args.num_real, args.kid_subsets, args.kid_subset_size, estimators, args.cache_dir,
-                          not args.no_cache, device, args.first_seed)
-        if kinds:
-            result["reference"] = evaluate_references(kinds, truth_data, loaded.preset, metrics, args.num_samples,
-                                                      settings, estimators, device, args.first_seed)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-    if rank != 0:
-        return 0
-    result = {"checkpoint": str(args.ckpt), "generator_kind": loaded.kind, "preset": loaded.preset.to_dict(),
-              "data": data, **result, "command": "gmpi evaluate " + " ".join(argv),
-              "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    rows = {"generator": result["metrics"], **{k: v["metrics"] for k, v in result.get("reference", {}).items()}}
-    print(f"  {'':24s} " + " ".join(f"{k:>11s}" for k in rows))
-    for name in result["metrics"]:
-        print(f"  {name:24s} " + " ".join(f"{r[name]:11.5g}" if name in r else f"{'-':>11s}" for r in rows.values()))
-    for w in result["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
-        print(f"wrote {args.out}")
-    return 0
-
-
-__all__ = ["ALL_METRICS", "INCEPTION_METRICS", "evaluate", "evaluate_references", "generate", "json_safe", "main",
-           "parse_metrics", "resolve_estimators"]
+__all__ = ["ALL_METRICS", "INCEPTION_METRICS", "default_inputs", "evaluate", "evaluate_references", "generate",
+           "json_safe", "parse_metrics", "resolve_estimators"]
