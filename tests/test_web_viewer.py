@@ -23,7 +23,7 @@ from gmpi_lightning.nn.gmpi import GMPIGenerator
 from gmpi_lightning.planes import preset_planes
 from gmpi_lightning.presets import get_preset
 from gmpi_lightning.web import MAX_TEXELS, ViewerWriter, check_budget, pack_mpi, single_file_html
-from gmpi_lightning.web.headless import Chromium, find_chromium
+from tests.browser import Chromium, find_chromium
 
 RES = 32
 PLANES = 24
@@ -33,7 +33,7 @@ CHROMIUM = find_chromium()
 
 def browser_test(fn):
     """In the default suite where Chromium is installed; elsewhere `slow` (deselected by default) and skipped."""
-    fn = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (apt-get install chromium)")(fn)
+    fn = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium and chromedriver on PATH (apt-get install chromium chromium-driver)")(fn)
     return pytest.mark.slow(fn) if CHROMIUM is None else fn
 
 
@@ -76,7 +76,7 @@ def shot(browser: Chromium, url: str, size: int) -> np.ndarray:
 @browser_test
 def test_page_matches_gmpi_render_in_headless_chromium(page, small_ckpt, tmp_path):
     figures = []
-    with Chromium(CHROMIUM) as browser:
+    with Chromium() as browser:
         for seed, yaw, pitch, size in CAMERAS:
             want_rgb, want_depth = rendered(small_ckpt, tmp_path, seed, yaw, pitch, size)
             url = f"{(page / 'index.html').as_uri()}?seed={seed}&yaw={yaw}&pitch={pitch}&size={size}"
@@ -102,7 +102,7 @@ def test_page_matches_gmpi_render_in_headless_chromium(page, small_ckpt, tmp_pat
 
 @browser_test
 def test_page_reports_errors_fps_and_clamps_the_pose(page):
-    with Chromium(CHROMIUM) as browser:
+    with Chromium() as browser:
         with pytest.raises(Exception, match="seed 7 is not in this page"):
             browser.open(f"{(page / 'index.html').as_uri()}?seed=7", 64, 64, timeout=20)
         browser.open(f"{(page / 'index.html').as_uri()}?seed=2&yaw=3&pitch=-3", 64, 64)
@@ -130,7 +130,7 @@ def test_small_pages_are_shown_large_with_nearest_upscaling(page):
     32 px in the corner, smoothing the upscale (blocks would blur), and drawing more pixels instead of showing them
     larger (the picture would no longer be gmpi render's at the page's size)."""
     url = f"{(page / 'index.html').as_uri()}?seed=1&yaw=0.2&pitch=-0.1"
-    with Chromium(CHROMIUM) as browser:
+    with Chromium() as browser:
         one = shot(browser, url, 32)
         assert browser.evaluate("window.gmpiViewer.shown") == 32  # a window too small to enlarge: 1:1
         browser.open(url, 900, 700)
