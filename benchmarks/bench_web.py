@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from gmpi_lightning.planes import preset_planes
 from gmpi_lightning.presets import get_preset
 from gmpi_lightning.web import ViewerWriter
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/browser.py drives Chromium
 from tests.browser import Chromium  # noqa: E402
 

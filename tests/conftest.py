@@ -46,6 +46,16 @@ def camera_fixture() -> Path:
     return fixture_dir("camera")
 
 
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """96 synthetic heads at 16 px (seed 3, 8 per shard, with depth and mask): the training and evaluation tests' data.
+    Tests that need another shape (many images, few per shard) define their own."""
+    from datamodules.converters import convert_synthetic
+
+    return convert_synthetic(tmp_path_factory.mktemp("shards") / "s16", num=96, resolution=16, seed=3,
+                             samples_per_shard=8)
+
+
 def max_err(a, b) -> float:
     a = a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)
     b = b.detach().cpu().double().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, np.float64)

@@ -7,7 +7,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from datamodules.converters import convert_synthetic
 from datamodules.posed_images import PosedImageDataModule
 from gmpi_lightning.augment import OPS, AdaptiveP, PoseSafeAugment, check_ops
 from gmpi_lightning.cameras import sphere_c2w
@@ -215,12 +214,6 @@ def test_adaptive_p_uses_the_signs_of_every_rank():
 
 
 # ------------------------------------------------------------------------------------------- the training hook
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=32, resolution=16, seed=4,
-                             samples_per_shard=8)
-
-
 def _fit(model, shards, tmp_path, callbacks=(), **kw):
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

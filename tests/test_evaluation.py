@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from datamodules.converters import convert_synthetic
 from datamodules.synthetic import SyntheticConfig, render_heads, sample_poses
 from gmpi_lightning.cameras import sphere_c2w
 from gmpi_lightning.evaluation import geometry
@@ -42,12 +41,6 @@ PRESET = get_preset("FFHQ256", resolution=64)
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
     return write_random_inception(tmp_path_factory.mktemp("inc") / "inception_he.pth", seed=0)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=24, resolution=16, seed=5,
-                             samples_per_shard=8)
 
 
 @pytest.fixture(scope="module")

@@ -264,14 +264,6 @@ def test_experiment_configs_build_their_media_callbacks():
         assert seen[name] == ["SampleGrid", "SweepVideo"]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from datamodules.converters import convert_synthetic
-
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=16, resolution=RES, seed=3,
-                             samples_per_shard=8)
-
-
 def test_gmpi_fit_writes_media_into_the_run_folder(shards, tmp_path):
     media_cfg = tmp_path / "media.yaml"
     media_cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.converters import convert_synthetic
 from datamodules.posed_images import PosedImageDataModule
 from gmpi_lightning import cameras, lock
 from gmpi_lightning.losses import (
@@ -27,12 +26,6 @@ from tests.conftest import REPO, max_err
 SG2_ARGS = ("preset", "resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max")
 TINY = dict(preset="synthetic32", resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256,
             channel_max=16, train_planes=6, views_per_z=2, max_iters=3, shading_start=1, shading_grow=2)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=96, resolution=16, seed=3,
-                             samples_per_shard=8)
 
 
 def _trainer(tmp_path, **kw):

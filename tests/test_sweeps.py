@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datamodules.converters import convert_synthetic
 from gmpi_lightning import cli, runs, sweeps
 from gmpi_lightning.commands import Seeds, parse_seeds
 from gmpi_lightning.sweeps import SweepError
@@ -404,12 +403,6 @@ def test_mistyped_metric_name_is_reported(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- real sweeps
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=16, resolution=16, seed=3,
-                             samples_per_shard=8)
-
-
 def _tiny(shards):
     return [f"--data.data={shards}", "--data.batch_size=4", "--data.num_workers=0", "--model.init_from=null",
             "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2",

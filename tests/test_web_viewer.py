@@ -33,7 +33,8 @@ CHROMIUM = find_chromium()
 
 def browser_test(fn):
     """In the default suite where Chromium is installed; elsewhere `slow` (deselected by default) and skipped."""
-    fn = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium and chromedriver on PATH (apt-get install chromium chromium-driver)")(fn)
+    fn = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium and chromedriver on PATH (apt-get install chromium "
+                                                     "chromium-driver)")(fn)
     return pytest.mark.slow(fn) if CHROMIUM is None else fn
 
 

@@ -64,14 +64,6 @@ def _render(model, mpi, w2c_flat):
                       model.preset.resolution, validate=False)["rgb"] * 2 - 1
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from datamodules.converters import convert_synthetic
-
-    return convert_synthetic(tmp_path_factory.mktemp("wiring") / "s16", num=64, resolution=16, seed=3,
-                             samples_per_shard=8)
-
-
 def test_d_sees_the_shaded_render_of_each_fake_at_its_own_camera(shards, tmp_path, monkeypatch):
     """After shading_start, the fake D judges is render(shade(MPI)) at the camera D is told: rules out rendering the
     unshaded MPI after computing the shading, handing D another fake's camera (or a fixed one), and conditioning
