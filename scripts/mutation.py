@@ -45,12 +45,15 @@ PACKAGES = ("gmpi_lightning", "datamodules", "callbacks")  # copied into each wo
 SELECTION: dict[str, list[str]] = {
     "gmpi_lightning/cameras.py": [
         "tests/test_cameras_planes.py", "tests/test_render.py", "tests/test_geometry_kornia.py",
-        "tests/test_properties_cameras.py",
+        "tests/test_properties_cameras.py", "tests/test_geometry_contracts.py",
     ],
     "gmpi_lightning/planes.py": [
         "tests/test_cameras_planes.py", "tests/test_render.py", "tests/test_properties_planes_render.py",
+        "tests/test_geometry_contracts.py",
     ],
-    "gmpi_lightning/render.py": ["tests/test_render.py", "tests/test_properties_planes_render.py"],
+    "gmpi_lightning/render.py": [
+        "tests/test_render.py", "tests/test_properties_planes_render.py", "tests/test_render_contracts.py",
+    ],
     "gmpi_lightning/losses.py": [
         "tests/test_losses.py",
         "tests/test_module.py::test_losses_hand_computed", "tests/test_module.py::test_ema_formulas_and_update",

@@ -53,6 +53,57 @@ def test_plane_depths_span_near_to_far_with_their_spacing(near, span, n):
 
 
 @PROPERTY
+@given(st.floats(0.1, 5.0), st.floats(0.01, 5.0), st.integers(2, 64))
+def test_plane_depths_are_the_exact_spacing_rounded_once_to_float32(near, span, n):
+    """Depth k is the exact spacing's value (inverse: 1 / lerp(1/far, 1/near); uniform: lerp(near, far); log-uniform:
+    near (far/near)^(k/(L-1))) rounded once to float32, as the official float64 numpy makes it (within one float32
+    ulp). Rules out the spacing computed in float32, which drifts by several ulp."""
+    far = near + span
+    exact = {
+        "inverse": [1 / (1 / far + (n - 1 - k) / (n - 1) * (1 / near - 1 / far)) for k in range(n)],
+        "uniform": [near + k / (n - 1) * span for k in range(n)],
+        "log-uniform": [near * (far / near) ** (k / (n - 1)) for k in range(n)],
+    }
+    for method, values in exact.items():
+        d = P.make_plane_depths(near, far, n, method).double()
+        ref = torch.tensor(values, dtype=torch.float64)
+        ulp = torch.finfo(torch.float32).eps * ref.abs()
+        assert bool(((d - ref).abs() <= ulp).all()), method
+
+
+@PROPERTY
+@given(st.floats(-0.5, 0.5), st.floats(0.0, 0.4), st.floats(-0.3, 0.3), st.floats(0.0, 0.3), st.floats(0.5, 3.0),
+       st.integers(2, 12))
+def test_pose_grid_spans_the_truncated_prior_plus_its_mean(yaw_mean, yaw_std, pitch_mean, pitch_std, n_stds, n):
+    """The sizing grid is n x n poses from mean - n_stds std to mean + n_stds std on each axis (every yaw with every
+    pitch), then the mean pose itself, exactly. Rules out a range of +- std or one-sided, an n + 1 grid, and the
+    mean pose rounded to float32."""
+    yaw, pitch = P.pose_grid(yaw_mean, yaw_std, pitch_mean, pitch_std, n_stds, n)
+    assert yaw.shape == pitch.shape == (n * n + 1,) and yaw.dtype == pitch.dtype == torch.float64
+    assert float(yaw[-1]) == yaw_mean and float(pitch[-1]) == pitch_mean
+    ys, ps = yaw[:-1].reshape(n, n), pitch[:-1].reshape(n, n)
+    lin = torch.linspace(-1, 1, n, dtype=torch.float64)
+    assert _err(ys, (yaw_mean + lin * n_stds * yaw_std)[:, None].expand(n, n)) < 1e-12
+    assert _err(ps, (pitch_mean + lin * n_stds * pitch_std)[None, :].expand(n, n)) < 1e-12
+    assert P.pose_grid(0.0, 0.1, 0.0, 0.1, 2.0)[0].shape == (100 * 100 + 1,)
+
+
+@PROPERTY
+@given(cam_angles, cam_angles, st.floats(5.0, 90.0))
+def test_corner_rays_are_unit_directions_through_the_image_corners(yaw, pitch, fov):
+    """corner_rays gives, per camera, the 4 unit world directions through the exact image corners (+-tan(fov/2),
+    +-tan(fov/2), 1) in the order (-,-), (+,-), (-,+), (+,+), and the camera centres. Rules out an unnormalised or
+    batch-normalised direction, a corner's sign, and the 4th (homogeneous) row taken along."""
+    c2w = torch.cat([_camera(yaw, pitch), _camera(-pitch, yaw)])
+    dirs, origins = P.corner_rays(c2w, fov)
+    assert dirs.shape == (2, 4, 3) and origins.shape == (2, 3) and _err(origins, c2w[:, :3, 3]) < 1e-15
+    t = math.tan(math.radians(fov) / 2)
+    cam = torch.tensor([[-t, -t, 1.0], [t, -t, 1.0], [-t, t, 1.0], [t, t, 1.0]], dtype=torch.float64)
+    cam = cam / cam.norm(dim=-1, keepdim=True)
+    assert _err(torch.einsum("bji,bkj->bki", c2w[:, :3, :3], dirs), cam.expand(2, 4, 3)) < 1e-12
+
+
+@PROPERTY
 @given(st.floats(0.1, 5.0), st.floats(0.01, 5.0), st.floats(0, 1))
 def test_normalised_depth_is_the_affine_map_of_near_far_to_0_1(near, span, t):
     """The generator's depth code sends near to 0, far to 1 and a depth a fraction t of the way to t. Rules out a
@@ -64,9 +115,10 @@ def test_normalised_depth_is_the_affine_map_of_near_far_to_0_1(near, span, t):
 
 @st.composite
 def priors(draw):
-    """(fov, sphere centre z = radius, yaw std, pitch std, n stds): priors whose frusta stay within the MPI bound."""
-    return (draw(st.floats(8.0, 30.0)), draw(st.floats(0.8, 3.0)), draw(st.floats(0.0, 0.3)),
-            draw(st.floats(0.0, 0.2)), draw(st.floats(0.5, 3.0)))
+    """(fov, sphere centre z = radius, yaw mean, yaw std, pitch mean, pitch std, n stds): priors whose frusta stay
+    within the MPI bound. The means are not 0, so the prior is not mirror-symmetric."""
+    return (draw(st.floats(8.0, 30.0)), draw(st.floats(0.8, 3.0)), draw(st.floats(-0.3, 0.3)),
+            draw(st.floats(0.0, 0.3)), draw(st.floats(-0.2, 0.2)), draw(st.floats(0.0, 0.2)), draw(st.floats(0.5, 2.0)))
 
 
 def _far_plane_hits(c2w: torch.Tensor, fov: float, far: float) -> torch.Tensor:
@@ -86,23 +138,29 @@ def test_background_plane_covers_every_prior_frustum_and_foreground_planes_frame
     random, not on the sizing grid), with at most the 1.001 margin to spare; the other planes are the canonical
     frustum's cross-section at the far depth (confined) or at their own depth. Rules out height and width swapped
     (the footprint is not square), a missing factor 2 (half extents), the margin applied to every plane, and the
-    unconfined planes scaled by the far depth."""
-    fov, c, yaw_std, pitch_std, n_stds = prior
+    unconfined planes scaled by the far depth, and one frustum corner wrong (the prior's means are not 0, so no
+    mirror symmetry hides it)."""
+    fov, c, yaw_mean, yaw_std, pitch_mean, pitch_std, n_stds = prior
     depths = P.make_plane_depths(0.9 * c, 1.2 * c, n)
-    ext = P.plane_extents(depths, fov, c, c, 0.0, yaw_std, 0.0, pitch_std, n_stds, confined_volume=confined,
-                          grid_size=9).double()
+    prior_args = (depths, fov, c, c, yaw_mean, yaw_std, pitch_mean, pitch_std, n_stds)
+    if confined:  # the defaults: confined volume, margin 1.001
+        ext = P.plane_extents(*prior_args, grid_size=9)
+    else:
+        ext = P.plane_extents(*prior_args, 1.001, False, 9)
+    assert ext.dtype == torch.float32 and ext.shape == (n, 2)
+    ext = ext.double()
     far, half_fov = float(depths[-1]), math.tan(math.radians(fov) / 2)
     g = torch.Generator().manual_seed(seed)
-    yaw = (torch.rand(64, generator=g, dtype=torch.float64) * 2 - 1) * n_stds * yaw_std
-    pitch = (torch.rand(64, generator=g, dtype=torch.float64) * 2 - 1) * n_stds * pitch_std
+    yaw = yaw_mean + (torch.rand(64, generator=g, dtype=torch.float64) * 2 - 1) * n_stds * yaw_std
+    pitch = pitch_mean + (torch.rand(64, generator=g, dtype=torch.float64) * 2 - 1) * n_stds * pitch_std
     corners = torch.tensor([[sx, sy] for sx in (-1, 1) for sy in (-1, 1)], dtype=torch.float64)
-    yaw = torch.cat([yaw, corners[:, 0] * n_stds * yaw_std])  # the prior's extreme poses are on the grid
-    pitch = torch.cat([pitch, corners[:, 1] * n_stds * pitch_std])
+    yaw = torch.cat([yaw, yaw_mean + corners[:, 0] * n_stds * yaw_std])  # the prior's extreme poses: on the grid
+    pitch = torch.cat([pitch, pitch_mean + corners[:, 1] * n_stds * pitch_std])
     hits = _far_plane_hits(C.sphere_c2w(yaw, pitch, c, c, dtype=torch.float64), fov, far)
     half_h, half_w = float(ext[-1, 0]) / 2, float(ext[-1, 1]) / 2
     assert float(hits[..., 1].abs().max()) <= half_h * (1 + 1e-6)
     assert float(hits[..., 0].abs().max()) <= half_w * (1 + 1e-6)
-    extreme = hits[-4:].abs().amax(dim=(0, 1))  # the grid's corners reach the extent up to the margin
+    extreme = hits[-4:].abs().amax(dim=(0, 1))  # the widest footprint is an extreme pose's, up to the margin
     assert _err(extreme * 2 * 1.001, [float(ext[-1, 1]), float(ext[-1, 0])]) <= 1e-5 * float(ext[-1].max())
     own = depths[:-1].double() if not confined else torch.full((n - 1,), far, dtype=torch.float64)
     assert _err(ext[:-1], (2 * own * half_fov)[:, None].expand(n - 1, 2)) <= 1e-6 * far
