@@ -15,8 +15,8 @@ so a test added to kill one counts at once; the test-to-function map is rebuilt 
 
 Writes ``build/mutation/summary.md`` (and ``summary.json``) over every file that has results: counts per file, the
 score ``killed / (mutants - equivalent)``, and every survivor as file:line with its change. Survivors that match an
-entry of ``scripts/mutation_equivalents.toml`` (same file and function, same removed and added text) are listed
-with the reason they cannot change behaviour and leave the denominator. docs/TESTING.md quotes this summary.
+entry of ``scripts/mutation_equivalents.toml`` (same file and function; the change took its ``old`` text out and put
+its ``new`` in) are listed with their kind and reason and leave the denominator. docs/TESTING.md quotes this summary.
 """
 
 from __future__ import annotations
@@ -142,14 +142,15 @@ def _mutmut_version() -> str:
     return version("mutmut")
 
 
-def run_file(path: str, jobs: int, fresh: bool) -> float:
+def run_file(path: str, jobs: int, fresh: bool, only: list[str] | None = None) -> float:
     work = prepare(path, fresh)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONDONTWRITEBYTECODE="1")
     mutmut = Path(sys.executable).parent / "mutmut"
     start = time.monotonic()
     with open(work / "mutmut.log", "w") as log:
-        rc = subprocess.call([str(mutmut), "run", "--max-children", str(jobs)], cwd=work, env=env, stdout=log,
+        names = [f"{module_name(path)}.{pattern}" for pattern in only or []]
+        rc = subprocess.call([str(mutmut), "run", "--max-children", str(jobs), *names], cwd=work, env=env, stdout=log,
                              stderr=subprocess.STDOUT)
     seconds = time.monotonic() - start
     (work / "last_run.json").write_text(json.dumps({"seconds": round(seconds, 1), "jobs": jobs, "rc": rc}))
@@ -169,6 +170,7 @@ class Survivor:
     new: str
     status: str
     why: str | None = None  # set when declared equivalent
+    kind: str = ""  # equivalent | host-only | precision-only (see scripts/mutation_equivalents.toml)
 
 
 @dataclass
@@ -245,6 +247,9 @@ def describe_mutants(path: str, mutated_source: str) -> dict[str, tuple[str, int
     return out
 
 
+KINDS = ("equivalent", "host-only", "precision-only")
+
+
 def load_equivalents() -> list[dict]:
     if not EQUIVALENTS.exists():
         return []
@@ -253,11 +258,15 @@ def load_equivalents() -> list[dict]:
         missing = {"file", "function", "old", "new", "why"} - set(e)
         if missing:
             raise SystemExit(f"{EQUIVALENTS}: an entry lacks {sorted(missing)}: {e}")
+        if e.get("kind", "equivalent") not in KINDS:
+            raise SystemExit(f"{EQUIVALENTS}: kind must be one of {KINDS}: {e}")
     return entries
 
 
 def _matches(e: dict, path: str, s: Survivor) -> bool:
-    return e["file"] == path and e["function"] == s.function and e["old"] in s.old and e["new"] in s.new
+    """Same file and function, and the mutation took ``old`` out and put ``new`` in."""
+    return (e["file"] == path and e["function"] == s.function and e["old"] in s.old and e["old"] not in s.new
+            and e["new"] in s.new)
 
 
 def file_result(path: str, equivalents: list[dict]) -> FileResult | None:
@@ -276,7 +285,9 @@ def file_result(path: str, equivalents: list[dict]) -> FileResult | None:
         if status in ("survived", "no tests", "suspicious"):
             qual, line, old, new = described.get(key.rpartition(".")[2], ("?", 0, "?", "?"))
             s = Survivor(key.rpartition(".")[2], qual, line, old, new, status)
-            s.why = next((e["why"] for e in equivalents if _matches(e, path, s)), None)
+            entry = next((e for e in equivalents if _matches(e, path, s)), None)
+            if entry is not None:
+                s.why, s.kind = entry["why"], entry.get("kind", "equivalent")
             res.survivors.append(s)
     res.survivors.sort(key=lambda s: (s.why is not None, s.line))
     res.mutant_seconds = sum(v for v in data.get("durations_by_key", {}).values() if v)
@@ -318,7 +329,7 @@ def write_summary(results: list[FileResult]) -> Path:
             continue
         lines += ["| line | function | change | status |", "|---|---|---|---|"]
         for s in r.survivors:
-            status = f"equivalent: {s.why}" if s.why else f"**{s.status}**"
+            status = f"{s.kind}: {s.why}" if s.why else f"**{s.status}**"
             lines.append(f"| {r.path}:{s.line} | {s.function} | {_code(s.old)} → {_code(s.new)} | {status} |")
     WORK.mkdir(parents=True, exist_ok=True)
     out = WORK / "summary.md"
@@ -336,6 +347,9 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="mutants tested at a time (mutmut --max-children)")
     p.add_argument("--fresh", action="store_true", help="forget earlier verdicts of these files")
     p.add_argument("--summary-only", action="store_true", help="only rewrite the summary from earlier results")
+    p.add_argument("--only", action="append", metavar="GLOB",
+                   help="test only the mutants whose name (in the file's module) matches, e.g. 'x_seed_latents*' or "
+                        "'xǁScene*' (a short check; repeatable)")
     args = p.parse_args(argv)
     files = [f for arg in args.files for f in arg.split(",") if f] or list(SELECTION)
     unknown = [f for f in files if f not in SELECTION]
@@ -346,7 +360,7 @@ def main(argv=None) -> int:
     if not args.summary_only:
         for path in files:
             print(f"mutation: {path} (selection: {' '.join(SELECTION[path])})", flush=True)
-            seconds = run_file(path, args.jobs, args.fresh)
+            seconds = run_file(path, args.jobs, args.fresh, args.only)
             r = file_result(path, equivalents)
             score = "n/a" if r.score is None else f"{r.score:.1f} %"
             print(f"  {r.tested} mutants, {r.killed} killed, {len(r.survivors) - r.equivalent} survived, "

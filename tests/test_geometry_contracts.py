@@ -48,6 +48,9 @@ def test_converters_treat_a_batch_row_by_row_and_return_float32():
     for i in range(2):
         assert max_err(both[i], C.w2c_from_deep3dface(angle[i].tolist(), trans[i].tolist(), 1.0, 1.0)[0]) < 1e-7
     assert C.w2c_from_deep3dface([0.1, 0.2, 0.3], [0.0, 0.0, 0.0], 1.0, 1.0).shape == (1, 4, 4)
+    # lists are read in float64, like float64 tensors (not rounded to float32 first)
+    listed = C.w2c_from_deep3dface(angle.tolist(), trans.tolist(), 1.0, 1.0, normalize_trans=False)
+    assert torch.equal(listed, C.w2c_from_deep3dface(angle, trans, 1.0, 1.0, normalize_trans=False))
 
     c2w = C.sphere_c2w([0.2, -0.4], [0.1, -0.05], 2.7, 2.7, dtype=torch.float64)
     centre = torch.tensor([0.0, 0.0, 2.7], dtype=torch.float64)

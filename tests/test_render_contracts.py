@@ -132,3 +132,13 @@ def test_shading_uses_each_mpis_light_its_blur_and_clips_to_one():
     assert not math.isclose(max_err(R.shade_mpi(mpi[:1], depths, extents, lights[0], 0.5, 0.5), shaded[:1]), 0)
     bright = R.shade_mpi(mpi, depths, extents, lights, ka=1.5, kd=0.5)
     assert float(bright[:, :, :3].max()) == 1.0 and max_err(bright[:, :, :3], torch.ones_like(bright[:, :, :3])) == 0
+
+
+def test_rays_are_traced_in_float64_whatever_the_cameras_dtype():
+    """A float32 camera renders exactly (bit for bit) like the same camera in float64: rays are traced in float64.
+    Rules out rays traced in the camera's own float32, which moves the texture coordinates in their last bits."""
+    mpi = _mpi(b=2, res=16)
+    c2w = C.sphere_c2w([0.3, -0.25], [0.1, 0.2], 1.0, 1.0)
+    a = R.render_mpi(mpi, DEPTHS, torch.full((3, 2), 5.0), c2w, FOV, 9, 11)
+    b = R.render_mpi(mpi, DEPTHS, torch.full((3, 2), 5.0), c2w.double(), FOV, 9, 11)
+    assert all(torch.equal(a[k], b[k]) for k in a)
