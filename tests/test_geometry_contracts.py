@@ -20,6 +20,7 @@ def test_sphere_cameras_are_made_where_the_angles_live_in_the_asked_dtype():
     float64."""
     yaw = torch.zeros(3, device=META)
     assert C.sphere_c2w(yaw, yaw, 1.0, 1.0).device == META
+    assert C.sphere_c2w(yaw, [0.0, 0.1, 0.2], 1.0, 1.0).device == META  # pitch given as numbers goes to yaw's device
     c2w = C.sphere_c2w([0.1, -0.2], [0.0, 0.1], 1.0, 1.0)
     assert c2w.dtype == torch.float32 and c2w.shape == (2, 4, 4)
     assert C.sphere_c2w(0.1, 0.0, 1.0, 1.0, dtype=torch.float64).dtype == torch.float64
@@ -125,9 +126,9 @@ def test_truncated_normal_is_the_official_sampler_on_the_given_stream():
 
 def test_pose_priors_defaults_independence_and_spread():
     """The default prior is the 2-std truncated Gaussian; yaw and pitch are independent draws for every method; the
-    Gaussian and uniform priors have their std; the preset sampler follows the generator it is given. Rules out
-    another default truncation or method, pitch drawn from yaw's numbers, a std that divides, and the generator
-    dropped."""
+    Gaussian and uniform priors have their std; every method and the preset sampler follow the generator they are
+    given. Rules out another default truncation or method, pitch drawn from yaw's numbers, a std that divides, and
+    the generator dropped."""
     g = torch.Generator().manual_seed(0)
     yaw, pitch = C.sample_sphere_pose(4000, 0.0, 1.0, 0.0, 1.0, generator=g)
     assert float(yaw.abs().max()) <= 2.0 and float(yaw.abs().max()) > 1.9 and float(yaw.std()) < 0.95
@@ -137,6 +138,9 @@ def test_pose_priors_defaults_independence_and_spread():
         assert float(yaw.std()) == pytest.approx(std, rel=0.08) and float(pitch.std()) == pytest.approx(std, rel=0.08)
         assert float(yaw.mean()) == pytest.approx(0.1, abs=0.03)
         assert float(pitch.mean()) == pytest.approx(-0.1, abs=0.03)
+        first, again = (C.sample_sphere_pose(6, 0.0, 0.3, 0.0, 0.3, 2.0, method=method,
+                                             generator=torch.Generator().manual_seed(5)) for _ in range(2))
+        assert all(torch.equal(a, b) for a, b in zip(first, again)), method
     preset = get_preset("FFHQ256")
     first = C.sample_preset_pose(6, preset, torch.Generator().manual_seed(5))
     again = C.sample_preset_pose(6, preset, torch.Generator().manual_seed(5))
