@@ -145,7 +145,8 @@ def _mutmut_version() -> str:
 def run_file(path: str, jobs: int, fresh: bool, only: list[str] | None = None) -> float:
     work = prepare(path, fresh)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONDONTWRITEBYTECODE="1")
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONDONTWRITEBYTECODE="1",
+               HYPOTHESIS_PROFILE="mutation")  # tests/conftest.py: failing properties are not shrunk
     mutmut = Path(sys.executable).parent / "mutmut"
     start = time.monotonic()
     with open(work / "mutmut.log", "w") as log:
