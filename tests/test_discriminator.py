@@ -14,7 +14,7 @@ from gmpi_lightning.nn.discriminator import (
     PoseConditionedDiscriminator,
     row_pattern,
 )
-from gmpi_lightning.nn.ops import downsample2d
+from gmpi_lightning.nn.ops import downsample2d, setup_filter
 from tests.conftest import max_err
 
 SMALL = dict(img_resolution=16, channel_base=256, channel_max=32)
@@ -148,12 +148,17 @@ def test_skip_epilogue_adds_the_image_features_before_the_minibatch_std():
 
 
 def test_freeze_layers_counts_layers_from_the_input_across_blocks():
-    """freeze_layers=k freezes the first k layers counted from the image side across blocks (b16: fromrgb, conv0,
-    conv1, skip; b8: conv0, conv1, skip), NVlabs' numbering. Rules out a layer that takes no number, a counter that
-    restarts per block or steps by 2, and a block that forgets where the previous one stopped."""
-    D = Discriminator(c_dim=0, img_channels=3, block_kwargs=dict(freeze_layers=5), **SMALL)
+    """freeze_layers=k freezes the first k layers counted from the image side across blocks (b32: fromrgb, conv0,
+    conv1, skip = 0-3; b16: 4-6; b8: 7-9), NVlabs' numbering; every block's resampling layers use the D's filter.
+    Rules out a layer that takes no number, a counter that restarts per block or steps by 2, a block that starts
+    from the previous block's count instead of the running total, and a layer left with the default filter."""
+    D = Discriminator(c_dim=0, img_channels=3, img_resolution=32, channel_base=256, channel_max=32,
+                      block_kwargs=dict(freeze_layers=8, resample_filter=[1, 2, 1]))
     frozen = {k.rsplit(".", 1)[0] for k in D.state_dict() if k not in _trainable(D) and k.endswith("weight")}
-    assert frozen == {"b16.fromrgb", "b16.conv0", "b16.conv1", "b16.skip", "b8.conv0"}
+    assert frozen == {"b32.fromrgb", "b32.conv0", "b32.conv1", "b32.skip", "b16.conv0", "b16.conv1", "b16.skip",
+                      "b8.conv0"}
+    f = setup_filter([1, 2, 1])
+    assert all(torch.equal(layer.resample_filter, f) for layer in (D.b32.conv1, D.b32.skip, D.b16.conv1, D.b8.skip))
 
 
 def test_minibatch_std_over_the_whole_batch_and_without_it():
