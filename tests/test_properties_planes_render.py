@@ -27,7 +27,8 @@ def _err(a, b) -> float:
 
 
 def _camera(yaw: float, pitch: float) -> torch.Tensor:
-    """A camera on the unit sphere around (0, 0, 1): its centre has z <= 0.25 for |yaw|, |pitch| <= 0.7."""
+    """A camera on the unit sphere around (0, 0, 1): its centre has z <= 0.42 for |yaw|, |pitch| <= 0.7, in front of
+    every plane used here (depths >= 0.5)."""
     return C.sphere_c2w(yaw, pitch, 1.0, 1.0, dtype=torch.float64)
 
 
