@@ -351,7 +351,7 @@ def _code(text: str) -> str:
 
 def write_summary(results: list[FileResult]) -> Path:
     lines = ["# Mutation testing summary (`make mutation`)", "",
-             "| file | mutants | killed | survived | equivalent | score (non-equivalent killed) | last run |",
+             "| file | mutants | killed | survived | declared | score: killed / (mutants - declared) | last run |",
              "|---|---|---|---|---|---|---|"]
     total, complete = FileResult("total"), 0
     for r in results:
