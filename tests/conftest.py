@@ -9,11 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import Phase, settings
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="gmpi-torch-home-"))
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make mutation` sets HYPOTHESIS_PROFILE=mutation: a property that fails is reported at once, without shrinking its
+# example (a killed mutant needs no minimal counterexample, and shrinking costs seconds per mutant).
+settings.register_profile("mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
 # Reference tensors of the official implementations, vendored with the tests (tests/fixtures/README.md says how
