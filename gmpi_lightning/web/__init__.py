@@ -10,7 +10,7 @@ what :func:`~gmpi_lightning.render.render_mpi` draws (``static/viewer.js`` says 
 MPIs are generated as ``gmpi render`` generates them (seeds, truncation, noise, planes), so the two agree to a
 fraction of a grey level (tests/test_web_viewer.py measures it in headless Chromium).
 
-From Python: ``gmpi_lightning.commands.export_web("runs/synthetic/gmpi.pt", "web", seeds=[0, 1])`` (the command),
+From Python: ``gmpi_lightning.commands.render.export_web("runs/synthetic/gmpi.pt", "web", seeds=[0, 1])`` (the command),
 or, with MPIs already in hand (``gmpi render --web``, the ``WebViewer`` media callback)::
 
     with ViewerWriter(out, preset, scene.planes, resolution=256, texture_resolution=32, seeds=[0]) as page:
