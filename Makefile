@@ -85,6 +85,9 @@ dry          = $(filter 1 yes true,$(DRY))
 train: install  ## default CPU pipeline (see README); EXP=NAME [GPUS=8] [NODES=4 NODE_RANK=r MASTER_ADDR=h] [ARGS=..] [DRY=1]
 ifeq ($(strip $(EXP)),)
 	$(if $(dry),$(error DRY=1 needs EXP=NAME; `make -n train` lists the default pipeline's commands without running them))
+	@$(PY) benchmarks/estimate_time.py $(if $(wildcard $(DATA)/dataset.json),,--data-images $(DATA_NUM)) \
+		$(if $(wildcard runs/synthetic_stylegan2/stylegan2.pt),,--config experiments/synthetic_stylegan2.yaml) \
+		--config experiments/synthetic.yaml || echo "(no time estimate; training anyway)"
 	@test -f $(DATA)/dataset.json || $(MAKE) --no-print-directory data
 	@test -f runs/synthetic_stylegan2/stylegan2.pt || $(VENV)/bin/gmpi fit --config experiments/synthetic_stylegan2.yaml
 	$(VENV)/bin/gmpi fit --config experiments/synthetic.yaml

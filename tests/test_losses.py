@@ -1,4 +1,4 @@
-"""GAN losses and EMA rates as numbers (GMPI_SPEC §6.3, §6.5), at inputs where a sign or a default slip shows."""
+"""GAN losses and EMA rates as numbers (docs/METHOD.md §6), at inputs where a sign or a default slip shows."""
 
 import math
 

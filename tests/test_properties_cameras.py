@@ -1,4 +1,4 @@
-"""Property tests of the camera conventions (GMPI_SPEC §1, README "Conventions") with Hypothesis.
+"""Property tests of the camera conventions (docs/METHOD.md §1) with Hypothesis.
 
 Every property holds for all inputs in its range; Hypothesis draws a few hundred of them per test, derandomised
 (the same examples on every run and in CI) and without an example database.

@@ -1,4 +1,4 @@
-"""Property tests of the plane geometry and the renderer's invariants (GMPI_SPEC §2, §4) with Hypothesis.
+"""Property tests of the plane geometry and the renderer's invariants (docs/METHOD.md §2, §4) with Hypothesis.
 
 The renderer's properties hold for any MPI and any camera in front of its planes: a single opaque plane renders as
 the homography of its texture, a fully transparent plane changes nothing, planes behind an opaque one do not show,
