@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export GLOO_SOCKET_IFNAME ?= lo
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint clean data bench bench-train train
+.PHONY: help install test test-full lint clean data bench bench-train train mutation
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -85,6 +85,9 @@ dry          = $(filter 1 yes true,$(DRY))
 train: install  ## default CPU pipeline (see README); EXP=NAME [GPUS=8] [NODES=4 NODE_RANK=r MASTER_ADDR=h] [ARGS=..] [DRY=1]
 ifeq ($(strip $(EXP)),)
 	$(if $(dry),$(error DRY=1 needs EXP=NAME; `make -n train` lists the default pipeline's commands without running them))
+	@$(PY) benchmarks/estimate_time.py $(if $(wildcard $(DATA)/dataset.json),,--data-images $(DATA_NUM)) \
+		$(if $(wildcard runs/synthetic_stylegan2/stylegan2.pt),,--config experiments/synthetic_stylegan2.yaml) \
+		--config experiments/synthetic.yaml || echo "(no time estimate; training anyway)"
 	@test -f $(DATA)/dataset.json || $(MAKE) --no-print-directory data
 	@test -f runs/synthetic_stylegan2/stylegan2.pt || $(VENV)/bin/gmpi fit --config experiments/synthetic_stylegan2.yaml
 	$(VENV)/bin/gmpi fit --config experiments/synthetic.yaml
@@ -193,6 +196,14 @@ ablations: install  ## DATA=synthetic|ffhq256.. [DRY=1]: train + evaluate experi
 	$(if $(and $(filter synthetic,$(ABLATE)),$(if $(dry),,y)),@$(MAKE) --no-print-directory $(SYN_DATA)/.ready \
 	  DATA=$(SYN_DATA))
 	$(VENV)/bin/gmpi ablations --data $(ABLATE)$(if $(dry), --dry-run) $(ARGS)
+
+# Mutation testing (docs/TESTING.md): mutmut mutates each file of scripts/mutation.py's SELECTION and runs that file's
+# fast tests against every mutant; resumable (build/mutation/<module>/ keeps the verdicts). Not part of `make test`.
+FILES ?=
+JOBS  ?= 1
+FRESH ?=
+mutation: install  ## mutation testing of the recipe's files [FILES=a.py,b.py] [JOBS=2] [FRESH=1] -> build/mutation/summary.md
+	$(PY) scripts/mutation.py $(FILES) --jobs $(JOBS)$(if $(filter 1 yes true,$(FRESH)), --fresh)
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""`gmpi invert` against ground truth (issue 14's acceptance test): held-out synthetic heads, one input view each.
+"""`gmpi invert` against ground truth: held-out synthetic heads, one input view each.
 
     python benchmarks/bench_invert.py --ckpt runs/synthetic/gmpi.pt --num 16
 

@@ -54,7 +54,7 @@ def profiling():
     import importlib.util
 
     if "bench_profiling" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_profiling", HERE / "gmpi_lightning" / "profiling.py")
+        spec = importlib.util.spec_from_file_location("bench_profiling", HERE / "benchmarks" / "profiling.py")
         sys.modules["bench_profiling"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules["bench_profiling"])
     return sys.modules["bench_profiling"]
@@ -88,13 +88,16 @@ def phases(timer):
     timer.wrap(torch.optim.Adam, "step", "Adam step")
     timer.wrap(M, "r1_penalty", "R1 (grad of D)")
     timer.wrap(M, "ema_update", "EMA")
-    timer.wrap(M, "shade_mpi", "shading")
-    for name in ("_finish_step", "select_views", "d_step", "g_step", "training_step"):
-        owner = next((c for c in M.GMPIModule.__mro__ if name in vars(c)), None)
+    views = sys.modules.get("gmpi_lightning.views")  # where the fakes are made (older checkouts: the module)
+    timer.wrap(views or M, "shade_mpi", "shading")
+    names = {"_finish_step": "clip + finite check", "finish_step": "clip + finite check",
+             "select_views": "view search (rest)", "g_step_condition": "view search (rest)",
+             "d_step": "D step (rest)", "g_step": "G step (rest)", "training_step": "training_step (rest)"}
+    owners = [*M.GMPIModule.__mro__] + ([views.PosedViews] if views else [])
+    for name, label in names.items():
+        owner = next((c for c in owners if name in vars(c)), None)
         if owner is not None:
-            timer.wrap(owner, name, {"_finish_step": "clip + finite check", "select_views": "view search (rest)",
-                                     "d_step": "D step (rest)", "g_step": "G step (rest)",
-                                     "training_step": "training_step (rest)"}[name])
+            timer.wrap(owner, name, label)
     timer.wrap(pl.LightningModule, "log_dict", "logging")
     return timer
 
@@ -128,7 +131,8 @@ def run(name: str, args, device: str, precision: str) -> dict:
     import torch
 
     from datamodules.posed_images import PosedImageDataModule
-    from gmpi_lightning.module import GMPIModule, peak_memory_mb
+    from gmpi_lightning.module import GMPIModule
+    from gmpi_lightning.training_log import peak_memory_mb
 
     IterationProbe, PhaseTimer = profiling().IterationProbe, profiling().PhaseTimer
 

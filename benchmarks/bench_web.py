@@ -11,6 +11,7 @@ first frame (decode + texture upload). Default: software GL (SwiftShader, the fl
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ import torch.nn.functional as F
 from gmpi_lightning.planes import preset_planes
 from gmpi_lightning.presets import get_preset
 from gmpi_lightning.web import ViewerWriter
-from gmpi_lightning.web.headless import Chromium
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/browser.py drives Chromium
+from tests.browser import Chromium  # noqa: E402
 
 
 def synthetic_mpi(n_planes: int, res: int, seed: int = 0) -> torch.Tensor:

@@ -11,6 +11,11 @@ the model's arguments), once per seed and per ``d_pose_init``. Printed per (init
 
     python benchmarks/d_init.py --config experiments/synthetic.yaml --seeds 0,1,2,3,4 --inits official,pretrained_logit
 
+``--runs DIR [DIR ...]`` measures what the discriminator of trained runs has learnt about the pose, from their
+checkpoints (``checkpoints/it*.ckpt`` and ``last.ckpt``): on reals whose yaw is at least 0.15 rad off centre, the
+*pose preference* ``D(x, own camera) - D(x, mirrored camera)`` (> 0: D knows from which side the head was seen) and the
+real-fake gap at their own cameras.
+
 ``--gain-stats N --preset FFHQ256`` needs neither data nor a network: for N fresh official pose mappings (PyTorch's
 default init of Linear(16, 16), seeds 0..N-1) it reports how often the start's gain ``sum(cmap) / sqrt(16)`` is
 negative over the preset's yaw range, everywhere, somewhere (a verdict that flips with the pose), and its spread.
@@ -27,6 +32,7 @@ import torch
 from gmpi_lightning import runs
 from gmpi_lightning.data import collate, read_samples, resolve_shards
 from gmpi_lightning.module import GMPIModule
+from gmpi_lightning.networks import stylegan2_backbone
 
 
 def real_batch(data: str, n: int) -> dict:
@@ -42,11 +48,11 @@ def real_batch(data: str, n: int) -> dict:
 @torch.no_grad()
 def measure(model: GMPIModule, D2d, reals: dict, n_fake: int, yaw_bins: torch.Tensor, seed: int) -> dict:
     g = torch.Generator().manual_seed(10_000 + seed)
-    c2w = model.sample_condition(n_fake, g)
-    fakes = model.fake_images(model.G, model.sample_z(n_fake, g), c2w, g, shade=False, noise_mode="const")
+    c2w = model.fakes.sample(n_fake, g)
+    fakes = model.fakes.images(model.G, model.sample_z(n_fake, g), c2w, g, noise_mode="const")
     out = {"d2d_real": D2d(reals["image"])[:, 0], "d2d_fake": D2d(fakes)[:, 0],
-           "dpose_real": model.D(reals["image"], model.real_condition(reals))[:, 0],
-           "dpose_fake": model.D(fakes, model.d_condition(c2w))[:, 0]}
+           "dpose_real": model.D(reals["image"], model.fakes.real_condition(reals))[:, 0],
+           "dpose_fake": model.D(fakes, model.fakes.condition(c2w))[:, 0]}
     row = {k: float(v.mean()) for k, v in out.items()}
     row["gap_2d"], row["gap_pose"] = row["d2d_real"] - row["d2d_fake"], row["dpose_real"] - row["dpose_fake"]
     # gain per yaw: the same images (reals and fakes) judged at each bin's camera, against the 2D logit
@@ -55,7 +61,7 @@ def measure(model: GMPIModule, D2d, reals: dict, n_fake: int, yaw_bins: torch.Te
     gains = []
     for yaw in yaw_bins.tolist():
         cam = model.scene.camera(torch.full((len(imgs),), yaw), torch.zeros(len(imgs)))
-        logit = model.D(imgs, model.d_condition(cam.float()))[:, 0]
+        logit = model.D(imgs, model.fakes.condition(cam.float()))[:, 0]
         gains.append(float((logit * base).sum() / base.square().sum()))
     row["gain_per_yaw"] = [round(x, 3) for x in gains]
     return row
@@ -87,6 +93,41 @@ def gain_stats(preset_name: str, n: int) -> dict:
                 1).values).median()), 2)}
 
 
+@torch.no_grad()
+def pose_preference(model: GMPIModule, reals: dict, n_fake: int = 64) -> dict:
+    """Pose preference and real-fake gap of a trained module's D (see the module docstring)."""
+    keep = reals["yaw"].abs() >= 0.15
+    imgs, w2c = reals["image"][keep], reals["w2c"][keep]
+    c2w = torch.linalg.inv(w2c.reshape(-1, 4, 4).double())
+    mirror = torch.diag(torch.tensor([-1.0, 1, 1, 1], dtype=torch.float64))
+    mirrored = torch.linalg.inv(mirror @ c2w @ mirror).float().reshape(-1, 16)  # the camera reflected in x = 0
+    own, other = model.D(imgs, w2c)[:, 0], model.D(imgs, mirrored)[:, 0]
+    g = torch.Generator().manual_seed(123)
+    cams = model.fakes.sample(n_fake, g)
+    fakes = model.fakes.images(model.G_ema, model.sample_z(n_fake, g), cams, g, noise_mode="const")
+    fake = model.D(fakes, model.fakes.condition(cams))[:, 0]
+    return {"n": int(keep.sum()), "pose_preference": float((own - other).mean()),
+            "preference_sign": float((own > other).float().mean()), "real_fake_gap": float(own.mean() - fake.mean())}
+
+
+def run_checkpoints(run_dirs: list[str], reals: dict) -> list[dict]:
+    import re
+    from pathlib import Path
+
+    rows = []
+    for d in map(Path, run_dirs):
+        params = json.loads((d / "params.json").read_text()) if (d / "params.json").is_file() else {}
+        for ck in sorted((d / "checkpoints").glob("it*.ckpt")) + [d / "checkpoints" / "last.ckpt"]:
+            if not ck.is_file():
+                continue
+            model = GMPIModule.load_from_checkpoint(ck, map_location="cpu", weights_only=False).eval()
+            it = int(re.sub(r"\D", "", ck.stem) or model.iteration) if ck.stem != "last" else model.iteration
+            rows.append({"run": d.name, **{k.split(".")[-1]: v for k, v in params.items() if "max_iters" not in k},
+                         "iteration": it, **pose_preference(model, reals)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="experiments/synthetic.yaml")
@@ -95,10 +136,18 @@ def main(argv=None) -> int:
     ap.add_argument("--num", type=int, default=64, help="reals and fakes each")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--gain-stats", type=int, default=0, help="N fresh official pose mappings (no data, no network)")
+    ap.add_argument("--runs", nargs="*", help="run folders: what their trained D learnt about the pose")
+    ap.add_argument("--data", default="data/synthetic32", help="the reals of --runs")
     ap.add_argument("--preset", default="FFHQ256", help="the pose prior of --gain-stats")
     args = ap.parse_args(argv)
     if args.gain_stats:
         print(json.dumps(gain_stats(args.preset, args.gain_stats), indent=1))
+        return 0
+    if args.runs:
+        rows = run_checkpoints(args.runs, real_batch(args.data, 256))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
         return 0
     cfg = runs.resolve(["--config", args.config])
     model_args = dict(runs.init_args(cfg, "model"))
@@ -109,14 +158,15 @@ def main(argv=None) -> int:
     p = get_preset(model_args["preset"])
     bins = torch.linspace(p.yaw_mean - p.n_truncated_stds * p.yaw_std, p.yaw_mean + p.n_truncated_stds * p.yaw_std, 5)
     print(f"yaw bins: {[round(b, 2) for b in bins.tolist()]}")
-    print("| d_pose_init | seed | 2D D real | 2D D fake | 2D gap | pose D real | pose D fake | pose gap | gain per yaw |")
+    print("| d_pose_init | seed | 2D D real | 2D D fake | 2D gap | pose D real | pose D fake | pose gap | "
+          "gain per yaw |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for init in args.inits.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             pl.seed_everything(seed, verbose=False)
             model = GMPIModule(**{**model_args, "d_pose_init": init}).eval()
-            D2d = model._backbone()[1].eval()  # the pretrained 2D D, as loaded from init_from
+            D2d = stylegan2_backbone(model.hparams.init_from, model.preset)[1].eval()  # the pretrained 2D D
             row = {"d_pose_init": init, "seed": seed, **measure(model, D2d, reals, args.num, bins, seed)}
             rows.append(row)
             print(f"| {init} | {seed} | {row['d2d_real']:.2f} | {row['d2d_fake']:.2f} | {row['gap_2d']:+.2f} | "

@@ -1,8 +1,10 @@
-"""Learning curves from training runs' eval.jsonl (the EvaluationCallback's log): one line per run, or per arm.
+"""Learning curves from training runs' eval.jsonl (the EvaluationCallback's log) and, for the discriminator's
+overfitting heuristic and the augmentation probability, their metrics.csv: one line per run, or per arm.
 
     python benchmarks/learning_curves.py runs/sweeps/where_3d --out docs/figures/where_3d.png
     python benchmarks/learning_curves.py runs/sweeps/suspects --out docs/figures/suspects.png --table
     python benchmarks/learning_curves.py runs/sweeps/priors --panels est_fd --out docs/figures/priors.png
+    python benchmarks/learning_curves.py runs/sweeps/small_data --panels ada_rt,augment_p,est_fd --table
 
 Each argument is a run folder (its ``**/eval.jsonl``) or a sweep folder (every ``run-*`` in it, labelled with the
 run's parameters from ``done.json`` / ``config.yaml``). Runs that differ only in their seeds (``seed_everything``,
@@ -15,13 +17,16 @@ every curve has its scale.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 from pathlib import Path
 
 PANELS = {"pose_yaw_slope": "pose slope (1 = turns with the camera)", "pose": "pose error (rad²)",
           "depth": "depth error (z-scored; flat = 1)", "depth_fd": "depth FD", "depth_relief": "depth relief",
-          "est_fd": "est_fd (estimator-feature FD to the reals)"}
+          "est_fd": "est_fd (estimator-feature FD to the reals)",
+          "ada_rt": "r_t = E[sign D(real)] (1: D memorised the reals)", "augment_p": "augmentation p"}
+TRAIN_KEYS = ("ada_rt", "augment_p")  # metrics.csv's train/<key>, logged every log_every_n_steps iterations
 DEFAULT_PANELS = ("pose_yaw_slope", "pose", "depth", "depth_fd", "depth_relief")
 LOG_PANELS = ("depth_fd", "est_fd")
 REF_STYLE = {"renders": ("k", ":", "ground-truth renders"), "mpi": ("k", "--", "ground-truth MPI"),
@@ -31,13 +36,21 @@ SEED_KEYS = ("seed_everything", "data.seed")
 
 
 def read_curve(run: Path) -> list[dict]:
-    """[{iteration, metric: value}] of one run, in iteration order (a resumed run's repeats: the last one wins)."""
+    """[{iteration, metric: value}] of one run, in iteration order (a resumed run's repeats: the last one wins):
+    the evaluations, and :data:`TRAIN_KEYS` where the training log has them."""
     points: dict[int, dict] = {}
+    for log in sorted(run.glob("**/metrics.csv")):
+        with open(log, newline="") as f:
+            for row in csv.DictReader(f):
+                values = {k: float(row[f"train/{k}"]) for k in TRAIN_KEYS if row.get(f"train/{k}")}
+                if values and row.get("train/iteration"):
+                    it = int(float(row["train/iteration"]))
+                    points.setdefault(it, {"iteration": it}).update(values)
     for log in sorted(run.glob("**/eval.jsonl")):
         for line in log.read_text().splitlines():
             if line.strip():
                 d = json.loads(line)
-                points[int(d["iteration"])] = {"iteration": int(d["iteration"]), **d["metrics"]}
+                points.setdefault(int(d["iteration"]), {"iteration": int(d["iteration"])}).update(d["metrics"])
     return [points[k] for k in sorted(points)]
 
 

@@ -27,28 +27,27 @@ Files go to ``<run>/media/`` where ``<run>`` is ``trainer.log_dir`` (the first l
     samples_it000200.png               seeds (rows) x [RGB at each pose | colour-mapped depth at each pose]
     planes_it000200_seed0000.png       RGBA strip of up to 8 planes of the first seed, near to far
     sweep_yaw_it000800_seed0000.mp4    camera sweep, RGB | depth side by side
-    mesh_it000800_seed0000.ply         marching cubes over the alpha volume
+    mesh_it000800_seed0000.ply, .glb   marching cubes over the alpha volume (glb: glTF binary, vertex colours)
     web_it000800/index.html            the WebGL viewer page of the seeds (gmpi export-web; opens from disk)
 
 With a ``WandbLogger`` among the loggers the same media are logged under ``media/samples``, ``media/planes``,
-``media/sweep``, ``media/mesh`` (a coloured point cloud of the mesh vertices: wandb's Object3D reads no PLY) and
+``media/sweep``, ``media/mesh`` (the glb mesh as ``wandb.Object3D``, which reads glTF but no PLY) and
 ``media/web`` (the viewer page as one ``wandb.Html`` file: orbit the samples in the dashboard),
 at ``trainer/global_step`` (the x-axis of every metric); captions carry the iteration.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gmpi_lightning import export
-from gmpi_lightning.scene import Scene, seed_latents
+from gmpi_lightning.nn.alpha import fixed_planes
+from gmpi_lightning.sampling import Sampler
 
 WANDB_MAX_POINTS = 50_000  # mesh vertices sent to wandb as a point cloud (the PLY on disk keeps all of them)
 
@@ -73,63 +72,17 @@ def wandb_loggers(trainer) -> list:
     return [lg for lg in (getattr(trainer, "loggers", None) or []) if isinstance(lg, WandbLogger)]
 
 
-class MediaRenderer:
-    """The EMA generator of a :class:`~gmpi_lightning.module.GMPIModule`, set up to render fixed seeds.
-
-    Uses the module's preset and, by default, its training planes (``planes``: another plane count). In
-    ``stylegan2`` mode only :meth:`image_2d` applies (no planes, no cameras).
-    """
-
-    def __init__(self, pl_module, planes: int | None = None, resolution: int | None = None,
-                 truncation_psi: float = 1.0, plane_chunk: int | None = None):
-        self.G, self.preset = pl_module.G_ema, pl_module.preset
-        self.mode = getattr(pl_module, "mode", "gmpi")
-        self.resolution = resolution or self.preset.resolution
-        self.truncation_psi, self.plane_chunk = truncation_psi, plane_chunk
-        tensors = list(self.G.parameters()) + list(self.G.buffers())
-        self.device = tensors[0].device if tensors else torch.device("cpu")
-        self.scene = None
-        if self.mode == "gmpi":
-            self.scene = pl_module.scene.to(self.device) if planes is None else Scene(self.preset, planes, self.device)
-
-    def latent(self, seed: int) -> torch.Tensor:
-        return seed_latents([seed], self.G.z_dim, self.device)
-
-    def image_2d(self, seed: int) -> np.ndarray:
-        """stylegan2 mode: the generator's image, H x W x 3 uint8."""
-        img = self.G(self.latent(seed), None, truncation_psi=self.truncation_psi, noise_mode="const")
-        return export.to_uint8((img[0] + 1) / 2)
-
-    def mpi(self, seed: int) -> torch.Tensor:
-        """1 x L x 4 x R x R in [0, 1]."""
-        return self.scene.generate(self.G, self.latent(seed), truncation_psi=self.truncation_psi,
-                                   plane_chunk=self.plane_chunk)
-
-    def view(self, mpi: torch.Tensor, yaw: float, pitch: float) -> tuple[np.ndarray, np.ndarray]:
-        """(RGB, colour-mapped depth), each resolution^2 x 3 uint8. Depth spans the preset's [near, far], weighted
-        by coverage. Out-of-volume rays render transparent instead of raising: a preview never stops training."""
-        r = self.scene.render_pose(mpi, yaw, pitch, resolution=self.resolution, plane_chunk=self.plane_chunk,
-                                   check_inside=False)
-        depth = export.depth_to_color(r["depth"][0], self.preset.near, self.preset.far, r["alpha"][0])
-        return export.to_uint8(r["rgb"][0]), depth
-
-    def mesh(self, seed: int, grid: int | None, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return export.extract_mesh(self.G, self.latent(seed), self.preset,
-                                   export.mesh_extent(self.scene.planes.extents), grid=grid, level=level,
-                                   truncation_psi=self.truncation_psi, noise_mode="const")
-
-    @contextlib.contextmanager
-    def sampling(self) -> Iterator[MediaRenderer]:
-        """No grad, eval mode (restored after; a ``model.train()`` also reaches G_ema), forked RNG streams."""
-        was_training = self.G.training
-        cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
-            if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():
-            self.G.eval()
-            try:
-                yield self
-            finally:
-                self.G.train(was_training)
+def module_sampler(pl_module, planes: int | None = None, resolution: int | None = None, truncation_psi: float = 1.0,
+                   plane_chunk: int | None = None) -> Sampler:
+    """The EMA generator of a training module as a :class:`~gmpi_lightning.sampling.Sampler`: its preset, its training
+    planes unless ``planes`` says otherwise, constant noise, and rays outside the planes' volume rendered transparent (a
+    preview never stops training). A 2D (``stylegan2``) module's sampler has no planes (:meth:`image_2d` only)."""
+    G = pl_module.G_ema
+    is_2d = getattr(pl_module, "mode", "gmpi") == "stylegan2"
+    device = next(iter(list(G.parameters()) + list(G.buffers()))).device
+    scene = None if is_2d else (pl_module.scene.to(device) if planes is None else planes)
+    return Sampler(G, pl_module.preset, scene, device, resolution, truncation_psi, "const", plane_chunk,
+                   check_inside=False)
 
 
 class MediaCallback(Callback):
@@ -161,14 +114,14 @@ class MediaCallback(Callback):
         if not trainer.is_global_zero or it == self.last_iteration:
             return []
         self.last_iteration = it
-        renderer = MediaRenderer(pl_module, **self.renderer_kwargs)
+        sampler = module_sampler(pl_module, **self.renderer_kwargs)
         out = Path(self.out_dir) if self.out_dir else run_dir(trainer) / "media"
-        with renderer.sampling():
-            files = self.make(renderer, out, it, trainer)
+        with sampler.sampling():
+            files = self.make(sampler, out, it, trainer)
         self.written += files
         return files
 
-    def make(self, renderer: MediaRenderer, out: Path, iteration: int, trainer) -> list[Path]:
+    def make(self, sampler: Sampler, out: Path, iteration: int, trainer) -> list[Path]:
         raise NotImplementedError
 
 
@@ -208,19 +161,19 @@ class SampleGrid(MediaCallback):
         if not self.poses:
             raise ValueError("need at least one yaw and one pitch")
 
-    def make(self, renderer, out, iteration, trainer):
-        if renderer.mode != "gmpi":
-            grid, self.layout = export.labeled_grid([[renderer.image_2d(s) for s in self.seeds]], [""],
+    def make(self, sampler, out, iteration, trainer):
+        if sampler.scene is None:
+            grid, self.layout = export.labeled_grid([[sampler.image_2d(s) for s in self.seeds]], [""],
                                                     [f"seed {s}" for s in self.seeds], self.min_tile)
             path = export.save_png(out / f"samples_it{iteration:06d}.png", grid)
             _log_images(trainer, "media/samples", [path], [f"iteration {iteration}, seeds {self.seeds}"])
             return [path]
         rows, planes = [], None
         for seed in self.seeds:
-            mpi = renderer.mpi(seed)
+            mpi = sampler.mpi(seed)
             if planes is None:
                 planes = export.plane_tiles(mpi[0])
-            views = [renderer.view(mpi, yaw, pitch) for yaw, pitch in self.poses]
+            views = [sampler.view(mpi, yaw, pitch) for yaw, pitch in self.poses]
             rows.append([v[0] for v in views] + [v[1] for v in views])
         cams = [f"{y:+.2f},{p:+.2f}" if len(set(p for _, p in self.poses)) > 1 else f"yaw {y:+.2f}"
                 for y, p in self.poses]
@@ -253,18 +206,13 @@ class SweepVideo(MediaCallback):
             raise ValueError(f"a sweep needs at least 2 frames, got {frames}")
         self.frames, self.fps, self.trajectory, self.seeds = frames, fps, trajectory, _seeds(seeds, 1)
 
-    def make(self, renderer, out, iteration, trainer):
-        if renderer.mode != "gmpi":
+    def make(self, sampler, out, iteration, trainer):
+        if sampler.scene is None:
             rank_zero_info("SweepVideo: nothing to sweep for a 2D (stylegan2) generator")
             return []
-        p = renderer.preset
-        poses = export.sweep_poses(self.trajectory, self.frames, p.yaw_mean, p.pitch_mean)
-        paths = []
-        for seed in self.seeds:
-            mpi = renderer.mpi(seed)
-            frames = [np.concatenate(renderer.view(mpi, yaw, pitch), axis=1) for yaw, pitch in poses]
-            paths.append(export.write_video(out / f"sweep_{self.trajectory}_it{iteration:06d}_seed{seed:04d}.mp4",
-                                            frames, fps=self.fps))
+        paths = [export.write_video(out / f"sweep_{self.trajectory}_it{iteration:06d}_seed{seed:04d}.mp4",
+                                    sampler.sweep(sampler.mpi(seed), self.trajectory, self.frames), fps=self.fps)
+                 for seed in self.seeds]
         for lg in wandb_loggers(trainer):
             lg.log_video(key="media/sweep", videos=[str(p) for p in paths], step=trainer.global_step,
                          caption=[f"iteration {iteration}, seed {s}, {self.trajectory} sweep: RGB | depth"
@@ -273,37 +221,48 @@ class SweepVideo(MediaCallback):
 
 
 class MeshExport(MediaCallback):
-    """PLY mesh per seed (marching cubes over the alpha volume at ``level``, ``grid`` = texture resolution by
-    default) at the end of training. An alpha volume that never crosses the level gives a warning, not a crash.
-    Nothing in ``stylegan2`` mode."""
+    """Mesh per seed (marching cubes over the alpha volume at ``level``, ``grid`` = texture resolution by default) at
+    the end of training, as ``formats`` (``ply``, ``glb``: glTF binary with the MPI's vertex colours,
+    :mod:`gmpi_lightning.mesh_io`; default both). With a ``WandbLogger`` the glb is logged as ``wandb.Object3D``
+    (a point cloud of the vertices when only PLY is written). An alpha volume that never crosses the level gives a
+    warning, not a crash. Nothing in ``stylegan2`` mode."""
 
     def __init__(self, seeds: list[int] | None = None, grid: int | None = None, level: float = 0.5,
                  at_end: bool = True, every_n_iters: int | None = None, truncation_psi: float = 1.0,
-                 out_dir: str | None = None):
+                 out_dir: str | None = None, formats: list[str] | None = None):
+        from gmpi_lightning.mesh_io import parse_mesh_formats
+
         super().__init__(every_n_iters, at_end, truncation_psi=truncation_psi, out_dir=out_dir)
         self.seeds, self.grid, self.level = _seeds(seeds, 1), grid, level
+        self.formats = parse_mesh_formats(formats or ["ply", "glb"])
 
-    def make(self, renderer, out, iteration, trainer):
-        if renderer.mode != "gmpi":
+    def make(self, sampler, out, iteration, trainer):
+        from gmpi_lightning.mesh_io import write_mesh
+
+        if sampler.scene is None:
             rank_zero_info("MeshExport: no alpha volume in a 2D (stylegan2) generator")
             return []
-        if getattr(renderer.G, "alpha_mode", None) == "vanilla":
+        if fixed_planes(sampler.G):
             rank_zero_warn("MeshExport: the vanilla alpha branch only makes its training planes, not the dense "
                            "uniform volume a mesh needs; skipped")
             return []
         paths = []
         for seed in self.seeds:
             try:
-                verts, faces, colors = renderer.mesh(seed, self.grid, self.level)
+                verts, faces, colors = sampler.mesh(seed, self.grid, self.level)
             except ValueError as e:
                 if "iso-level" not in str(e):
                     raise
                 rank_zero_warn(f"MeshExport: no mesh for seed {seed} at iteration {iteration}: {e}")
                 continue
-            path = export.write_ply(out / f"mesh_it{iteration:06d}_seed{seed:04d}.ply", verts, faces, colors)
-            paths.append(path)
-            _log_point_cloud(trainer, "media/mesh", verts, colors, f"iteration {iteration}, seed {seed}: "
-                             f"{len(verts)} vertices, {len(faces)} faces")
+            written = write_mesh(out / f"mesh_it{iteration:06d}_seed{seed:04d}", verts, faces, colors, self.formats)
+            paths += written
+            caption = f"iteration {iteration}, seed {seed}: {len(verts)} vertices, {len(faces)} faces"
+            glb = [p for p in written if p.suffix == ".glb"]
+            if glb:
+                _log_mesh_file(trainer, "media/mesh", glb[0], caption)
+            else:
+                _log_point_cloud(trainer, "media/mesh", verts, colors, caption)
         return paths
 
 
@@ -318,17 +277,17 @@ class WebViewer(MediaCallback):
         super().__init__(every_n_iters, at_end, planes, resolution, truncation_psi, plane_chunk, out_dir)
         self.seeds, self.force = _seeds(seeds, 4), force
 
-    def make(self, renderer, out, iteration, trainer):
+    def make(self, sampler, out, iteration, trainer):
         from gmpi_lightning.web import ViewerWriter, wandb_html
 
-        if renderer.mode != "gmpi":
+        if sampler.scene is None:
             rank_zero_info("WebViewer: no MPI to show for a 2D (stylegan2) generator")
             return []
-        info = {"iteration": iteration, "truncation_psi": renderer.truncation_psi, "noise_mode": "const"}
-        with ViewerWriter(out / f"web_it{iteration:06d}", renderer.preset, renderer.scene.planes, renderer.resolution,
-                          renderer.G.img_resolution, self.seeds, info, self.force, verbose=False) as page:
+        info = {"iteration": iteration, "truncation_psi": sampler.truncation_psi, "noise_mode": "const"}
+        with ViewerWriter(out / f"web_it{iteration:06d}", sampler.preset, sampler.scene.planes, sampler.resolution,
+                          sampler.G.img_resolution, self.seeds, info, self.force, verbose=False) as page:
             for seed in self.seeds:
-                page.add(seed, renderer.mpi(seed)[0])
+                page.add(seed, sampler.mpi(seed)[0])
         for lg in wandb_loggers(trainer):
             lg.log_metrics({"media/web": wandb_html(page.out)}, step=trainer.global_step)
         return [page.out / "index.html"]
@@ -338,6 +297,17 @@ class WebViewer(MediaCallback):
 def _log_images(trainer, key: str, paths: list[Path], captions: list[str]) -> None:
     for lg in wandb_loggers(trainer):
         lg.log_image(key=key, images=[str(p) for p in paths], step=trainer.global_step, caption=captions)
+
+
+def _log_mesh_file(trainer, key: str, path: Path, caption: str) -> None:
+    """The coloured mesh itself: wandb's Object3D reads glTF binary."""
+    loggers = wandb_loggers(trainer)
+    if not loggers:
+        return
+    import wandb
+
+    for lg in loggers:
+        lg.log_metrics({key: wandb.Object3D(str(path), caption=caption)}, step=trainer.global_step)
 
 
 def _log_point_cloud(trainer, key: str, verts: np.ndarray, colors: np.ndarray, caption: str) -> None:

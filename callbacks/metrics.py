@@ -10,8 +10,10 @@ training plane count unless ``planes`` is given.
 Runs every ``every_n_iters`` GMPI iterations (the module's own counter, not ``global_step``, which counts two
 optimiser steps per iteration) and at the end of training, on the EMA generator. Under DDP every rank renders
 its share of the seeds and the results are gathered once; rank 0 logs ``eval/<metric>`` to every logger and
-appends a line to ``<log dir>/eval.jsonl``. FID/KID need the Inception weights file (see
-:mod:`gmpi_lightning.evaluation.inception`); a missing file stops the run at its start, not after hours.
+appends a line to ``<log dir>/eval.jsonl``. FID, KID, precision/recall (``pr``: ``eval/precision``,
+``eval/recall``) and the Inception Score (``is``: ``eval/is``) need the Inception weights file (see
+:mod:`gmpi_lightning.evaluation.inception`); a missing file is an error when the callback is made, so ``gmpi fit``
+stops before any logger has started (no empty W&B run), not after hours.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from callbacks.media import run_dir
-from gmpi_lightning.evaluation.evaluate import NEEDS_DATA, NEEDS_ESTIMATORS, evaluate, json_safe, parse_metrics
+from gmpi_lightning.evaluation.evaluate import (
+    INCEPTION_METRICS,
+    NEEDS_DATA,
+    NEEDS_ESTIMATORS,
+    evaluate,
+    json_safe,
+    parse_metrics,
+)
 from gmpi_lightning.evaluation.fakes import IMAGE_METRICS, FakeSettings, iter_images_2d
 
 
@@ -37,6 +46,10 @@ class EvaluationCallback(pl.Callback):
         self.num_real, self.inception, self.estimators = num_real, inception, estimators
         self.kid_subset_size, self.at_end = kid_subset_size, at_end
         self._last = -1
+        if INCEPTION_METRICS & set(self.metrics):  # now, when `gmpi fit` builds its callbacks: before any logger starts
+            from gmpi_lightning.evaluation.inception import resolve_weights
+
+            resolve_weights(self.inception)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._is_2d(pl_module) and set(self.metrics) - set(IMAGE_METRICS):
@@ -53,11 +66,6 @@ class EvaluationCallback(pl.Callback):
             raise FileNotFoundError(f"EvaluationCallback: metrics pose/depth need the estimator file "
                                     f"{self.estimators}, which is not there: `make estimators` writes "
                                     f"runs/estimators/synthetic32.pt (or drop pose,depth from the metrics)")
-        if {"fid", "kid"} & set(self.metrics):
-            from gmpi_lightning.evaluation.inception import resolve_weights
-
-            resolve_weights(self.inception)  # fail now, with the instructions, rather than at the first evaluation
-
     @staticmethod
     def _is_2d(pl_module) -> bool:
         return getattr(pl_module, "mode", "gmpi") == "stylegan2"

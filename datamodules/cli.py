@@ -1,59 +1,91 @@
-"""``gmpi data synthetic|ffhq|eg3d|folder ...``: posed-image shards + dataset.json + preview.png. A subcommand of
-``gmpi`` that lives here, beside the converters (``gmpi_lightning.cli`` names it, it does not import it)."""
+"""``gmpi data synthetic|ffhq|eg3d|folder``: posed-image shards + dataset.json + preview.png, one typed function per
+kind (``gmpi_lightning.cli`` builds the flags from the signatures)."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import converters as cv
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gmpi data", description="Write WebDataset shards of posed images + a "
-                                "dataset card (dataset.json) and a preview grid.")
-    sub = p.add_subparsers(dest="kind", required=True)
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What every conversion of real images shares.
 
-    def common(q, preset):
-        q.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
-        q.add_argument("--preset", default=preset, help="camera/plane preset of the data")
-        q.add_argument("--resolution", type=int, help="expected image size (default: the first image's)")
-        q.add_argument("--skip-bad", action="store_true", help="skip bad inputs, listing them in rejected.jsonl")
-        q.add_argument("--overwrite", action="store_true")
-        q.add_argument("--workers", type=int, default=2, help="parallel decode/encode processes (0: inline)")
-        q.add_argument("--samples-per-shard", type=int, default=1000)
+    Args:
+        resolution: expected image size (default: the first image's).
+        skip_bad: skip bad inputs, listing them in rejected.jsonl (default: stop at the first, naming it).
+        overwrite: replace an existing output folder.
+        workers: parallel decode/encode processes (0: inline).
+        samples_per_shard: samples per shard file.
+    """
 
-    q = sub.add_parser("ffhq", help="FFHQ/MetFaces: dataset-tool zip or folder + Deep3DFaceRecon .mat poses")
-    q.add_argument("--images", required=True, help="ffhqRxR.zip (StyleGAN2 dataset_tool) or an image folder")
-    q.add_argument("--poses", required=True, help="folder of Deep3DFaceRecon coefficient .mat files")
-    q.add_argument("--fail-list", help="fail_list.txt: images without a pose estimate (excluded, counted)")
-    q.add_argument("--xflip", action="store_true", help="also write mirrored copies with mirrored poses")
-    common(q, "FFHQ256")
-    q = sub.add_parser("eg3d", help="EG3D-processed folder/zip with dataset.json labels (AFHQv2-Cat)")
-    q.add_argument("--root", required=True)
-    common(q, "AFHQCat")
-    q = sub.add_parser("folder", help="any image folder + poses.json/csv (yaw/pitch or c2w per file)")
-    q.add_argument("--images", required=True)
-    q.add_argument("--poses", required=True)
-    common(q, "FFHQ256")
-    q = sub.add_parser("synthetic", help="procedural heads with ground-truth depth and mask")
-    q.add_argument("--out", required=True)
-    q.add_argument("--num", type=int, default=10000)
-    q.add_argument("--resolution", type=int, default=64)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--supersample", type=int, default=2)
-    q.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+    resolution: int | None = None
+    skip_bad: bool = False
+    overwrite: bool = False
+    workers: int = 2
+    samples_per_shard: int = 1000
 
-    from . import converters as cv
 
-    if args.kind == "synthetic":
-        out = cv.convert_synthetic(args.out, args.num, args.resolution, args.seed, args.supersample, args.overwrite)
-    else:
-        kw = dict(preset=args.preset, resolution=args.resolution, skip_bad=args.skip_bad, overwrite=args.overwrite,
-                  workers=args.workers, samples_per_shard=args.samples_per_shard)
-        if args.kind == "ffhq":
-            out = cv.convert_ffhq(args.images, args.poses, args.out, fail_list=args.fail_list, xflip=args.xflip, **kw)
-        elif args.kind == "eg3d":
-            out = cv.convert_eg3d(args.root, args.out, **kw)
-        else:
-            out = cv.convert_folder(args.images, args.poses, args.out, **kw)
+DEFAULTS = ConvertOptions()
+
+
+def _done(out: Path) -> Path:
     print(f"preview: {cv.write_preview(out)}")
-    return 0
+    return out
+
+
+def ffhq(images: str, poses: str, out: str, fail_list: str | None = None, xflip: bool = False,
+         preset: str = "FFHQ256", options: ConvertOptions = DEFAULTS) -> Path:
+    """FFHQ/MetFaces: a StyleGAN2 dataset-tool zip or image folder + one Deep3DFaceRecon .mat per image.
+
+    Args:
+        images: ffhqRxR.zip (StyleGAN2 dataset_tool) or an image folder.
+        poses: folder of Deep3DFaceRecon coefficient .mat files (same relative paths as the images).
+        out: output folder (refused if it exists, unless --overwrite).
+        fail_list: fail_list.txt: images without a pose estimate (excluded, counted).
+        xflip: also write mirrored copies with mirrored poses.
+        preset: camera/plane preset of the data.
+    """
+    return _done(cv.convert_ffhq(images, poses, out, preset=preset, fail_list=fail_list, xflip=xflip,
+                                 **asdict(options)))
+
+
+def eg3d(root: str, out: str, preset: str = "AFHQCat", options: ConvertOptions = DEFAULTS) -> Path:
+    """An EG3D-processed folder or zip with its dataset.json labels (AFHQv2-Cat).
+
+    Args:
+        root: the folder or zip.
+        out: output folder (refused if it exists, unless --overwrite).
+        preset: camera/plane preset of the data.
+    """
+    return _done(cv.convert_eg3d(root, out, preset=preset, **asdict(options)))
+
+
+def folder(images: str, poses: str, out: str, preset: str = "FFHQ256",
+           options: ConvertOptions = DEFAULTS) -> Path:
+    """Any image folder + poses.json/csv (yaw/pitch or c2w per file).
+
+    Args:
+        images: the image folder.
+        poses: poses.json ({"file.png": {"yaw": .., "pitch": ..}} or {"c2w": 4x4}) or poses.csv.
+        out: output folder (refused if it exists, unless --overwrite).
+        preset: camera/plane preset of the data.
+    """
+    return _done(cv.convert_folder(images, poses, out, preset=preset, **asdict(options)))
+
+
+def synthetic(out: str, num: int = 10000, resolution: int = 64, seed: int = 0, supersample: int = 2,
+              overwrite: bool = False) -> Path:
+    """Procedural heads with ground-truth depth and mask.
+
+    Args:
+        out: output folder (refused if it exists, unless --overwrite).
+        num: number of heads.
+        resolution: image size (32, 64 or 128 have presets; others use synthetic64's geometry).
+        seed: seed of the heads (sample i of seed s is the same whatever the batch).
+        supersample: RGB rays per pixel side (anti-aliasing).
+        overwrite: replace an existing output folder.
+    """
+    return _done(cv.convert_synthetic(out, num, resolution, seed, supersample, overwrite))

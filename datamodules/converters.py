@@ -1,7 +1,7 @@
 """Converters from the real dataset formats to posed-image shards (``gmpi data ...``).
 
 * FFHQ / MetFaces: StyleGAN2 dataset-tool zip (or a folder) + one Deep3DFaceRecon ``.mat`` per image
-  (``angle``, ``trans``) -> w2c as GMPI_SPEC §1.5 (camera distance 10, axis flips, camera put back on
+  (``angle``, ``trans``) -> w2c as docs/METHOD.md §1.5 (camera distance 10, axis flips, camera put back on
   the sphere). ``--xflip`` adds mirrored copies with mirrored poses (MetFaces).
 * EG3D (AFHQv2-Cat): a folder or zip with ``dataset.json`` (``labels``: [file, 25 numbers], the first 16
   a cam2world in EG3D's y-up world, OpenCV camera).

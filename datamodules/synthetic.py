@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from gmpi_lightning.cameras import focal_from_fov, invert_rigid, pixel_rays, sample_preset_pose, sphere_c2w
+from gmpi_lightning.evaluation.reference import register_truth
 from gmpi_lightning.presets import get_preset
 
 # Primitive slots (rows of the per-sample tables).
@@ -328,3 +329,6 @@ class HeadTruth:
         out = render_heads([self.first_index + int(s) for s in seeds], self.cfg, yaw=yaw, pitch=pitch)
         return {"rgb": out["image"].permute(0, 3, 1, 2).float() / 255, "depth": out["depth"][:, None],
                 "mask": out["mask"][:, None]}
+
+
+register_truth("synthetic", HeadTruth.from_card)  # `gmpi evaluate --reference` renders these heads' ground truth

@@ -8,13 +8,13 @@ settings equal an earlier row's is trained once ("same as <row>"). Every generat
 OUT/samples.png.
 """
 
-import argparse
 import json
 import os
 import re
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -104,55 +104,60 @@ def evaluate_rows(planned: list[runs.Run], metrics: list[str], num_samples: int,
     return table
 
 
-def main(argv: list[str]) -> int:
-    import torch
+def ablations(data: str = "synthetic", rows: str = "all", out: str | None = None, max_iters: int | None = None,
+              stage: Literal["train", "eval", "all"] = "all", metrics: str | None = None, num_samples: int = 256,
+              planes: int = 96, inception: str | None = None, estimators: str | None = None, device: str | None = None,
+              dry_run: bool = False) -> int:
+    """Train and evaluate the paper's ablation rows (experiments/ablations/) on one base into one table.
 
-    ap = argparse.ArgumentParser(prog="gmpi ablations", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--data", default="synthetic", help="base experiment: experiments/<data>.yaml")
-    ap.add_argument("--rows", default="all", help="comma-separated rows of experiments/ablations/, or all")
-    ap.add_argument("--out", help="output folder (default runs/ablations/<data>)")
-    ap.add_argument("--max-iters", type=int, help=f"training length (default: {CPU_MAX_ITERS} else the base's)")
-    ap.add_argument("--stage", default="all", choices=["train", "eval", "all"])
-    ap.add_argument("--metrics", help="checked before training (default: consistency,depth_fd,pose,depth where the "
-                    "base's data has depth, plus fid,kid when Inception weights are found; else fid,kid,consistency)")
-    ap.add_argument("--num-samples", type=int, default=256, help="fakes per row")
-    ap.add_argument("--planes", type=int, default=96, help="planes at inference for every row")
-    ap.add_argument("--inception", default=os.environ.get("GMPI_INCEPTION_WEIGHTS") or None,
-                    help="Inception weights for fid/kid (default: $GMPI_INCEPTION_WEIGHTS, else torch.hub's cache)")
-    ap.add_argument("--estimators", help="pose/depth estimators (default runs/estimators/<data>.pt; trained if none)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="evaluation device")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
-    args = ap.parse_args(argv)
-    rows = list_rows() if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
-    planned = plan(args.data, rows, args.out or f"runs/ablations/{args.data}", args.max_iters)
+    Args:
+        data: base experiment: experiments/<data>.yaml.
+        rows: comma-separated rows of experiments/ablations/, or all.
+        out: output folder (default runs/ablations/<data>).
+        max_iters: training length (default: the CPU length of the synthetic base, else the base's).
+        stage: train, eval or all.
+        metrics: checked before training (default: consistency,depth_fd,pose,depth where the base's data has depth,
+            plus fid,kid,pr,is when Inception weights are found; else fid,kid,pr,is,consistency).
+        num_samples: fakes per row.
+        planes: planes at inference for every row.
+        inception: Inception weights for fid/kid (default: $GMPI_INCEPTION_WEIGHTS, else torch.hub's cache).
+        estimators: pose/depth estimators (default runs/estimators/<data>.pt; trained if none).
+        device: evaluation device (default: cuda when available).
+        dry_run: print the plan, run nothing.
+    """
+    from .commands import default_device
+
+    base, device = data, device or default_device()
+    inception = inception or os.environ.get("GMPI_INCEPTION_WEIGHTS") or None
+    names = list_rows() if rows == "all" else [r.strip() for r in rows.split(",") if r.strip()]
+    planned = plan(base, names, out or f"runs/ablations/{base}", max_iters)
     out, t0, model = planned[0].dir.parent, time.time(), runs.init_args(planned[0].config, "model")
     data = str(REPO / runs.init_args(planned[0].config, "data")["data"])
-    if args.stage != "train":  # every evaluation setting is checked before the first row trains
-        metrics, inception = compare.check_settings(args.metrics, data, str(model.get("preset", "")).startswith(
-            "synthetic"), args.inception)
-        print(f"evaluation: {','.join(metrics)} on {args.num_samples} fakes per row, {args.planes} planes"
+    if stage != "train":  # every evaluation setting is checked before the first row trains
+        metrics, inception = compare.check_settings(metrics, data, str(model.get("preset", "")).startswith(
+            "synthetic"), inception)
+        print(f"evaluation: {','.join(metrics)} on {num_samples} fakes per row, {planes} planes"
               + (f", Inception {inception}" if inception else ""), flush=True)
-    if args.stage != "eval":
-        train_rows(planned, args.dry_run)
-    if args.stage == "train" or args.dry_run:
+    if stage != "eval":
+        train_rows(planned, dry_run)
+    if stage == "train" or dry_run:
         return 0
-    est = Path(args.estimators or REPO / "runs" / "estimators" / f"{Path(data).name}.pt")
+    est = Path(estimators or REPO / "runs" / "estimators" / f"{Path(data).name}.pt")
     est = est if {"pose", "depth"} & set(metrics) else None
     if est and not est.is_file():
         from .estimator_training import train_estimators
 
         print(f"training the pose/depth estimators on {data} -> {est}", flush=True)
         train_estimators(data, est)
-    table = evaluate_rows(planned, metrics, args.num_samples, args.planes, inception, est and str(est), args.device)
+    table = evaluate_rows(planned, metrics, num_samples, planes, inception, est and str(est), device)
     first = planned[0].dir.with_name(planned[0].same_as or planned[0].name) / "gmpi.pt"
-    table += compare.reference_rows(data, load_generator(first).preset, metrics, args.num_samples, args.planes,
-                                    est and str(est), out / "reference.json", args.device)
-    runs.write_table(table, out / "results.csv", out / "results.md", title=f"Ablations on {args.data}: "
-                     f"{args.num_samples} fakes per row, {args.planes} planes; ± standard error over the fakes "
+    table += compare.reference_rows(data, load_generator(first).preset, metrics, num_samples, planes,
+                                    est and str(est), out / "reference.json", device)
+    runs.write_table(table, out / "results.csv", out / "results.md", title=f"Ablations on {base}: "
+                     f"{num_samples} fakes per row, {planes} planes; ± standard error over the fakes "
                      f"(depth FD: bootstrap)", plus_minus={c: f"{c}_se" for c in compare.COLUMNS})
     fig = compare.sample_figure([(r.name, r.dir.with_name(r.same_as or r.name) / "gmpi.pt") for r in planned],
-                                out / "samples.png", planes=args.planes, data=data)
+                                out / "samples.png", planes=planes, data=data)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {fig} ({time.time() - t0:.0f} s)")
     return 0

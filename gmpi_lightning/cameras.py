@@ -1,4 +1,4 @@
-"""Cameras in GMPI's conventions (GMPI_SPEC §1). Pure functions of tensors.
+"""Cameras in GMPI's conventions (docs/METHOD.md §1). Pure functions of tensors.
 
 * World (MPI) frame: +X right, +Y down, +Z forward. Cameras: OpenCV (x right, y down, z forward);
   ``c2w`` columns are the camera axes and centre in world coordinates.
@@ -129,6 +129,13 @@ def sample_preset_pose(n: int, preset, generator: torch.Generator | None = None)
     """(yaw, pitch) from a :class:`~gmpi_lightning.presets.Preset`'s prior."""
     return sample_sphere_pose(n, preset.yaw_mean, preset.yaw_std, preset.pitch_mean, preset.pitch_std,
                               preset.n_truncated_stds, preset.pose_sample_method, generator)
+
+
+def pose_range(preset) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(yaw, pitch) intervals of a preset's training prior: mean +- n_truncated_stds * std."""
+    n = preset.n_truncated_stds
+    return ((preset.yaw_mean - n * preset.yaw_std, preset.yaw_mean + n * preset.yaw_std),
+            (preset.pitch_mean - n * preset.pitch_std, preset.pitch_mean + n * preset.pitch_std))
 
 
 def invert_rigid(m: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The ``gmpi`` command.
+"""The ``gmpi`` command: one typed function per command, its parser built from the signature and docstring.
 
     gmpi fit|validate|test --config experiments/NAME.yaml [--model.key=value ...]   (LightningCLI)
     gmpi import-stylegan2 IN.pkl OUT.pt     NVlabs pickle -> plain weights_only file (no code executed)
@@ -6,163 +6,168 @@
     gmpi export-web --ckpt CKPT --seeds 0-3 --planes 32 --out DIR   WebGL viewer page: open from disk, orbit, depth
     gmpi data synthetic|ffhq|eg3d|folder ...  posed-image shards + dataset.json + preview.png
     gmpi evaluate --ckpt CKPT --data DATA --metrics fid,kid,consistency,depth_fd,pose,depth --out r.json
-    gmpi estimators train --data data/synthetic32 --out runs/estimators/synthetic32.pt
-    gmpi sweep-local experiments/sweeps/NAME.yaml [--parallel N]   W&B sweep file, run here without a server
-    gmpi ablations --data synthetic          train + evaluate experiments/ablations/* into one table
+    gmpi estimators train|eval ...          pose/depth CNNs for the geometry metrics
+    gmpi sweep-local experiments/sweeps/NAME.yaml [--parallel N] [--seeds 0-2]   a W&B sweep file, without a server
+    gmpi ablations --data synthetic         train + evaluate experiments/ablations/* into one table
     gmpi invert --ckpt CKPT --image IMG --out DIR [--pose Y,P] [--views "Y,P;..."] [--video] [--mesh]
+    gmpi poses --ckpt CKPT --images DIR --out poses.json [--min-confidence C]   cameras of your own images
 
-Each subcommand is a small function registered in ``COMMANDS``.
+Flags are the functions' parameter names with dashes (``--noise-mode``; the underscore spelling works too), types and
+defaults come from the annotations, help from the docstrings' ``Args:``; a parameter typed as a dataclass contributes
+its fields as flags of their own. This is the composition root: the one module of the package that imports
+``datamodules`` and ``callbacks`` (through ``trainer`` and the ``data`` command), so every arrow is visible.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
+import dataclasses
+import inspect
 import pickle
+import re
 import sys
 from collections.abc import Callable
 
-from .lock import RunFolderBusy
+from jsonargparse import ArgumentParser
+
+from .commands import render as render_commands
+from .errors import USER_ERRORS, InputError
+
+PROG = "gmpi"
 
 
-def _import_stylegan2(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gmpi import-stylegan2",
-                                description="Convert an NVlabs StyleGAN2-ADA pickle into a plain, weights_only-"
-                                            "loadable file. The pickle's embedded source code is never executed.")
-    p.add_argument("src", help="NVlabs network pickle (e.g. ffhq-res256-mirror-paper256-noaug.pkl)")
-    p.add_argument("dst", help="output file (.pt)")
-    args = p.parse_args(argv)
-    from .io import load_stylegan2_pkl, save_converted
-
-    loaded = load_stylegan2_pkl(args.src)
-    save_converted(loaded, args.dst)
-    for key in ("G", "D", "G_ema"):
-        if key in loaded:
-            kw = loaded["kwargs"][key]["init_kwargs"]
-            n = sum(p.numel() for p in loaded[key].parameters())
-            print(f"{key:6s} {loaded['kwargs'][key]['class_name']:14s} {kw.get('img_resolution')}px "
-                  f"{n / 1e6:.2f}M parameters")
-    print(f"wrote {args.dst}")
-    return 0
+def command_parser(func: Callable, prog: str, positional: bool = False) -> ArgumentParser:
+    """A parser of ``func``'s keyword arguments (``positional``: required ones as positional arguments); a parameter
+    named ``overrides`` is not a flag: it receives what follows ``--`` on the command line."""
+    doc = inspect.getdoc(func) or ""
+    parser = ArgumentParser(prog=prog, description=doc.split("\n\n")[0], exit_on_error=True)
+    flat = {n: p.annotation for n, p in _parameters(func).items() if dataclasses.is_dataclass(p.annotation)}
+    parser.add_function_arguments(func, as_positional=positional, skip=set(flat) | {"overrides"}, nested_key=None)
+    for cls in flat.values():
+        parser.add_class_arguments(cls, nested_key=None)
+    for action in list(parser._actions):  # --noise-mode as well as --noise_mode; --video as well as --video true
+        for option in [o for o in action.option_strings if o.startswith("--") and "_" in o]:
+            alias = option.replace("_", "-")
+            action.option_strings.append(alias)
+            parser._option_string_actions[alias] = action
+        if action.option_strings and "bool" in str(getattr(action, "_typehint", "")):
+            action.nargs, action.const = "?", True
+    return parser
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in str(text).split(",") if v.strip()]
+def _parameters(func: Callable) -> dict[str, inspect.Parameter]:
+    sig = inspect.signature(func, eval_str=True)
+    return {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
-def _render(argv: list[str]) -> int:
-    from .inference import add_generator_arguments
-
-    p = argparse.ArgumentParser(
-        prog="gmpi render",
-        description="Render views, depth, an RGBA plane strip, a camera-sweep video and a mesh per seed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_generator_arguments(p)
-    p.add_argument("--planes", type=int, default=96, help="planes at inference (the paper uses 96)")
-    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi")
-    p.add_argument("--noise-mode", default="const", choices=["const", "random", "none"])
-    p.add_argument("--yaw", type=_floats, default=[-0.3, 0.0, 0.3], help="comma-separated yaws (radians)")
-    p.add_argument("--pitch", type=_floats, default=[0.0], help="comma-separated pitches (radians)")
-    p.add_argument("--resolution", type=int, help="render resolution (default: the generator's)")
-    p.add_argument("--video", action="store_true", help="write a camera-sweep mp4 (RGB | depth)")
-    p.add_argument("--trajectory", default="yaw", choices=["yaw", "pitch", "circle"])
-    p.add_argument("--frames", type=int, default=100)
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--mesh", action="store_true", help="marching cubes over the alpha volume -> PLY")
-    p.add_argument("--mesh-level", type=float, default=0.5, help="iso-level on the smoothed alpha volume")
-    p.add_argument("--plane-chunk", type=int, help="planes per chunk in generation/compositing (memory)")
-    p.add_argument("--allow-outside", action="store_true", help="render rays that miss the background plane "
-                                                               "(transparent) instead of stopping")
-    p.add_argument("--web", action="store_true", help="also write OUT/web/: the WebGL viewer page of these MPIs "
-                                                       "(as gmpi export-web; open index.html from disk)")
-    p.add_argument("--wandb-project", help="log that page to W&B (wandb.Html) in this project (implies --web)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--out", required=True, help="output folder")
-    args = p.parse_args(argv)
-    from .inference import run_render
-
-    run_render(args)
-    return 0
+def run(func: Callable, argv: list[str], prog: str, positional: bool = False):
+    """Parse ``argv`` for ``func`` and call it; dataclass-typed parameters are rebuilt from their flags."""
+    params = _parameters(func)
+    argv = _join_negative_values(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    if cut < len(argv) and "overrides" not in params:
+        raise InputError(f"{prog} takes no arguments after `--`")
+    ns = command_parser(func, prog, positional).parse_args(argv[:cut]).as_dict()
+    kwargs = {"overrides": argv[cut + 1:]} if "overrides" in params else {}
+    for name, p in params.items():
+        if dataclasses.is_dataclass(p.annotation):
+            kwargs[name] = p.annotation(**{f.name: ns.pop(f.name) for f in dataclasses.fields(p.annotation)
+                                           if f.name in ns})
+        elif name in ns:
+            kwargs[name] = ns.pop(name)
+    return func(**kwargs)
 
 
-def _named(target: str) -> Callable[[list[str]], int]:
-    """A subcommand that lives in another package (``module:function``), named, not imported: ``datamodules/``
-    uses ``gmpi_lightning``, not the reverse."""
-    def run(argv: list[str]) -> int:
-        module, _, function = target.partition(":")
-        return getattr(importlib.import_module(module), function)(argv)
-    return run
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--pose -0.2,0`` -> ``--pose=-0.2,0``: argparse reads a value that starts with '-' as an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and \
+                re.match(r"-[\d.]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
-def _lightning(argv: list[str]) -> int:
-    """gmpi fit|validate|test: LightningCLI over GMPIModule + PosedImageDataModule (typed, YAML-configurable)."""
-    from .trainer import run_lightning_cli
+def _lightning(subcommand: str) -> Callable[[list[str]], None]:
+    def run_cli(argv: list[str]) -> None:
+        from .trainer import run_lightning_cli
 
-    run_lightning_cli(argv)
-    return 0
-
-
-def _sweep_local(argv: list[str]) -> int:
-    """gmpi sweep-local SWEEP.yaml [--out DIR] [--parallel N] [--count N] [--seed S] [--dry-run] [-- overrides]"""
-    from .sweeps import main
-
-    return main(argv)
+        run_lightning_cli([subcommand, *argv])
+    return run_cli
 
 
-def _estimators(argv: list[str]) -> int:
-    """gmpi estimators train|eval: pose/depth CNNs for the geometry metrics (gmpi_lightning/estimators.py)."""
-    from .estimator_training import cli
+def _commands() -> dict:
+    """name -> (function, help, positional) or name -> {subcommand: ...}; ``fit``-like entries take raw argv."""
+    import datamodules.synthetic  # noqa: F401  (registers the synthetic heads' ground truth for --reference rows)
+    from datamodules import cli as data_cli
 
-    return cli(argv)
+    from . import ablations, estimator_training, sweeps
+    from .commands import evaluate as evaluate_cmd
+    from .commands import invert as invert_cmd
+
+    return {
+        "import-stylegan2": (render_commands.import_stylegan2, True),
+        "render": (render_commands.render, False),
+        "export-web": (render_commands.export_web, False),
+        "fit": _lightning("fit"), "validate": _lightning("validate"), "test": _lightning("test"),
+        "sweep-local": (sweeps.sweep_local, True),
+        "data": {"synthetic": (data_cli.synthetic, False), "ffhq": (data_cli.ffhq, False),
+                 "eg3d": (data_cli.eg3d, False), "folder": (data_cli.folder, False)},
+        "estimators": {"train": (estimator_training.train_command, False),
+                       "eval": (estimator_training.eval_command, False)},
+        "evaluate": (evaluate_cmd.evaluate_command, False),
+        "ablations": (ablations.ablations, False),
+        "invert": (invert_cmd.invert, False),
+        "poses": (invert_cmd.poses, False),
+    }
 
 
-def _evaluate(argv: list[str]) -> int:
-    """gmpi evaluate --ckpt CKPT --metrics fid,kid,consistency,depth_fd,pose,depth --num-samples N --out r.json"""
-    from .evaluation.evaluate import main
-
-    return main(argv)
-
-
-def _ablations(argv: list[str]) -> int:
-    """gmpi ablations --data synthetic [--rows full,no_pose_cond] [--stage train|eval|all]"""
-    from .ablations import main
-
-    return main(argv)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "import-stylegan2": (_import_stylegan2, "convert an NVlabs StyleGAN2-ADA pickle safely"),
-    "render": (_render, "views, depth, plane strip, video and mesh from a checkpoint"),
-    "export-web": (_named("gmpi_lightning.web:main"), "a WebGL page of generated MPIs: opens from disk, orbit, depth"),
-    "fit": (lambda a: _lightning(["fit", *a]), "train (LightningCLI): gmpi fit --config experiments/synthetic.yaml"),
-    "validate": (lambda a: _lightning(["validate", *a]), "validate a checkpoint (LightningCLI)"),
-    "test": (lambda a: _lightning(["test", *a]), "test a checkpoint (LightningCLI)"),
-    "sweep-local": (_sweep_local, "run a W&B sweep file (grid/random) here, without the W&B server"),
-    "data": (_named("datamodules.cli:main"), "convert datasets (ffhq, eg3d, folder) or make synthetic heads: shards"),
-    "estimators": (_estimators, "train/evaluate pose and depth estimators for the pose/depth metrics"),
-    "evaluate": (_evaluate, "FID/KID, 3D consistency, depth FD, pose/depth error of a checkpoint -> JSON"),
-    "ablations": (_ablations, "train and evaluate the paper's ablation rows (experiments/ablations/) into one table"),
-    "invert": (_named("gmpi_lightning.invert_cli:main"), "one image -> latent + tuned generator, novel views, depth, "
-                                                          "video, mesh"),
+HELP = {
+    "import-stylegan2": "convert an NVlabs StyleGAN2-ADA pickle safely",
+    "render": "views, depth, plane strip, video and mesh from a checkpoint",
+    "export-web": "a WebGL page of generated MPIs: opens from disk, orbit, depth",
+    "fit": "train (LightningCLI): gmpi fit --config experiments/synthetic.yaml",
+    "validate": "validate a checkpoint (LightningCLI)", "test": "test a checkpoint (LightningCLI)",
+    "sweep-local": "run a W&B sweep file (grid/random) here, without the W&B server",
+    "data": "convert datasets (ffhq, eg3d, folder) or make synthetic heads: shards",
+    "estimators": "train/evaluate pose and depth estimators for the pose/depth metrics",
+    "evaluate": "FID/KID, 3D consistency, depth FD, pose/depth error of a checkpoint -> JSON",
+    "ablations": "train and evaluate the paper's ablation rows (experiments/ablations/) into one table",
+    "invert": "one image -> latent + tuned generator, novel views, depth, video, mesh",
+    "poses": "a folder of images -> their cameras (poses.json for gmpi data folder), estimated by the generator",
 }
+
+
+def _usage(names, prefix: str = PROG) -> str:
+    return f"usage: {prefix} COMMAND [ARGS]\n\ncommands:\n" + "\n".join(f"  {n:18s} {HELP.get(n, '')}"
+                                                                         for n in names)
+
+
+def dispatch(argv: list[str]) -> int:
+    table = _commands()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in table:
+        print(_usage(HELP) if not argv or argv[0] in ("-h", "--help") else
+              f"{PROG}: unknown command {argv[0]!r}\n" + _usage(HELP))
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    entry, prog, rest = table[argv[0]], f"{PROG} {argv[0]}", argv[1:]
+    if isinstance(entry, dict):
+        if not rest or rest[0] not in entry:
+            print(f"usage: {prog} {{{','.join(entry)}}} [ARGS]  (--help after one for its options)")
+            return 0 if rest[:1] in (["-h"], ["--help"]) else 2
+        entry, prog, rest = entry[rest[0]], f"{prog} {rest[0]}", rest[1:]
+    result = run(entry[0], rest, prog, entry[1]) if isinstance(entry, tuple) else entry(rest)
+    return result if isinstance(result, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:18s} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: gmpi COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
-        return COMMANDS[argv[0]][0](argv[1:])
-    except (FileNotFoundError, FileExistsError, ValueError, pickle.UnpicklingError, RunFolderBusy) as e:  # user errors
-        print(f"gmpi {argv[0]}: error: {e}", file=sys.stderr)
+        return dispatch(argv)
+    except (*USER_ERRORS, pickle.UnpicklingError) as e:  # deliberate input errors: one line; a bug: its traceback
+        print(f"{PROG} {argv[0]}: error: {e}", file=sys.stderr)
         return 1
 
 

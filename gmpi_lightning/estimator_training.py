@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import hashlib
 import json
 import math
 import time
 from collections.abc import Sequence
+from json import dumps as json_dumps
 from pathlib import Path
 
 import numpy as np
@@ -270,73 +271,77 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def cli(argv: list[str]) -> int:
-    """``gmpi estimators train|eval``."""
-    p = argparse.ArgumentParser(prog="gmpi estimators", description="Pose/depth estimators for the geometry "
-                                "metrics (GMPI_SPEC §8.3), trained on shards with ground truth.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train PoseCNN + DepthCNN; the last shard(s) are held out for validation",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--data", required=True, help="folder written by `gmpi data` (with depth/mask ground truth)")
-    t.add_argument("--out", required=True, help="output file (.pt)")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu", help="cpu or cuda")
-    t.add_argument("--val-shards", type=int, default=1, help="trailing shards held out for validation")
-    t.add_argument("--val-data", help="separate validation shards (then all of --data trains)")
-    t.add_argument("--input-size", type=int, help="network input size (default: data resolution, at most 64)")
-    t.add_argument("--max-train-samples", type=int, help="cap on training samples held in memory")
-    t.add_argument("--max-val-samples", type=int)
-    t.add_argument("--pose-width", type=int, default=16, help="PoseCNN base channels")
-    t.add_argument("--depth-width", type=int, default=8, help="DepthCNN base channels")
-    t.add_argument("--mask-erode", type=int, default=1, help="erode the mask target by this many pixels "
-                                                               "(a conservative estimator mask)")
-    t.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch's default). 1 by default: these small convolutions gain little "
-                        "from more threads, and on a busy machine OpenMP's spin-waiting made 2 threads 27x slower "
-                        "(measured 3.5 s vs 0.13 s per step on 2 shared cores)")
-    e = sub.add_parser("eval", help="pose/depth errors of saved estimators on shards with ground truth")
-    e.add_argument("--estimators", required=True, help="file written by `gmpi estimators train`")
-    e.add_argument("--data", required=True)
-    e.add_argument("--max-samples", type=int)
-    e.add_argument("--json", help="also write the metrics to this JSON file")
-    e.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    args = p.parse_args(argv)
-    if args.cmd == "train":
-        if args.steps < 1 or args.batch_size < 1:
-            raise ValueError("--steps and --batch-size must be >= 1")
-        threads = torch.get_num_threads()
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        try:
-            saved = train_estimators(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                     seed=args.seed, device=args.device, val_shards=args.val_shards,
-                                     val_data=args.val_data, input_size=args.input_size,
-                                     max_train_samples=args.max_train_samples, max_val_samples=args.max_val_samples,
-                                     pose_width=args.pose_width, depth_width=args.depth_width,
-                                     mask_erode=args.mask_erode)
-        finally:
-            torch.set_num_threads(threads)
-        info = saved["info"]
-        print(format_metrics(info["val_metrics"]))
-        s = info["seconds"]
-        print(f"trained on {info['n_train']} images, {info['steps']} steps in {s['train']} s (load {s['load']} s, "
-              f"total {s['total']} s wall, {s['cpu_total']} s CPU, {s['threads']} threads)")
-        print(f"wrote {args.out} (sha256 {_file_sha256(Path(args.out))[:12]})")
-        return 0
-    pose_model, depth_model, info = load_estimators(args.estimators)
-    urls, _ = resolve_shards(args.data)
-    arrays = load_arrays(urls, None, args.max_samples, desc="load")
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:  # the mean-pose baseline predicts the *training* mean pose, stored in the pose model
-        metrics = evaluate_arrays(pose_model, depth_model, arrays, pose_reference=pose_model.pose_mean)
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with ``n`` torch CPU threads (0: leave torch's setting), restored after."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def train_command(data: str, out: str, steps: int = 2000, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                  device: str = "cpu", val_shards: int = 1, val_data: str | None = None, input_size: int | None = None,
+                  max_train_samples: int | None = None, max_val_samples: int | None = None, pose_width: int = 16,
+                  depth_width: int = 8, mask_erode: int = 1, threads: int = 1) -> dict:
+    """Train PoseCNN + DepthCNN on shards with ground truth; the last shard(s) are held out for validation.
+
+    Args:
+        data: folder written by `gmpi data` (with depth/mask ground truth).
+        out: output file (.pt).
+        steps: optimiser steps.
+        batch_size: images per step.
+        lr: Adam learning rate (cosine decay).
+        seed: seed of the initialisation and the batches.
+        device: cpu or cuda.
+        val_shards: trailing shards held out for validation.
+        val_data: separate validation shards (then all of --data trains).
+        input_size: network input size (default: the data's resolution, at most 64).
+        max_train_samples: cap on training samples held in memory.
+        max_val_samples: cap on validation samples.
+        pose_width: PoseCNN base channels.
+        depth_width: DepthCNN base channels.
+        mask_erode: erode the mask target by this many pixels (a conservative estimator mask).
+        threads: torch CPU threads (0: torch's default). 1 by default: these small convolutions gain little from
+            more threads, and on a busy machine OpenMP's spin-waiting made 2 threads 27x slower (measured 3.5 s vs
+            0.13 s per step on 2 shared cores).
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError("--steps and --batch-size must be >= 1")
+    with torch_threads(threads):
+        saved = train_estimators(data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                                 val_shards=val_shards, val_data=val_data, input_size=input_size,
+                                 max_train_samples=max_train_samples, max_val_samples=max_val_samples,
+                                 pose_width=pose_width, depth_width=depth_width, mask_erode=mask_erode)
+    info = saved["info"]
+    print(format_metrics(info["val_metrics"]))
+    s = info["seconds"]
+    print(f"trained on {info['n_train']} images, {info['steps']} steps in {s['train']} s (load {s['load']} s, "
+          f"total {s['total']} s wall, {s['cpu_total']} s CPU, {s['threads']} threads)")
+    print(f"wrote {out} (sha256 {_file_sha256(Path(out))[:12]})")
+    return saved
+
+
+def eval_command(estimators: str, data: str, max_samples: int | None = None, json: str | None = None,
+                 threads: int = 1) -> dict:
+    """Pose/depth errors of saved estimators on shards with ground truth, next to the mean-pose and flat-depth
+    baselines.
+
+    Args:
+        estimators: file written by `gmpi estimators train`.
+        data: folder written by `gmpi data` (with depth/mask ground truth).
+        max_samples: evaluate at most this many images.
+        json: also write the metrics to this JSON file.
+        threads: torch CPU threads (0: torch's default).
+    """
+    pose_model, depth_model, _ = load_estimators(estimators)
+    arrays = load_arrays(resolve_shards(data)[0], None, max_samples, desc="load")
+    with torch_threads(threads):  # the mean-pose baseline predicts the *training* mean pose, stored in the pose model
+        metrics = evaluate_arrays(pose_model, depth_model, arrays, pose_reference=pose_model.pose_mean)
     print(format_metrics(metrics, label="images"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=1))
-    return 0
+    if json:
+        Path(json).write_text(json_dumps(metrics, indent=1))
+    return metrics

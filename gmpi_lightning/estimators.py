@@ -1,4 +1,4 @@
-"""Pose and depth estimators for the geometry metrics (GMPI_SPEC §8.3), and the metrics themselves.
+"""Pose and depth estimators for the geometry metrics (docs/METHOD.md §8.3), and the metrics themselves.
 
 The paper measures 3D consistency of generated images with an *external* estimator: it renders fakes at known
 camera poses, lets Deep3DFaceRecon estimate each image's head pose and depth, and compares.
@@ -130,7 +130,7 @@ def zscore(values: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torc
 
 def depth_error(est_depth: torch.Tensor, rendered_depth: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
                 min_pixels: int = 16) -> torch.Tensor:
-    """Per-image depth error (GMPI_SPEC §8.3), shape B, float64.
+    """Per-image depth error (docs/METHOD.md §8.3), shape B, float64.
 
     Valid pixels: ``mask > 0.5`` and ``rendered_depth > 1e-8`` (and both depths finite). Both depth maps are
     z-scored over the valid pixels of their image, then the squared difference is averaged over them. Images with

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .nn.alpha import fixed_planes
 from .planes import make_plane_depths, normalize_depths
 
 
@@ -134,15 +135,15 @@ def sweep_poses(kind: str, n_frames: int, yaw_mean: float = 0.0, pitch_mean: flo
 
 def mesh_plane_depths(preset, grid: int) -> torch.Tensor:
     """Uniformly spaced depths for mesh extraction: the spacing of a grid^3 cube of side equal to the
-    foreground plane width, over [near, far] (GMPI_SPEC §8.4)."""
+    foreground plane width, over [near, far] (docs/METHOD.md §8.4)."""
     side = 2.0 * preset.far * np.tan(np.radians(preset.fov_deg) / 2)
     n = max(2, int(np.floor(min(1.0, (preset.far - preset.near) / side) * grid)))
     return make_plane_depths(preset.near, preset.far, n, "uniform")
 
 
 def mesh_extent(extents: torch.Tensor) -> torch.Tensor:
-    """The (height, width) of the mesh volume: the largest non-background plane, as the official cube (GMPI_SPEC
-    §8.4); equal to every plane's when the volume is confined."""
+    """The (height, width) of the mesh volume: the largest non-background plane, as the official cube
+    (docs/METHOD.md §8.4); equal to every plane's when the volume is confined."""
     return extents[:-1].amax(0) if len(extents) > 1 else extents[0]
 
 
@@ -154,7 +155,7 @@ def extract_mesh(G, z: torch.Tensor, preset, extents_hw, grid: int | None = None
     from scipy.ndimage import gaussian_filter
     from skimage.measure import marching_cubes
 
-    if getattr(G, "alpha_mode", None) == "vanilla":
+    if fixed_planes(G):
         raise ValueError("the vanilla alpha branch makes only its training planes, not the dense volume a mesh "
                          "needs; mesh a depth-conditioned model (alpha_mode normalize_add_z, add_z, ...)")
     grid = grid or G.img_resolution

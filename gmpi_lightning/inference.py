@@ -1,4 +1,5 @@
-"""Inference helpers behind ``gmpi render``: load any generator checkpoint, seed latents, render and save.
+"""Load any generator checkpoint as an MPI generator with its preset (``gmpi render``, ``export-web``, ``evaluate``,
+``invert``).
 
 Checkpoint kinds (detected from the file):
 * ours (``gmpi-lightning/gmpi``, written by training or :func:`~gmpi_lightning.io.save_gmpi_checkpoint`);
@@ -8,11 +9,9 @@ Checkpoint kinds (detected from the file):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +20,6 @@ from .io.gmpi_ckpt import GMPI_FORMAT
 from .io.stylegan2_pkl import FORMAT as SG2_FORMAT
 from .nn.gmpi import FlatMPIGenerator, GMPIGenerator
 from .presets import PRESETS, Preset, get_preset
-from .scene import Scene
 
 
 @dataclass
@@ -31,16 +29,6 @@ class LoadedGenerator:
     kind: str  # 'gmpi' | 'official' | 'stylegan2-flat'
     source: Path
     training_data: str | None = None  # the shards it was trained on, where the checkpoint records them
-
-
-def add_generator_arguments(p, seeds: bool = True) -> None:
-    """The options every command that loads a generator shares: --ckpt, --config, --preset (and --seeds)."""
-    p.add_argument("--ckpt", required=True, help="our checkpoint (.pt or a training .ckpt), an official "
-                                                  "generator.pth/ema.pth, or a StyleGAN2 .pkl (flat baseline)")
-    p.add_argument("--config", help="official runs: config.pth or JSON with the generator kwargs")
-    p.add_argument("--preset", help="camera/plane preset (default: stored in the checkpoint, else by resolution)")
-    if seeds:
-        p.add_argument("--seeds", default="0-3", help="e.g. 0-3,7 (z = RandomState(seed).randn, as NVlabs)")
 
 
 def _preset_for(name: str | None, resolution: int, stored: dict | None = None) -> Preset:
@@ -132,81 +120,3 @@ def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: s
                               "stylegan2-flat", path)
     out.G.to(device)
     return out
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11]."""
-    seeds: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if m := re.fullmatch(r"(\d+)-(\d+)", part):
-            a, b = int(m.group(1)), int(m.group(2))
-            if b < a:
-                raise ValueError(f"seed range {part!r} is empty")
-            seeds += list(range(a, b + 1))
-        elif part.isdigit():
-            seeds.append(int(part))
-        else:
-            raise ValueError(f"cannot parse seeds {text!r}: use e.g. 0-3,7")
-    return seeds
-
-
-@torch.no_grad()
-def run_render(args) -> None:
-    """The `gmpi render` job (arguments as parsed by the CLI)."""
-    from . import export
-
-    seeds = parse_seeds(args.seeds)
-    loaded = load_generator(args.ckpt, args.config, args.preset, args.device)
-    preset, out = loaded.preset, Path(args.out)
-    res = args.resolution or loaded.G.img_resolution
-    views = [(y, pt) for pt in args.pitch for y in args.yaw]
-    sweep = export.sweep_poses(args.trajectory, args.frames, preset.yaw_mean, preset.pitch_mean) if args.video else []
-    print(f"{loaded.kind} generator from {loaded.source} | preset {preset.name} | {len(seeds)} seeds x "
-          f"{len(views)} views, {args.planes} planes, {res}px -> {out}")
-    total = len(seeds) * (len(views) + len(sweep) + (1 if args.mesh else 0))
-    bar = export.progress(total=total, unit="render", desc="gmpi render")
-    render_kw = dict(resolution=res, plane_chunk=args.plane_chunk, check_inside=not args.allow_outside)
-    scene = Scene.for_generator(loaded.G, preset, args.planes, args.device)
-    gen_kw = dict(truncation_psi=args.truncation, noise_mode=args.noise_mode, plane_chunk=args.plane_chunk)
-    page = None
-    if getattr(args, "web", False) or getattr(args, "wandb_project", None):  # OUT/web: the same MPIs in a browser
-        from .web import ViewerWriter
-
-        page = ViewerWriter(out / "web", preset, scene.planes, res, loaded.G.img_resolution, seeds,
-                            {"checkpoint": Path(args.ckpt).name, "truncation_psi": args.truncation,
-                             "noise_mode": args.noise_mode})
-    for seed in seeds:
-        z = scene.seed_latents([seed], loaded.G.z_dim)
-        mpi = scene.generate(loaded.G, z, **gen_kw)
-        if page is not None:
-            page.add(seed, mpi[0])
-        export.save_png(out / f"seed{seed:04d}_planes.png", export.plane_strip(mpi[0]))
-        for v, (yaw, pitch) in enumerate(views):
-            r = scene.render_pose(mpi, yaw, pitch, **render_kw)
-            export.save_png(out / f"seed{seed:04d}_view{v:02d}.png", export.to_uint8(r["rgb"][0]))
-            export.save_png(out / f"seed{seed:04d}_view{v:02d}_depth.png",
-                            export.depth_to_color(r["depth"][0], preset.near, preset.far, r["alpha"][0]))
-            bar.update()
-        if sweep:
-            frames = []
-            for yaw, pitch in sweep:
-                r = scene.render_pose(mpi, yaw, pitch, **render_kw)
-                depth = export.depth_to_color(r["depth"][0], preset.near, preset.far, r["alpha"][0])
-                frames.append(np.concatenate([export.to_uint8(r["rgb"][0]), depth], axis=1))
-                bar.update()
-            export.write_video(out / f"seed{seed:04d}_{args.trajectory}.mp4", frames, fps=args.fps)
-        if args.mesh:
-            verts, faces, colors = export.extract_mesh(loaded.G, z, preset, export.mesh_extent(scene.planes.extents),
-                                                       level=args.mesh_level, truncation_psi=args.truncation,
-                                                       noise_mode=args.noise_mode)
-            export.write_ply(out / f"seed{seed:04d}_mesh.ply", verts, faces, colors)
-            bar.update()
-    bar.close()
-    print(f"wrote {len(list(out.glob('seed*')))} files to {out}")
-    if page is not None:
-        print(f"wrote the viewer page {page.close()}")
-        if getattr(args, "wandb_project", None):
-            from .web import log_to_wandb
-
-            log_to_wandb(page.out, project=args.wandb_project)

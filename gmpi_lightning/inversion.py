@@ -2,6 +2,7 @@
 
     inv = invert(G, preset, target, yaw=0.1, pitch=0.0)     # target: 1 x 3 x R x R in [0, 1]
     out = inv.render(0.4, 0.0)                              # {'rgb', 'depth', 'alpha'} from a novel camera
+    inv = invert(G, preset, target)                         # camera unknown: searched, then learned (inv.yaw)
 
 Stage 1 optimises the latent so that the MPI rendered at the input's camera reproduces the image: first one w
 (started from the mean of mapped samples, with decaying noise to escape poor basins), then, for the second part of
@@ -11,7 +12,9 @@ depth of the pivot's MPI at cameras drawn from the preset's prior stays close to
 camera alone cannot say where things are), and the MPIs of latents between the pivot and random samples stay close
 too (PTI's locality term, so the tuned file is still a generator). The image loss is L1 plus a pyramid SSIM: it runs
 offline, needs no pretrained network (LPIPS would download VGG/AlexNet weights and sees little at 32 px). Ctrl-C
-ends the current stage and keeps the best step so far. docs/INVERSION.md explains the choices and the measurements.
+ends the current stage and keeps the best step so far. Without a camera, :mod:`~gmpi_lightning.pose_search` finds a
+start and stage 1 learns yaw and pitch with the latent (inside the prior). docs/INVERSION.md explains the choices
+and the measurements.
 The command and its files: :mod:`gmpi_lightning.invert_cli`.
 """
 
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cameras import pose_range
 from .presets import Preset
 from .scene import Scene
 
@@ -45,6 +49,7 @@ class InvertSettings:
     depth_weight: float = 1.0     # stage 2: |depth - untuned depth| / (far - near) at prior cameras
     depth_cameras: int = 2        # prior cameras per stage-2 step for the depth term
     locality_weight: float = 0.1  # stage 2: |MPI - untuned MPI| at a latent between the pivot and a random sample
+    pose_lr: float = 0.01         # stage 1 with a refined camera: Adam step on yaw and pitch (radians)
     seed: int = 0                 # w noise, prior cameras and locality latents
     plane_chunk: int | None = None  # planes per chunk in generation/compositing (memory at high resolution)
 
@@ -56,24 +61,32 @@ class InvertSettings:
 
 
 # ============================================================================================== losses
-def pyramid_ssim_loss(x: torch.Tensor, y: torch.Tensor, window: int = 7, min_size: int = 16) -> torch.Tensor:
+def _mean(x: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    return x.mean((1, 2, 3)) if per_sample else x.mean()
+
+
+def pyramid_ssim_loss(x: torch.Tensor, y: torch.Tensor, window: int = 7, min_size: int = 16,
+                      per_sample: bool = False) -> torch.Tensor:
     """Mean of ``1 - SSIM`` (7 x 7 Gaussian window) over an average-pooled pyramid down to ``min_size`` pixels:
-    structure at every scale, and no pretrained weights. B x 3 x H x W in [0, 1] -> scalar."""
+    structure at every scale, and no pretrained weights. B x 3 x H x W in [0, 1] -> scalar (``per_sample``: B)."""
     from kornia.metrics import ssim
 
     terms = []
     while min(x.shape[-2:]) >= window:
-        terms.append(1 - ssim(x, y, window).mean())
+        terms.append(1 - _mean(ssim(x, y, window), per_sample))
         if min(x.shape[-2:]) // 2 < min_size:
             break
         x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-    return torch.stack(terms).mean() if terms else x.new_zeros(())
+    if not terms:
+        return x.new_zeros(x.shape[0]) if per_sample else x.new_zeros(())
+    return torch.stack(terms).mean(0)
 
 
-def image_loss(pred: torch.Tensor, target: torch.Tensor, ssim_weight: float = 1.0) -> torch.Tensor:
-    """L1 + ``ssim_weight`` * pyramid SSIM loss; B x 3 x H x W in [0, 1]."""
-    loss = (pred - target).abs().mean()
-    return loss + ssim_weight * pyramid_ssim_loss(pred, target) if ssim_weight else loss
+def image_loss(pred: torch.Tensor, target: torch.Tensor, ssim_weight: float = 1.0,
+               per_sample: bool = False) -> torch.Tensor:
+    """L1 + ``ssim_weight`` * pyramid SSIM loss; B x 3 x H x W in [0, 1] -> scalar (``per_sample``: B)."""
+    loss = _mean((pred - target).abs(), per_sample)
+    return loss + ssim_weight * pyramid_ssim_loss(pred, target, per_sample=per_sample) if ssim_weight else loss
 
 
 def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
@@ -105,7 +118,7 @@ class PinnedLatent(nn.Module):
     def __init__(self, G, ws: torch.Tensor):
         super().__init__()
         self.G, self.ws = G, ws
-        self.img_resolution, self.alpha_mode = G.img_resolution, G.alpha_mode
+        self.img_resolution, self.alpha_mode, self.alpha = G.img_resolution, G.alpha_mode, G.alpha
 
     def forward(self, z, c=None, plane_depths=None, noise_mode: str = "const", plane_chunk=None,
                 opaque_background=None, **_) -> torch.Tensor:
@@ -173,12 +186,50 @@ def _cosine_lr(step: int, total: int, base: float, ramp_up: float = 0.05, ramp_d
     return base * min(1.0, t / ramp_up) * (0.5 + 0.5 * math.cos(math.pi * max(0.0, (t - (1 - ramp_down)) / ramp_down)))
 
 
-def optimise_latent(G, scene: Scene, c2w, target, s: InvertSettings, stats, bar=None) -> tuple[torch.Tensor, dict]:
-    """Stage 1: the ws (1 x num_ws x w_dim) whose rendering at ``c2w`` best matches ``target``."""
+class _Camera:
+    """The input camera of stage 1: fixed, or (``refine``) yaw and pitch learned with the latent by Adam at
+    ``lr``, projected back into the prior's range after every step."""
+
+    def __init__(self, scene: Scene, yaw: float, pitch: float, refine: bool, lr: float):
+        device = scene.device
+        self.scene, self.refine = scene, refine
+        self.yaw = torch.tensor(float(yaw), device=device, requires_grad=refine)
+        self.pitch = torch.tensor(float(pitch), device=device, requires_grad=refine)
+        self.range = pose_range(scene.preset)
+        self.opt = torch.optim.Adam([self.yaw, self.pitch], lr=lr, betas=(0.9, 0.999)) if refine else None
+        self.lr, self._given = lr, (float(yaw), float(pitch))
+        self._fixed = None if refine else scene.camera(*self._given)
+
+    def c2w(self) -> torch.Tensor:
+        return self.scene.camera(self.yaw, self.pitch) if self.refine else self._fixed
+
+    def pose(self) -> tuple[float, float]:
+        return (float(self.yaw.detach()), float(self.pitch.detach())) if self.refine else self._given
+
+    def step(self, step: int, total: int) -> None:
+        if not self.refine:
+            return
+        for group in self.opt.param_groups:
+            group["lr"] = _cosine_lr(step, total, self.lr)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            (y0, y1), (p0, p1) = self.range
+            self.yaw.clamp_(y0, y1)
+            self.pitch.clamp_(p0, p1)
+
+
+def optimise_latent(G, scene: Scene, pose: tuple[float, float], target, s: InvertSettings, stats, bar=None,
+                    refine_pose: bool = False, w_start: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Stage 1: the ws (1 x num_ws x w_dim) whose rendering at the camera ``pose`` = (yaw, pitch) best matches
+    ``target``; with ``refine_pose`` the camera is learned too (``s.pose_lr``, kept inside the prior). The search
+    starts at ``w_start`` (1 x w_dim; default the mean of mapped latents). The info's ``yaw``/``pitch`` are the
+    camera of the kept step."""
     w_mean, w_spread = stats
     noise_gen = torch.Generator(device=target.device).manual_seed(s.seed)
     switch = math.ceil(s.steps * s.w_plus_from)
-    param = w_mean.clone().requires_grad_(True)  # 1 x w_dim: the same w for every layer
+    camera = _Camera(scene, *pose, refine=refine_pose, lr=s.pose_lr)
+    param = (w_mean if w_start is None else w_start).detach().clone().requires_grad_(True)  # 1 x w_dim: all layers
     opt = torch.optim.Adam([param], lr=s.lr, betas=(0.9, 0.999))
     best, t0, step = _Best(), time.perf_counter(), 0
     try:
@@ -191,7 +242,7 @@ def optimise_latent(G, scene: Scene, c2w, target, s: InvertSettings, stats, bar=
             sigma = w_spread * s.noise * max(0.0, 1 - step / (0.75 * s.steps)) ** 2
             ws = param + sigma * torch.randn(param.shape, generator=noise_gen, device=param.device)
             ws = ws[:, None].expand(-1, G.num_ws, -1) if ws.ndim == 2 else ws
-            rgb = _render_rgb(G, ws, scene, c2w, s.plane_chunk)["rgb"]
+            rgb = _render_rgb(G, ws, scene, camera.c2w(), s.plane_chunk)["rgb"]
             loss = image_loss(rgb, target, s.ssim_weight)
             total = loss
             if param.ndim == 3:  # W+: the layers' w stay near their mean (near W, where G was trained)
@@ -199,10 +250,14 @@ def optimise_latent(G, scene: Scene, c2w, target, s: InvertSettings, stats, bar=
                 total = loss + s.w_plus_reg * spread / w_spread ** 2
             opt.zero_grad(set_to_none=True)
             total.backward()
+            rendered_at = camera.pose()
             opt.step()
-            best.offer(loss.item(), step, lambda ws=ws: ws.detach().clone())  # ws as rendered (noise included)
+            camera.step(step, s.steps)
+            # ws as rendered (noise included), and the camera it was rendered from
+            best.offer(loss.item(), step, lambda ws=ws, at=rendered_at: (ws.detach().clone(), at))
             if bar is not None:
-                bar.set_postfix(stage="W+" if param.ndim == 3 else "W", loss=f"{loss.item():.4f}", refresh=False)
+                bar.set_postfix(stage="W+" if param.ndim == 3 else "W", loss=f"{loss.item():.4f}", refresh=False,
+                                **({"yaw": f"{rendered_at[0]:+.3f}"} if refine_pose else {}))
                 bar.update()
         step += 1
     except KeyboardInterrupt:
@@ -211,8 +266,9 @@ def optimise_latent(G, scene: Scene, c2w, target, s: InvertSettings, stats, bar=
         info = {"interrupted": True}
     else:
         info = {}
-    return best.value, {"steps": step, "best_loss": best.loss, "best_step": best.step,
-                        "seconds": time.perf_counter() - t0, **info}
+    ws, (yaw, pitch) = best.value
+    return ws, {"steps": step, "best_loss": best.loss, "best_step": best.step, "seconds": time.perf_counter() - t0,
+                "yaw": yaw, "pitch": pitch, "pose_refined": refine_pose, **info}
 
 
 def pivotal_tuning(G, ws: torch.Tensor, scene: Scene, c2w, target, s: InvertSettings, stats,
@@ -273,32 +329,55 @@ def pivotal_tuning(G, ws: torch.Tensor, scene: Scene, c2w, target, s: InvertSett
                                          **info}
 
 
-def invert(G, preset: Preset, target: torch.Tensor, yaw: float, pitch: float,
-           settings: InvertSettings | None = None, progress: bool = False) -> Inversion:
+def invert(G, preset: Preset, target: torch.Tensor, yaw: float | None = None, pitch: float | None = None,
+           settings: InvertSettings | None = None, progress: bool = False, refine_pose: bool | None = None,
+           search=None) -> Inversion:
     """Invert ``target`` (1 x 3 x R x R in [0, 1], R = G's resolution, on G's device) seen from the camera
-    (``yaw``, ``pitch``) of ``preset``'s sphere. Returns an :class:`Inversion`; ``G`` itself is never changed."""
+    (``yaw``, ``pitch``) of ``preset``'s sphere. Returns an :class:`Inversion`; ``G`` itself is never changed.
+
+    Without a camera (``yaw`` and ``pitch`` None) it is estimated: a grid search over the preset's pose prior
+    (:func:`~gmpi_lightning.pose_search.search_pose`, ``search``: its
+    :class:`~gmpi_lightning.pose_search.SearchSettings`), then refined with the latent in stage 1. ``refine_pose``
+    (default: only when the camera is estimated) learns yaw and pitch in stage 1 from the given or found start."""
     s = settings or InvertSettings()
     if target.ndim != 4 or target.shape[:2] != (1, 3) or target.shape[-1] != G.img_resolution \
             or target.shape[-2] != G.img_resolution:
         raise ValueError(f"target must be 1 x 3 x {G.img_resolution} x {G.img_resolution}, got {tuple(target.shape)}")
+    if (yaw is None) != (pitch is None):
+        raise ValueError("give both yaw and pitch, or neither (then the camera is searched for)")
+    searched = yaw is None
+    refine_pose = searched if refine_pose is None else refine_pose
     device = next(G.parameters()).device
     target = target.to(device, torch.float32)
     scene = Scene.for_generator(G, preset, s.planes or preset.train_planes, device)
-    c2w = scene.camera(yaw, pitch)
     flags, training = [p.requires_grad for p in G.parameters()], G.training
     G.eval().requires_grad_(False)  # only the latent (stage 1) and a copy of G (stage 2) learn; restored below
     bar = None
+    if searched:
+        from .pose_search import SearchSettings, search_pose
+
+        search = search or SearchSettings()
     if progress:
         from .export import progress as progress_bar
 
-        bar = progress_bar(total=s.steps + s.pti_steps, desc="gmpi invert", unit="step")
+        bar = progress_bar(total=(search.total_steps if searched else 0) + s.steps + s.pti_steps, desc="gmpi invert",
+                           unit="step")
+    history, w_start = {}, None
     try:
         stats = latent_stats(G, seed=s.seed)
-        ws, h1 = optimise_latent(G, scene, c2w, target, s, stats, bar)
-        history = {"latent": h1}
-        tuned = G
-        if s.pti_steps and not h1.get("interrupted"):
-            tuned, history["pti"] = pivotal_tuning(G, ws, scene, c2w, target, s, stats, bar)
+        if searched:
+            found = search_pose(G, scene, target, search, stats, bar)
+            history["pose_search"] = found.summary()
+            yaw, pitch, w_start = found.yaw, found.pitch, found.w
+        tuned, h1 = G, {}
+        if history.get("pose_search", {}).get("interrupted"):  # keep the best candidate's latent and camera
+            ws = w_start[:, None].expand(-1, G.num_ws, -1).clone()
+        else:
+            ws, h1 = optimise_latent(G, scene, (yaw, pitch), target, s, stats, bar, refine_pose, w_start)
+            history["latent"] = h1
+            yaw, pitch = h1["yaw"], h1["pitch"]
+        if s.pti_steps and h1 and not h1.get("interrupted"):
+            tuned, history["pti"] = pivotal_tuning(G, ws, scene, scene.camera(yaw, pitch), target, s, stats, bar)
     finally:
         if bar is not None:
             bar.close()

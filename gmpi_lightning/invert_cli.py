@@ -3,18 +3,20 @@
     gmpi invert --ckpt runs/synthetic/gmpi.pt --image head.png --out runs/invert/head \\
         [--pose YAW,PITCH] [--views "-0.3,0;0.3,0"] [--video] [--mesh] [--steps 300] [--pti-steps 150]
 
+Without ``--pose`` the camera is found by the generator itself (:mod:`gmpi_lightning.pose_search`: a grid over the
+pose prior, then yaw and pitch learned with the latent) and reported in metrics.json's ``camera`` with the search's
+runner-up and confidence.
+
 The same from Python: :func:`invert_image` (files) or :func:`gmpi_lightning.inversion.invert` (tensors).
 Files in ``--out``: ``input.png`` (the image as used), ``recon.png`` (rendered at the input camera), ``latent.pt``,
 ``generator.pt`` (when stage 2 tuned it; ``gmpi render --ckpt`` loads it), ``view_NN.png`` + ``view_NN_depth.png``
 per requested view, ``views.json``, ``metrics.json``, with ``--video`` ``yaw.mp4`` (RGB | depth), with ``--mesh``
-``mesh.ply``.
+``mesh.ply`` (``--mesh-format glb``: ``mesh.glb``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import asdict
@@ -24,7 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cameras import pose_range
 from .inversion import Inversion, InvertSettings, PinnedLatent, invert
+from .pose_search import SearchSettings
 from .presets import Preset
 from .scene import Scene
 
@@ -41,6 +45,15 @@ def parse_pose(text: str) -> tuple[float, float]:
     except ValueError:
         raise ValueError(f"cannot parse pose {text!r}: use YAW,PITCH in radians, e.g. 0.2,-0.05") from None
     return yaw, pitch
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """'7x3' -> (7 yaws, 3 pitches)."""
+    try:
+        yaws, pitches = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"cannot parse the search grid {text!r}: use YAWSxPITCHES, e.g. 7x3") from None
+    return yaws, pitches
 
 
 def parse_views(text: str) -> list[tuple[float, float]]:
@@ -93,13 +106,6 @@ def load_image(path: str | Path, resolution: int, crop: bool = True, warn=_warn)
     return (x * 255 + 0.5).floor() / 255
 
 
-def pose_range(preset: Preset) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(yaw, pitch) intervals of the preset's training prior: mean +- n_truncated_stds * std."""
-    n = preset.n_truncated_stds
-    return ((preset.yaw_mean - n * preset.yaw_std, preset.yaw_mean + n * preset.yaw_std),
-            (preset.pitch_mean - n * preset.pitch_std, preset.pitch_mean + n * preset.pitch_std))
-
-
 def _range_text(preset: Preset) -> str:
     (y0, y1), (p0, p1) = pose_range(preset)
     return f"yaw {y0:.3f}..{y1:.3f}, pitch {p0:.3f}..{p1:.3f} rad"
@@ -113,22 +119,35 @@ def check_pose(yaw: float, pitch: float, preset: Preset) -> None:
                          f"Pass a pose inside it, or leave --pose out to estimate it")
 
 
-def resolve_pose(pose, target: torch.Tensor, preset: Preset, estimators, training_data, warn=_warn
-                 ) -> tuple[float, float, str]:
-    """(yaw, pitch, source): ``pose`` as given (checked), else the pose estimator's reading (clamped into the
-    prior's range), else the preset's mean pose with a warning."""
+POSE_INIT = ("search", "cnn", "mean")
+
+
+def resolve_pose(pose, target: torch.Tensor, preset: Preset, estimators, training_data, warn=_warn,
+                 pose_init: str | None = None) -> tuple[float | None, float | None, str]:
+    """(yaw, pitch, source) of the camera inversion starts from: ``pose`` as given (checked); else by ``pose_init``
+    (default ``cnn`` when ``estimators`` is given, else ``search``): ``search`` returns (None, None, 'search') and
+    :func:`~gmpi_lightning.inversion.invert` searches the prior; ``cnn`` is the pose estimator's reading (clamped
+    into the prior's range; ``estimators`` or the checkpoint data's ``runs/estimators/<data>.pt``); ``mean`` the
+    preset's mean pose."""
     if pose is not None:
         yaw, pitch = pose
         check_pose(yaw, pitch, preset)
         return float(yaw), float(pitch), "given"
+    method = pose_init or ("cnn" if estimators is not None else "search")
+    if method not in POSE_INIT:
+        raise ValueError(f"--pose-init {method!r}: expected one of {', '.join(POSE_INIT)}")
+    if method == "search":
+        return None, None, "search"
+    if method == "mean":
+        return float(preset.yaw_mean), float(preset.pitch_mean), "preset mean"
     if estimators is None and training_data:  # as `gmpi evaluate`: runs/estimators/<data>.pt when it is there
         from .evaluation.evaluate import default_inputs
 
         estimators = default_inputs(["pose"], None, None, training_data)[1]
     if estimators is None:
-        warn(f"no --pose and no pose estimator for this checkpoint's data: using the {preset.name} preset's mean "
-             f"pose (yaw {preset.yaw_mean}, pitch {preset.pitch_mean}); pass --pose YAW,PITCH or --estimators FILE")
-        return float(preset.yaw_mean), float(preset.pitch_mean), "preset mean"
+        raise FileNotFoundError("--pose-init cnn needs a pose estimator and this checkpoint's data has none: pass "
+                                "--estimators FILE (`make estimators` writes runs/estimators/<data>.pt), or leave "
+                                "--pose-init out to search the camera with the generator itself")
     from .estimators import load_estimators
 
     pose_model = load_estimators(estimators, map_location=target.device)[0]
@@ -185,10 +204,12 @@ def _save_view(out: Path, stem: str, r: dict, preset: Preset) -> tuple[str, str]
 
 
 def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: bool = False, frames: int = 60,
-                  fps: int = 12, mesh_level: float = 0.5, extra: dict | None = None, warn=_warn) -> dict:
+                  fps: int = 12, mesh_level: float = 0.5, extra: dict | None = None, warn=_warn,
+                  mesh_formats=("ply",)) -> dict:
     """The files of ``gmpi invert`` (module docstring); returns the metrics written to metrics.json."""
     from . import export
     from .io import save_gmpi_checkpoint
+    from .mesh_io import write_mesh
 
     out.mkdir(parents=True, exist_ok=True)
     preset, chunk = inv.scene.preset, (extra or {}).get("settings", {}).get("plane_chunk")
@@ -223,8 +244,9 @@ def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: b
         try:
             verts, faces, colors = export.extract_mesh(PinnedLatent(inv.G, inv.ws), inv.ws.new_zeros(1, 1), preset,
                                                        export.mesh_extent(inv.scene.planes.extents), level=mesh_level)
-            export.write_ply(out / "mesh.ply", verts, faces, colors)
-            metrics["mesh"] = {"file": "mesh.ply", "vertices": len(verts), "faces": len(faces)}
+            files = write_mesh(out / "mesh", verts, faces, colors, mesh_formats)
+            metrics["mesh"] = {"file": files[0].name, "files": [f.name for f in files], "vertices": len(verts),
+                               "faces": len(faces)}
         except ValueError as e:
             warn(f"no mesh: {e}")
             metrics.setdefault("warnings", []).append(f"no mesh: {e}")
@@ -233,12 +255,30 @@ def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: b
 
 
 # ============================================================================================ the flow
+LOW_CONFIDENCE = 0.05  # search confidence under which the camera is reported as unsure (docs/INVERSION.md)
+
+
+def camera_report(inv: Inversion, source: str, yaw0: float | None, pitch0: float | None) -> dict:
+    """metrics.json's ``camera``: the camera used, where it started, whether it was refined, and for a search
+    the runner-up, the loss gap and the confidence (:mod:`gmpi_lightning.pose_search`)."""
+    found = inv.history.get("pose_search")
+    start = [found["best"]["yaw"], found["best"]["pitch"]] if found else [yaw0, pitch0]
+    out = {"yaw": inv.yaw, "pitch": inv.pitch, "source": source, "start": start,
+           "refined": bool(inv.history.get("latent", {}).get("pose_refined"))}
+    if found:
+        out.update(runner_up=found["runner_up"], loss_gap=found["loss_gap"], confidence=found["confidence"])
+    return out
+
+
 def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
                  views: list[tuple[float, float]] | None = None, video: bool = False, mesh: bool = False,
                  settings: InvertSettings | None = None, estimators=None, crop: bool = True, device: str = "cpu",
-                 progress: bool = True, frames: int = 60, fps: int = 12, mesh_level: float = 0.5) -> dict:
+                 progress: bool = True, frames: int = 60, fps: int = 12, mesh_level: float = 0.5,
+                 pose_init: str | None = None, search: SearchSettings | None = None,
+                 mesh_formats=("ply",)) -> dict:
     """``gmpi invert`` as a function: every file of the command written to ``out``; returns metrics.json's dict.
-    ``views`` default to yaw -0.3, 0, 0.3 around the preset's mean pose."""
+    ``views`` default to yaw -0.3, 0, 0.3 around the preset's mean pose. Without ``pose`` the camera is estimated
+    (``pose_init``: :func:`resolve_pose`) and refined with the latent (``settings.pose_lr``; 0 keeps it)."""
     t0 = time.perf_counter()
     notes: list[str] = []
 
@@ -252,67 +292,23 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
     views = views if views is not None else [(preset.yaw_mean + d, preset.pitch_mean) for d in (-0.3, 0.0, 0.3)]
     check_views(Scene.for_generator(G, preset, s.planes or preset.train_planes, device), views)
     target = load_image(image, G.img_resolution, crop=crop, warn=warn).to(device)
-    yaw, pitch, source = resolve_pose(pose, target, preset, estimators, loaded.training_data, warn=warn)
-    inv = invert(G, preset, target, yaw, pitch, s, progress=progress)
+    yaw, pitch, source = resolve_pose(pose, target, preset, estimators, loaded.training_data, warn=warn,
+                                      pose_init=pose_init)
+    inv = invert(G, preset, target, yaw, pitch, s, progress=progress, refine_pose=source != "given" and s.pose_lr > 0,
+                 search=search)
     if inv.interrupted:
         warn("interrupted (Ctrl-C): writing the best result so far")
-    extra = {"image": str(image), "pose_source": source, "checkpoint": str(ckpt), "training_data": loaded.training_data,
+    camera = camera_report(inv, source, yaw, pitch)
+    if camera.get("confidence") is not None and camera["confidence"] < LOW_CONFIDENCE:
+        warn(f"the camera search is unsure (confidence {camera['confidence']:.3f} < {LOW_CONFIDENCE}): the "
+             f"runner-up yaw {camera['runner_up']['yaw']:.3f}, pitch {camera['runner_up']['pitch']:.3f} explains the "
+             f"image almost as well; pass --pose YAW,PITCH if you know it")
+    extra = {"image": str(image), "pose_source": source, "camera": camera, "checkpoint": str(ckpt),
+             "training_data": loaded.training_data,
              "device": str(device), "seconds_inversion": sum(h["seconds"] for h in inv.history.values()),
              "settings": asdict(s), "warnings": notes}
-    metrics = write_outputs(inv, Path(out), views, video, mesh, frames, fps, mesh_level, extra, warn=warn)
+    metrics = write_outputs(inv, Path(out), views, video, mesh, frames, fps, mesh_level, extra, warn=warn,
+                            mesh_formats=mesh_formats)
     metrics["seconds_total"] = time.perf_counter() - t0
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     return metrics
-
-
-def _attach_negative_values(argv: list[str], options=("--pose", "--views")) -> list[str]:
-    """``--pose -0.2,0`` -> ``--pose=-0.2,0``: argparse would read a value starting with '-' as an option."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] in options and i + 1 < len(argv) and re.match(r"-[\d.]", argv[i + 1]):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
-def main(argv: list[str]) -> int:
-    d = InvertSettings()
-    p = argparse.ArgumentParser(prog="gmpi invert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Invert one image into a GMPI scene (latent + pivotal tuning) and render "
-                                            "novel views, depth, a video and a mesh of it.")
-    p.add_argument("--ckpt", required=True, help="GMPI generator checkpoint (ours or an official generator.pth)")
-    p.add_argument("--image", required=True, help="the image (PNG/JPEG; centre-cropped and resized as needed)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--pose", help="camera of the image, YAW,PITCH radians (default: estimated)")
-    p.add_argument("--estimators", help="pose estimator file (default: runs/estimators/<training data>.pt if there)")
-    p.add_argument("--views", help="novel views \"Y1,P1;Y2,P2\" (default: yaw -0.3,0,0.3)")
-    p.add_argument("--video", action="store_true", help="yaw sweep over the prior's range: yaw.mp4 (RGB | depth)")
-    p.add_argument("--frames", type=int, default=60)
-    p.add_argument("--fps", type=int, default=12)
-    p.add_argument("--mesh", action="store_true", help="marching cubes over the alpha volume: mesh.ply")
-    p.add_argument("--mesh-level", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=d.steps, help="stage 1 steps (latent: W, then W+)")
-    p.add_argument("--pti-steps", type=int, default=d.pti_steps, help="stage 2 steps (pivotal tuning; 0: off)")
-    p.add_argument("--no-w-plus", action="store_true", help="stage 1 in W only")
-    p.add_argument("--planes", type=int, help="MPI planes (default: the preset's training count)")
-    p.add_argument("--plane-chunk", type=int, help="planes per chunk (memory at high resolution)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-crop", action="store_true", help="refuse a non-square image instead of centre-cropping it")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="CPU threads (1 is fastest at 32-64 px on a machine shared with "
-                                               "other jobs)")
-    a = p.parse_args(_attach_negative_values(argv))
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    s = InvertSettings(steps=a.steps, pti_steps=a.pti_steps, w_plus_from=1.0 if a.no_w_plus else d.w_plus_from,
-                       planes=a.planes, plane_chunk=a.plane_chunk, seed=a.seed)
-    pose = parse_pose(a.pose) if a.pose is not None else None
-    views = parse_views(a.views) if a.views is not None else None
-    m = invert_image(a.ckpt, a.image, a.out, pose, views, a.video, a.mesh, s, a.estimators, not a.no_crop,
-                     a.device, frames=a.frames, fps=a.fps, mesh_level=a.mesh_level)
-    print(f"reconstruction at the input camera: PSNR {m['recon_psnr']:.2f} dB, SSIM {m['recon_ssim']:.3f} "
-          f"({m['seconds_inversion']:.1f} s) -> {a.out}")
-    return 130 if m["interrupted"] else 0

@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import RunFolderBusy
+
 LOCK_NAME = ".run.lock"
-
-
-class RunFolderBusy(RuntimeError):
-    """Another live run holds this run folder."""
 
 
 def _alive(pid: int) -> bool:
@@ -36,10 +34,13 @@ def _alive(pid: int) -> bool:
 
 
 def _global_rank() -> int:
+    """This process's global rank, or (under Lightning's own launcher, which starts the other ranks of a node with
+    only LOCAL_RANK and NODE_RANK set) a number that is 0 exactly for global rank 0."""
     for key in ("RANK", "SLURM_PROCID"):
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
-    return 0
+    ranks = [os.environ.get(k, "0") for k in ("LOCAL_RANK", "NODE_RANK")]
+    return max(int(r) if r.isdigit() else 0 for r in ranks)
 
 
 def holder(folder: str | os.PathLike) -> dict | None:

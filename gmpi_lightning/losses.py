@@ -1,4 +1,4 @@
-"""GAN losses and the EMA rule as small pure functions (GMPI_SPEC §6.3, §6.5)."""
+"""GAN losses and the EMA rule as small pure functions (docs/METHOD.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MPI plane geometry (GMPI_SPEC §2): depths, normalised depths, extents, the out-of-volume check.
+"""MPI plane geometry (docs/METHOD.md §2): depths, normalised depths, extents, the out-of-volume check.
 
 Plane index 0 is the nearest plane, index L-1 the farthest (the background). Each plane is a
 fronto-parallel rectangle ``z = d_i`` centred on the z-axis; its (height, width) in world units are
@@ -15,7 +15,7 @@ import torch
 from .cameras import sphere_c2w
 
 DEPTH_SAMPLE_METHODS = ("inverse", "uniform", "log-uniform")
-MAX_PLANE_HALF_EXTENT = 5.0  # the official heuristic bound (issue #12)
+MAX_PLANE_HALF_EXTENT = 5.0  # the official heuristic bound (apple/ml-gmpi issue #12)
 
 
 def make_plane_depths(near: float, far: float, n_planes: int, method: str = "inverse") -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Per-dataset constants in one table (GMPI_SPEC §1-§3, §6). No magic numbers elsewhere.
+"""Per-dataset constants in one table (docs/METHOD.md §1-§3, §6). No magic numbers elsewhere.
 
 Lengths are in GMPI world units (the canonical camera sits at the origin, the camera sphere is
 centred on the z-axis); angles in radians unless the name says ``_deg``.
@@ -80,7 +80,7 @@ for _res in (32, 64, 128):
     PRESETS[f"synthetic{_res}"] = Preset(f"synthetic{_res}", resolution=_res, channel_base=4096, channel_max=128,
                                          num_fp16_res=0, conv_clamp=None, batch_per_gpu=8, **_FFHQ)
 
-# Shading augmentation (GMPI_SPEC §4.3): light on the camera sphere, Lambertian with ambient ka and diffuse kd.
+# Shading augmentation (docs/METHOD.md §4.3): light on the camera sphere, Lambertian with ambient ka and diffuse kd.
 SHADING = dict(start_iter=1000, grow_iters=1000, max_ka=0.9, max_kd=0.1, light_yaw_mean=0.0, light_yaw_std=0.2,
                light_pitch_mean=0.2, light_pitch_std=0.05, light_n_truncated_stds=2, blur_ksize=9)
 

@@ -1,4 +1,5 @@
-"""MPI rendering and shading (GMPI_SPEC §4). Pure functions of tensors, float32, differentiable in the MPI.
+"""MPI rendering and shading (docs/METHOD.md §4). Pure functions of tensors, float32, differentiable in the MPI (and
+in the camera when ``c2w`` requires grad).
 
 An MPI is ``B x L x 4 x Ht x Wt`` RGBA in [0, 1], plane 0 nearest, fixed in the world frame. A view
 is rendered by intersecting each pixel's ray with every plane ``z = d_i``, sampling the plane's
@@ -83,8 +84,10 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
         c2w = c2w.expand(b, 4, 4)
     if c2w.shape != (b, 4, 4):
         raise ValueError(f"c2w must be 4 x 4 or {b} x 4 x 4 for a batch of {b} MPIs, got {tuple(c2w.shape)}")
-    with torch.no_grad():  # cameras are not learned: no graph. Per-pixel ray slopes in float64, then for plane
-        # z = d the hit is o + (d - o_z) * (r / r_z): affine in the plane depth, so planes cost two FMAs each.
+    # Cameras are constants in training (no graph); a c2w that requires grad (pose refinement in inversion) gets one.
+    camera_grad = torch.is_grad_enabled() and c2w.requires_grad
+    with torch.set_grad_enabled(camera_grad):  # per-pixel ray slopes in float64, then for plane z = d the hit is
+        # o + (d - o_z) * (r / r_z): affine in the plane depth, so planes cost two FMAs each.
         rays, origins = pixel_rays(c2w, fov_deg, height, width)
         oz = origins[:, 2]
         if validate and bool((oz[:, None] > plane_depths.to(torch.float64)[None, 0] + 1e-9).any()):
@@ -100,7 +103,7 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
         mpi = mpi.float()
         for start in range(0, n_planes, chunk):
             idx = slice(start, min(start + chunk, n_planes))
-            with torch.no_grad():
+            with torch.set_grad_enabled(camera_grad):
                 dist = (plane_depths[idx].to(torch.float64)[None, :] - oz[:, None])  # B x Lc, along z
                 ext = plane_extents[idx].to(torch.float64)
                 sx = (2 / ext[None, :, 1]).to(torch.float32)[..., None, None]
@@ -180,7 +183,7 @@ def light_direction(yaw, pitch, sphere_center_z: float, sphere_r: float) -> torc
 
 def sample_light(n: int, yaw_mean=0.0, yaw_std=0.2, pitch_mean=0.2, pitch_std=0.05, n_stds=2.0,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Light (yaw, pitch) per MPI: in front of the face and slightly above (GMPI_SPEC §4.3)."""
+    """Light (yaw, pitch) per MPI: in front of the face and slightly above (docs/METHOD.md §4.3)."""
     return (truncated_normal(n, yaw_mean, yaw_std, n_stds, generator),
             truncated_normal(n, pitch_mean, pitch_std, n_stds, generator))
 

@@ -2,11 +2,11 @@
 
 A run is a base experiment + overlays + overrides, resolved exactly as ``gmpi fit`` parses them (:func:`resolve`:
 repeated --config files merge in order, then --key=value), with every output in one folder (:func:`reroot`).
-:func:`train` writes RUN/config.yaml (and RUN/params.json, what the run varies), runs ``gmpi fit --config RUN/config.yaml --ckpt_path last`` (Lightning resumes
-from RUN/checkpoints/last*.ckpt, or starts fresh) and, when it succeeds, RUN/done.json with the config's hash;
-:func:`write_table` writes the results as CSV and markdown. A folder whose config.yaml is another experiment (more
-than ``model.max_iters`` differs) is moved aside, never resumed from. ``python -m gmpi_lightning.runs resume fit
-ARGS`` prints the checkpoint a SLURM job restarts from.
+:func:`train` writes RUN/config.yaml (and RUN/params.json, what the run varies), runs ``gmpi fit --config
+RUN/config.yaml --ckpt_path last`` (Lightning resumes from RUN/checkpoints/last*.ckpt, or starts fresh) and, when it
+succeeds, RUN/done.json with the config's hash; :func:`write_table` writes the results as CSV and markdown. A folder
+whose config.yaml is another experiment (more than ``model.max_iters`` differs) is moved aside, never resumed from.
+``python -m gmpi_lightning.runs resume fit ARGS`` prints the checkpoint a SLURM job restarts from.
 """
 
 import csv
@@ -192,6 +192,9 @@ def resume_checkpoint(cfg: dict) -> Path | None:
     """The newest of the checkpoint callbacks' last*.ckpt (what ``--ckpt_path last`` finds) and the hpc_ckpt_N.ckpt
     that SLURM auto-requeue writes into the trainer root (which Lightning on SLURM loads by itself, even when
     older): after a requeue that is the hpc checkpoint, after a resubmission last.ckpt."""
+    from .run_paths import fill_run_paths
+
+    cfg = fill_run_paths(json.loads(json.dumps(cfg, default=str)))  # paths the config leaves out: under its root
     trainer = cfg.get("trainer") or {}
     dirs = [(e.get("init_args") or {}).get("dirpath") for e in _entries(trainer.get("callbacks"))]
     found = [p for d in dirs if d for p in Path(d).glob("last*.ckpt")]

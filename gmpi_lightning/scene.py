@@ -17,14 +17,15 @@ import numpy as np
 import torch
 
 from .cameras import sample_preset_pose, sphere_c2w
+from .nn.alpha import fixed_planes
 from .planes import Planes, preset_planes
 from .presets import Preset
 from .render import render_mpi
 
 
 def generated_planes(G, requested: int) -> int:
-    """The vanilla alpha branch can only make its training plane count (GMPI_SPEC §8)."""
-    return G.n_train_planes if getattr(G, "alpha_mode", None) == "vanilla" else requested
+    """The vanilla alpha branch can only make its training plane count (docs/METHOD.md §3.3)."""
+    return G.n_train_planes if fixed_planes(G) else requested
 
 
 def seed_latents(seeds, z_dim: int, device="cpu") -> torch.Tensor:

@@ -9,7 +9,6 @@ metric. ``python -m gmpi_lightning.sweeps fit ...`` (the files' ``command``; ``s
 WandbLogger.
 """
 
-import argparse
 import difflib
 import itertools
 import math
@@ -23,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from . import runs
+from .commands import Seeds
 
 SWEEP_KEYS = ("name", "description", "program", "command", "method", "metric", "parameters", "early_terminate",
               "project", "entity", "run_cap")
@@ -284,11 +284,11 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike | None = None, parallel: int 
                      + (f"; sorted by {metric} ({sweep.goal})" if metric else ""))
     failed = sum(r.status != "finished" for r in planned)
     echo(f"results: {out / 'results.md'} and {out / 'results.csv'} ({len(planned) - failed} finished, {failed} failed)")
-    summary = summarize_seeds(rows, list(sweep.params) + [k for k in SEED_KEYS if seeds], [metric] * bool(metric) +
-                              columns)
+    measured = [metric] * bool(metric) + columns
+    summary = summarize_seeds(rows, list(sweep.params) + [k for k in SEED_KEYS if seeds], measured)
     if summary:
         runs.write_table(summary, out / "summary.csv", out / "summary.md", sort_by=metric and f"{metric}_mean",
-                         goal=sweep.goal, plus_minus={f"{c}_mean": f"{c}_sd" for c in [metric] * bool(metric) + columns},
+                         goal=sweep.goal, plus_minus={f"{c}_mean": f"{c}_sd" for c in measured},
                          title=f"Sweep {sweep.name}: mean ± sd over seeds, per arm (finished runs)")
         echo(f"per arm over seeds: {out / 'summary.md'}")
     return int(failed > 0), rows
@@ -320,38 +320,24 @@ def summarize_seeds(rows: list[dict], params: list[str], metrics: list[str]) -> 
     return out
 
 
-def _seed_list(text: str) -> list[int]:
-    """``0,1,2`` or ``0-2`` (or both, ``0-2,7``) -> [0, 1, 2(, 7)]."""
-    out = []
-    try:
-        for part in filter(None, (t.strip() for t in text.split(","))):
-            lo, _, hi = part.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds such as 0,1,2 or 0-2, got {text!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("no seeds given")
-    return out
+def sweep_local(sweep: str, out: str | None = None, parallel: int = 1, count: int | None = None, seed: int = 0,
+                seeds: Seeds | None = None, dry_run: bool = False, overrides: list[str] = ()) -> int:
+    """Run a W&B sweep file (grid or random) here, without the W&B server: one `gmpi fit` per run in OUT/run-NNN, then
+    OUT/results.csv and .md sorted by the sweep's metric. Arguments after `--` go to every run.
 
-
-def main(argv: list[str]) -> int:
-    """gmpi sweep-local SWEEP.yaml [--out DIR] [--parallel N] [--count N] [--seed S] [--dry-run] [-- overrides]"""
-    cut = argv.index("--") if "--" in argv else len(argv)
-    p = argparse.ArgumentParser(prog="gmpi sweep-local", description="Run a W&B sweep file (grid or random) here, "
-                                "without the W&B server: one `gmpi fit` per run in OUT/run-NNN, then OUT/results.csv "
-                                "and .md sorted by the sweep's metric. Arguments after `--` go to every run.")
-    p.add_argument("sweep", help="sweep YAML in W&B's format, e.g. experiments/sweeps/r1_lr.yaml")
-    p.add_argument("--out", help="output folder (default: runs/sweeps/<sweep name>)")
-    p.add_argument("--parallel", type=int, default=1, help="runs at the same time (default: 1)")
-    p.add_argument("--count", type=int, help="runs (random: required unless the file has run_cap; grid: the first N)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random search (default: 0)")
-    p.add_argument("--seeds", type=_seed_list, help="repeat every run with these seeds (seed_everything and "
-                   "data.seed), e.g. 0,1,2 or 0-2; OUT/summary.md then gives mean ± sd per arm")
-    p.add_argument("--dry-run", action="store_true", help="check the sweep and print every run's command")
-    args = p.parse_args(argv[:cut])
+    Args:
+        sweep: sweep YAML in W&B's format, e.g. experiments/sweeps/r1_lr.yaml.
+        out: output folder (default: runs/sweeps/<sweep name>).
+        parallel: runs at the same time.
+        count: runs (random: required unless the file has run_cap; grid: the first N).
+        seed: seed of the random search.
+        seeds: repeat every run with these seeds (seed_everything and data.seed), e.g. 0,1,2 or 0-2; OUT/summary.md
+            then gives mean ± sd per arm.
+        dry_run: check the sweep and print every run's command.
+    """
     try:
-        return run_sweep(load_sweep(args.sweep), args.out, args.parallel, args.count, args.seed, argv[cut + 1:],
-                         args.dry_run, echo=lambda msg: print(msg, flush=True), seeds=args.seeds)[0]
+        return run_sweep(load_sweep(sweep), out, parallel, count, seed, list(overrides), dry_run,
+                         echo=lambda msg: print(msg, flush=True), seeds=list(seeds) if seeds else None)[0]
     except KeyboardInterrupt:
         return 130
 

@@ -15,16 +15,15 @@ whenever more than one device is used.
 
 from __future__ import annotations
 
-import importlib
-
 from jsonargparse import capture_parser
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 
+from datamodules.posed_images import PosedImageDataModule
+
 from . import lock
 from .module import GANModule
-
-DATAMODULE = "datamodules.posed_images.PosedImageDataModule"  # named, not imported: datamodules/ uses this package
+from .run_paths import fill_run_paths
 
 DEFAULT_MODEL = "gmpi_lightning.module.GMPIModule"
 
@@ -47,6 +46,7 @@ class GMPICLI(LightningCLI):
                                                                              devices not in ("auto", "1"))
         if trainer.get("strategy") in (None, "auto") and many:
             trainer["strategy"] = DDPStrategy(find_unused_parameters=True, broadcast_buffers=False)
+        fill_run_paths(cfg)  # outputs the config leaves out go under trainer.default_root_dir (run_paths.py)
         if self.subcommand == "fit" and trainer.get("default_root_dir"):
             lock.acquire(trainer["default_root_dir"])  # one live run per run folder (lock.py)
 
@@ -57,9 +57,8 @@ class GMPICLI(LightningCLI):
 
 
 def run_lightning_cli(argv: list[str] | None, **parser_kwargs) -> GMPICLI:
-    module, _, name = DATAMODULE.rpartition(".")
-    datamodule = getattr(importlib.import_module(module), name)
-    return GMPICLI(GANModule, datamodule, subclass_mode_model=True, args=argv, save_config_kwargs={"overwrite": True},
+    return GMPICLI(GANModule, PosedImageDataModule, subclass_mode_model=True, args=argv,
+                   save_config_kwargs={"overwrite": True},
                    trainer_defaults={"max_epochs": -1, "log_every_n_steps": 10, "num_sanity_val_steps": 0},
                    parser_kwargs={"default_env": True, **parser_kwargs})
 

@@ -9,11 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import Phase, settings
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="gmpi-torch-home-"))
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make mutation` sets HYPOTHESIS_PROFILE=mutation: a property that fails is reported at once, without shrinking its
+# example (a killed mutant needs no minimal counterexample, and shrinking costs seconds per mutant).
+settings.register_profile("mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
 # Reference tensors of the official implementations, vendored with the tests (tests/fixtures/README.md says how
@@ -44,6 +49,16 @@ def gmpi_fixture() -> Path:
 @pytest.fixture
 def camera_fixture() -> Path:
     return fixture_dir("camera")
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """96 synthetic heads at 16 px (seed 3, 8 per shard, with depth and mask): the training and evaluation tests' data.
+    Tests that need another shape (many images, few per shard) define their own."""
+    from datamodules.converters import convert_synthetic
+
+    return convert_synthetic(tmp_path_factory.mktemp("shards") / "s16", num=96, resolution=16, seed=3,
+                             samples_per_shard=8)
 
 
 def max_err(a, b) -> float:

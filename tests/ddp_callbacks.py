@@ -1,5 +1,5 @@
 """A callback for the 2-process DDP test: each rank writes every image its discriminator saw, the keys of its reals,
-and its final weights."""
+its final weights and its augmentation probability."""
 
 from pathlib import Path
 
@@ -22,5 +22,6 @@ class RankReport(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         torch.save({"rank": trainer.global_rank, "world": trainer.world_size, "keys": self.keys,
                     "iteration": pl_module.iteration, "seen": torch.cat(self.seen),
-                    "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()}},
+                    "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                    "augment_p": None if pl_module.ada is None else pl_module.ada.p.detach().clone()},
                    self.out / f"rank{trainer.global_rank}.pt")

@@ -83,7 +83,8 @@ def test_results_table_from_fabricated_evaluations(tmp_path, monkeypatch):
     planned = plan("synthetic", rows, tmp_path)
     with pytest.raises(ablations.AblationError, match="row full has not finished training"):
         evaluate_rows(planned, ["pose", "depth_fd"], 10, 96, None, None)
-    fake = {"full": {"pose": 0.01, "depth_fd": 2.0}, "no_pose_cond": {"pose": 0.09, "depth_fd": 80.0}}
+    fake = {"full": {"pose": 0.01, "depth_fd": 2.0, "precision": 0.75, "recall": 0.5, "is": 1.25},
+            "no_pose_cond": {"pose": 0.09, "depth_fd": 80.0}}
     for r, (name, m) in zip(planned, fake.items()):
         (tmp_path / name).mkdir()
         runs.mark_done(r)
@@ -98,6 +99,7 @@ def test_results_table_from_fabricated_evaluations(tmp_path, monkeypatch):
     assert [r["row"] for r in out] == rows
     assert out[2]["same_as"] == "full" and out[2]["pose"] == 0.01  # deduplicated rows reuse the evaluation
     assert out[1]["depth_fd"] == 80.0 and out[0]["fid"] == "n/a"
+    assert (out[0]["precision"], out[0]["recall"], out[0]["is"]) == (0.75, 0.5, 1.25) and out[1]["is"] == "n/a"
     assert out[0]["pose_se"] == 0.01 and out[0]["depth_fd_se"] == 0.25  # 0.03 / sqrt(10 - 1); the bootstrap
     runs.write_table(out, tmp_path / "r.csv", tmp_path / "r.md", title="t", plus_minus={c: f"{c}_se" for c in COLUMNS})
     md = (tmp_path / "r.md").read_text().splitlines()
@@ -202,7 +204,7 @@ def test_evaluation_settings_fail_before_any_training(tmp_path, capsys, monkeypa
     assert "unknown metric(s) ['fdi']" in capsys.readouterr().err
     assert cli.main([*base, "--metrics", "fid,consistency", "--inception", str(tmp_path / "nope.pth")]) == 1
     err = capsys.readouterr().err
-    assert f"Inception weights not found at {tmp_path / 'nope.pth'}" in err and "leave fid,kid out" in err
+    assert f"Inception weights not found at {tmp_path / 'nope.pth'}" in err and "leave fid,kid,pr,is out" in err
     monkeypatch.setattr(compare, "data_has_depth", lambda folder: False)
     assert cli.main([*base, "--metrics", "consistency,depth_fd,pose"]) == 1
     err = capsys.readouterr().err
@@ -226,9 +228,10 @@ def test_default_metrics_follow_the_data(data, tmp_path):
     assert compare.data_has_depth(flat) is False
     choose = compare.choose_metrics
     assert choose(None, data, True, True, False) == ["consistency", "depth_fd", "pose", "depth"]
-    assert choose(None, data, True, True, True) == ["fid", "kid", "consistency", "depth_fd", "pose", "depth"]
-    assert choose(None, flat, False, False, True) == ["fid", "kid", "consistency"]
-    assert choose(None, flat, None, False, False) == ["fid", "kid", "consistency"]  # FFHQ not on this machine
+    assert choose(None, data, True, True, True) == ["fid", "kid", "pr", "is", "consistency", "depth_fd", "pose",
+                                                    "depth"]
+    assert choose(None, flat, False, False, True) == ["fid", "kid", "pr", "is", "consistency"]
+    assert choose(None, flat, None, False, False) == ["fid", "kid", "pr", "is", "consistency"]  # FFHQ not here
     assert choose(None, flat, None, True, False) == ["consistency", "depth_fd", "pose", "depth"]
     assert choose("pose", flat, None, False, False) == ["pose"]  # data not there: not checked
     with pytest.raises(ValueError, match=f"samples of {flat} have no depth.npy"):

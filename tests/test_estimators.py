@@ -1,4 +1,4 @@
-"""Pose/depth metrics (GMPI_SPEC §8.3), the small CNN estimators, their file format, external estimates, CLI."""
+"""Pose/depth metrics (docs/METHOD.md §8.3), the small CNN estimators, their file format, external estimates, CLI."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_pose_error_hand_computed():
 
 
 def test_deep3d_angle_conventions():
-    # Deep3DFace angle[0] ~ pitch, angle[1] ~ -yaw (GMPI_SPEC §8.3)
+    # Deep3DFace angle[0] ~ pitch, angle[1] ~ -yaw (docs/METHOD.md §8.3)
     yp = deep3d_to_yaw_pitch(torch.tensor([[0.1, -0.3, 0.05]]))
     assert yp[0].tolist() == pytest.approx([0.3, 0.1], abs=1e-7)
     ang = yaw_pitch_to_deep3d(torch.tensor([0.3]), torch.tensor([0.1]))

@@ -177,14 +177,6 @@ def _tiny_checkpoint(path, data):
                                 extra={"data": str(data)})
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from datamodules.converters import convert_synthetic
-
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=16, resolution=16, seed=3,
-                             samples_per_shard=8)
-
-
 def test_command_defaults_to_the_checkpoints_training_data(shards, tmp_path, monkeypatch, capsys):
     from gmpi_lightning.cli import main
 

@@ -1,5 +1,5 @@
-"""Evaluation: FID/KID against torch-fidelity, the real-feature cache, 3D metrics with known answers,
-``gmpi evaluate`` end to end, DDP sharding, and the training callback."""
+"""Evaluation: FID/KID, precision/recall and IS against torch-fidelity, the real-feature cache, 3D metrics with known
+answers, ``gmpi evaluate`` end to end, DDP sharding, and the training callback."""
 
 import json
 import os
@@ -10,13 +10,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from datamodules.converters import convert_synthetic
 from datamodules.synthetic import SyntheticConfig, render_heads, sample_poses
 from gmpi_lightning.cameras import sphere_c2w
 from gmpi_lightning.evaluation import geometry
 from gmpi_lightning.evaluation.evaluate import evaluate, parse_metrics
 from gmpi_lightning.evaluation.fakes import FakeSettings, seed_poses
-from gmpi_lightning.evaluation.image_metrics import fid_kid, real_cache_key, real_features
+from gmpi_lightning.evaluation.image_metrics import (
+    fid_kid,
+    inception_score,
+    precision_recall,
+    real_cache_key,
+    real_features,
+)
 from gmpi_lightning.evaluation.inception import (
     INCEPTION_FILE,
     InceptionFeatures,
@@ -39,12 +44,6 @@ def inception_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=24, resolution=16, seed=5,
-                             samples_per_shard=8)
-
-
-@pytest.fixture(scope="module")
 def feature_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("real-features")
 
@@ -55,19 +54,22 @@ def _images(n, seed, bright):
     return to_uint8_images(torch.nn.functional.interpolate(low, size=32, mode="bilinear").clamp(0, 1))
 
 
+class DS(torch.utils.data.Dataset):
+    """uint8 images as torch-fidelity reads a dataset."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
 # ------------------------------------------------------------------------------------------------- FID / KID
 def test_fid_kid_match_torch_fidelity(inception_file):
     import torch_fidelity
-
-    class DS(torch.utils.data.Dataset):
-        def __init__(self, x):
-            self.x = x
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
 
     real, fake = _images(8, 0, 1.0), _images(8, 1, 0.6)
     ref = torch_fidelity.calculate_metrics(input1=DS(fake), input2=DS(real), cuda=False, fid=True, kid=True,
@@ -81,6 +83,60 @@ def test_fid_kid_match_torch_fidelity(inception_file):
     assert ours["kid"] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-4, abs=1e-7)
     same = fid_kid(ext(real), ext(real), kid_subset_size=20)
     assert abs(same["fid"]) < 1e-3 * ours["fid"] and same["kid_subset_size"] == 8
+
+
+def test_precision_recall_and_inception_score_match_torch_fidelity(inception_file):
+    """Fakes that collapse onto two of the reals (small perturbations of them) against 12 varied reals: precision,
+    recall and the Inception Score equal ``torch_fidelity.calculate_metrics(prc=True, isc=True)`` on the same images
+    and Inception file (prc on the Inception pool features: its default extractor is VGG16), and precision is far
+    above recall. Rules out precision and recall swapped, the real and fake
+    roles swapped, and IS computed on other outputs than torch-fidelity's (the biased logits, the pool features)."""
+    import torch_fidelity
+
+    real = _images(12, 0, 1.0)
+    g = torch.Generator().manual_seed(3)
+    fake = real[torch.tensor([0, 1] * 5)].int() + torch.randint(-2, 3, (10, 3, 32, 32), generator=g)
+    fake = fake.clamp(0, 255).to(torch.uint8)
+    ref = torch_fidelity.calculate_metrics(input1=DS(fake), input2=DS(real), cuda=False, prc=True, isc=True,
+                                           isc_splits=2, feature_extractor="inception-v3-compat",
+                                           feature_layer_prc="2048", feature_extractor_weights_path=str(inception_file),
+                                           batch_size=12, cache=False, verbose=False, save_cpu_ram=True)
+    ext = InceptionFeatures(inception_file)
+    real_f = ext(real)
+    fake_f, fake_logits = ext.features_and_logits(fake)
+    pr = precision_recall(real_f, fake_f)
+    score = inception_score(fake_logits, splits=2)
+    assert pr["precision"] == pytest.approx(ref["precision"], abs=1e-6)
+    assert pr["recall"] == pytest.approx(ref["recall"], abs=1e-6)
+    assert pr["precision"] == 1.0 and pr["recall"] <= 0.25  # two of 12 reals covered by the collapsed fakes
+    # a random Inception predicts nearly the same class for every image (IS barely above 1): compare IS - 1
+    assert score["is"] - 1 == pytest.approx(ref["inception_score_mean"] - 1, rel=1e-3)
+    assert score["is_std"] == pytest.approx(ref["inception_score_std"], rel=1e-3)
+    biased = inception_score(fake_logits + ext.net.fc.bias.double(), splits=2)["is"]
+    pooled = inception_score(fake_f, splits=2)["is"]
+    for wrong in (biased, pooled):  # the outputs IS must not use score differently here
+        assert abs((wrong - 1) / (score["is"] - 1) - 1) > 0.5
+
+
+def test_precision_recall_and_inception_score_known_answers():
+    """Gaussians: fakes from a narrow core of the real distribution have precision about 1 and low recall; the
+    reverse roles give the reverse. Logits of 10 classes, each fake certain of one class, all classes equally often:
+    IS = 10; every fake certain of the same class, or uncertain: IS = 1. Rules out swapped precision/recall, a
+    softmax over the batch instead of the classes, and a missing exp."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(600, 2, generator=g, dtype=torch.float64)
+    narrow = torch.randn(600, 2, generator=g, dtype=torch.float64) * 0.2
+    collapsed = precision_recall(real, narrow)
+    assert collapsed["precision"] > 0.95 and collapsed["recall"] < 0.4
+    spread = precision_recall(narrow, real)  # the fakes cover more than the reals: the other way round
+    assert spread["recall"] > 0.95 and spread["precision"] < 0.4
+    certain = torch.nn.functional.one_hot(torch.arange(1000) % 10, 10).double() * 60
+    assert inception_score(certain, splits=1)["is"] == pytest.approx(10.0, rel=1e-6)
+    assert inception_score(certain[::10], splits=1)["is"] == pytest.approx(1.0, abs=1e-6)  # all of class 0
+    assert inception_score(torch.zeros(100, 10), splits=1)["is"] == pytest.approx(1.0, abs=1e-9)
+    assert inception_score(certain[:4], splits=10)["is_splits"] == 4
+    with pytest.raises(ValueError, match="more than 3 real and fake"):
+        precision_recall(real[:3], narrow)
 
 
 def test_fid_kid_known_gaussians():
@@ -215,13 +271,16 @@ def test_evaluate_all_image_and_3d_metrics(shards, inception_file, feature_cache
     preset = get_preset("synthetic32", resolution=16)
     G = _tiny_gmpi()
     settings = FakeSettings(planes=8, batch_size=5)
-    out = evaluate(G, preset, ["fid", "kid", "consistency", "depth_fd"], 12, shards, settings, inception_file,
-                   kid_subset_size=1000, cache_dir=feature_cache, show_progress=False)
+    out = evaluate(G, preset, ["fid", "kid", "pr", "is", "consistency", "depth_fd"], 12, shards, settings,
+                   inception_file, kid_subset_size=1000, cache_dir=feature_cache, show_progress=False)
     m = out["metrics"]
-    assert set(m) >= {"fid", "kid", "consistency_photo_l1", "consistency_depth_err", "semi_transparent",
-                      "depth_relief", "depth_fd"}
-    assert all(np.isfinite(v) for v in m.values()) and m["fid"] > 0
+    assert set(m) >= {"fid", "kid", "precision", "recall", "is", "consistency_photo_l1", "consistency_depth_err",
+                      "semi_transparent", "depth_relief", "depth_fd"}
+    assert all(np.isfinite(v) for v in m.values()) and m["fid"] > 0 and m["is"] >= 1.0
+    assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
     assert out["details"]["fid_kid"]["num_real"] == 24 and out["details"]["fid_kid"]["kid_subset_size"] == 12
+    pr, score = out["details"]["precision_recall"], out["details"]["inception_score"]
+    assert (pr["num_real"], pr["num_fake"], pr["pr_neighborhood"]) == (24, 12, 3) and score["is_splits"] == 10
     assert out["settings"]["planes"] == 8 and out["settings"]["seeds"] == "0-11" and out["warnings"]
     # batch size does not change the fakes: seeds fix latents, cameras and (random) noise
     again = evaluate(G, preset, ["consistency", "depth_fd"], 12, shards, FakeSettings(planes=8, batch_size=12),
@@ -241,7 +300,7 @@ def test_evaluate_all_image_and_3d_metrics(shards, inception_file, feature_cache
 
 
 def test_metric_names_and_data_requirements():
-    assert parse_metrics("all") == ["fid", "kid", "consistency", "depth_fd", "pose", "depth"]
+    assert parse_metrics("all") == ["fid", "kid", "pr", "is", "consistency", "depth_fd", "pose", "depth", "est_fd"]
     with pytest.raises(ValueError, match="fidd"):
         parse_metrics("fid,fidd")
     with pytest.raises(ValueError, match="--data"):
@@ -273,7 +332,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-DDP_METRICS = ["fid", "kid", "consistency", "depth_fd"]
+DDP_METRICS = ["fid", "kid", "is", "consistency", "depth_fd"]
 
 
 def _ddp_worker(rank, world, port, shards, inception, cache, out):
@@ -340,9 +399,9 @@ def test_callback_without_inception_fails_at_start(monkeypatch, tmp_path):
 
     monkeypatch.delenv("GMPI_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cb = EvaluationCallback(metrics="fid", data="unused")
-    with pytest.raises(FileNotFoundError, match=INCEPTION_FILE):
-        cb.setup(None, None, "fit")
+    for metric in ("fid", "pr", "is"):  # when made: before gmpi fit starts any logger
+        with pytest.raises(FileNotFoundError, match=INCEPTION_FILE):
+            EvaluationCallback(metrics=metric, data="unused")
 
 
 def test_gmpi_evaluate_command_writes_json(shards, tmp_path):

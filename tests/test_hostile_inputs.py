@@ -32,7 +32,7 @@ from tests.nvlabs_pickle import _install_fake_modules, dumps_nvlabs
 
 TINY = dict(z_dim=8, c_dim=0, w_dim=8, img_resolution=8, img_channels=3, mapping_kwargs=dict(num_layers=1),
             synthesis_kwargs=dict(channel_base=64, channel_max=8))
-# What a hostile file may ask for. The first is issue 13's example. The other two are inside every bound, but the
+# What a hostile file may ask for. The other two are inside every bound, but the
 # networks they describe (5.2e8 and 1.1e8 parameters: 2.1 GB and 0.45 GB, measured below) are not the ones whose
 # tensors the file holds: other tensor names, or the same names with other shapes.
 HUGE = dict(TINY, img_resolution=2**20, synthesis_kwargs=dict(channel_base=2**30, channel_max=2**30))

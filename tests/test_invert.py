@@ -218,6 +218,8 @@ def test_command_writes_the_best_result_when_interrupted(tiny_ckpt, tmp_path, mo
 
 
 def test_pose_from_the_estimator_or_the_preset_mean(tiny_ckpt, tmp_path, capsys):
+    """--estimators: the pose CNN's reading (clamped into the prior) starts the camera; --pose-init mean: the preset's
+    mean (the search without --pose: tests/test_pose_search.py)."""
     G = load_generator(tiny_ckpt).G
     image = write_png(tmp_path / "in.png", known_target(G)[1])
     # a pose "estimator" whose answer is known: zero head weights, so it returns its pose_mean buffer
@@ -243,13 +245,17 @@ def test_pose_from_the_estimator_or_the_preset_mean(tiny_ckpt, tmp_path, capsys)
     assert "clamped" in capsys.readouterr().err
     yaw_max = PRESET.yaw_mean + PRESET.n_truncated_stds * PRESET.yaw_std
     assert json.loads((out / "views.json").read_text())["input"]["yaw"] == pytest.approx(yaw_max)
-    # no pose, no estimator (this checkpoint records no data): the preset's mean, said so
+    # the preset's mean on request; a pose CNN on request where there is none is a clear error
     out = tmp_path / "mean_out"
     assert gmpi_main(["invert", "--ckpt", str(tiny_ckpt), "--image", str(image), "--steps", "1", "--pti-steps", "0",
-                      "--out", str(out), "--device", "cpu"]) == 0
-    assert "mean pose" in capsys.readouterr().err
+                      "--pose-init", "mean", "--out", str(out), "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["pose_source"] == "preset mean" and any("mean pose" in w for w in metrics["warnings"])
+    assert metrics["pose_source"] == "preset mean" and metrics["camera"]["start"] == [0.0, 0.0]
+    assert gmpi_main(["invert", "--ckpt", str(tiny_ckpt), "--image", str(image), "--steps", "1", "--pti-steps", "0",
+                      "--pose-init", "cnn", "--out", str(tmp_path / "cnn_out"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "--pose-init cnn needs a pose estimator" in err and "--estimators FILE" in err
+    assert not (tmp_path / "cnn_out").exists()
 
 
 def test_non_square_and_wrong_size_images(tiny_ckpt, tmp_path, capsys):

@@ -34,6 +34,19 @@ def test_a_live_holder_refuses_a_second_run_and_a_dead_one_is_taken_over(tmp_pat
     assert lock.acquire(tmp_path) is None and lock.holder(tmp_path) is None
 
 
+def test_ranks_started_by_lightnings_launcher_take_no_lock(tmp_path, monkeypatch):
+    """`gmpi fit --trainer.devices=2` on one node: Lightning starts rank 1 with LOCAL_RANK=1 (no RANK); it must not
+    try to take the lock rank 0 holds. Rules out reading only RANK/SLURM_PROCID (rank 1 would stop the run)."""
+    for key in ("RANK", "SLURM_PROCID", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert lock.acquire(tmp_path) is None and lock.holder(tmp_path) is None
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    path = lock.acquire(tmp_path)
+    assert lock.holder(tmp_path)["pid"] == os.getpid()
+    lock.release(path)
+
+
 def test_requeued_slurm_job_takes_its_own_lock_over(tmp_path, monkeypatch):
     (tmp_path / lock.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "node-elsewhere", "slurm_job_id": "77"}))
     monkeypatch.setenv("SLURM_JOB_ID", "78")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from callbacks.media import MediaRenderer, MeshExport, SampleGrid, SweepVideo, run_dir
+from callbacks.media import MeshExport, SampleGrid, SweepVideo, module_sampler, run_dir
 from gmpi_lightning import export
 from gmpi_lightning.cli import main as gmpi_main
 from gmpi_lightning.module import GMPIModule, StyleGAN2Module
@@ -144,10 +144,10 @@ def test_sweep_video_reads_back(module, tmp_path):
     frames = iio.imread(files[1], plugin="pyav").astype(np.float64)
     assert frames.shape == (7, r, 2 * r, 3)  # RGB | depth
     # frame 0 is seed 3 at the first sweep pose (h264 is lossy: close to it, far from seed 0's)
-    renderer = MediaRenderer(module, resolution=r)
+    sampler = module_sampler(module, resolution=r)
     yaw, pitch = export.sweep_poses("yaw", 7, module.preset.yaw_mean, module.preset.pitch_mean)[0]
-    with renderer.sampling():
-        ref3, ref0 = (np.concatenate(renderer.view(renderer.mpi(s), yaw, pitch), axis=1) for s in (3, 0))
+    with sampler.sampling():
+        ref3, ref0 = (np.concatenate(sampler.view(sampler.mpi(s), yaw, pitch), axis=1) for s in (3, 0))
     err = np.abs(frames[0] - ref3).mean()
     assert err < 10 and err < 0.5 * np.abs(frames[0] - ref0).mean()
     assert np.abs(frames[0] - frames[-1]).mean() > 2 * err  # the camera moved
@@ -184,8 +184,11 @@ def box_module(opaque: bool = True, iteration: int = 11):
 def test_mesh_of_a_known_box(tmp_path):
     m = box_module()
     files = MeshExport(seeds=[5], grid=32).run(fake_trainer(tmp_path), m)
-    assert [f.name for f in files] == ["mesh_it000011_seed0005.ply"]
+    assert [f.name for f in files] == ["mesh_it000011_seed0005.ply", "mesh_it000011_seed0005.glb"]
     verts, faces = export.read_ply(files[0])
+    from tests.test_mesh_io import read_glb  # the same mesh in glTF's axes (x, -y, -z)
+
+    np.testing.assert_allclose(read_glb(files[1])["POSITION"], verts * np.array([1, -1, -1], np.float32), atol=1e-6)
     assert len(faces) > 50 and faces.max() < len(verts)
     # the iso-surface sits half a sample outside the last opaque sample of the (blurred) box
     p = m.preset
@@ -230,14 +233,16 @@ def test_wandb_offline_run_receives_the_media(module, tmp_path, monkeypatch):
                    + MeshExport(grid=32).run(trainer, box_module(iteration=4)))
     run_files = Path(logger.experiment.dir)
     logger.experiment.finish()
-    assert sorted(p.name for p in written) == ["mesh_it000004_seed0000.ply", "planes_it000004_seed0000.png",
-                                                "samples_it000004.png", "sweep_yaw_it000004_seed0000.mp4"]
+    assert sorted(p.name for p in written) == ["mesh_it000004_seed0000.glb", "mesh_it000004_seed0000.ply",
+                                                "planes_it000004_seed0000.png", "samples_it000004.png",
+                                                "sweep_yaw_it000004_seed0000.mp4"]
     assert all(p.parent == tmp_path / "media" for p in written)
     media = run_files / "media"
     assert "offline-run-" in str(run_files) and media.is_dir()
     images, videos = sorted(media.rglob("*.png")), sorted(media.rglob("*.mp4"))
-    points = sorted(media.rglob("*.pts.json"))
-    assert len(images) == 2 and len(videos) == 1 and len(points) == 1
+    meshes = sorted(media.rglob("*.glb"))  # the coloured mesh itself (Object3D reads glb), not a point cloud
+    assert len(images) == 2 and len(videos) == 1 and len(meshes) == 1 and not list(media.rglob("*.pts.json"))
+    assert meshes[0].read_bytes() == written[4].read_bytes()
     assert {png(p).shape for p in images} == {png(written[0]).shape, png(written[1]).shape}
     assert videos[0].read_bytes() == written[2].read_bytes()
 
@@ -257,14 +262,6 @@ def test_experiment_configs_build_their_media_callbacks():
     assert seen["synthetic_stylegan2"] == ["SampleGrid"]
     for name in ("ffhq256", "ffhq512", "ffhq1024", "afhqcat512", "metfaces1024"):
         assert seen[name] == ["SampleGrid", "SweepVideo"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from datamodules.converters import convert_synthetic
-
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=16, resolution=RES, seed=3,
-                             samples_per_shard=8)
 
 
 def test_gmpi_fit_writes_media_into_the_run_folder(shards, tmp_path):

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.converters import convert_synthetic
 from datamodules.posed_images import PosedImageDataModule
-from gmpi_lightning import cameras
+from gmpi_lightning import cameras, lock
 from gmpi_lightning.losses import (
     d_logistic_loss,
     ema_update,
@@ -27,12 +26,6 @@ from tests.conftest import REPO, max_err
 SG2_ARGS = ("preset", "resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max")
 TINY = dict(preset="synthetic32", resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256,
             channel_max=16, train_planes=6, views_per_z=2, max_iters=3, shading_start=1, shading_grow=2)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=96, resolution=16, seed=3,
-                             samples_per_shard=8)
 
 
 def _trainer(tmp_path, **kw):
@@ -125,9 +118,9 @@ def test_worst_view_selection_picks_min_logit(shards, tmp_path):
 
     model.D = YawD()
     state = model.rng.get_state()
-    chosen = model.select_views(torch.randn(3, 16))
+    chosen = model.fakes.g_step_condition(model.G, model.D, torch.randn(3, 16), model.rng)
     model.rng.set_state(state)  # the candidates are the first draws of the module's stream
-    all_poses = model.sample_condition(15, model.rng).reshape(3, 5, 4, 4)
+    all_poses = model.fakes.sample(15, model.rng).reshape(3, 5, 4, 4)
     yaws = torch.stack([cameras.yaw_pitch_from_w2c(cameras.invert_rigid(all_poses[:, k]), 1.0)[0] for k in range(5)], 1)
     picked = cameras.yaw_pitch_from_w2c(cameras.invert_rigid(chosen), 1.0)[0]
     assert max_err(picked, yaws.min(dim=1).values) < 1e-5
@@ -138,7 +131,7 @@ def test_shading_schedule_in_training(shards, tmp_path):
     model = GMPIModule(**dict(TINY, max_iters=3, shading_start=1, shading_grow=4, shading_schedule="as_coded"))
     _trainer(tmp_path).fit(model, _dm(shards))
     # iterations 2 and 3 shade: 2 calls each (D step, G step) -> 4 calls -> full strength
-    assert model.shading_calls == 4 and model._last_shading == pytest.approx(0.9 + 0.1)
+    assert model.fakes.shading_calls == 4 and model.fakes.last_shading == pytest.approx(0.9 + 0.1)
 
 
 def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path):
@@ -177,10 +170,10 @@ def test_bf16_autocast_losses_close_to_fp32(shards):
     def losses():
         model.rng.manual_seed(9)
         z = model.sample_z(4)
-        c2w = model.sample_condition(4, model.rng)
-        fake = model.fake_images(model.G, z, c2w, shade=False, noise_mode="const")
+        c2w = model.fakes.sample(4, model.rng)
+        fake = model.fakes.images(model.G, z, c2w, noise_mode="const")
         real_logits = model.D(batch["image"], batch["w2c"])
-        fake_logits = model.D(fake, model.d_condition(c2w))
+        fake_logits = model.D(fake, model.fakes.condition(c2w))
         return float(d_logistic_loss(real_logits, fake_logits)), float(g_nonsaturating_loss(fake_logits))
 
     with torch.no_grad():
@@ -217,8 +210,9 @@ def _flat(obj, prefix=""):
 
 def test_resume_is_bit_identical(shards, tmp_path):
     """6 iterations straight vs. killed after 4, resumed from the iteration-3 checkpoint to 6: every weight, optimiser
-    moment, counter, random stream and the data position end identical. Shading, lazy R1, batch_split, x-flip and an
-    epoch boundary of the data stream (4 batches per epoch) are all in play."""
+    moment, counter, random stream, the augmentation probability and the data position end identical. Shading, lazy
+    R1, batch_split, x-flip, adaptive augmentation (p updated every 2 iterations: the checkpoint holds signs counted
+    mid-interval) and an epoch boundary of the data stream (4 batches per epoch) are all in play."""
     def run(name, *extra, kill=None):
         ckdir = tmp_path / name
         args = ["fit", "--config", str(REPO / "experiments" / "synthetic.yaml"), f"--data.data={shards}",
@@ -227,6 +221,7 @@ def test_resume_is_bit_identical(shards, tmp_path):
                 "--model.mapping_layers=2", "--model.channel_base=256", "--model.channel_max=16",
                 "--model.train_planes=6", "--model.views_per_z=2", "--model.batch_split=2", "--model.r1_every=2",
                 "--model.shading=true", "--model.shading_start=2", "--model.shading_grow=3", "--model.max_iters=6",
+                "--model.augment=ada", "--model.augment_p=0.5", "--model.ada_interval=2", "--model.ada_kimg=0.05",
                 "--model.export_path=null", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                 "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={ckdir}", *extra]
         callbacks = [{"class_path": "callbacks.checkpoint.IterationCheckpoint",
@@ -237,6 +232,8 @@ def test_resume_is_bit_identical(shards, tmp_path):
             _cli([*args, f"--trainer.callbacks={json.dumps(callbacks)}"])
         except SystemExit as e:
             assert kill and "killed" in str(e)
+        finally:  # each run is a process of its own in reality: its exit releases the run-folder lock
+            lock.release(ckdir / lock.LOCK_NAME)
         return ckdir
 
     straight = run("straight")
@@ -253,6 +250,7 @@ def test_resume_is_bit_identical(shards, tmp_path):
     assert compared and set(compared) <= set(b)
     assert any(k.startswith("optimizer_states/1/state/") for k in compared)  # D's Adam moments are compared
     assert any(k.startswith("gmpi_state/rng/states") for k in compared)
+    assert "gmpi_state/ada/p" in compared and any(k.startswith("gmpi_state/ada/signs") for k in compared)
     diff = {k: float((a[k].double() - b[k].double()).abs().max()) if isinstance(a[k], torch.Tensor)
             else abs(a[k] - b[k]) for k in compared}
     assert max(diff.values()) == 0, {k: v for k, v in diff.items() if v}
@@ -260,6 +258,8 @@ def test_resume_is_bit_identical(shards, tmp_path):
     # the run moved: iteration 3 and 6 differ (a resume that restored nothing would still match itself)
     a3 = _flat(torch.load(straight / "it000003.ckpt", weights_only=True))
     assert max(float((a3[k] - a[k]).abs().max()) for k in a if k.startswith("state_dict/G.")) > 0
+    assert float(a3["gmpi_state/ada/signs"].abs().sum()) > 0  # 4 reals counted since the update at iteration 2
+    assert {float(a3["gmpi_state/ada/p"]), float(a["gmpi_state/ada/p"])} != {0.5}  # p moved (by 0.16 per update)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")))
@@ -310,9 +310,11 @@ def test_hparams_are_in_checkpoints(shards, tmp_path):
 
 
 def test_two_process_ddp_ranks_draw_their_own_data_and_stay_in_sync(shards, tmp_path):
-    """2 CPU processes (gloo), batch_split 2: no image the discriminator sees on rank 0 (real or fake) is also seen
-    on rank 1, and yet G, D and G_ema end identical on both ranks, which only the gradient all-reduce (including
-    the G step's accumulation under block_backward_sync) can achieve when the ranks' data differ."""
+    """2 CPU processes (gloo), batch_split 2, adaptive augmentation: no image the discriminator sees on rank 0 (real
+    or fake) is also seen on rank 1, and yet G, D and G_ema end identical on both ranks, which only the gradient
+    all-reduce (including the G step's accumulation under block_backward_sync) can achieve when the ranks' data
+    differ; the augmentation probability, updated every iteration from both ranks' signs, is the same on both and
+    moved by whole steps of the 8 reals of both ranks (8 / 80 = 0.1; rank-local counts would give steps of 0.05)."""
     import os
     import subprocess
     import sys
@@ -325,6 +327,7 @@ def test_two_process_ddp_ranks_draw_their_own_data_and_stay_in_sync(shards, tmp_
            "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2",
            "--model.channel_base=256", "--model.channel_max=16", "--model.train_planes=6", "--model.views_per_z=2",
            "--model.batch_split=2", "--model.max_iters=3", "--model.export_path=null", "--trainer.logger=false",
+           "--model.augment=ada", "--model.augment_p=0.5", "--model.ada_interval=1", "--model.ada_kimg=0.08",
            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu",
            "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path}",
            "--trainer.callbacks=tests.ddp_callbacks.RankReport", f"--trainer.callbacks.out={tmp_path}"]
@@ -342,16 +345,21 @@ def test_two_process_ddp_ranks_draw_their_own_data_and_stay_in_sync(shards, tmp_
             assert not torch.equal(v, r1["weights"][k])
         else:
             assert torch.equal(v, r1["weights"][k]), f"{k} differs between ranks"
+    assert torch.equal(r0["augment_p"], r1["augment_p"])
+    steps = (float(r0["augment_p"]) - 0.5) / 0.1
+    assert abs(steps - round(steps)) < 1e-5 and round(steps) % 2 == 1  # 3 updates of +-0.1 (none reaches 0 or 1)
 
 
 def test_an_iteration_reads_back_one_value_per_optimiser_step(shards, tmp_path):
     """Host reads of tensor values (each one a device synchronisation on a GPU) per iteration, counted from batch start
     to the next batch start: our code reads exactly one per optimiser step (the finiteness of gradient norm + loss),
-    plus one transfer of the logged values on logging iterations (every 4th here)."""
-    from gmpi_lightning.profiling import IterationProbe
+    plus one transfer of the logged values on logging iterations (every 4th here). Adaptive augmentation is on: its
+    draws, r_t and p's updates stay on the device."""
+    from benchmarks.profiling import IterationProbe
 
     torch.manual_seed(8)
-    model = GMPIModule(**dict(TINY, max_iters=8, batch_split=2, shading_start=1))
+    model = GMPIModule(**dict(TINY, max_iters=8, batch_split=2, shading_start=1, augment="ada", augment_p=0.3,
+                              ada_interval=2))
     probe = IterationProbe(skip=1, where=True)
     _trainer(tmp_path, callbacks=[probe], log_every_n_steps=4).fit(model, _dm(shards))
     assert len(probe.project_reads) == 7  # iterations 2..8

@@ -1,4 +1,4 @@
-"""Reference rows (issue 12): the ground-truth MPI reproduces its input view and turns like the head; the billboard
+"""Reference rows: the ground-truth MPI reproduces its input view and turns like the head; the billboard
 does not; the harmonic fill; the rows through ``gmpi evaluate --reference``; data without a renderable truth."""
 
 import json
@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from datamodules.converters import convert_synthetic
 from datamodules.synthetic import HeadTruth, SyntheticConfig
 from gmpi_lightning.evaluation.reference import (
     KINDS,
@@ -117,12 +116,6 @@ def test_harmonic_fill_reproduces_a_linear_background_inside_a_hole():
     assert torch.equal(filled[known.expand_as(img)], img[known.expand_as(img)])  # known texels are kept
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=16, resolution=16, seed=3,
-                             samples_per_shard=8)
-
-
 def test_reference_rows_through_gmpi_evaluate(shards, tmp_path):
     from gmpi_lightning.cli import main
     from tests.test_evaluate_answers import _tiny_checkpoint
@@ -142,7 +135,7 @@ def test_reference_rows_through_gmpi_evaluate(shards, tmp_path):
 
 def test_truth_is_the_held_out_heads(shards):
     truth = load_truth(shards)
-    assert truth.first_index == 16 and truth.cfg.seed == 3 and truth.cfg.resolution == 16
+    assert truth.first_index == 96 and truth.cfg.seed == 3 and truth.cfg.resolution == 16  # after the 96 shards
     v = truth.views([0], [0.0], [0.0])
     assert v["rgb"].shape == (1, 3, 16, 16) and v["depth"].shape == (1, 1, 16, 16)
 

@@ -7,8 +7,10 @@ import torch
 
 from gmpi_lightning import export
 from gmpi_lightning.cli import main as gmpi_main
-from gmpi_lightning.inference import load_generator, parse_seeds
+from gmpi_lightning.commands import parse_seeds
+from gmpi_lightning.inference import load_generator
 from gmpi_lightning.io import save_gmpi_checkpoint
+from gmpi_lightning.nn.alpha import ALPHA_MODES
 from gmpi_lightning.nn.gmpi import GMPIGenerator
 from gmpi_lightning.presets import get_preset
 from gmpi_lightning.scene import seed_latents
@@ -85,7 +87,7 @@ def test_render_errors_are_clear(small_ckpt, tmp_path, capsys):
     assert "rays leave the background plane" in capsys.readouterr().err
     with pytest.raises(ValueError, match="parse seeds"):
         parse_seeds("a-b")
-    assert parse_seeds("0-2,7") == [0, 1, 2, 7]
+    assert parse_seeds("0-2,7") == (0, 1, 2, 7)
 
 
 def test_mesh_of_a_known_surface():
@@ -107,7 +109,7 @@ def test_mesh_of_a_known_surface():
     front = verts[np.abs(verts[:, 0]) < 0.05]
     assert abs(float(np.median(front[:, 2])) - mid) < 0.01
     assert bool((colors == 128).all())
-    Step.alpha_mode = "vanilla"  # only its training planes: no dense volume to mesh
+    Step.alpha = ALPHA_MODES["vanilla"]  # only its training planes: no dense volume to mesh
     with pytest.raises(ValueError, match="vanilla alpha branch"):
         export.extract_mesh(Step(), torch.zeros(1, 4), preset, (0.2473, 0.2473), grid=64)
 

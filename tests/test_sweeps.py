@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from datamodules.converters import convert_synthetic
 from gmpi_lightning import cli, runs, sweeps
+from gmpi_lightning.commands import Seeds, parse_seeds
 from gmpi_lightning.sweeps import SweepError
 from tests.conftest import REPO
 
@@ -256,7 +256,7 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
                 "shading": (2, {"model.shading": 2}), "learning_curve": (2, {"config": 2}),
                 "official_parts": (2, {"config": 2}),
                 "where_3d": (6, {"model.r1_gamma": 3, "model.alpha_init_logit": 2}), "suspects": (5, {"config": 5}),
-                "priors": (4, {"model.channel_max": 2, "model.lr": 2})}
+                "priors": (4, {"model.channel_max": 2, "model.lr": 2}), "small_data": (2, {"model.augment": 2})}
     for path in files:
         sw = sweeps.load_sweep(path)
         base = "experiments/synthetic_stylegan2.yaml" if sw.name == "priors" else "experiments/synthetic.yaml"
@@ -268,6 +268,10 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
             assert (official["alpha_init_gain"], official["shading"]) == (1.0, True)
             assert (current["alpha_init_gain"], current["shading"]) == (0.3, False)
             assert official["max_iters"] == current["max_iters"] == 4000
+        if sw.name == "small_data":  # the overlay's 500 images and a p that can move within the run
+            model = [runs.init_args(r.config, "model") for r in planned]
+            assert [m["augment"] for m in model] == ["none", "ada"] and {m["ada_kimg"] for m in model} == {10.0}
+            assert {runs.init_args(r.config, "data")["data"] for r in planned} == {"data/synthetic32_500"}
         if sw.name in expected:
             n, varied = expected[sw.name]
             assert len(planned) == n and len({json.dumps(r.params) for r in planned}) == n
@@ -276,7 +280,8 @@ def test_shipped_sweeps_are_valid_and_isolate_runs(tmp_path, capsys, monkeypatch
             cfg, run_dir = r.config, str(r.dir)
             trainer = cfg["trainer"]
             assert trainer["default_root_dir"] == run_dir
-            assert runs.init_args(cfg, "model")["export_path"] == f"{run_dir}/{'stylegan2' if 'stylegan2' in base else 'gmpi'}.pt"
+            export = "stylegan2" if "stylegan2" in base else "gmpi"
+            assert runs.init_args(cfg, "model")["export_path"] == f"{run_dir}/{export}.pt"
             assert all(runs.init_args(cfg, "model")[k[6:]] == v for k, v in r.params.items() if k.startswith("model."))
             assert all(lg["init_args"]["save_dir"] == run_dir for lg in trainer["logger"])
             ckpt = [cb for cb in trainer["callbacks"] if "dirpath" in cb["init_args"]]  # the checkpoint callback
@@ -315,7 +320,7 @@ def test_seed_axis_repeats_every_arm_and_summarises_mean_and_sd(tmp_path, capsys
     clash = sweeps.load_sweep(_write(tmp_path, _sweep(parameters={"seed_everything": {"values": [1, 2]}}), "c.yaml"))
     with pytest.raises(SweepError, match="drop --seeds"):
         sweeps.plan(clash, tmp_path / "out", seeds=[0, 1])
-    assert sweeps._seed_list("0-2,7") == [0, 1, 2, 7]
+    assert sweeps.Seeds is Seeds and parse_seeds("0-2,7") == (0, 1, 2, 7)  # the flag's type: ranges and numbers
     assert cli.main(["sweep-local", str(sw.path), "--seeds", "3-4", "--dry-run", "--out", str(tmp_path / "d")]) == 0
     printed = capsys.readouterr().out
     assert printed.count("--seed_everything=3 --data.seed=3") == 2 and "4 runs" in printed
@@ -398,12 +403,6 @@ def test_mistyped_metric_name_is_reported(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- real sweeps
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=16, resolution=16, seed=3,
-                             samples_per_shard=8)
-
-
 def _tiny(shards):
     return [f"--data.data={shards}", "--data.batch_size=4", "--data.num_workers=0", "--model.init_from=null",
             "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2",

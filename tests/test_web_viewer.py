@@ -23,17 +23,18 @@ from gmpi_lightning.nn.gmpi import GMPIGenerator
 from gmpi_lightning.planes import preset_planes
 from gmpi_lightning.presets import get_preset
 from gmpi_lightning.web import MAX_TEXELS, ViewerWriter, check_budget, pack_mpi, single_file_html
-from gmpi_lightning.web.headless import Chromium, find_chromium
+from tests.browser import Chromium, find_chromium
 
 RES = 32
 PLANES = 24
-MAD_LIMIT = 3.0  # grey levels (of 255) per channel, the issue's bar
+MAD_LIMIT = 3.0  # grey levels (of 255) per channel: the acceptance bar
 CHROMIUM = find_chromium()
 
 
 def browser_test(fn):
     """In the default suite where Chromium is installed; elsewhere `slow` (deselected by default) and skipped."""
-    fn = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (apt-get install chromium)")(fn)
+    fn = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium and chromedriver on PATH (apt-get install chromium "
+                                                     "chromium-driver)")(fn)
     return pytest.mark.slow(fn) if CHROMIUM is None else fn
 
 
@@ -76,7 +77,7 @@ def shot(browser: Chromium, url: str, size: int) -> np.ndarray:
 @browser_test
 def test_page_matches_gmpi_render_in_headless_chromium(page, small_ckpt, tmp_path):
     figures = []
-    with Chromium(CHROMIUM) as browser:
+    with Chromium() as browser:
         for seed, yaw, pitch, size in CAMERAS:
             want_rgb, want_depth = rendered(small_ckpt, tmp_path, seed, yaw, pitch, size)
             url = f"{(page / 'index.html').as_uri()}?seed={seed}&yaw={yaw}&pitch={pitch}&size={size}"
@@ -102,7 +103,7 @@ def test_page_matches_gmpi_render_in_headless_chromium(page, small_ckpt, tmp_pat
 
 @browser_test
 def test_page_reports_errors_fps_and_clamps_the_pose(page):
-    with Chromium(CHROMIUM) as browser:
+    with Chromium() as browser:
         with pytest.raises(Exception, match="seed 7 is not in this page"):
             browser.open(f"{(page / 'index.html').as_uri()}?seed=7", 64, 64, timeout=20)
         browser.open(f"{(page / 'index.html').as_uri()}?seed=2&yaw=3&pitch=-3", 64, 64)
@@ -121,6 +122,27 @@ def test_page_reports_errors_fps_and_clamps_the_pose(page):
         a = shot(browser, (page / "index.html").as_uri() + url, 32)
         b = shot(browser, single.as_uri() + url, 32)
         assert np.array_equal(a, b)
+
+
+@browser_test
+def test_small_pages_are_shown_large_with_nearest_upscaling(page):
+    """A 32 px page in a 900 x 700 window is shown at the largest whole multiple that fits above the controls
+    (20 x: 640 px), each drawn pixel an exact block: the block centres are the 1:1 picture. Rules out leaving it at
+    32 px in the corner, smoothing the upscale (blocks would blur), and drawing more pixels instead of showing them
+    larger (the picture would no longer be gmpi render's at the page's size)."""
+    url = f"{(page / 'index.html').as_uri()}?seed=1&yaw=0.2&pitch=-0.1"
+    with Chromium() as browser:
+        one = shot(browser, url, 32)
+        assert browser.evaluate("window.gmpiViewer.shown") == 32  # a window too small to enlarge: 1:1
+        browser.open(url, 900, 700)
+        shown = browser.evaluate("window.gmpiViewer.shown")
+        assert shown == 640 and browser.evaluate("document.getElementById('view').width") == 32
+        big = iio.imread(io.BytesIO(browser.screenshot(0, 0, shown, shown)))[..., :3].astype(np.float64)
+        panel_top = browser.evaluate("document.getElementById('panel').getBoundingClientRect().top")
+    scale = shown // 32
+    assert np.array_equal(big[scale // 2::scale, scale // 2::scale], one) and panel_top == shown
+    blocks = big.reshape(32, scale, 32, scale, 3)
+    assert np.abs(blocks - blocks[:, :1, :, :1]).max() == 0  # every block one colour: nearest, not bilinear
 
 
 # ------------------------------------------------------------------------------------------ no browser needed

@@ -13,11 +13,13 @@ import tarfile
 from pathlib import Path
 
 from ..data import read_card, resolve_shards
-from .reference import KINDS, TRUTH_PROVIDERS
+from .reference import KINDS, TRUTH_RENDERERS
 
-COLUMNS = ["fid", "kid", "pose", "pose_yaw_slope", "depth", "depth_fd", "consistency_photo_l1", "consistency_depth_err",
-           "semi_transparent", "depth_relief"]
-PER_FAKE = {"pose": "pose_error", "depth": "depth_error", **{c: c for c in COLUMNS[6:]}}  # column -> per-fake stats
+COLUMNS = ["fid", "kid", "precision", "recall", "is", "pose", "pose_yaw_slope", "depth", "depth_fd",
+           "consistency_photo_l1", "consistency_depth_err", "semi_transparent", "depth_relief"]
+PER_FAKE = {"pose": "pose_error", "depth": "depth_error",  # column -> per-fake stats
+            **{c: c for c in ("consistency_photo_l1", "consistency_depth_err", "semi_transparent", "depth_relief")}}
+IMAGE_DEFAULT = ["fid", "kid", "pr", "is"]  # the Inception metrics, in the default set when the weights are found
 DEPTH_METRICS = ("depth_fd", "pose", "depth")  # need ground-truth depth in the data (the estimators train on it)
 
 
@@ -37,13 +39,14 @@ def data_has_depth(folder: str | Path) -> bool | None:
 def choose_metrics(requested: str | None, data: str | Path, has_depth: bool | None, synthetic: bool,
                    inception: bool) -> list[str]:
     """Parsed ``requested``, or the default for the data: with depth (``has_depth``; ``synthetic`` when the data
-    is not there yet) consistency and the depth metrics (+ fid,kid with ``inception``), else fid,kid,consistency."""
+    is not there yet) consistency and the depth metrics (+ fid,kid,pr,is with ``inception``), else
+    fid,kid,pr,is,consistency."""
     from .evaluate import parse_metrics
 
     if requested is None:
         if not (synthetic if has_depth is None else has_depth):
-            return ["fid", "kid", "consistency"]
-        return (["fid", "kid"] if inception else []) + ["consistency", *DEPTH_METRICS]
+            return [*IMAGE_DEFAULT, "consistency"]
+        return (IMAGE_DEFAULT if inception else []) + ["consistency", *DEPTH_METRICS]
     metrics = parse_metrics(requested)
     need, keep = [m for m in metrics if m in DEPTH_METRICS], [m for m in metrics if m not in DEPTH_METRICS]
     if need and has_depth is False:
@@ -55,19 +58,20 @@ def choose_metrics(requested: str | None, data: str | Path, has_depth: bool | No
 def check_settings(requested: str | None, data: str, synthetic: bool, inception: str | None
                    ) -> tuple[list[str], str | None]:
     """(metrics, Inception weights or None), checked now, not after the training. The weights: ``inception``,
-    $GMPI_INCEPTION_WEIGHTS or torch.hub's cache; the default metrics take fid,kid when they are found."""
+    $GMPI_INCEPTION_WEIGHTS or torch.hub's cache; the default metrics take fid,kid,pr,is when they are found."""
+    from .evaluate import INCEPTION_METRICS
     from .inception import resolve_weights
 
     try:
         weights = str(resolve_weights(inception))
     except FileNotFoundError as e:
-        weights, missing = None, FileNotFoundError(f"{e} (or leave fid,kid out of --metrics)")
+        weights, missing = None, FileNotFoundError(f"{e} (or leave fid,kid,pr,is out of --metrics)")
         if inception:
             raise missing from e
     metrics = choose_metrics(requested, data, data_has_depth(data), synthetic, weights is not None)
-    if {"fid", "kid"} & set(metrics) and weights is None:
+    if INCEPTION_METRICS & set(metrics) and weights is None:
         raise missing
-    return metrics, weights if {"fid", "kid"} & set(metrics) else None
+    return metrics, weights if INCEPTION_METRICS & set(metrics) else None
 
 
 def _identity(path: str | Path | None) -> str | None:
@@ -114,7 +118,7 @@ def reference_rows(data: str, preset, metrics: list[str], num_samples: int, plan
                    cache: Path, device: str = "cpu") -> list[dict]:
     """The reference rows (:mod:`.reference`) as table rows, for data whose ground truth can be rendered (else
     none), from ``cache`` when it answers the same request."""
-    if read_card(data).get("source") not in TRUTH_PROVIDERS:
+    if read_card(data).get("source") not in TRUTH_RENDERERS:
         return []
     want = dict(evaluation_request(Path(data) / "dataset.json", data, metrics, num_samples, planes, None, estimators,
                                    device), preset=preset.to_dict())
@@ -174,7 +178,7 @@ def sample_figure(ckpts: list[tuple[str, Path]], path: Path, seeds=(0, 1), yaws=
         tiles.append(row([scene.render_pose(mpi, torch.full((n,), y), torch.zeros(n), resolution=res)
                           for y in yaws], preset))
         labels.append(label)
-    if data is not None and preset is not None and read_card(data).get("source") in TRUTH_PROVIDERS:
+    if data is not None and preset is not None and read_card(data).get("source") in TRUTH_RENDERERS:
         truth, scene = load_truth(data, preset.resolution), Scene(preset, planes)
         gt = [truth.views(seeds, torch.full((n,), y), torch.zeros(n)) for y in yaws]
         tiles.append(row([dict(v, alpha=torch.ones_like(v["depth"])) for v in gt], preset))

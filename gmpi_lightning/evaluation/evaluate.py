@@ -3,8 +3,9 @@
     gmpi evaluate --ckpt runs/synthetic/gmpi.pt --data data/synthetic32 \\
         --metrics fid,kid,consistency,depth_fd,pose,depth --num-samples 500 --out runs/synthetic/eval.json
 
-Metrics (see the README's "Metrics" section for what they mean and how they map to the paper's columns):
-``fid``, ``kid`` (Inception features, real statistics cached), ``consistency`` (two-view reprojection error,
+Metrics (docs/EVALUATION.md says what they mean and how they map to the paper's columns):
+``fid``, ``kid`` (Inception features, real statistics cached), ``pr`` (precision and recall against the reals),
+``is`` (Inception Score of the fakes), ``consistency`` (two-view reprojection error,
 semi-transparent rays, depth relief), ``depth_fd`` (needs ground-truth depth in the data), ``pose`` and
 ``depth`` (need an estimator file from ``gmpi estimators train`` or an external one), ``est_fd`` (Fréchet distance
 of fakes to reals in the pose estimator's features: an image-quality number without Inception weights).
@@ -12,11 +13,7 @@ of fakes to reals in the pose estimator's features: an image-quality number with
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import math
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -30,13 +27,14 @@ from ..export import progress
 from ..scene import generated_planes
 from . import geometry
 from .fakes import FakeSettings, generate, iter_fakes, rank_seeds
-from .image_metrics import fid_kid, gather_rows, rank_world, real_features
+from .image_metrics import fid_kid, gather_rows, inception_score, precision_recall, rank_world, real_features
 from .inception import INCEPTION_FILE, InceptionFeatures, to_uint8_images
-from .reference import iter_reference, load_truth, parse_kinds
+from .reference import iter_reference, load_truth
 
-ALL_METRICS = ("fid", "kid", "consistency", "depth_fd", "pose", "depth", "est_fd")
+ALL_METRICS = ("fid", "kid", "pr", "is", "consistency", "depth_fd", "pose", "depth", "est_fd")
 DEPTH_POOL = 16  # depth_fd feature: 16 x 16 pooled normalised depth
-NEEDS_DATA = {"fid", "kid", "depth_fd", "est_fd"}
+INCEPTION_METRICS = {"fid", "kid", "pr", "is"}  # need the Inception weights file
+NEEDS_DATA = {"fid", "kid", "pr", "depth_fd", "est_fd"}
 NEEDS_ESTIMATORS = {"pose", "depth", "est_fd"}
 EST_FD_REALS = 2000  # est_fd: the first reals in shard order (a fixed set, so every evaluation compares alike)
 
@@ -68,7 +66,8 @@ def weights_warning(weights: Path, sha256: str) -> str | None:
     if sha256.startswith(expected):
         return None
     return (f"the Inception weights file {weights} has sha256 {sha256[:8]}..., not {expected}... as torch-fidelity's "
-            f"{INCEPTION_FILE}: its FID/KID compare only with numbers computed with the same file")
+            f"{INCEPTION_FILE}: its FID, KID, precision/recall and IS compare only with numbers computed with the same "
+            f"file")
 
 
 def resolve_estimators(estimators, metrics: list[str], device) -> tuple:
@@ -164,7 +163,7 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
         raise ValueError(f"--num-samples must be at least 2, got {num_samples}")
     t0 = time.time()
     rank, world = rank_world()
-    extractor = InceptionFeatures(inception).to(device) if {"fid", "kid"} & set(metrics) else None
+    extractor = InceptionFeatures(inception).to(device) if INCEPTION_METRICS & set(metrics) else None
     est = resolve_estimators(estimators, metrics, device) if NEEDS_ESTIMATORS & set(metrics) else None
     real_depth = real_depth_samples(data, num_samples) if "depth_fd" in metrics else None
     res = settings.resolution or (preset.resolution if G is None else G.img_resolution)
@@ -174,6 +173,8 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     widths = {"seed": 1, "nonfinite": 1}
     if extractor is not None:
         widths["inception"] = extractor.num_features
+    if "is" in metrics:
+        widths["logits"] = extractor.num_logits
     if "consistency" in metrics:
         widths.update(dict.fromkeys(("consistency_photo_l1", "consistency_depth_err", "consistency_covisible",
                                      "semi_transparent", "depth_relief"), 1))
@@ -185,11 +186,11 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
         widths["depth_error"] = 1
     if "est_fd" in metrics:
         widths["est_features"] = est[0].embed(torch.zeros(1, 3, res, res, device=device)).shape[1]
-    if extractor is not None and data is not None:
+    if {"fid", "kid", "pr"} & set(metrics) and data is not None:
         real_res = read_card(data).get("resolution")
         if real_res and real_res != res:
-            raise ValueError(f"FID/KID would compare {res}px fakes with {real_res}px reals from {data}; render at the "
-                             f"data's resolution (--resolution {real_res}) or use data made at {res}px")
+            raise ValueError(f"FID/KID/PR would compare {res}px fakes with {real_res}px reals from {data}; render at "
+                             f"the data's resolution (--resolution {real_res}) or use data made at {res}px")
     acc: dict[str, list[torch.Tensor]] = {k: [] for k in widths}
 
     def add(name, value):
@@ -202,7 +203,10 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
         add("seed", torch.tensor(batch["seeds"], dtype=torch.float64))
         add("nonfinite", _nonfinite(batch))
         if extractor is not None:
-            add("inception", extractor(to_uint8_images(a["rgb"])))
+            features, logits = extractor.features_and_logits(to_uint8_images(a["rgb"]))
+            add("inception", features)
+            if "is" in metrics:
+                add("logits", logits)
         if "consistency" in metrics:
             c = geometry.two_view_consistency(a, batch["views"][1], preset.fov_deg, preset.near, preset.far)
             for k, v in c.items():
@@ -243,12 +247,23 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
                          f"--seeds {broken[0]}`")
     result: dict = {"metrics": {}, "details": {}, "warnings": []}
     if extractor is not None:
-        real, info = real_features(data, extractor, num_real, cache_dir, use_cache=use_cache)
+        described = extractor.describe()
+        if {"fid", "kid", "pr"} & set(metrics):
+            real, info = real_features(data, extractor, num_real, cache_dir, use_cache=use_cache)
         which = tuple(m for m in ("fid", "kid") if m in metrics)
-        out = fid_kid(real, per["inception"], which, kid_subsets, kid_subset_size)
-        result["metrics"].update({k: out[k] for k in ("fid", "kid") if k in out})
-        result["details"]["fid_kid"] = dict(out, real=info, **extractor.describe())
-        warn = weights_warning(extractor.weights, result["details"]["fid_kid"]["weights_sha256"])
+        if which:
+            out = fid_kid(real, per["inception"], which, kid_subsets, kid_subset_size)
+            result["metrics"].update({k: out[k] for k in ("fid", "kid") if k in out})
+            result["details"]["fid_kid"] = dict(out, real=info, **described)
+        if "pr" in metrics:
+            out = precision_recall(real, per["inception"])
+            result["metrics"].update(precision=out["precision"], recall=out["recall"])
+            result["details"]["precision_recall"] = dict(out, real=info, **described)
+        if "is" in metrics:
+            out = inception_score(per["logits"])
+            result["metrics"]["is"] = out["is"]
+            result["details"]["inception_score"] = dict(out, **described)
+        warn = weights_warning(extractor.weights, described["weights_sha256"])
         if warn:
             result["warnings"].append(warn)
     if "consistency" in metrics:
@@ -267,7 +282,8 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     if "est_features" in per:
         real_f = real_estimator_features(data, est[0], num_real or EST_FD_REALS, device=device)
         result["metrics"]["est_fd"] = geometry.frechet_distance(real_f, per["est_features"])
-        result["details"]["est_fd"] = {"num_real": int(real_f.shape[0]), "feature": "PoseCNN.embed: conv features, image mean",
+        result["details"]["est_fd"] = {"num_real": int(real_f.shape[0]),
+                                       "feature": "PoseCNN.embed: conv features, image mean",
                                        "bootstrap_se": geometry.frechet_bootstrap_se(real_f, per["est_features"])}
     for k in ("pose_error", "depth_error"):
         if k in per:
@@ -303,11 +319,11 @@ def evaluate_references(kinds: list[str], data: str | Path, preset, metrics: lis
                         settings: FakeSettings | None = None, estimators=None, device="cpu", first_seed: int = 0,
                         show_progress: bool = True) -> dict:
     """The reference rows (:mod:`.reference`: ground-truth renders, ground-truth MPI, billboard) of ``data`` on the
-    same seeds, cameras and planes as a generator's evaluation: {kind: evaluate()'s result}. FID/KID are left out
-    (their scale is known: 0 for the data itself) to keep the rows cheap."""
+    same seeds, cameras and planes as a generator's evaluation: {kind: evaluate()'s result}. The Inception metrics
+    are left out (their scale is known: FID 0 for the data itself) to keep the rows cheap."""
     settings = settings or FakeSettings()
     truth = load_truth(data, settings.resolution or preset.resolution)
-    metrics = [m for m in metrics if m not in ("fid", "kid")]
+    metrics = [m for m in metrics if m not in INCEPTION_METRICS]
     return {kind: evaluate(None, preset, metrics, num_samples, data, settings, estimators=estimators, device=device,
                            first_seed=first_seed, show_progress=show_progress,
                            source=partial(iter_reference, kind, truth, preset))
@@ -324,40 +340,6 @@ def _versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def _cuda_default() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from ..inference import add_generator_arguments
-
-    p = argparse.ArgumentParser(prog="gmpi evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_generator_arguments(p, seeds=False)
-    p.add_argument("--data", help="real data (a `gmpi data` folder): needed by fid, kid, depth_fd")
-    p.add_argument("--metrics", default="consistency", help=f"comma-separated: {','.join(ALL_METRICS)} or all")
-    p.add_argument("--num-samples", type=int, default=1000, help="fakes (paper: 50000 for FID/KID, 1024 for 3D)")
-    p.add_argument("--num-real", type=int, help="real images for FID/KID (default: all, as fid50k_full)")
-    p.add_argument("--planes", type=int, default=96, help="planes at inference (paper: 96)")
-    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi (paper: 1.0)")
-    p.add_argument("--noise-mode", default="random", choices=["random", "const", "none"])
-    p.add_argument("--resolution", type=int, help="render resolution (default: the generator's)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--plane-chunk", type=int, help="generate/warp this many planes at a time (memory)")
-    p.add_argument("--first-seed", type=int, default=0)
-    p.add_argument("--inception", help=f"local {INCEPTION_FILE} (or $GMPI_INCEPTION_WEIGHTS)")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--estimators", help="estimator file for pose/depth (`gmpi estimators train`)")
-    p.add_argument("--cache-dir", help="real-feature cache (default $GMPI_CACHE or ~/.cache/gmpi-lightning)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the real features")
-    p.add_argument("--reference", help="also score reference rows on data with a renderable ground truth (the "
-                   "synthetic heads): renders,mpi,billboard or all (docs/3D.md)")
-    p.add_argument("--device", default=_cuda_default())
-    p.add_argument("--out", help="JSON file for the results (default: print only)")
-    return p
 
 
 def default_inputs(metrics: list[str], data: str | None, estimators: str | None, recorded: str | None,
@@ -378,75 +360,5 @@ def default_inputs(metrics: list[str], data: str | None, estimators: str | None,
     return data, estimators
 
 
-def init_distributed(device: str) -> str:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL with one GPU per rank."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return device
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
-
-
-def main(argv: list[str]) -> int:
-    """``gmpi evaluate``; under ``torchrun --nproc_per_node=N -m gmpi_lightning evaluate ...`` every rank renders
-    its share of the seeds and rank 0 prints and writes the JSON."""
-    import torch.distributed as dist
-
-    from ..inference import load_generator
-
-    args = build_parser().parse_args(argv)
-    metrics = parse_metrics(args.metrics)
-    kinds = parse_kinds(args.reference)
-    device = init_distributed(args.device)
-    rank, world = rank_world()
-    log = print if rank == 0 else (lambda *a, **k: None)
-    loaded = load_generator(args.ckpt, args.config, args.preset, device)
-    data, estimators = default_inputs(metrics, args.data, args.estimators, loaded.training_data, log)
-    truth_data = (data or loaded.training_data) if kinds else None
-    if kinds:  # checked before the generator's evaluation, not after it
-        if not truth_data:
-            raise ValueError("--reference renders the data's ground truth: pass --data (a `gmpi data synthetic` "
-                             "folder)")
-        load_truth(truth_data)  # refuses data whose ground truth cannot be rendered, naming its source
-    settings = FakeSettings(planes=args.planes, truncation=args.truncation, noise_mode=args.noise_mode,
-                            resolution=args.resolution, batch_size=args.batch_size, plane_chunk=args.plane_chunk)
-    log(f"{loaded.kind} generator {loaded.source} | preset {loaded.preset.name} | metrics {','.join(metrics)} | "
-        f"{args.num_samples} fakes, {settings.planes} planes, psi {settings.truncation}"
-        f"{f' | {world} processes' if world > 1 else ''}", flush=True)
-    try:
-        result = evaluate(loaded.G, loaded.preset, metrics, args.num_samples, data, settings, args.inception,
-                          args.num_real, args.kid_subsets, args.kid_subset_size, estimators, args.cache_dir,
-                          not args.no_cache, device, args.first_seed)
-        if kinds:
-            result["reference"] = evaluate_references(kinds, truth_data, loaded.preset, metrics, args.num_samples,
-                                                      settings, estimators, device, args.first_seed)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-    if rank != 0:
-        return 0
-    result = {"checkpoint": str(args.ckpt), "generator_kind": loaded.kind, "preset": loaded.preset.to_dict(),
-              "data": data, **result, "command": "gmpi evaluate " + " ".join(argv),
-              "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    rows = {"generator": result["metrics"], **{k: v["metrics"] for k, v in result.get("reference", {}).items()}}
-    print(f"  {'':24s} " + " ".join(f"{k:>11s}" for k in rows))
-    for name in result["metrics"]:
-        print(f"  {name:24s} " + " ".join(f"{r[name]:11.5g}" if name in r else f"{'-':>11s}" for r in rows.values()))
-    for w in result["warnings"]:
-        print(f"warning: {w}", file=sys.stderr)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
-        print(f"wrote {args.out}")
-    return 0
-
-
-__all__ = ["ALL_METRICS", "evaluate", "evaluate_references", "generate", "json_safe", "main", "parse_metrics",
-           "resolve_estimators"]
+__all__ = ["ALL_METRICS", "INCEPTION_METRICS", "default_inputs", "evaluate", "evaluate_references", "generate",
+           "json_safe", "parse_metrics", "resolve_estimators"]

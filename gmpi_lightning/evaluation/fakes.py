@@ -98,13 +98,14 @@ def fake_batch(seeds: list[int], mpi, scene: Scene, render_at, streams=(0,), ret
             "nonfinite": torch.zeros(len(seeds), dtype=torch.bool) if nonfinite is None else nonfinite}
 
 
-IMAGE_METRICS = ("fid", "kid", "est_fd")  # what a 2D generator's pictures can be scored on
+IMAGE_METRICS = ("fid", "kid", "pr", "is", "est_fd")  # what a 2D generator's pictures can be scored on
 
 
 def iter_images_2d(G, preset, seeds: list[int], settings: FakeSettings, device="cpu", streams=(0,),
                    return_weights: bool = False) -> Iterator[dict]:
-    """A 2D StyleGAN2's images as :func:`iter_fakes` batches (``evaluate(..., source=partial(iter_images_2d, G, preset))``):
-    fake k is ``G(RandomState(k).randn)``, the same picture at every camera (only :data:`IMAGE_METRICS` apply)."""
+    """A 2D StyleGAN2's images as :func:`iter_fakes` batches
+    (``evaluate(..., source=partial(iter_images_2d, G, preset))``): fake k is ``G(RandomState(k).randn)``, the same
+    picture at every camera (only :data:`IMAGE_METRICS` apply)."""
     for i in range(0, len(seeds), settings.batch_size):
         chunk = seeds[i:i + settings.batch_size]
         scene = Scene(preset, 2, device)

@@ -1,4 +1,4 @@
-"""Identity consistency, the paper's "ID" column (GMPI_SPEC §8.2), with an embedder you supply.
+"""Identity consistency, the paper's "ID" column (docs/METHOD.md §8.2), with an embedder you supply.
 
 The protocol: 1024 seeds, each rendered from two independent cameras of the training prior, both images
 embedded by a face-recognition network (ArcFace in the paper, through DeepFace with MTCNN alignment), score =

@@ -1,8 +1,10 @@
-"""FID and KID from Inception features, with real statistics computed once per dataset and cached.
+"""FID, KID, precision/recall and Inception Score from Inception features, with real statistics computed once per
+dataset and cached.
 
-The numbers come from torchmetrics (``FrechetInceptionDistance`` and ``KernelInceptionDistance`` fed with
-precomputed features through a pass-through "extractor"), so every image goes through Inception once and
-FID and KID share those features. Features are float64, as torch-fidelity's and StyleGAN's statistics.
+FID and KID come from torchmetrics (``FrechetInceptionDistance`` and ``KernelInceptionDistance`` fed with
+precomputed features through a pass-through "extractor"); precision/recall and the Inception Score from
+torch-fidelity's own functions on the same features (its ``prc`` and ``isc`` metrics). Every image goes through
+Inception once and all four share that pass. Features are float64, as torch-fidelity's and StyleGAN's statistics.
 Under DDP each rank extracts its share; :func:`gather_rows` collects them once, and every rank then computes
 the same numbers (KID's subsets come from a fixed seed).
 """
@@ -23,6 +25,8 @@ from .inception import InceptionFeatures, to_uint8_images
 
 CACHE_ENV = "GMPI_CACHE"
 KID_SEED = 2020  # torch-fidelity's rng_seed (our subsets come from torch's generator, not numpy's)
+PR_NEIGHBORHOOD = 3  # torch-fidelity's prc_neighborhood: k of the k-NN balls (Kynkaanniemi et al.: k = 3)
+IS_SPLITS = 10  # torch-fidelity's isc_splits
 
 
 class _Passthrough(nn.Module):
@@ -68,6 +72,37 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, which=("fid", "kid"), kid_su
             mean, std = kid.compute()
         out.update(kid=float(mean), kid_std=float(std), kid_subsets=kid_subsets, kid_subset_size=size)
     return out
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, neighborhood: int = PR_NEIGHBORHOOD) -> dict:
+    """Improved precision and recall (k-NN manifolds) of N x 2048 fake features against real ones, by
+    torch-fidelity's ``prc`` code: precision = share of fakes inside some real's ball (radius: distance to its k-th
+    nearest real), recall = share of reals inside some fake's ball. float32 features, as torch-fidelity extracts
+    them (ties at a ball's edge then fall as in its own runs)."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    n_real, n_fake = real.shape[0], fake.shape[0]
+    if min(n_real, n_fake) <= neighborhood:
+        raise ValueError(f"precision/recall (pr) need more than {neighborhood} real and fake images (k-NN balls, "
+                         f"k = {neighborhood}); got {n_real} real and {n_fake} fake: raise --num-samples / --num-real")
+    out = prc_features_to_metric(fake.float().cpu(), real.float().cpu(), prc_neighborhood=neighborhood,
+                                 prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+    return {"precision": float(out["precision"]), "recall": float(out["recall"]), "f_score": float(out["f_score"]),
+            "pr_neighborhood": neighborhood, "num_real": int(n_real), "num_fake": int(n_fake)}
+
+
+def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS, seed: int = KID_SEED) -> dict:
+    """Inception Score of N x 1008 fake logits (Inception's ``logits_unbiased``), by torch-fidelity's ``isc`` code:
+    exp(E KL(p(y|x) || p(y))) in ``splits`` chunks after a seeded shuffle; mean and std over the chunks. With fewer
+    fakes than ``splits`` each chunk holds one fake and the result says so (``is_splits``)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    if logits.shape[0] < 2:
+        raise ValueError(f"the Inception Score needs at least 2 fakes, got {logits.shape[0]}")
+    splits = min(splits, logits.shape[0])
+    out = isc_features_to_metric(logits.float().cpu(), splits=splits, shuffle=True, rng_seed=seed)
+    return {"is": float(out["inception_score_mean"]), "is_std": float(out["inception_score_std"]),
+            "is_splits": splits, "num_fake": int(logits.shape[0])}
 
 
 def _dist():

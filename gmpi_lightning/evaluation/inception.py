@@ -1,5 +1,6 @@
-"""The FID/KID feature extractor: torch-fidelity's ``inception-v3-compat`` (the TF-Inception port StyleGAN,
-EG3D and GMPI use), 2048-d pool features, images resized to 299 with TF1.x bilinear (no antialias).
+"""The Inception feature extractor: torch-fidelity's ``inception-v3-compat`` (the TF-Inception port StyleGAN,
+EG3D and GMPI use), 2048-d pool features (FID, KID, precision/recall) and the 1008 ``logits_unbiased`` (Inception
+Score) from one pass, images resized to 299 with TF1.x bilinear (no antialias).
 
 Weights come from a local file only; nothing is downloaded. Where the file is looked for, in order:
 the ``weights`` argument (``--inception`` on the command line), ``$GMPI_INCEPTION_WEIGHTS``, and torch.hub's
@@ -56,9 +57,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 class InceptionFeatures(torch.nn.Module):
-    """uint8 images (B x 3 x H x W, any size) -> B x 2048 float64 pool features."""
+    """uint8 images (B x 3 x H x W, any size) -> B x 2048 float64 pool features (:meth:`forward`), or those and the
+    B x 1008 logits (:meth:`features_and_logits`)."""
 
     num_features = 2048
+    num_logits = 1008
 
     def __init__(self, weights: str | Path | None = None, batch_size: int = 64):
         super().__init__()
@@ -66,7 +69,7 @@ class InceptionFeatures(torch.nn.Module):
 
         self.weights = resolve_weights(weights)
         try:
-            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
                                           feature_extractor_weights_path=str(self.weights), antialias=False)
         except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
             raise ValueError(f"{self.weights}: cannot load it as torch-fidelity's Inception ({INCEPTION_FILE}): "
@@ -78,13 +81,26 @@ class InceptionFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(images)[0]
+
+    @torch.no_grad()
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B x 2048 pool features, B x 1008 logits without the bias, as torch-fidelity's Inception Score uses),
+        float64 on the CPU."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"Inception features need uint8 B x 3 x H x W images, got {images.dtype} "
                              f"{tuple(images.shape)}")
         dev = next(self.net.parameters()).device
-        out = [self.net(images[i:i + self.batch_size].to(dev)).double().cpu()
-               for i in range(0, images.shape[0], self.batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, self.num_features, dtype=torch.float64)
+        feats, logits = [], []
+        for i in range(0, images.shape[0], self.batch_size):
+            # every feature of features_list (torchmetrics' forward returns only the first)
+            pool, unbiased = self.net._torch_fidelity_forward(images[i:i + self.batch_size].to(dev))
+            feats.append(pool.reshape(pool.shape[0], -1).double().cpu())
+            logits.append(unbiased.double().cpu())
+        if not feats:
+            return (torch.zeros(0, self.num_features, dtype=torch.float64),
+                    torch.zeros(0, self.num_logits, dtype=torch.float64))
+        return torch.cat(feats), torch.cat(logits)
 
 
 def to_uint8_images(x: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
@@ -97,8 +113,10 @@ def write_random_inception(path: str | Path, seed: int = 0) -> Path:
     """A He-initialised random Inception file with the real file's state-dict layout (tests, smoke runs).
 
     PyTorch's default init makes every activation vanish through ~90 layers (FID = KID = 0 exactly, see
-    ENVIRONMENT.md); He init keeps them alive, so FID/KID values move with the inputs. Not a real Inception:
-    its numbers are only comparable with themselves."""
+    ENVIRONMENT.md); He init keeps them alive, so FID/KID values move with the inputs. The classifier's weights and
+    bias are N(0, 3^2): its logits then differ by a few units between images (with PyTorch's init by 0.03, and the
+    Inception Score is 1.0005 whatever the images) and the bias, which the Inception Score leaves out, matters.
+    Not a real Inception: its numbers are only comparable with themselves."""
     from unittest import mock
 
     import torch_fidelity.feature_extractor_inceptionv3 as fe
@@ -111,6 +129,9 @@ def write_random_inception(path: str | Path, seed: int = 0) -> Path:
         if isinstance(m, torch.nn.Conv2d):
             fan_in = m.weight[0].numel()
             m.weight.data = torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+        elif isinstance(m, torch.nn.Linear):
+            m.weight.data = torch.randn(m.weight.shape, generator=gen) * 3.0
+            m.bias.data = torch.randn(m.bias.shape, generator=gen) * 3.0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)

@@ -1,4 +1,4 @@
-"""Reference rows: what the representation can hold, scored by the same estimators as a generator (issue 12).
+"""Reference rows: what the representation can hold, scored by the same estimators as a generator.
 
 On data whose ground truth can be rendered at any camera (the synthetic heads), ``gmpi evaluate --reference`` scores
 three references next to the generator, on the same seeds, cameras and planes:
@@ -42,7 +42,6 @@ the texels), and its depth is the input depth quantised to the planes (tests/tes
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,7 +57,7 @@ from .fakes import fake_batch
 KINDS = ("renders", "mpi", "billboard", "card_front", "card_center", "card_back", "mpi_blur")
 CARDS = {"card_front": 0.0, "card_center": None, "card_back": 0.5}  # where between the centre (0) and background (1)
 BLUR_SIGMA_PX = 1.5  # mpi_blur at 32 px (scaled with the resolution)
-TRUTH_PROVIDERS = {"synthetic": "datamodules.synthetic.HeadTruth"}  # card "source" -> class, named (package arrows)
+TRUTH_RENDERERS: dict = {}  # card "source" -> (card, resolution) -> a ground-truth renderer; see register_truth
 
 
 def parse_kinds(text: str | list[str] | None) -> list[str]:
@@ -71,18 +70,25 @@ def parse_kinds(text: str | list[str] | None) -> list[str]:
     return names
 
 
+def register_truth(source: str, factory) -> None:
+    """Make ``factory(card, resolution)`` the ground-truth renderer of data whose card's ``source`` is ``source``
+    (``datamodules.synthetic`` registers its heads when imported; a renderer has ``views(indices, yaw, pitch)`` ->
+    ``rgb``, ``depth``, ``mask``)."""
+    TRUTH_RENDERERS[source] = factory
+
+
 def load_truth(data: str | Path, resolution: int | None = None):
     """The ground-truth renderer of a ``gmpi data`` folder (its card names the source), at ``resolution``."""
     from ..data import read_card
 
     card = read_card(data)
     source = card.get("source")
-    if source not in TRUTH_PROVIDERS:
+    if source not in TRUTH_RENDERERS:
         raise ValueError(f"{data}: reference rows render each sample's ground truth at new cameras, which needs the "
                          f"data's renderer; this data's source is {source!r} (supported: "
-                         f"{', '.join(TRUTH_PROVIDERS)}, e.g. `gmpi data synthetic`). Drop --reference.")
-    module, _, name = TRUTH_PROVIDERS[source].rpartition(".")
-    return getattr(importlib.import_module(module), name).from_card(card, resolution)
+                         f"{', '.join(TRUTH_RENDERERS) or 'none registered'}, e.g. `gmpi data synthetic`). Drop "
+                         f"--reference.")
+    return TRUTH_RENDERERS[source](card, resolution)
 
 
 def _project(planes: Planes, resolution: int, w2c: torch.Tensor, fov_deg: float):
@@ -245,4 +251,5 @@ def iter_reference(kind: str, truth, preset, seeds: list[int], settings, device=
         yield fake_batch(chunk, mpi, scene, render_at, streams, return_weights)
 
 
-__all__ = ["KINDS", "billboard_mpi", "harmonic_fill", "iter_reference", "load_truth", "mpi_from_view", "parse_kinds"]
+__all__ = ["KINDS", "billboard_mpi", "harmonic_fill", "iter_reference", "load_truth", "mpi_from_view", "parse_kinds",
+           "register_truth"]

@@ -30,7 +30,7 @@ from .stylegan2_pkl import (
 GMPI_FORMAT = "gmpi-lightning/gmpi"
 GMPI_FORMAT_VERSION = 1
 
-# official Generator kwarg -> ours (GMPI_SPEC §3, Appendix A)
+# official Generator kwarg -> ours (docs/METHOD.md §3)
 _OFFICIAL_TO_OURS = {
     "pos_enc_multires": "pos_enc_multires",
     "gen_alpha_largest_res": "gen_alpha_largest_res",
@@ -187,7 +187,7 @@ def load_official_gmpi(generator_pth: str | Path, config: str | Path | dict | No
     tree); without it the paper configuration is assumed. ``ema.pth`` holds no names, so its
     architecture comes from ``backbone`` kwargs, or from a ``generator.pth`` next to it, whose buffers
     (``w_avg``, noise constants) are used too. ``keep_init_buffers=True`` reproduces the official
-    evaluation instead, which leaves buffers at initialisation (GMPI_SPEC §11.18: psi < 1 then
+    evaluation instead, which leaves buffers at initialisation (docs/FIDELITY.md: psi < 1 then
     truncates towards w = 0).
     """
     path = Path(generator_pth)

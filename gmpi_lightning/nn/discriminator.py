@@ -192,7 +192,7 @@ class Discriminator(nn.Module):
 
 
 class PoseConditionedDiscriminator(Discriminator):
-    """GMPI's discriminator (GMPI_SPEC §5): StyleGAN2 ResNet D with projection conditioning on the
+    """GMPI's discriminator (docs/METHOD.md §5): StyleGAN2 ResNet D with projection conditioning on the
     flattened world-to-camera matrix, ``cmap = normalize_2nd_moment(Linear(16, cmap_dim)(w2c))``.
 
     Minibatch-stddev uses group size 1 by default: a constant channel that keeps the pretrained conv

@@ -1,39 +1,24 @@
-"""The GMPI generator: StyleGAN2 synthesis + a pluggable alpha branch + background plane (GMPI_SPEC §3).
+"""The GMPI generator: StyleGAN2 synthesis + an alpha branch + a background plane (docs/METHOD.md).
 
 Output: an MPI ``B x L x 4 x R x R`` in [0, 1], plane 0 nearest. All foreground planes share one RGB
 image (the StyleGAN2 ToRGB skip sum); the farthest plane's RGB is a background synthesised from the
-left/right border features; alpha comes from the alpha branch, selected by ``alpha_mode``:
-
-========================  ==========================================================================
-``normalize_add_z``       the paper: ToAlpha(instance_norm(x) + e(z_i)); e is a 4-layer MLP on the
-                          plane's normalised depth, style-modulated by the block's conv1 w
-``add_z``                 as above without the instance normalisation
-``learnable_tokens``      e is a learned token per training plane (interpolated in depth for other L)
-``vanilla``               one ToAlpha with L outputs per block (L fixed at n_train_planes)
-``depth2alpha``           one predicted depth map D; alpha_i = clamp((z_i - D) / (2 delta) + 1/2, 0, 1)
-========================  ==========================================================================
-
-``pos_enc_multires > 0`` feeds ``[z, sin(2^k z), cos(2^k z)]`` to the depth MLP instead of z.
-
-Implementation note: ToAlpha is linear in its input, so ``ToAlpha(x_hat + e_i)`` is computed as
-``ToAlpha-without-bias(x_hat)`` (one R x R map per sample) plus a per-plane scalar: memory is
-O(B C R^2 + B L R^2) instead of the official O(B L C R^2), and any number of planes can be
-generated in chunks with exactly the same result (the backbone runs once; cf. GMPI_SPEC §11.25).
+left/right border features; alpha comes from the alpha branch selected by ``alpha_mode`` (:mod:`.alpha`: the paper's
+``normalize_add_z``, ``add_z``, ``learnable_tokens``, ``vanilla``, ``depth2alpha``). ``pos_enc_multires > 0`` feeds
+``[z, sin(2^k z), cos(2^k z)]`` to the depth MLP instead of z.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
-from .layers import FullyConnectedLayer, MappingNetwork
-from .ops import bias_act, upsample2d
-from .synthesis import Generator, SynthesisBlock, SynthesisNetwork, ToRGBLayer
+from .alpha import alpha_branch
+from .layers import MappingNetwork
+from .ops import upsample2d
+from .synthesis import Generator, SynthesisBlock, SynthesisNetwork
 
-ALPHA_MODES = ("normalize_add_z", "add_z", "learnable_tokens", "vanilla", "depth2alpha")
 FINAL_ACTIVATIONS = ("tanh", "sigmoid", "none")
 
 
@@ -43,40 +28,6 @@ def positional_encoding(z: torch.Tensor, multires: int) -> torch.Tensor:
     for f in 2.0 ** torch.linspace(0, multires - 1, multires):
         feats += [torch.sin(z[:, None] * f), torch.cos(z[:, None] * f)]
     return torch.cat(feats, dim=1)
-
-
-class DepthEmbedding(nn.Module):
-    """Style-modulated 1x1-conv MLP on the depth code: in -> C/4 -> C/2 -> C -> C, lrelu*sqrt(2) after each layer.
-
-    Parameter names follow the official ``pos_enc_embed`` module (weight1..4, bias1..4, affine1..4).
-    """
-
-    def __init__(self, in_features: int, channels: int, w_dim: int, conv_clamp: float | None = None):
-        super().__init__()
-        self.dims = [in_features, channels // 4, channels // 2, channels, channels]
-        self.conv_clamp = conv_clamp
-        for k in range(1, 5):
-            self.register_parameter(f"weight{k}", nn.Parameter(torch.randn(self.dims[k], self.dims[k - 1], 1, 1)))
-            self.register_parameter(f"bias{k}", nn.Parameter(torch.zeros(self.dims[k])))
-        for k in range(1, 5):
-            self.add_module(f"affine{k}", FullyConnectedLayer(w_dim, self.dims[k - 1], bias_init=1))
-
-    def forward(self, code: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """code: L x in (shared by the batch), w: B x w_dim -> B x L x C."""
-        h = code.to(w.dtype)[None].expand(w.shape[0], -1, -1)
-        for k in range(1, 5):
-            styles = getattr(self, f"affine{k}")(w) / np.sqrt(self.dims[k - 1])
-            weight = getattr(self, f"weight{k}")[:, :, 0, 0]
-            h = torch.einsum("oi,bi,bli->blo", weight, styles, h)
-            h = bias_act(h, getattr(self, f"bias{k}"), dim=2, act="lrelu", clamp=self.conv_clamp)
-        return h
-
-
-def instance_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Per sample and channel over pixels: (x - mean) / (sqrt(unbiased var + 1e-8) + 1e-8)."""
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    std = (x.var(dim=(2, 3), keepdim=True, unbiased=True) + 1e-8).sqrt()
-    return (x - mean) / (std + 1e-8)
 
 
 def border_background(x: torch.Tensor, ratio: float = 0.05) -> torch.Tensor:
@@ -92,58 +43,22 @@ def border_background(x: torch.Tensor, ratio: float = 0.05) -> torch.Tensor:
 
 
 class GMPISynthesisBlock(SynthesisBlock):
-    """A StyleGAN2 synthesis block plus its alpha branch (``pos_enc_embed`` / ``toalpha`` / tokens)."""
+    """A StyleGAN2 synthesis block plus its alpha branch's layers (official names: ``pos_enc_embed``, ``toalpha``,
+    ``plane_tokens``, ``todepth``)."""
 
     def __init__(self, *args, alpha_mode: str = "normalize_add_z", pos_enc_multires: int = 0,
                  n_train_planes: int = 32, gen_alpha_largest_res: int = 256, **kwargs):
         super().__init__(*args, **kwargs)
-        if alpha_mode not in ALPHA_MODES:
-            raise ValueError(f"unknown alpha_mode {alpha_mode!r}; expected one of {ALPHA_MODES}")
-        self.alpha_mode = alpha_mode
-        self.pos_enc_multires = pos_enc_multires
-        # The vanilla branch has no resolution limit (as the official variant).
-        self.gen_alpha = alpha_mode == "vanilla" or self.resolution <= gen_alpha_largest_res
-        c, w_dim, clamp = self.out_channels, self.w_dim, kwargs.get("conv_clamp")
-        if not self.gen_alpha:
-            return
-        if alpha_mode in ("normalize_add_z", "add_z"):
-            self.pos_enc_embed = DepthEmbedding(1 + 2 * pos_enc_multires, c, w_dim, clamp)
-            self.toalpha = ToRGBLayer(c, 1, w_dim=w_dim, conv_clamp=clamp)
-        elif alpha_mode == "learnable_tokens":
-            self.plane_tokens = nn.Parameter(torch.rand(1, n_train_planes, c))
-            self.toalpha = ToRGBLayer(c, 1, w_dim=w_dim, conv_clamp=clamp)
-        elif alpha_mode == "vanilla":
-            self.toalpha = ToRGBLayer(c, n_train_planes, w_dim=w_dim, conv_clamp=clamp)
-        else:  # depth2alpha
-            self.todepth = ToRGBLayer(c, 1, w_dim=w_dim, conv_clamp=clamp)
+        self.alpha = alpha_branch(alpha_mode)
+        self.gen_alpha = self.alpha.any_resolution or self.resolution <= gen_alpha_largest_res
+        if self.gen_alpha:
+            self.alpha.build(self, self.out_channels, self.w_dim, kwargs.get("conv_clamp"), n_train_planes,
+                             pos_enc_multires)
         if "pos_enc_embed" in self._modules:  # official parameter order (matters for torch_ema files)
             self._modules = {"pos_enc_embed": self._modules.pop("pos_enc_embed"), **self._modules}
 
     def alpha_features(self, x: torch.Tensor, w_conv1: torch.Tensor, w_rgba: torch.Tensor) -> dict | None:
-        """Everything the alpha branch needs from this block that does not depend on the planes."""
-        if not self.gen_alpha:
-            return None
-        x = x.to(torch.float32)
-        if self.alpha_mode == "vanilla":
-            return {"logits": self.toalpha(x, w_rgba)}
-        if self.alpha_mode == "depth2alpha":
-            return {"logits": self.todepth(x, w_rgba)}
-        # ToAlpha(h) = sum_c k[b, c] h[b, c] + bias, with k = weight * styles.
-        k = self.toalpha.weight[0, :, 0, 0] * self.toalpha.affine(w_rgba) * self.toalpha.weight_gain  # B x C
-        feat = instance_normalize(x) if self.alpha_mode != "add_z" else x
-        return {"map": torch.einsum("bc,bchw->bhw", k, feat), "k": k, "w_conv1": w_conv1}
-
-    def alpha_logits(self, feats: dict, depth_code: torch.Tensor, token_weights: torch.Tensor | None):
-        """Per-plane alpha logits B x Lc x R x R for planes with depth code ``depth_code`` (Lc x in)."""
-        if self.alpha_mode in ("vanilla", "depth2alpha"):
-            return feats["logits"]
-        if self.alpha_mode == "learnable_tokens":
-            emb = (token_weights @ self.plane_tokens[0])[None]  # 1 x Lc x C
-        else:
-            emb = self.pos_enc_embed(depth_code, feats["w_conv1"])  # B x Lc x C
-        per_plane = (emb * feats["k"][:, None]).sum(-1)  # B x Lc
-        logits = feats["map"][:, None] + per_plane[:, :, None, None] + self.toalpha.bias[0]
-        return bias_act(logits, clamp=self.toalpha.conv_clamp)
+        return self.alpha.features(self, x.to(torch.float32), w_conv1, w_rgba) if self.gen_alpha else None
 
 
 class GMPISynthesisNetwork(SynthesisNetwork):
@@ -197,11 +112,12 @@ class GMPIGenerator(nn.Module):
         self.init_kwargs["synthesis_kwargs"] = dict(synthesis_kwargs or {})
         self.z_dim, self.c_dim, self.w_dim, self.img_resolution = z_dim, c_dim, w_dim, img_resolution
         self.alpha_mode, self.n_train_planes, self.pos_enc_multires = alpha_mode, n_train_planes, pos_enc_multires
+        self.alpha = alpha_branch(alpha_mode)
         self.separate_background, self.background_ratio = separate_background, background_ratio
-        self.background_alpha_full = background_alpha_full and alpha_mode != "vanilla"
+        self.background_alpha_full = background_alpha_full and not self.alpha.fixed_planes
         self.final_activation = final_activation
-        if alpha_depth_slope and alpha_mode == "depth2alpha":
-            raise ValueError("alpha_depth_slope offsets per-plane alpha logits; depth2alpha has none")
+        if alpha_depth_slope and not self.alpha.per_plane_logits:
+            raise ValueError(f"alpha_depth_slope offsets per-plane alpha logits; {alpha_mode} has none")
         self.alpha_depth_slope, self.alpha_depth_center = float(alpha_depth_slope), float(alpha_depth_center)
         self.depth2alpha_delta = depth2alpha_z_range / depth2alpha_n_z_bins
         self.synthesis = GMPISynthesisNetwork(
@@ -212,7 +128,7 @@ class GMPIGenerator(nn.Module):
         self.mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws,
                                       **(mapping_kwargs or {}))
         self._init_alpha(alpha_init_gain, alpha_init_logit)
-        if alpha_mode == "learnable_tokens":
+        if self.alpha.uses_tokens:
             td = torch.linspace(0, 1, n_train_planes) if token_depths is None else torch.tensor(token_depths)
             if td.shape != (n_train_planes,) or bool((td[1:] <= td[:-1]).any()):
                 raise ValueError(f"token_depths must be {n_train_planes} increasing normalised depths")
@@ -267,7 +183,7 @@ class GMPIGenerator(nn.Module):
         d = torch.as_tensor(plane_depths, dtype=torch.float32).reshape(-1)
         if d.numel() < 2 or (values and not bool(torch.isfinite(d).all())):
             raise ValueError(f"plane_depths must hold at least 2 finite values, got {d.tolist()}")
-        if self.alpha_mode == "vanilla" and d.numel() != self.n_train_planes:
+        if self.alpha.fixed_planes and d.numel() != self.n_train_planes:
             raise ValueError(f"the vanilla alpha branch generates exactly {self.n_train_planes} planes, "
                              f"got {d.numel()} plane depths")
         return d
@@ -311,19 +227,18 @@ class GMPIGenerator(nn.Module):
         """Alpha (after the final activation) for one chunk of planes: B x Lc x R x R."""
         device = next(self.parameters()).device
         code = positional_encoding(depths, self.pos_enc_multires).to(device)
-        token_w = token_interpolation(depths, self.token_depths).to(device) if self.alpha_mode == "learnable_tokens" \
-            else None
+        token_w = token_interpolation(depths, self.token_depths).to(device) if self.alpha.uses_tokens else None
         acc = None
         for block, f in zip(self.synthesis.blocks(), feats):
             if acc is not None:
                 acc = upsample2d(acc, block.resample_filter)
             if f is not None:
-                y = block.alpha_logits(f, code, token_w)
+                y = block.alpha.logits(block, f, code, token_w)
                 acc = y if acc is None else acc + y
         if self.alpha_depth_slope:  # a fixed ramp over the planes (see the class docstring)
             d = depths.to(device=device, dtype=acc.dtype)
             acc = acc + self.alpha_depth_slope * (d - self.alpha_depth_center)[None, :, None, None]
-        if self.alpha_mode == "depth2alpha":  # soft step: planes behind the predicted surface are opaque
+        if not self.alpha.per_plane_logits:  # depth2alpha, a soft step: planes behind the predicted surface are opaque
             surface = self._activation(acc)  # B x 1 x R x R in [0, 1]
             d = depths.to(device)[None, :, None, None]
             return ((d - surface) / (2 * self.depth2alpha_delta) + 0.5).clamp(0, 1)

@@ -10,11 +10,7 @@ what :func:`~gmpi_lightning.render.render_mpi` draws (``static/viewer.js`` says 
 MPIs are generated as ``gmpi render`` generates them (seeds, truncation, noise, planes), so the two agree to a
 fraction of a grey level (tests/test_web_viewer.py measures it in headless Chromium).
 
-From Python::
-
-    from gmpi_lightning.web import export_web
-    export_web("runs/synthetic/gmpi.pt", seeds=[0, 1], planes=32, out="web")   # -> web/index.html
-
+From Python: ``gmpi_lightning.commands.render.export_web("runs/synthetic/gmpi.pt", "web", seeds=[0, 1])`` (the command),
 or, with MPIs already in hand (``gmpi render --web``, the ``WebViewer`` media callback)::
 
     with ViewerWriter(out, preset, scene.planes, resolution=256, texture_resolution=32, seeds=[0]) as page:
@@ -26,7 +22,6 @@ foreground image plus the background's, so a 96-plane MPI stores 2 colour layers
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import math
@@ -209,68 +204,3 @@ def log_to_wandb(folder, key: str = "media/web", project: str | None = None) -> 
 
     run = wandb.run or wandb.init(project=project, job_type="export-web")
     run.log({key: wandb_html(folder)})
-
-
-@torch.no_grad()
-def export_web(ckpt, seeds=(0, 1, 2, 3), planes: int = 32, out="web", resolution: int | None = None,
-               truncation_psi: float = 1.0, noise_mode: str = "const", config=None, preset: str | None = None,
-               device: str = "cpu", plane_chunk: int | None = None, force: bool = False) -> Path:
-    """Generate the seeds' MPIs as ``gmpi render`` does and write the viewer folder; returns ``index.html``.
-
-    ``resolution``: the page's render size (default: the generator's); planes are stored at
-    ``min(resolution, generator resolution)``. At the generator's own resolution (and above) the page shows exactly
-    the MPI ``gmpi render`` renders; below it the stored planes are downsampled (lighter, close but not equal).
-    """
-    from ..inference import load_generator
-    from ..scene import Scene
-
-    loaded = load_generator(ckpt, config, preset, device)
-    seeds = [int(s) for s in seeds]
-    res_g = loaded.G.img_resolution
-    resolution = int(resolution or res_g)
-    scene = Scene.for_generator(loaded.G, loaded.preset, planes, device)
-    info = {"checkpoint": Path(ckpt).name, "generator": loaded.kind, "truncation_psi": truncation_psi,
-            "noise_mode": noise_mode}
-    with ViewerWriter(out, loaded.preset, scene.planes, resolution, min(resolution, res_g), seeds, info,
-                      force) as page:
-        from ..export import progress
-
-        for seed in progress(seeds, unit="seed", desc="gmpi export-web"):
-            z = scene.seed_latents([seed], loaded.G.z_dim)
-            mpi = scene.generate(loaded.G, z, truncation_psi=truncation_psi, noise_mode=noise_mode,
-                                 plane_chunk=plane_chunk)
-            page.add(seed, mpi[0])
-    index = page.out / "index.html"
-    total = sum(f.stat().st_size for f in page.out.iterdir())
-    print(f"wrote {index} ({total / 2**20:.1f} MB): open it in a browser (file://), "
-          f"e.g. {index.resolve().as_uri()}?seed={seeds[0]}&yaw=0.2&pitch=-0.1")
-    return index
-
-
-def main(argv: list[str]) -> int:
-    """``gmpi export-web``."""
-    from ..inference import add_generator_arguments, parse_seeds
-
-    p = argparse.ArgumentParser(
-        prog="gmpi export-web",
-        description="Write a self-contained WebGL viewer (index.html + scripts) of the seeds' MPIs: open it from "
-                    "disk in any browser, drag to orbit, toggle depth. The MPIs are generated as `gmpi render` "
-                    "generates them.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_generator_arguments(p)
-    p.add_argument("--planes", type=int, default=32, help="planes of the exported MPIs")
-    p.add_argument("--resolution", type=int, help="page render size in pixels (default: the generator's); "
-                                                  "planes are stored at min(this, the generator's)")
-    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi")
-    p.add_argument("--noise-mode", default="const", choices=["const", "random", "none"])
-    p.add_argument("--plane-chunk", type=int, help="planes per chunk in generation (memory)")
-    p.add_argument("--force", action="store_true", help="write a page over the texture budget (e.g. 96 planes at "
-                                                         "512 px)")
-    p.add_argument("--wandb-project", help="also log the page to W&B (wandb.Html) in this project")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", required=True, help="output folder")
-    args = p.parse_args(argv)
-    index = export_web(args.ckpt, parse_seeds(args.seeds), args.planes, args.out, args.resolution, args.truncation,
-                       args.noise_mode, args.config, args.preset, args.device, args.plane_chunk, args.force)
-    if args.wandb_project:
-        log_to_wandb(index.parent, project=args.wandb_project)
-    return 0

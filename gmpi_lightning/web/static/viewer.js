@@ -69,9 +69,18 @@
   state.yaw = clamp(state.yaw, range.yaw[0], range.yaw[1]);
   state.pitch = clamp(state.pitch, range.pitch[0], range.pitch[1]);
 
-  canvas.width = canvas.height = size;
-  canvas.style.width = canvas.style.height = size + 'px';
-  $('panel').style.top = size + 'px';
+  canvas.width = canvas.height = size;  // what is drawn: size x size pixels, as gmpi render renders them
+  // How large it is shown: the largest whole multiple of size that fits the window above the controls, nearest
+  // upscaling (image-rendering: pixelated), so a 32 px page fills a 900 x 700 window at 640 px and every drawn pixel
+  // becomes an exact block of screen pixels. A window smaller than the page shows it at 1:1.
+  function layout() {
+    const room = Math.min(window.innerWidth, window.innerHeight - $('panel').offsetHeight);
+    const shown = size * Math.max(1, Math.floor(room / size));
+    canvas.style.width = canvas.style.height = shown + 'px';
+    $('panel').style.top = shown + 'px';
+  }
+  layout();
+  window.addEventListener('resize', layout);
 
   // ------------------------------------------------------------------------------------------------ WebGL
   const gl = canvas.getContext('webgl2', { alpha: false, antialias: false, depth: false, stencil: false,
@@ -342,6 +351,7 @@
     get fps() { return state.fps; },
     get frames() { return state.frameCount; },
     get view() { return { seed: state.seed, yaw: state.yaw, pitch: state.pitch, mode: state.mode, size }; },
+    get shown() { return canvas.getBoundingClientRect().width; },  // CSS pixels on screen (a multiple of size)
     setView, setMode, setSeed,
   };
 

@@ -1,6 +1,6 @@
 """How long will a training pipeline take on *this* machine? A few timed iterations of each stage, scaled up.
 
-    python -m gmpi_lightning.timing --data-images 10000 --config experiments/synthetic_stylegan2.yaml \\
+    python benchmarks/estimate_time.py --data-images 10000 --config experiments/synthetic_stylegan2.yaml \\
         --config experiments/synthetic.yaml
 
 (``make train`` runs this first.) For each ``--config`` (one training stage: its model, batch size and
@@ -25,7 +25,7 @@ ARCH_KEYS = ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max")
 
 
 def _model_args(cfg: dict) -> tuple[str, dict]:
-    from . import runs
+    from gmpi_lightning import runs
 
     model = cfg.get("model") or {}
     cls = model.get("class_path", "gmpi_lightning.module.GMPIModule")
@@ -39,11 +39,10 @@ def time_stage(config: str, data: Path, iters: int, warmup: int, prior_arch: dic
 
     import lightning.pytorch as pl
     import torch
+    from profiling import IterationProbe  # benchmarks/profiling.py, beside this script
 
     from datamodules.posed_images import PosedImageDataModule
-
-    from . import runs
-    from .profiling import IterationProbe
+    from gmpi_lightning import runs
 
     cfg = runs.resolve(["--config", config])
     cls_path, args = _model_args(cfg)

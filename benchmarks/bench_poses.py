@@ -1,0 +1,177 @@
+"""Camera estimation by analysis-by-synthesis against ground truth: held-out synthetic heads spread over the prior.
+
+    python benchmarks/bench_poses.py --ckpt runs/synthetic/gmpi.pt --num 32
+
+Each head (indices from the data card's ``count`` on: never in the training shards) is drawn by the synthetic renderer
+at its own pose from the preset's prior (the training distribution, not shrunk), and its camera is estimated three
+ways:
+
+* ``search + refine``: what ``gmpi invert`` and ``gmpi poses`` do without ``--pose``: the grid search over the prior
+  (``gmpi_lightning.pose_search``), then yaw and pitch learned with the latent in stage 1 (no pivotal tuning: it
+  does not move the camera);
+* ``search only``: the search's winner, before the refinement;
+* ``pose CNN``: the pose estimator's reading (``runs/estimators/<data>.pt``; skipped when there is none), and
+  ``pose CNN + refine``: that reading as the start of the same refinement (``gmpi invert --pose-init cnn``);
+* ``prior mean``: the preset's mean pose for every head (what knowing nothing gives).
+
+``--source generator`` draws the heads with the checkpoint itself instead (seed k's latent, the same prior poses):
+images the generator can reproduce exactly, so the rows then measure the search and the refinement alone, without
+the gap between the generator's heads and the renderer's.
+
+Reported: mean, median and max |yaw error| and |pitch error| in radians against the renderer's truth, and for the
+search the confidence (runner-up's loss gap) of heads whose yaw is off by more than 0.1 rad against the rest. Writes
+``results.json`` and ``table.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datamodules.synthetic import SyntheticConfig, render_heads, sample_poses
+from gmpi_lightning.cameras import pose_range
+from gmpi_lightning.estimators import load_estimators
+from gmpi_lightning.inversion import InvertSettings, invert
+from gmpi_lightning.invert_cli import load_gmpi
+from gmpi_lightning.pose_search import SearchSettings
+
+ROWS = ("search + refine", "search only", "pose CNN + refine", "pose CNN", "prior mean")
+WRONG = 0.1  # rad: a yaw error this large is a wrong camera, not an imprecise one
+
+
+def _stats(values) -> dict:
+    v = np.abs(np.asarray(values, np.float64))
+    return {"mean": float(v.mean()), "median": float(np.median(v)), "max": float(v.max()), "n": len(v)}
+
+
+def _number(text: str):
+    return float(text) if any(c in text for c in ".e") else int(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--ckpt", default="runs/synthetic/gmpi.pt")
+    ap.add_argument("--data", default="data/synthetic32", help="its dataset.json says which heads are held out")
+    ap.add_argument("--estimators", help="pose estimator (default runs/estimators/<data name>.pt, if there)")
+    ap.add_argument("--num", type=int, default=32)
+    ap.add_argument("--source", choices=["data", "generator"], default="data",
+                    help="heads drawn by the synthetic renderer (default) or by the checkpoint itself")
+    ap.add_argument("--steps", type=int, default=InvertSettings.steps, help="stage 1 steps (camera refined)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an InvertSettings field, e.g. --set pose_lr=0.005 (repeatable)")
+    ap.add_argument("--search", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a SearchSettings field, e.g. --search yaws=9 (repeatable)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest at 32 px next to other jobs)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="runs/bench/poses")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    card = json.loads((Path(args.data) / "dataset.json").read_text())
+    cfg = SyntheticConfig(card["resolution"], card["generator"]["supersample"], card["generator"]["seed"],
+                          card["preset"])
+    loaded = load_gmpi(args.ckpt, args.device)
+    G, preset = loaded.G, loaded.preset
+    est_path = Path(args.estimators or Path("runs/estimators") / f"{Path(args.data).name}.pt")
+    pose_cnn = load_estimators(est_path)[0] if est_path.is_file() else None
+    if pose_cnn is None:
+        print(f"no pose estimator at {est_path}: the pose CNN row is left out")
+    settings = InvertSettings(steps=args.steps, pti_steps=0,
+                              **{k: _number(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    search = SearchSettings(**{k: _number(v) for k, v in (kv.split("=", 1) for kv in args.search)})
+    indices = list(range(card["count"], card["count"] + args.num))
+    true_yaw, true_pitch = sample_poses(indices, cfg)
+    heads = []
+    print(f"{args.ckpt}: {len(indices)} held-out heads from index {indices[0]} at their prior poses; search "
+          f"{search.yaws} x {search.pitches} x {search.steps} steps, stage 1 {settings.steps} steps, "
+          f"{args.threads} thread(s)")
+    for n, (idx, y, p) in enumerate(zip(indices, true_yaw.tolist(), true_pitch.tolist())):
+        image = head_image(idx, y, p, cfg, G, preset, args) if args.source == "generator" else \
+            render_heads([idx], cfg)["image"].permute(0, 3, 1, 2).float().div(255).to(args.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        inv = invert(G, preset, image, settings=settings, search=search)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        found = inv.history["pose_search"]
+        rec = {"index": idx, "yaw": y, "pitch": p, "seconds": wall, "cpu_seconds": cpu,
+               "confidence": found["confidence"], "loss_gap": found["loss_gap"],
+               "runner_up": found["runner_up"], "recon_psnr": inv.metrics()["recon_psnr"],
+               "estimates": {"search + refine": [inv.yaw, inv.pitch],
+                             "search only": [found["best"]["yaw"], found["best"]["pitch"]],
+                             "prior mean": [preset.yaw_mean, preset.pitch_mean]}}
+        if pose_cnn is not None:
+            with torch.no_grad():
+                read = [float(v) for v in pose_cnn(image.cpu() * 2 - 1)[0]]
+            (y0, y1), (p0, p1) = pose_range(preset)  # as gmpi invert: a reading outside the prior is clamped
+            start = [min(max(read[0], y0), y1), min(max(read[1], p0), p1)]
+            cnn = invert(G, preset, image, *start, settings=settings, refine_pose=True)
+            rec["estimates"]["pose CNN"] = read
+            rec["estimates"]["pose CNN + refine"] = [cnn.yaw, cnn.pitch]
+        heads.append(rec)
+        ours = rec["estimates"]["search + refine"]
+        print(f"[{n + 1}/{len(indices)}] head {idx} truth {y:+.3f} {p:+.3f}: estimated {ours[0]:+.3f} {ours[1]:+.3f} "
+              f"(search {found['best']['yaw']:+.3f} {found['best']['pitch']:+.3f}, confidence "
+              f"{found['confidence']:.3f}), recon {rec['recon_psnr']:.1f} dB, {wall:.1f} s ({cpu:.1f} CPU s)")
+    write_report(args, heads, settings, search)
+
+
+@torch.no_grad()
+def head_image(seed: int, yaw: float, pitch: float, cfg, G, preset, args) -> torch.Tensor:
+    """The checkpoint's own head: seed's latent at (yaw, pitch), the training planes, 8-bit as a file holds it."""
+    from gmpi_lightning.scene import Scene
+
+    scene = Scene.for_generator(G, preset, preset.train_planes, args.device)
+    rgb = scene.render_pose(scene.generate(G, scene.seed_latents([seed], G.z_dim)), yaw, pitch)["rgb"]
+    return (rgb * 255 + 0.5).floor() / 255
+
+
+def write_report(args, heads: list[dict], settings: InvertSettings, search: SearchSettings) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = {}
+    for name in ROWS:
+        rows = [h for h in heads if name in h["estimates"]]
+        if rows:
+            table[name] = {"yaw": _stats([h["estimates"][name][0] - h["yaw"] for h in rows]),
+                           "pitch": _stats([h["estimates"][name][1] - h["pitch"] for h in rows])}
+    wrong = [h for h in heads if abs(h["estimates"]["search + refine"][0] - h["yaw"]) > WRONG]
+    right = [h for h in heads if h not in wrong]
+    conf = {"wrong": [h["confidence"] for h in wrong], "right": [h["confidence"] for h in right]}
+    digest = hashlib.sha256(Path(args.ckpt).read_bytes()).hexdigest()[:12]
+    seconds = float(np.mean([h["seconds"] for h in heads]))
+    cpu = float(np.mean([h["cpu_seconds"] for h in heads]))
+    command = (f"python benchmarks/bench_poses.py --ckpt {args.ckpt} --num {args.num}"
+               + (f" --source {args.source}" if args.source != "data" else "")
+               + (f" --steps {args.steps}" if args.steps != InvertSettings.steps else "")
+               + "".join(f" --set {kv}" for kv in args.set) + "".join(f" --search {kv}" for kv in args.search))
+    lines = [f"`{command}` (checkpoint sha256 {digest}; {len(heads)} held-out heads ({args.source}) at prior poses; "
+             f"{seconds:.1f} s wall, {cpu:.1f} CPU s per head on {args.device}, {args.threads} thread(s))", "",
+             "| camera from | mean \\|yaw error\\| | median | max | mean \\|pitch error\\| | median | max |",
+             "|---|---|---|---|---|---|---|"]
+    for name, t in table.items():
+        y, p = t["yaw"], t["pitch"]
+        lines.append(f"| {name} | {y['mean']:.3f} | {y['median']:.3f} | {y['max']:.3f} | {p['mean']:.3f} | "
+                     f"{p['median']:.3f} | {p['max']:.3f} |")
+    lines += ["", f"Yaw off by more than {WRONG} rad: {len(wrong)} of {len(heads)} heads; search confidence "
+              f"{_mean_text(conf['wrong'])} on those, {_mean_text(conf['right'])} on the rest."]
+    md = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(md)
+    result = {"command": command, "checkpoint": args.ckpt, "checkpoint_sha256": digest, "settings": vars(settings),
+              "search": vars(search), "seconds": seconds, "cpu_seconds": cpu, "table": table,
+              "confidence": conf, "heads": heads}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(md + f"wrote {out}/table.md, results.json")
+    return result
+
+
+def _mean_text(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{np.mean(values):.3f} (mean of {len(values)})" if values else "-"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The commands of ``gmpi``, one typed function each: ``gmpi_lightning.cli`` builds a command's flags from its
+signature and the ``Args:`` of its docstring, so flags, defaults and help have one source. From Python they are plain
+functions (``gmpi_lightning.commands.render.render(ckpt, out, seeds=[0, 1])``).
+
+Types for the command line: :class:`Seeds` (``0-3,7``) and :class:`Floats` (``-0.3,0,0.3``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from jsonargparse.typing import register_type
+
+from ..errors import InputError
+
+
+class Seeds(tuple):
+    """Latent seeds written as ranges and single numbers, ``0-3,7``."""
+
+
+class Floats(tuple):
+    """Comma-separated numbers, ``-0.3,0,0.3``."""
+
+
+def parse_seeds(text) -> Seeds:
+    """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11] (a list of ints passes through)."""
+    if isinstance(text, (list, tuple)):
+        return Seeds(int(s) for s in text)
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if m := re.fullmatch(r"(\d+)-(\d+)", part):
+            a, b = int(m.group(1)), int(m.group(2))
+            if b < a:
+                raise InputError(f"seed range {part!r} is empty")
+            seeds += list(range(a, b + 1))
+        elif part.isdigit():
+            seeds.append(int(part))
+        else:
+            raise InputError(f"cannot parse seeds {text!r}: use e.g. 0-3,7")
+    return Seeds(seeds)
+
+
+def parse_floats(text) -> Floats:
+    if isinstance(text, (list, tuple)):
+        return Floats(float(v) for v in text)
+    try:
+        return Floats(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"cannot parse {text!r} as comma-separated numbers, e.g. -0.3,0,0.3") from None
+
+
+register_type(Seeds, serializer=lambda s: ",".join(map(str, s)), deserializer=parse_seeds)
+register_type(Floats, serializer=lambda v: ",".join(map(str, v)), deserializer=parse_floats)
+
+
+FOUR_SEEDS = Seeds((0, 1, 2, 3))
+YAWS, PITCHES = Floats((-0.3, 0.0, 0.3)), Floats((0.0,))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

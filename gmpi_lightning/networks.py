@@ -1,0 +1,80 @@
+"""The networks a training run starts from: a pretrained 2D StyleGAN2 (an NVlabs pickle or its converted ``.pt``), a
+new one from scratch, or the weights of a Lightning checkpoint of the same module; and GMPI's generator and
+pose-conditioned discriminator built on that backbone (docs/METHOD.md §3, §5).
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import torch
+
+from .nn.alpha import alpha_branch
+from .nn.discriminator import Discriminator, PoseConditionedDiscriminator
+from .nn.gmpi import GMPIGenerator
+from .nn.synthesis import Generator
+from .presets import Preset
+
+
+def stylegan2_backbone(init_from: str | None, preset: Preset, z_dim: int = 512, w_dim: int = 512,
+                       mapping_layers: int = 8, channel_base: int | None = None,
+                       channel_max: int | None = None) -> tuple[Generator, Discriminator]:
+    """2D (G, D) from a StyleGAN2 file, or from scratch (``None`` or a ``.ckpt``, whose weights
+    :func:`load_checkpoint_weights` puts in later) with the architecture given."""
+    init = Path(init_from) if init_from else None
+    if init is not None and init.suffix != ".ckpt":
+        from .io import load_stylegan2_pkl
+
+        nets = load_stylegan2_pkl(init)
+        G2d, D2d = nets.get("G_ema") or nets.get("G"), nets.get("D")
+        if G2d is None or G2d.img_resolution != preset.resolution:
+            raise ValueError(f"{init}: needs a {preset.resolution}px generator (the data's resolution), got "
+                             f"{None if G2d is None else G2d.img_resolution}")
+        if D2d is None:
+            raise ValueError(f"{init} holds no discriminator; fine-tuning starts from a pretrained D")
+        return G2d, D2d
+    synth = dict(channel_base=channel_base or preset.channel_base, channel_max=channel_max or preset.channel_max,
+                 num_fp16_res=preset.num_fp16_res, conv_clamp=preset.conv_clamp)
+    G2d = Generator(z_dim=z_dim, c_dim=0, w_dim=w_dim, img_resolution=preset.resolution, img_channels=3,
+                    mapping_kwargs=dict(num_layers=mapping_layers), synthesis_kwargs=synth)
+    D2d = Discriminator(c_dim=0, img_resolution=preset.resolution, img_channels=3, channel_base=synth["channel_base"],
+                        channel_max=synth["channel_max"], num_fp16_res=preset.num_fp16_res,
+                        conv_clamp=preset.conv_clamp)
+    return G2d, D2d
+
+
+def load_checkpoint_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Every weight of ``module`` from a Lightning checkpoint of the same module and architecture, read as plain data
+    (code in a downloaded checkpoint never runs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: not a plain-data Lightning checkpoint of this module; it holds objects that only "
+                         f"run as code when loaded ({str(e).splitlines()[0]})") from None
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise ValueError(f"{path}: weights do not fit this model ({type(module).__name__}); missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}. A .ckpt initialises the same module and architecture; use "
+                         f"the exported .pt of a StyleGAN2 run for GMPI")
+
+
+def gmpi_networks(G2d: Generator, D2d: Discriminator, preset: Preset, alpha_mode: str = "normalize_add_z",
+                  pos_enc_multires: int = 0, train_planes: int = 32, alpha_init_gain: float = 1.0,
+                  alpha_init_logit: float = 0.0, alpha_depth_slope: float = 0.0, alpha_depth_center: float = 0.0,
+                  pose_conditioning: bool = True, d_pose_init: str = "official",
+                  mbstd_group_size: int = 1) -> tuple[GMPIGenerator, Discriminator]:
+    """GMPI's generator on ``G2d`` and its pose-conditioned discriminator from ``D2d`` (without pose conditioning,
+    the ablation: ``D2d`` itself with GMPI's minibatch-stddev group)."""
+    tokens = preset.normalized_plane_depths(train_planes).tolist() if alpha_branch(alpha_mode).uses_tokens else None
+    G = GMPIGenerator.from_stylegan2(G2d, alpha_mode=alpha_mode, pos_enc_multires=pos_enc_multires,
+                                     n_train_planes=train_planes, token_depths=tokens, alpha_init_gain=alpha_init_gain,
+                                     alpha_init_logit=alpha_init_logit, alpha_depth_slope=alpha_depth_slope,
+                                     alpha_depth_center=alpha_depth_center)
+    if pose_conditioning:
+        D = PoseConditionedDiscriminator.from_stylegan2(D2d, mbstd_group_size=mbstd_group_size, pose_init=d_pose_init)
+    else:
+        D = copy.deepcopy(D2d)
+        D.b4.mbstd.group_size = mbstd_group_size
+    return G, D

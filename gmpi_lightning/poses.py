@@ -1,0 +1,182 @@
+"""``gmpi poses``: a folder of your own images -> the camera of each, in the file ``gmpi data folder`` reads.
+
+    gmpi poses --ckpt runs/synthetic/gmpi.pt --images my_faces/ --out my_faces_poses.json [--min-confidence 0.05]
+    gmpi data folder --images my_faces/ --poses my_faces_poses.json --preset synthetic32 --out data/mine
+
+Each image's camera is estimated by the checkpoint itself, as ``gmpi invert`` does without ``--pose``
+(:mod:`gmpi_lightning.pose_search`: a grid search over the preset's pose prior, then yaw and pitch learned with the
+latent; no pivotal tuning, which does not move the camera). ``--out`` gets ``{"file.png": {"yaw", "pitch",
+"confidence"}, ...}`` (radians on the preset's sphere, keyed by the path relative to ``--images``). Next to it,
+``<out>.report.json`` holds every estimate with the search's runner-up and loss gap, the images whose confidence is
+under the flag level (``--min-confidence``, or 0.05) and which of them ``--min-confidence`` left out of ``--out``,
+the checkpoint and the settings.
+
+Every image is checked before any estimation (readable, one square picture): a bad one stops the command with its
+name and nothing is written, unless ``--skip-bad`` lists it in the report instead. Both files are rewritten after
+every image, so Ctrl-C (exit code 130) keeps every finished image; the same command resumes where it stopped
+(``--overwrite`` starts again; a report from another checkpoint or other settings is never mixed in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .inversion import InvertSettings, invert
+from .pose_search import SearchSettings
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # what `gmpi data folder` reads
+REPORT_FORMAT = "gmpi-lightning/poses-report/v1"
+FLAG_BELOW = 0.05  # confidence under which an image is listed as unsure when no --min-confidence is given
+
+
+def _warn(msg: str) -> None:
+    print(f"gmpi poses: warning: {msg}", file=sys.stderr)
+
+
+def report_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.report.json")
+
+
+def list_images(folder: str | Path) -> list[str]:
+    """Image files under ``folder`` as sorted paths relative to it (the keys ``gmpi data folder`` matches)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not names:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
+    return names
+
+
+def check_images(folder: Path, names: list[str]) -> dict[str, str]:
+    """{name: why it cannot be posed} for unreadable, multi-frame or non-square files (read once, up front)."""
+    from PIL import Image
+
+    bad = {}
+    for name in names:
+        try:
+            with Image.open(folder / name) as img:
+                img.verify() if img.format != "PNG" else img.load()
+                w, h = img.size
+                frames = getattr(img, "n_frames", 1)
+        except Exception as e:  # PIL raises many types for files it cannot decode
+            bad[name] = f"cannot read it as an image ({type(e).__name__})"
+            continue
+        if frames > 1:
+            bad[name] = f"{frames} frames, not one picture"
+        elif w != h:
+            bad[name] = (f"{w} x {h} is not square: crop it to the face (gmpi data folder reads square images and "
+                         f"the camera of a crop is not the file's)")
+    return bad
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomically: a Ctrl-C between two images never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, search: SearchSettings | None = None,
+                    min_confidence: float | None = None, skip_bad: bool = False, overwrite: bool = False,
+                    device: str = "cpu", warn=_warn) -> dict:
+    """``gmpi poses`` as a function: writes ``out`` and its report (module docstring) and returns the report."""
+    from . import export
+    from .invert_cli import load_gmpi, load_image
+
+    settings = settings or InvertSettings(pti_steps=0)
+    if settings.pti_steps:
+        raise ValueError("gmpi poses estimates cameras only: pass settings with pti_steps=0")
+    search = search or SearchSettings()
+    folder, out = Path(images), Path(out)
+    names = list_images(folder)
+    bad = check_images(folder, names)
+    if bad and not skip_bad:
+        listed = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:5])
+        raise ValueError(f"{len(bad)} of {len(names)} images in {folder} cannot be posed ({listed}"
+                         f"{' ...' if len(bad) > 5 else ''}); fix them, or pass --skip-bad to list them in the report "
+                         f"and pose the rest. Nothing was written")
+    loaded = load_gmpi(ckpt, device)
+    G, preset = loaded.G, loaded.preset
+    meta = {"format": REPORT_FORMAT, "checkpoint": str(ckpt), "checkpoint_sha256": _digest(Path(ckpt)),
+            "preset": preset.name, "images": str(folder), "settings": asdict(settings), "search": asdict(search)}
+    done = _resume(out, meta, overwrite)
+    if done:
+        print(f"resuming: {len(done)} of {len(names)} images already posed in {report_path(out)}")
+    todo = [n for n in names if n not in bad and n not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    flag = FLAG_BELOW if min_confidence is None else min_confidence
+    interrupted, t0 = False, time.perf_counter()
+    bar = export.progress(total=len(names) - len(bad), initial=len(done), unit="img", desc="gmpi poses")
+    try:
+        for name in todo:
+            target = load_image(folder / name, G.img_resolution, crop=False, warn=lambda m: None).to(device)
+            inv = invert(G, preset, target, settings=settings, search=search)
+            if inv.interrupted:  # Ctrl-C inside the estimation: this image is not done
+                interrupted = True
+                break
+            found = inv.history["pose_search"]
+            done[name] = {"yaw": inv.yaw, "pitch": inv.pitch, "confidence": found["confidence"],
+                          "loss_gap": found["loss_gap"], "search": [found["best"]["yaw"], found["best"]["pitch"]],
+                          "runner_up": found["runner_up"], "recon_psnr": inv.metrics()["recon_psnr"]}
+            _write(out, meta, done, bad, min_confidence, flag, interrupted=False)
+            bar.update()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    report = _write(out, meta, done, bad, min_confidence, flag, interrupted, time.perf_counter() - t0)
+    for name in report["low_confidence"]:
+        c = done[name]["confidence"]
+        warn(f"{name}: camera unsure (confidence {'none' if c is None else f'{c:.3f}'} < {flag}): "
+             + ("left out of " + str(out) if name in report["left_out"] else f"kept; --min-confidence {flag} would "
+                                                                            f"leave it out"))
+    for name, why in bad.items():
+        warn(f"{name}: skipped ({why})")
+    return report
+
+
+def _resume(out: Path, meta: dict, overwrite: bool) -> dict:
+    """Estimates of an earlier run of the same command (same checkpoint, folder and settings), else {}."""
+    rep = report_path(out)
+    if overwrite or not (out.exists() or rep.exists()):
+        return {}
+    try:
+        old = json.loads(rep.read_text())
+    except (OSError, ValueError):
+        old = None
+    same = isinstance(old, dict) and all(old.get(k) == v for k, v in meta.items())
+    if not same:
+        raise FileExistsError(f"{out} exists from another checkpoint, folder or settings (see {rep}): pass "
+                              f"--overwrite to replace it, or choose another --out")
+    return dict(old.get("estimates") or {})
+
+
+def _write(out: Path, meta: dict, done: dict, bad: dict, min_confidence, flag: float, interrupted: bool,
+           seconds: float | None = None) -> dict:
+    low = [n for n, r in done.items() if r["confidence"] is None or r["confidence"] < flag]
+    left_out = low if min_confidence is not None else []
+    poses = {n: {"yaw": r["yaw"], "pitch": r["pitch"], "confidence": r["confidence"]}
+             for n, r in done.items() if n not in left_out}
+    report = {**meta, "poses": str(out), "min_confidence": min_confidence, "flag_below": flag, "count": len(poses),
+              "low_confidence": low, "left_out": left_out, "skipped": bad, "interrupted": interrupted,
+              "estimates": done, **({"seconds": seconds} if seconds is not None else {})}
+    _write_json(out, poses)
+    _write_json(report_path(out), report)
+    return report
