@@ -122,6 +122,8 @@ def run_checkpoints(run_dirs: list[str], reals: dict) -> list[dict]:
                 continue
             model = GMPIModule.load_from_checkpoint(ck, map_location="cpu", weights_only=False).eval()
             it = int(re.sub(r"\D", "", ck.stem) or model.iteration) if ck.stem != "last" else model.iteration
+            if any(r["run"] == d.name and r["iteration"] == it for r in rows):
+                continue  # last.ckpt saved at the same iteration as an it*.ckpt
             rows.append({"run": d.name, **{k.split(".")[-1]: v for k, v in params.items() if "max_iters" not in k},
                          "iteration": it, **pose_preference(model, reals)})
             print(json.dumps(rows[-1]), flush=True)
