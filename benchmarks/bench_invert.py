@@ -37,10 +37,11 @@ import torch.nn.functional as F
 
 from datamodules.synthetic import SyntheticConfig, render_heads, sample_poses
 from gmpi_lightning import export
-from gmpi_lightning.cameras import intrinsics, invert_rigid
+from gmpi_lightning.cameras import intrinsics, invert_rigid, pose_range
 from gmpi_lightning.estimators import depth_error, load_estimators
-from gmpi_lightning.inversion import InvertSettings, invert, psnr_ssim
-from gmpi_lightning.invert_cli import load_gmpi, pose_range
+from gmpi_lightning.image_losses import psnr_ssim
+from gmpi_lightning.inference import load_gmpi
+from gmpi_lightning.inversion import InvertSettings, invert
 from gmpi_lightning.planes import texel_xyz
 from gmpi_lightning.render import render_mpi
 

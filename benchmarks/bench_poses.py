@@ -37,8 +37,8 @@ import torch
 from datamodules.synthetic import SyntheticConfig, render_heads, sample_poses
 from gmpi_lightning.cameras import pose_range
 from gmpi_lightning.estimators import load_estimators
+from gmpi_lightning.inference import load_gmpi
 from gmpi_lightning.inversion import InvertSettings, invert
-from gmpi_lightning.invert_cli import load_gmpi
 from gmpi_lightning.pose_search import SearchSettings
 
 ROWS = ("search + refine", "search only", "pose CNN + refine", "pose CNN", "prior mean")

@@ -3,7 +3,9 @@
 One full GMPI iteration (D step with R1, G step with worst-of-4 views, EMA, Lightning's own per-step work) is timed
 from one batch start to the next through a real ``Trainer.fit`` on synthetic shards of the right resolution, for:
 
-    synthetic32   the default run (experiments/synthetic.yaml: 32 px, batch 8, 32 planes, no shading)
+    synthetic32   the machine's speed yardstick that time budgets are quoted against: the 32 px recipe (batch 8, 32
+                  planes, no shading) at 128 channels, kept fixed so figures stay comparable (the default run now
+                  trains at 64 channels, about 1.9x cheaper per iteration: docs/3D.md)
     ffhq64        FFHQ geometry with small nets at 64 px, batch 4, 32 planes, shading on (the side-by-side config)
     ffhq256       the FFHQ256 architecture (NVlabs widths), batch 2 on CPU (8 on a GPU), shading on
     ffhq512       the FFHQ512 architecture (GPU only by default)

@@ -16,15 +16,17 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from gmpi_lightning.errors import InputError
+
 
 class IterationCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_iters: int | None = None, filename: str | None = "it{iteration:06d}",
                  auto_insert_metric_name: bool = False, **kwargs):
         if every_n_iters is not None and every_n_iters < 1:
-            raise ValueError(f"every_n_iters must be a positive number of iterations or None, got {every_n_iters}")
+            raise InputError(f"every_n_iters must be a positive number of iterations or None, got {every_n_iters}")
         for k in ("every_n_train_steps", "train_time_interval"):
             if kwargs.get(k):
-                raise ValueError(f"IterationCheckpoint counts iterations: use every_n_iters, not {k}")
+                raise InputError(f"IterationCheckpoint counts iterations: use every_n_iters, not {k}")
         if kwargs.get("every_n_epochs") is None:  # None (also LightningCLI's default) would mean every epoch
             kwargs["every_n_epochs"] = 0  # epochs of a resampled stream mean nothing
         super().__init__(filename=filename, auto_insert_metric_name=auto_insert_metric_name, **kwargs)

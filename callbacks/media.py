@@ -46,6 +46,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from gmpi_lightning import export
+from gmpi_lightning.errors import InputError
 from gmpi_lightning.nn.alpha import fixed_planes
 from gmpi_lightning.sampling import Sampler
 
@@ -92,7 +93,7 @@ class MediaCallback(Callback):
                  resolution: int | None = None, truncation_psi: float = 1.0, plane_chunk: int | None = None,
                  out_dir: str | None = None):
         if every_n_iters is not None and every_n_iters < 1:
-            raise ValueError(f"every_n_iters must be a positive number of iterations or None, got {every_n_iters}")
+            raise InputError(f"every_n_iters must be a positive number of iterations or None, got {every_n_iters}")
         self.every_n_iters, self.at_end, self.out_dir = every_n_iters, at_end, out_dir
         self.renderer_kwargs = dict(planes=planes, resolution=resolution, truncation_psi=truncation_psi,
                                     plane_chunk=plane_chunk)
@@ -128,7 +129,7 @@ class MediaCallback(Callback):
 def _seeds(seeds: Sequence[int] | None, default: int) -> list[int]:
     seeds = list(range(default)) if seeds is None else [int(s) for s in seeds]
     if not seeds:
-        raise ValueError("seeds must not be empty")
+        raise InputError("seeds must not be empty")
     return seeds
 
 
@@ -159,7 +160,7 @@ class SampleGrid(MediaCallback):
         self.min_tile, self.layout = min_tile, None
         self.poses = [(float(y), float(p)) for p in pitches for y in yaws]
         if not self.poses:
-            raise ValueError("need at least one yaw and one pitch")
+            raise InputError("need at least one yaw and one pitch")
 
     def make(self, sampler, out, iteration, trainer):
         if sampler.scene is None:
@@ -203,7 +204,7 @@ class SweepVideo(MediaCallback):
         super().__init__(every_n_iters, at_end, planes, resolution, truncation_psi, plane_chunk, out_dir)
         export.sweep_poses(trajectory, 2)  # fail at configuration time on an unknown trajectory
         if frames < 2:
-            raise ValueError(f"a sweep needs at least 2 frames, got {frames}")
+            raise InputError(f"a sweep needs at least 2 frames, got {frames}")
         self.frames, self.fps, self.trajectory, self.seeds = frames, fps, trajectory, _seeds(seeds, 1)
 
     def make(self, sampler, out, iteration, trainer):

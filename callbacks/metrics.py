@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from callbacks.media import run_dir
+from gmpi_lightning.errors import InputError
 from gmpi_lightning.evaluation.evaluate import (
     INCEPTION_METRICS,
     NEEDS_DATA,
@@ -53,13 +54,13 @@ class EvaluationCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._is_2d(pl_module) and set(self.metrics) - set(IMAGE_METRICS):
-            raise ValueError(f"EvaluationCallback: a 2D StyleGAN2 run has images, no 3D: metrics "
+            raise InputError(f"EvaluationCallback: a 2D StyleGAN2 run has images, no 3D: metrics "
                              f"{sorted(set(self.metrics) - set(IMAGE_METRICS))} do not apply; use {IMAGE_METRICS}")
         if self.data is None and NEEDS_DATA & set(self.metrics):
             dm = trainer.datamodule
             self.data = getattr(getattr(dm, "hparams", None), "data", None) if dm is not None else None
             if not isinstance(self.data, str):
-                raise ValueError(f"EvaluationCallback: metrics {sorted(NEEDS_DATA & set(self.metrics))} need the real "
+                raise InputError(f"EvaluationCallback: metrics {sorted(NEEDS_DATA & set(self.metrics))} need the real "
                                  f"data folder; set init_args.data")
         if NEEDS_ESTIMATORS & set(self.metrics) and isinstance(self.estimators, str) \
                 and not Path(self.estimators).is_file():  # fail now, not at the first evaluation

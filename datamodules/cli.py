@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import converters as cv
+from .posed_images import write_preview
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ DEFAULTS = ConvertOptions()
 
 
 def _done(out: Path) -> Path:
-    print(f"preview: {cv.write_preview(out)}")
+    print(f"preview: {write_preview(out)}")
     return out
 
 

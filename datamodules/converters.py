@@ -33,7 +33,7 @@ import torch
 
 from gmpi_lightning import cameras
 from gmpi_lightning.export import progress
-from gmpi_lightning.presets import get_preset
+from gmpi_lightning.presets import PRESETS, get_preset
 
 from .posed_images import mirror_w2c
 from .shards import BadSample, ShardSetWriter, decode_image, encode_png, make_key
@@ -358,7 +358,7 @@ def convert_synthetic(out: str | Path, num: int = 10000, resolution: int = 64, s
     """Procedural heads with ground-truth depth and mask (datamodules/synthetic.py) -> shards."""
     from .synthetic import SyntheticConfig, iter_synthetic
 
-    preset = f"synthetic{resolution}" if f"synthetic{resolution}" in _preset_names() else "synthetic64"
+    preset = f"synthetic{resolution}" if f"synthetic{resolution}" in PRESETS else "synthetic64"
     cfg = SyntheticConfig(resolution=resolution, supersample=supersample, seed=seed, preset=preset)
     per_shard = samples_per_shard or max(16, min(1000, -(-num // 16)))  # >= 16 shards for ranks x workers
     fov = get_preset(preset).fov_deg
@@ -371,31 +371,3 @@ def convert_synthetic(out: str | Path, num: int = 10000, resolution: int = 64, s
                          mask=s["mask"].numpy())
     print(f"wrote {writer.count} samples to {out}")
     return Path(out)
-
-
-def _preset_names() -> list[str]:
-    from gmpi_lightning.presets import PRESETS
-
-    return list(PRESETS)
-
-
-def write_preview(folder: str | Path, n: int = 8, path: str | Path | None = None) -> Path:
-    """A grid PNG of the first n samples: RGB, and colour-mapped depth beside it where the shards have it."""
-    from gmpi_lightning.export import depth_to_color, save_png
-
-    from .posed_images import PosedImageDataModule
-
-    dm = PosedImageDataModule(str(folder), batch_size=n, num_workers=0, eval_batch_size=n)
-    batch = next(iter(dm.eval_dataloader()))
-    preset = get_preset(dm.card["preset"]) if dm.card and dm.card["preset"] in _preset_names() else None
-    tiles = []
-    for i in range(batch["image"].shape[0]):
-        rgb = ((batch["image"][i].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
-        if "depth" in batch and preset is not None:
-            rgb = np.concatenate([rgb, depth_to_color(batch["depth"][i], preset.near, preset.far)], axis=1)
-        tiles.append(rgb)
-    cols = 4
-    while len(tiles) % cols:
-        tiles.append(np.zeros_like(tiles[0]))
-    rows = [np.concatenate(tiles[r:r + cols], axis=1) for r in range(0, len(tiles), cols)]
-    return save_png(path or Path(folder) / "preview.png", np.concatenate(rows, axis=0))

@@ -16,6 +16,7 @@ import itertools
 import os
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -164,3 +165,24 @@ class PosedImageDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return self.eval_dataloader()
+
+
+def write_preview(folder: str | Path, n: int = 8, path: str | Path | None = None) -> Path:
+    """A grid PNG of the first n samples: RGB, and colour-mapped depth beside it where the shards have it."""
+    from gmpi_lightning.export import depth_to_color, save_png
+    from gmpi_lightning.presets import PRESETS, get_preset
+
+    dm = PosedImageDataModule(str(folder), batch_size=n, num_workers=0, eval_batch_size=n)
+    batch = next(iter(dm.eval_dataloader()))
+    preset = get_preset(dm.card["preset"]) if dm.card and dm.card["preset"] in PRESETS else None
+    tiles = []
+    for i in range(batch["image"].shape[0]):
+        rgb = ((batch["image"][i].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
+        if "depth" in batch and preset is not None:
+            rgb = np.concatenate([rgb, depth_to_color(batch["depth"][i], preset.near, preset.far)], axis=1)
+        tiles.append(rgb)
+    cols = 4
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.concatenate(tiles[r:r + cols], axis=1) for r in range(0, len(tiles), cols)]
+    return save_png(path or Path(folder) / "preview.png", np.concatenate(rows, axis=0))

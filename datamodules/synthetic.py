@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from gmpi_lightning.cameras import focal_from_fov, invert_rigid, pixel_rays, sample_preset_pose, sphere_c2w
+from gmpi_lightning.errors import InputError
 from gmpi_lightning.evaluation.reference import register_truth
 from gmpi_lightning.presets import get_preset
 
@@ -160,7 +161,7 @@ def _rects(sc: dict, w2c: torch.Tensor, f: float, n: int) -> list[tuple[int, int
     cam = sc["centres"].double() @ w2c[:3, :3].double().T + w2c[:3, 3].double()
     r = sc["radius_max"].double()[:, None] * 1.001 + 1e-4
     if bool((cam[:, 2] - r[:, 0] <= 1e-3).any()):
-        raise ValueError("a head part is behind or too close to the camera")
+        raise InputError("a head part is behind or too close to the camera")
     lo, hi = cam[:, :2] - r, cam[:, :2] + r
     zs = torch.stack([cam[:, 2] - r[:, 0], cam[:, 2] + r[:, 0]], -1)[:, None, :]
     corners = torch.cat([lo[..., None] / zs, hi[..., None] / zs], -1)         # P x 2 (x, y) x 4
@@ -212,7 +213,7 @@ def _render_one(sc: dict, c2w: torch.Tensor, w2c: torch.Tensor, res: int, ss: in
     cam = _camera_dirs(fov, res)
     d = (rot @ cam.reshape(3, -1)).reshape(cam.shape)
     if not bool((d[2] > 0).all()):
-        raise ValueError("a camera ray points away from the background plane; the pose is outside the supported range")
+        raise InputError("a camera ray points away from the background plane; the pose is outside the supported range")
     t_fg, prim = _intersect(sc, o, d, _rects(sc, w2c, f, res))
     t_bg = (far - oz) / d[2]
     mask = t_fg < t_bg
@@ -274,11 +275,11 @@ def render_heads(indices: Sequence[int] | torch.Tensor, cfg: SyntheticConfig, ya
     idx = _as_list(indices)
     res, ss = int(cfg.resolution), int(cfg.supersample)
     if res < 1 or ss < 1:
-        raise ValueError(f"resolution and supersample must be >= 1, got {res} and {ss}")
+        raise InputError(f"resolution and supersample must be >= 1, got {res} and {ss}")
     overrides = [None if v is None else torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in (yaw, pitch)]
     for v in overrides:
         if v is not None and v.numel() != len(idx):
-            raise ValueError(f"pose overrides need one value per sample ({len(idx)}), got {v.numel()}")
+            raise InputError(f"pose overrides need one value per sample ({len(idx)}), got {v.numel()}")
     outs = {key: [] for key in KEYS}
     for j, i in enumerate(idx):
         g = _generator(cfg.seed, i)

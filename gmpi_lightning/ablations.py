@@ -19,6 +19,7 @@ from typing import Literal
 import yaml
 
 from . import runs
+from .errors import InputError
 from .evaluation import compare
 from .inference import load_generator
 
@@ -44,7 +45,7 @@ def load_row(name: str, folder: Path = ROWS) -> dict:
         raise FileNotFoundError(f"no ablation row {path}; available: {', '.join(list_rows(folder))}")
     row = yaml.safe_load(path.read_text()) or {}
     if set(row) - {"model", "data"} or not isinstance(row.get("model", {}), dict):
-        raise ValueError(f"{path}: an ablation row may only change `model:` (and `data:`) keys, found {sorted(row)}")
+        raise InputError(f"{path}: an ablation row may only change `model:` (and `data:`) keys, found {sorted(row)}")
     return row
 
 

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .errors import InputError
+
 # Flip of the y and z axes: OpenGL-style (y up, z towards the viewer) <-> OpenCV-style frames.
 _FLIP_YZ = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
 
@@ -51,7 +53,7 @@ def _as_batch(m: torch.Tensor) -> torch.Tensor:
     if m.ndim == 2:
         m = m[None]
     if m.shape[-2:] != (4, 4):
-        raise ValueError(f"expected 4 x 4 camera matrices, got shape {tuple(m.shape)}")
+        raise InputError(f"expected 4 x 4 camera matrices, got shape {tuple(m.shape)}")
     return m
 
 
@@ -71,7 +73,7 @@ def sphere_c2w(yaw, pitch, sphere_center_z: float, sphere_r: float, dtype=torch.
     device = yaw.device  # computed where the angles live (no host round trip for device-sampled poses)
     pitch = torch.as_tensor(pitch, dtype=torch.float64, device=device).reshape(-1)
     if yaw.shape != pitch.shape:
-        raise ValueError(f"yaw and pitch must have the same length, got {yaw.numel()} and {pitch.numel()}")
+        raise InputError(f"yaw and pitch must have the same length, got {yaw.numel()} and {pitch.numel()}")
     centre = _axis(2, sphere_center_z, device)  # (0, 0, c), made on the device (no host-to-device copy)
     cp = pitch.cos().abs()
     offset = torch.stack([cp * yaw.sin(), -pitch.sin(), -cp * yaw.cos()], dim=-1) * sphere_r
@@ -121,7 +123,7 @@ def sample_sphere_pose(n: int, yaw_mean: float, yaw_std: float, pitch_mean: floa
         g = torch.randn(2, n, generator=generator, device=_device_of(generator))
         yaw, pitch = yaw_mean + g[0] * yaw_std, pitch_mean + g[1] * pitch_std
     else:
-        raise ValueError(f"unknown pose sample method {method!r}; expected one of {POSE_SAMPLE_METHODS}")
+        raise InputError(f"unknown pose sample method {method!r}; expected one of {POSE_SAMPLE_METHODS}")
     return yaw, pitch
 
 
@@ -170,7 +172,7 @@ def _place_on_sphere(w2c: torch.Tensor, sphere_center_z: float, sphere_r: float)
     d = centre_cam - c
     norm = d.norm(dim=-1, keepdim=True)
     if bool((norm < 1e-12).any()):
-        raise ValueError("camera centre coincides with the sphere centre; cannot place it on the sphere")
+        raise InputError("camera centre coincides with the sphere centre; cannot place it on the sphere")
     new_centre = c + d / norm * sphere_r
     out = w2c.clone()
     out[:, :3, 3] = -(rot @ new_centre[..., None])[..., 0]
@@ -206,7 +208,7 @@ def w2c_from_deep3dface(angle, trans, sphere_center_z: float, sphere_r: float,
     angle = torch.as_tensor(angle, dtype=torch.float64).reshape(-1, 3)
     trans = torch.as_tensor(trans, dtype=torch.float64).reshape(-1, 3)
     if angle.shape[0] != trans.shape[0]:
-        raise ValueError(f"angle and trans batch sizes differ: {angle.shape[0]} vs {trans.shape[0]}")
+        raise InputError(f"angle and trans batch sizes differ: {angle.shape[0]} vs {trans.shape[0]}")
     pose = torch.eye(4, dtype=torch.float64).repeat(angle.shape[0], 1, 1)
     pose[:, :3, :3] = _rot_z(angle[:, 2]) @ _rot_y(angle[:, 1]) @ _rot_x(angle[:, 0])
     pose[:, :3, 3] = trans
@@ -220,7 +222,7 @@ def w2c_from_eg3d_label(label, sphere_center_z: float, sphere_r: float, normaliz
     """EG3D labels (B x 25 or B x 16: cam2world, OpenCV camera, y-up world) -> GMPI w2c, B x 4 x 4."""
     label = torch.as_tensor(label, dtype=torch.float32).reshape(-1, torch.as_tensor(label).shape[-1])
     if label.shape[1] not in (16, 25):
-        raise ValueError(f"an EG3D label has 25 numbers (16 cam2world + 9 intrinsics), got {label.shape[1]}")
+        raise InputError(f"an EG3D label has 25 numbers (16 cam2world + 9 intrinsics), got {label.shape[1]}")
     c2w = label[:, :16].reshape(-1, 4, 4).to(torch.float64)
     w2c = torch.linalg.inv(c2w) @ _FLIP_YZ @ _translation(-sphere_center_z)
     if normalize_trans:

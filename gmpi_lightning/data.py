@@ -9,16 +9,20 @@ B x 1 x R x R when the shards carry ground truth.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+
+from .errors import InputError
 
 CARD = "dataset.json"
 
@@ -35,13 +39,13 @@ def read_card(folder: str | Path) -> dict:
     try:
         card = json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise InputError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(card, dict) or not isinstance(card.get("shards", []), list):
-        raise ValueError(f"{path}: expected a JSON object whose field 'shards' is a list")
+        raise InputError(f"{path}: expected a JSON object whose field 'shards' is a list")
     for i, entry in enumerate(card.get("shards", [])):
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or not _SHARD_NAME.match(name) or ".." in name.split("/"):
-            raise ValueError(f"{path}: field 'shards[{i}].name' = {name!r} must be a relative file name inside the "
+            raise InputError(f"{path}: field 'shards[{i}].name' = {name!r} must be a relative file name inside the "
                              f"dataset folder (letters, digits, '_', '-', '.', '/'; no '..', no absolute path)")
     return card
 
@@ -71,7 +75,7 @@ def decode_sample(sample: dict) -> dict:
         pose = json.loads(sample["pose.json"])
         w2c = np.load(io.BytesIO(sample["w2c.npy"]), allow_pickle=False).astype(np.float32)
     except KeyError as e:
-        raise ValueError(f"{where}: sample lacks the field {e}; shards must hold png, pose.json and w2c.npy") from None
+        raise InputError(f"{where}: sample lacks the field {e}; shards must hold png, pose.json and w2c.npy") from None
     out = {"key": sample["__key__"], "image": img, "w2c": w2c, "yaw": float(pose["yaw"]),
            "pitch": float(pose["pitch"])}
     if "depth.npy" in sample:
@@ -79,7 +83,7 @@ def decode_sample(sample: dict) -> dict:
     if "mask.png" in sample:
         out["mask"] = np.asarray(Image.open(io.BytesIO(sample["mask.png"])).convert("L")) > 127
     if not np.isfinite(out["w2c"]).all():
-        raise ValueError(f"{where}: pose contains NaN/Inf")
+        raise InputError(f"{where}: pose contains NaN/Inf")
     return out
 
 
@@ -113,3 +117,18 @@ def read_samples(urls: Sequence[str], batch_size: int | None = None, split: bool
 def eval_loader(urls: Sequence[str], batch_size: int, num_workers: int = 0) -> wds.WebLoader:
     """Batches of every sample exactly once across ranks and ``num_workers`` loader workers."""
     return wds.WebLoader(read_samples(urls, batch_size, split=True), batch_size=None, num_workers=num_workers)
+
+
+@lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256 (hex), cached while its size and modification time stay the same."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime)

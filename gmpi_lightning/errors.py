@@ -12,4 +12,4 @@ class RunFolderBusy(RuntimeError):
     """Another live run holds this run folder (:mod:`gmpi_lightning.lock`)."""
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RunFolderBusy)
+USER_ERRORS = (InputError, FileNotFoundError, FileExistsError, RunFolderBusy)

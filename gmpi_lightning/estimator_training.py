@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -16,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import read_samples, resolve_shards
+from .data import file_sha256, read_samples, resolve_shards
+from .errors import InputError
 from .estimators import FORMAT, DepthCNN, PoseCNN, depth_error, load_estimators, pose_error, summarize
 
 
@@ -24,9 +24,9 @@ from .estimators import FORMAT, DepthCNN, PoseCNN, depth_error, load_estimators,
 def _split_shards(data: str | Path, val_shards: int) -> tuple[list[str], list[str], dict | None]:
     urls, card = resolve_shards(data)
     if val_shards < 1:
-        raise ValueError(f"val_shards must be >= 1, got {val_shards}")
+        raise InputError(f"val_shards must be >= 1, got {val_shards}")
     if len(urls) <= val_shards:
-        raise ValueError(f"{data}: {len(urls)} shard(s), but {val_shards} are held out for validation and at "
+        raise InputError(f"{data}: {len(urls)} shard(s), but {val_shards} are held out for validation and at "
                          "least one more is needed for training; write more shards (`gmpi data ... "
                          "--samples-per-shard N`) or pass --val-data")
     return urls[:-val_shards], urls[-val_shards:], card
@@ -42,7 +42,7 @@ def load_arrays(urls: Sequence[str], input_size: int | None = None, max_samples:
     imgs, depths, masks, poses, keys = [], [], [], [], []
     for s in progress(read_samples(urls), desc=desc, unit="img", total=max_samples, disable=not progress_bar):
         if "depth" not in s or "mask" not in s:
-            raise ValueError(f"sample {s['key']} in {list(urls)[:3]}... has no depth.npy/mask.png ground truth; "
+            raise InputError(f"sample {s['key']} in {list(urls)[:3]}... has no depth.npy/mask.png ground truth; "
                              "estimators train on shards with ground truth (e.g. `gmpi data synthetic`)")
         imgs.append(torch.from_numpy(np.array(s["image"])).permute(2, 0, 1))
         depths.append(torch.from_numpy(np.array(s["depth"]))[None])
@@ -52,7 +52,7 @@ def load_arrays(urls: Sequence[str], input_size: int | None = None, max_samples:
         if max_samples is not None and len(keys) >= max_samples:
             break
     if not keys:
-        raise ValueError(f"no samples in {list(urls)}")
+        raise InputError(f"no samples in {list(urls)}")
     image, depth, mask = torch.stack(imgs), torch.stack(depths), torch.stack(masks)
     if input_size is not None and image.shape[-1] != input_size:
         image = F.interpolate(image.float(), size=(input_size, input_size), mode="area").round().byte()
@@ -263,14 +263,6 @@ def train_estimators(data: str | Path, out: str | Path | None = None, steps: int
 
 
 # ========================================================================================== CLI
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run with ``n`` torch CPU threads (0: leave torch's setting), restored after."""
@@ -310,7 +302,7 @@ def train_command(data: str, out: str, steps: int = 2000, batch_size: int = 64, 
             0.13 s per step on 2 shared cores).
     """
     if steps < 1 or batch_size < 1:
-        raise ValueError("--steps and --batch-size must be >= 1")
+        raise InputError("--steps and --batch-size must be >= 1")
     with torch_threads(threads):
         saved = train_estimators(data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                  val_shards=val_shards, val_data=val_data, input_size=input_size,
@@ -321,7 +313,7 @@ def train_command(data: str, out: str, steps: int = 2000, batch_size: int = 64, 
     s = info["seconds"]
     print(f"trained on {info['n_train']} images, {info['steps']} steps in {s['train']} s (load {s['load']} s, "
           f"total {s['total']} s wall, {s['cpu_total']} s CPU, {s['threads']} threads)")
-    print(f"wrote {out} (sha256 {_file_sha256(Path(out))[:12]})")
+    print(f"wrote {out} (sha256 {file_sha256(out)[:12]})")
     return saved
 
 

@@ -58,34 +58,8 @@ data/synthetic32 (9375 training / 625 held-out images). Held-out pose error 0.00
 0.034 rad) vs 0.0366 for the mean pose; depth error 0.059 vs 1.0 flat and 0.268 for the mean training depth map
 (same pixels); mask precision 1.000, coverage 0.79. On 1000 fresh heads (seed 7): 0.0009 vs 0.0399 and 0.059.
 
-External estimators (faces: Deep3DFaceRecon)
--------------------------------------------
-Deep3DFaceRecon (and MTCNN for its landmarks) needs its own environment and weights, so it runs *offline*:
-
-1. Render the fakes you want to score at known poses and keep, per image, an integer key (the fake-image index or
-   seed), the camera's ``yaw``/``pitch`` and the raw rendered z-depth (float array). ``gmpi render`` writes
-   colour-mapped depth PNGs only, so use ``gmpi_lightning.evaluation.fakes.iter_fakes`` (the seeded fakes of
-   ``gmpi evaluate``: per view ``rgb``, ``depth``, ``alpha``, ``yaw``, ``pitch``) in a short script that saves
-   PNGs plus an ``.npz`` of ``seed, yaw, pitch, depth``; the paper renders 1024 seeds at 224 x 224.
-2. Run Deep3DFaceRecon on those images (MTCNN landmarks first; the author's fork has ``estimate_pose_gmpi.py``).
-   Its ``angle`` coefficient is ``(ax, ay, az)`` radians with ``ax`` ~ our pitch and ``ay`` ~ -yaw (``az``, roll,
-   is 0 for our cameras). If the tool crops/aligns the image, apply the same transform to the rendered depth and
-   save that as well.
-3. Save one ``.npz`` with ``index`` (N,) int and either ``angle`` (N, 3, Deep3DFace convention) or
-   ``yaw_pitch`` (N, 2, ours); optionally ``depth`` (N, H, W), ``mask`` (N, H, W) (its face mask) and
-   ``rendered_depth`` (N, H, W) (the rendered depth after the tool's alignment). A ``.json`` with
-   ``{"convention": "deep3dface" | "yaw_pitch", "items": [{"index": 0, "angle": [..]}, ...]}`` works for poses.
-4. Score::
-
-       est = PrecomputedEstimates("deep3d.npz")
-       per_image = pose_error(est.pose(indices), torch.stack([yaw, pitch], 1))   # NaN rows: images it skipped
-       d = est.depth(indices)
-       per_image_d = depth_error(d["depth"], d.get("rendered_depth", rendered), d["mask"])
-       print(summarize(per_image), summarize(per_image_d))
-
-   Missing indices (e.g. MTCNN failures, which the paper skips) become NaN rows and are reported as
-   ``n_invalid``. For the paper's exact 3-angle pose number use ``pose_error(est.angles(indices),
-   yaw_pitch_to_deep3d(yaw, pitch))`` (roll target 0): it divides by 3 angles instead of 2.
+External estimators (faces: Deep3DFaceRecon) run offline and write per-image predictions that
+:class:`PrecomputedEstimates` reads; docs/EVALUATION.md ("Offline estimators") has the steps.
 
 Identity consistency (ArcFace cosine similarity) needs ArcFace weights and is not implemented here.
 """
@@ -101,6 +75,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 FORMAT = "gmpi-estimators/v1"
 TRAIN_HINT = "gmpi estimators train --data data/synthetic32 --out {path}"
 
@@ -114,7 +90,7 @@ def pose_error(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """
     pred, true = torch.as_tensor(pred), torch.as_tensor(true)
     if pred.ndim != 2 or pred.shape != true.shape:
-        raise ValueError(f"pose_error: pred and true must both be B x K, got {tuple(pred.shape)} and "
+        raise InputError(f"pose_error: pred and true must both be B x K, got {tuple(pred.shape)} and "
                          f"{tuple(true.shape)}")
     return ((pred.double() - true.double().to(pred.device)) ** 2).mean(dim=1)
 
@@ -139,7 +115,7 @@ def depth_error(est_depth: torch.Tensor, rendered_depth: torch.Tensor, mask: tor
     """
     est, ren, m = (torch.as_tensor(t) for t in (est_depth, rendered_depth, mask))
     if not (est.shape == ren.shape == m.shape):
-        raise ValueError(f"depth_error: est_depth {tuple(est.shape)}, rendered_depth {tuple(ren.shape)} and mask "
+        raise InputError(f"depth_error: est_depth {tuple(est.shape)}, rendered_depth {tuple(ren.shape)} and mask "
                          f"{tuple(m.shape)} must have the same shape (resize the estimate to the rendering first)")
     b = est.shape[0]
     est, ren, m = (t.reshape(b, -1).double() for t in (est, ren.to(est.device), m.to(est.device)))
@@ -194,7 +170,7 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 def _check_size(input_size: int, multiple: int, name: str) -> None:
     if input_size < multiple or input_size % multiple:
-        raise ValueError(f"{name}: input_size must be a positive multiple of {multiple}, got {input_size}")
+        raise InputError(f"{name}: input_size must be a positive multiple of {multiple}, got {input_size}")
 
 
 class PoseCNN(nn.Module):
@@ -293,15 +269,15 @@ def load_estimators(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable estimator file ({type(e).__name__}: {e}); re-create it with "
+        raise InputError(f"{path}: not a readable estimator file ({type(e).__name__}: {e}); re-create it with "
                          f"`{hint}`") from None
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt != FORMAT:
-        raise ValueError(f"{path}: format {fmt!r}, expected {FORMAT!r} (a file written by `gmpi estimators "
+        raise InputError(f"{path}: format {fmt!r}, expected {FORMAT!r} (a file written by `gmpi estimators "
                          f"train`); re-create it with `{hint}`")
     for part in ("pose", "depth"):
         if not isinstance(ckpt.get(part), dict) or not {"kwargs", "state_dict"} <= set(ckpt[part]):
-            raise ValueError(f"{path}: field {part!r} (kwargs + state_dict) missing; re-create it with `{hint}`")
+            raise InputError(f"{path}: field {part!r} (kwargs + state_dict) missing; re-create it with `{hint}`")
     pose_model = PoseCNN(**ckpt["pose"]["kwargs"])
     pose_model.load_state_dict(ckpt["pose"]["state_dict"])
     depth_model = DepthCNN(**ckpt["depth"]["kwargs"])
@@ -330,7 +306,7 @@ class PrecomputedEstimates:
             with np.load(self.path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
             if "index" not in data:
-                raise ValueError(f"{self.path}: field 'index' (N integer image indices / seeds) missing")
+                raise InputError(f"{self.path}: field 'index' (N integer image indices / seeds) missing")
             index = data["index"].astype(np.int64).reshape(-1)
             if "angle" in data:
                 angles = np.asarray(data["angle"], np.float64).reshape(len(index), 3)
@@ -338,30 +314,30 @@ class PrecomputedEstimates:
                 yp = np.asarray(data["yaw_pitch"], np.float64).reshape(len(index), 2)
                 angles = yaw_pitch_to_deep3d(yp[:, 0], yp[:, 1]).double().numpy()
             else:
-                raise ValueError(f"{self.path}: needs field 'angle' (N x 3, Deep3DFace) or 'yaw_pitch' (N x 2)")
+                raise InputError(f"{self.path}: needs field 'angle' (N x 3, Deep3DFace) or 'yaw_pitch' (N x 2)")
             for k in ("depth", "mask", "rendered_depth"):
                 if k in data:
                     arr = np.asarray(data[k], np.float32)
                     if arr.ndim != 3 or arr.shape[0] != len(index):
-                        raise ValueError(f"{self.path}: field {k!r} must be N x H x W with N = {len(index)}, got "
+                        raise InputError(f"{self.path}: field {k!r} must be N x H x W with N = {len(index)}, got "
                                          f"{arr.shape}")
                     self.depth_maps[k] = arr
         elif self.path.suffix == ".json":
             doc = json.loads(self.path.read_text())
             conv = doc.get("convention")
             if conv not in ("deep3dface", "yaw_pitch") or not isinstance(doc.get("items"), list):
-                raise ValueError(f"{self.path}: needs 'convention' ('deep3dface' or 'yaw_pitch') and a list 'items'")
+                raise InputError(f"{self.path}: needs 'convention' ('deep3dface' or 'yaw_pitch') and a list 'items'")
             field = "angle" if conv == "deep3dface" else "yaw_pitch"
             try:
                 index = np.array([int(it["index"]) for it in doc["items"]], np.int64)
                 vals = np.array([it[field] for it in doc["items"]], np.float64).reshape(len(index), -1)
             except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{self.path}: every item needs 'index' and '{field}' ({e})") from None
+                raise InputError(f"{self.path}: every item needs 'index' and '{field}' ({e})") from None
             angles = vals if conv == "deep3dface" else yaw_pitch_to_deep3d(vals[:, 0], vals[:, 1]).double().numpy()
         else:
-            raise ValueError(f"{self.path}: unsupported extension {self.path.suffix!r}; use .npz or .json")
+            raise InputError(f"{self.path}: unsupported extension {self.path.suffix!r}; use .npz or .json")
         if len(np.unique(index)) != len(index):
-            raise ValueError(f"{self.path}: duplicate entries in 'index'")
+            raise InputError(f"{self.path}: duplicate entries in 'index'")
         self.index = index
         self._row = {int(i): r for r, i in enumerate(index)}
         self._angles = angles
@@ -390,7 +366,7 @@ class PrecomputedEstimates:
     def depth(self, indices) -> dict:
         """``dict(depth, mask[, rendered_depth])``, each B x 1 x H x W; missing images get NaN depth, zero mask."""
         if "depth" not in self.depth_maps or "mask" not in self.depth_maps:
-            raise ValueError(f"{self.path}: holds no 'depth' and 'mask' fields; the depth error needs both")
+            raise InputError(f"{self.path}: holds no 'depth' and 'mask' fields; the depth error needs both")
         out = {}
         for k, arr in self.depth_maps.items():
             fill = 0.0 if k == "mask" else np.nan

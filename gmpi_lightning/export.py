@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError
 from .nn.alpha import fixed_planes
 from .planes import make_plane_depths, normalize_depths
 
@@ -130,7 +131,7 @@ def sweep_poses(kind: str, n_frames: int, yaw_mean: float = 0.0, pitch_mean: flo
     if kind == "circle":
         return [(yaw_mean + yaw_range * np.sin(2 * np.pi * s), pitch_mean + pitch_range * np.cos(2 * np.pi * s))
                 for s in t]
-    raise ValueError(f"unknown trajectory {kind!r}; expected yaw, pitch or circle")
+    raise InputError(f"unknown trajectory {kind!r}; expected yaw, pitch or circle")
 
 
 def mesh_plane_depths(preset, grid: int) -> torch.Tensor:
@@ -156,7 +157,7 @@ def extract_mesh(G, z: torch.Tensor, preset, extents_hw, grid: int | None = None
     from skimage.measure import marching_cubes
 
     if fixed_planes(G):
-        raise ValueError("the vanilla alpha branch makes only its training planes, not the dense volume a mesh "
+        raise InputError("the vanilla alpha branch makes only its training planes, not the dense volume a mesh "
                          "needs; mesh a depth-conditioned model (alpha_mode normalize_add_z, add_z, ...)")
     grid = grid or G.img_resolution
     depths = mesh_plane_depths(preset, grid)
@@ -166,7 +167,7 @@ def extract_mesh(G, z: torch.Tensor, preset, extents_hw, grid: int | None = None
     if sigma > 0:
         alpha = gaussian_filter(alpha, sigma)
     if not alpha.min() < level < alpha.max():
-        raise ValueError(f"the alpha volume never crosses the iso-level {level} (range {alpha.min():.3f}..."
+        raise InputError(f"the alpha volume never crosses the iso-level {level} (range {alpha.min():.3f}..."
                          f"{alpha.max():.3f}): nothing to mesh")
     h, w = float(extents_hw[0]), float(extents_hw[1])
     res = alpha.shape[-1]

@@ -9,12 +9,16 @@ Checkpoint kinds (detected from the file):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
 from .io import load_gmpi_checkpoint, load_official_gmpi, load_stylegan2_pkl
 from .io.gmpi_ckpt import GMPI_FORMAT
 from .io.stylegan2_pkl import FORMAT as SG2_FORMAT
@@ -66,7 +70,7 @@ def load_training_checkpoint(path: Path) -> tuple[nn.Module, Preset, str, str | 
     ck = torch.load(path, map_location="cpu", weights_only=True)
     hp, kwargs = ck["hyper_parameters"], ck.get("generator_init_kwargs")
     if kwargs is None:
-        raise ValueError(f"{path}: no generator_init_kwargs (not a GMPIModule checkpoint of this version)")
+        raise InputError(f"{path}: no generator_init_kwargs (not a GMPIModule checkpoint of this version)")
     stylegan2 = ck.get("model_mode", hp.get("mode")) == "stylegan2"
     G = (Generator if stylegan2 else GMPIGenerator)(**kwargs)
     G.load_state_dict({k[len("G_ema."):]: v for k, v in ck["state_dict"].items() if k.startswith("G_ema.")})
@@ -115,8 +119,68 @@ def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: s
         nets = load_stylegan2_pkl(path)
         sg2 = nets.get("G_ema") or nets.get("G")
         if sg2 is None:
-            raise ValueError(f"{path}: holds no generator (G_ema or G)")
+            raise InputError(f"{path}: holds no generator (G_ema or G)")
         out = LoadedGenerator(FlatMPIGenerator(sg2).eval(), _preset_for(preset, sg2.img_resolution),
                               "stylegan2-flat", path)
     out.G.to(device)
     return out
+
+
+def _warn(msg: str) -> None:
+    print(f"gmpi: warning: {msg}", file=sys.stderr)
+
+
+def load_gmpi(ckpt, device):
+    """A GMPI generator (ours or the official release) from ``ckpt``; anything else is a clear error."""
+    try:
+        loaded = load_generator(ckpt, device=device)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # the loaders' many ways of saying "not that format"
+        raise InputError(f"{ckpt}: not a GMPI generator checkpoint ({type(e).__name__}: {e}); pass the .pt that "
+                         f"training writes (e.g. runs/synthetic/gmpi.pt) or an official generator.pth") from None
+    if not isinstance(loaded.G, GMPIGenerator):
+        raise InputError(f"{ckpt}: a {loaded.kind} generator, not a GMPI one: a 2D StyleGAN2 has no geometry to "
+                         f"invert into; pass a GMPI checkpoint (e.g. runs/synthetic/gmpi.pt)")
+    return loaded
+
+
+def load_image(path: str | Path, resolution: int, crop: bool = True, warn=_warn) -> torch.Tensor:
+    """An image file as ``1 x 3 x R x R`` in [0, 1] (quantised to 8 bits, so input.png is exactly what is
+    inverted): grey or RGBA made RGB, a non-square image centre-cropped (with ``crop``; otherwise an error), another
+    size resized; each change is reported through ``warn``."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        img = np.asarray(iio.imread(path))
+    except Exception as e:  # imageio raises many types for files it cannot decode
+        raise InputError(f"{path}: cannot read it as an image ({type(e).__name__}); pass a PNG or JPEG file") from None
+    if img.ndim == 4 or (img.ndim == 3 and img.shape[-1] not in (1, 2, 3, 4)):
+        raise InputError(f"{path}: {img.shape} is not a single picture (an animation or a volume?); pass one "
+                         f"PNG/JPEG frame")
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.shape[-1] in (2, 4):
+        warn(f"{path}: alpha channel ignored (the RGB is inverted as it is; flatten transparent areas first)")
+        img = img[..., :-1]
+    img = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
+    scale = 255.0 if img.dtype == np.uint8 else 65535.0 if img.dtype == np.uint16 else 1.0
+    x = torch.from_numpy(np.ascontiguousarray(img).astype(np.float32) / scale).permute(2, 0, 1)[None].clamp(0, 1)
+    h, w = x.shape[-2:]
+    if h != w:
+        if not crop:
+            raise InputError(f"{path}: the image is {w} x {h}, not square; crop it to the face yourself, or drop "
+                             f"--no-crop to centre-crop it to {min(h, w)} x {min(h, w)}")
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        warn(f"{path}: {w} x {h} is not square: centre-cropped to {side} x {side} (pass --no-crop to refuse)")
+        x = x[..., top:top + side, left:left + side]
+    if x.shape[-1] != resolution:
+        warn(f"{path}: {x.shape[-1]} x {x.shape[-1]} resized to the generator's {resolution} x {resolution}")
+        shrink = x.shape[-1] > resolution  # area: the mean of the pixels each output pixel covers
+        x = F.interpolate(x, size=(resolution, resolution), mode="area" if shrink else "bicubic",
+                          **({} if shrink else {"align_corners": False})).clamp(0, 1)
+    return (x * 255 + 0.5).floor() / 255

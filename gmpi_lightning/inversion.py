@@ -27,10 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cameras import pose_range
+from .errors import InputError
+from .image_losses import image_loss, psnr_ssim
 from .presets import Preset
 from .scene import Scene
 
@@ -55,47 +56,9 @@ class InvertSettings:
 
     def __post_init__(self):
         if self.steps < 1 or self.pti_steps < 0:
-            raise ValueError(f"--steps must be >= 1 and --pti-steps >= 0, got {self.steps} and {self.pti_steps}")
+            raise InputError(f"--steps must be >= 1 and --pti-steps >= 0, got {self.steps} and {self.pti_steps}")
         if not 0.0 <= self.w_plus_from <= 1.0:
-            raise ValueError(f"w_plus_from must be in [0, 1], got {self.w_plus_from}")
-
-
-# ============================================================================================== losses
-def _mean(x: torch.Tensor, per_sample: bool) -> torch.Tensor:
-    return x.mean((1, 2, 3)) if per_sample else x.mean()
-
-
-def pyramid_ssim_loss(x: torch.Tensor, y: torch.Tensor, window: int = 7, min_size: int = 16,
-                      per_sample: bool = False) -> torch.Tensor:
-    """Mean of ``1 - SSIM`` (7 x 7 Gaussian window) over an average-pooled pyramid down to ``min_size`` pixels:
-    structure at every scale, and no pretrained weights. B x 3 x H x W in [0, 1] -> scalar (``per_sample``: B)."""
-    from kornia.metrics import ssim
-
-    terms = []
-    while min(x.shape[-2:]) >= window:
-        terms.append(1 - _mean(ssim(x, y, window), per_sample))
-        if min(x.shape[-2:]) // 2 < min_size:
-            break
-        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-    if not terms:
-        return x.new_zeros(x.shape[0]) if per_sample else x.new_zeros(())
-    return torch.stack(terms).mean(0)
-
-
-def image_loss(pred: torch.Tensor, target: torch.Tensor, ssim_weight: float = 1.0,
-               per_sample: bool = False) -> torch.Tensor:
-    """L1 + ``ssim_weight`` * pyramid SSIM loss; B x 3 x H x W in [0, 1] -> scalar (``per_sample``: B)."""
-    loss = _mean((pred - target).abs(), per_sample)
-    return loss + ssim_weight * pyramid_ssim_loss(pred, target, per_sample=per_sample) if ssim_weight else loss
-
-
-def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
-    """torchmetrics PSNR (dB) and SSIM of images in [0, 1] (B x 3 x H x W)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-    pred, target = pred.detach().float().clamp(0, 1), target.detach().float().to(pred.device)
-    return (float(peak_signal_noise_ratio(pred, target, data_range=1.0)),
-            float(structural_similarity_index_measure(pred, target, data_range=1.0)))
+            raise InputError(f"w_plus_from must be in [0, 1], got {self.w_plus_from}")
 
 
 # ============================================================================================= latents
@@ -342,9 +305,9 @@ def invert(G, preset: Preset, target: torch.Tensor, yaw: float | None = None, pi
     s = settings or InvertSettings()
     if target.ndim != 4 or target.shape[:2] != (1, 3) or target.shape[-1] != G.img_resolution \
             or target.shape[-2] != G.img_resolution:
-        raise ValueError(f"target must be 1 x 3 x {G.img_resolution} x {G.img_resolution}, got {tuple(target.shape)}")
+        raise InputError(f"target must be 1 x 3 x {G.img_resolution} x {G.img_resolution}, got {tuple(target.shape)}")
     if (yaw is None) != (pitch is None):
-        raise ValueError("give both yaw and pitch, or neither (then the camera is searched for)")
+        raise InputError("give both yaw and pitch, or neither (then the camera is searched for)")
     searched = yaw is None
     refine_pose = searched if refine_pose is None else refine_pose
     device = next(G.parameters()).device

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .cameras import pose_range
+from .errors import InputError
+from .inference import load_gmpi, load_image
 from .inversion import Inversion, InvertSettings, PinnedLatent, invert
 from .pose_search import SearchSettings
 from .presets import Preset
@@ -43,7 +44,7 @@ def parse_pose(text: str) -> tuple[float, float]:
     try:
         yaw, pitch = (float(v) for v in str(text).split(","))
     except ValueError:
-        raise ValueError(f"cannot parse pose {text!r}: use YAW,PITCH in radians, e.g. 0.2,-0.05") from None
+        raise InputError(f"cannot parse pose {text!r}: use YAW,PITCH in radians, e.g. 0.2,-0.05") from None
     return yaw, pitch
 
 
@@ -52,7 +53,7 @@ def parse_grid(text: str) -> tuple[int, int]:
     try:
         yaws, pitches = (int(v) for v in str(text).lower().split("x"))
     except ValueError:
-        raise ValueError(f"cannot parse the search grid {text!r}: use YAWSxPITCHES, e.g. 7x3") from None
+        raise InputError(f"cannot parse the search grid {text!r}: use YAWSxPITCHES, e.g. 7x3") from None
     return yaws, pitches
 
 
@@ -60,50 +61,8 @@ def parse_views(text: str) -> list[tuple[float, float]]:
     """'Y1,P1;Y2,P2' -> [(Y1, P1), (Y2, P2)] (radians)."""
     parts = [p for p in str(text).split(";") if p.strip()]
     if not parts:
-        raise ValueError(f"no views in {text!r}: use e.g. \"-0.3,0;0.3,0\"")
+        raise InputError(f"no views in {text!r}: use e.g. \"-0.3,0;0.3,0\"")
     return [parse_pose(p) for p in parts]
-
-
-# ============================================================================================== inputs
-def load_image(path: str | Path, resolution: int, crop: bool = True, warn=_warn) -> torch.Tensor:
-    """An image file as ``1 x 3 x R x R`` in [0, 1] (quantised to 8 bits, so input.png is exactly what is
-    inverted): grey or RGBA made RGB, a non-square image centre-cropped (with ``crop``; otherwise an error), another
-    size resized; each change is reported through ``warn``."""
-    import imageio.v3 as iio
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        img = np.asarray(iio.imread(path))
-    except Exception as e:  # imageio raises many types for files it cannot decode
-        raise ValueError(f"{path}: cannot read it as an image ({type(e).__name__}); pass a PNG or JPEG file") from None
-    if img.ndim == 4 or (img.ndim == 3 and img.shape[-1] not in (1, 2, 3, 4)):
-        raise ValueError(f"{path}: {img.shape} is not a single picture (an animation or a volume?); pass one "
-                         f"PNG/JPEG frame")
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.shape[-1] in (2, 4):
-        warn(f"{path}: alpha channel ignored (the RGB is inverted as it is; flatten transparent areas first)")
-        img = img[..., :-1]
-    img = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
-    scale = 255.0 if img.dtype == np.uint8 else 65535.0 if img.dtype == np.uint16 else 1.0
-    x = torch.from_numpy(np.ascontiguousarray(img).astype(np.float32) / scale).permute(2, 0, 1)[None].clamp(0, 1)
-    h, w = x.shape[-2:]
-    if h != w:
-        if not crop:
-            raise ValueError(f"{path}: the image is {w} x {h}, not square; crop it to the face yourself, or drop "
-                             f"--no-crop to centre-crop it to {min(h, w)} x {min(h, w)}")
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        warn(f"{path}: {w} x {h} is not square: centre-cropped to {side} x {side} (pass --no-crop to refuse)")
-        x = x[..., top:top + side, left:left + side]
-    if x.shape[-1] != resolution:
-        warn(f"{path}: {x.shape[-1]} x {x.shape[-1]} resized to the generator's {resolution} x {resolution}")
-        shrink = x.shape[-1] > resolution  # area: the mean of the pixels each output pixel covers
-        x = F.interpolate(x, size=(resolution, resolution), mode="area" if shrink else "bicubic",
-                          **({} if shrink else {"align_corners": False})).clamp(0, 1)
-    return (x * 255 + 0.5).floor() / 255
 
 
 def _range_text(preset: Preset) -> str:
@@ -114,7 +73,7 @@ def _range_text(preset: Preset) -> str:
 def check_pose(yaw: float, pitch: float, preset: Preset) -> None:
     (y0, y1), (p0, p1) = pose_range(preset)
     if not (y0 - 1e-6 <= yaw <= y1 + 1e-6 and p0 - 1e-6 <= pitch <= p1 + 1e-6):
-        raise ValueError(f"--pose {yaw},{pitch} is outside the {preset.name} preset's camera range "
+        raise InputError(f"--pose {yaw},{pitch} is outside the {preset.name} preset's camera range "
                          f"({_range_text(preset)}: the training prior); the generator never saw such a view. "
                          f"Pass a pose inside it, or leave --pose out to estimate it")
 
@@ -135,7 +94,7 @@ def resolve_pose(pose, target: torch.Tensor, preset: Preset, estimators, trainin
         return float(yaw), float(pitch), "given"
     method = pose_init or ("cnn" if estimators is not None else "search")
     if method not in POSE_INIT:
-        raise ValueError(f"--pose-init {method!r}: expected one of {', '.join(POSE_INIT)}")
+        raise InputError(f"--pose-init {method!r}: expected one of {', '.join(POSE_INIT)}")
     if method == "search":
         return None, None, "search"
     if method == "mean":
@@ -170,27 +129,9 @@ def check_views(scene: Scene, views: list[tuple[float, float]]) -> None:
         try:
             scene.render_pose(mpi, yaw, pitch, resolution=8)
         except ValueError:
-            raise ValueError(f"view {i} (yaw {yaw}, pitch {pitch}) looks past the edge of the MPI; the "
+            raise InputError(f"view {i} (yaw {yaw}, pitch {pitch}) looks past the edge of the MPI; the "
                              f"{scene.preset.name} preset covers the training prior ({_range_text(scene.preset)}): "
                              f"choose views nearer to it") from None
-
-
-def load_gmpi(ckpt, device):
-    """A GMPI generator (ours or the official release) from ``ckpt``; anything else is a clear error."""
-    from .inference import load_generator
-    from .nn.gmpi import GMPIGenerator
-
-    try:
-        loaded = load_generator(ckpt, device=device)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # the loaders' many ways of saying "not that format"
-        raise ValueError(f"{ckpt}: not a GMPI generator checkpoint ({type(e).__name__}: {e}); pass the .pt that "
-                         f"training writes (e.g. runs/synthetic/gmpi.pt) or an official generator.pth") from None
-    if not isinstance(loaded.G, GMPIGenerator):
-        raise ValueError(f"{ckpt}: a {loaded.kind} generator, not a GMPI one: a 2D StyleGAN2 has no geometry to "
-                         f"invert into; pass a GMPI checkpoint (e.g. runs/synthetic/gmpi.pt)")
-    return loaded
 
 
 # ============================================================================================= outputs

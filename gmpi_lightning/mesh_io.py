@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
+
 MESH_FORMATS = ("ply", "glb")
 GLTF_FROM_WORLD = np.diag([1.0, -1.0, -1.0]).astype(np.float32)  # world (y down, z forward) -> glTF (y up, z back)
 
@@ -26,7 +28,7 @@ def parse_mesh_formats(formats) -> list[str]:
     items = [f for f in items if f]
     bad = [f for f in items if f not in MESH_FORMATS]
     if bad or not items:
-        raise ValueError(f"mesh format {', '.join(bad) or '(none)'} is not one of {', '.join(MESH_FORMATS)}: "
+        raise InputError(f"mesh format {', '.join(bad) or '(none)'} is not one of {', '.join(MESH_FORMATS)}: "
                          f"pass e.g. --mesh-format ply,glb")
     return list(dict.fromkeys(items))
 
@@ -38,14 +40,14 @@ def write_glb(path: str | Path, verts: np.ndarray, faces: np.ndarray, colors: np
 
     verts, faces = np.asarray(verts, np.float32), np.asarray(faces, np.int64)
     if verts.ndim != 2 or verts.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3:
-        raise ValueError(f"a mesh is V x 3 vertices and F x 3 faces, got {verts.shape} and {faces.shape}")
+        raise InputError(f"a mesh is V x 3 vertices and F x 3 faces, got {verts.shape} and {faces.shape}")
     if len(faces) and (faces.min() < 0 or faces.max() >= len(verts)):
-        raise ValueError(f"face indices must lie in [0, {len(verts)}), got {faces.min()}..{faces.max()}")
+        raise InputError(f"face indices must lie in [0, {len(verts)}), got {faces.min()}..{faces.max()}")
     rgba = None
     if colors is not None:
         colors = np.asarray(colors, np.uint8)
         if colors.shape != (len(verts), 3):
-            raise ValueError(f"vertex colours must be {len(verts)} x 3 uint8, got {colors.shape}")
+            raise InputError(f"vertex colours must be {len(verts)} x 3 uint8, got {colors.shape}")
         rgba = np.concatenate([colors, np.full((len(colors), 1), 255, np.uint8)], axis=1)
     mesh = trimesh.Trimesh(vertices=verts @ GLTF_FROM_WORLD.T, faces=faces, vertex_colors=rgba, process=False)
     path = Path(path)

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .augment import AdaptiveP, PoseSafeAugment
+from .errors import InputError
 from .losses import d_logistic_loss, ema_update, g_nonsaturating_loss, r1_penalty, stylegan2_ema_beta, torch_ema_beta
 from .networks import gmpi_networks, load_checkpoint_weights, stylegan2_backbone
 from .presets import get_preset
@@ -84,13 +85,13 @@ class GANModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if ema not in ("stylegan2", "torch_ema"):
-            raise ValueError(f"ema must be 'stylegan2' or 'torch_ema', got {ema!r}")
+            raise InputError(f"ema must be 'stylegan2' or 'torch_ema', got {ema!r}")
         if r1_every < 1:
-            raise ValueError(f"r1_every must be >= 1, got {r1_every}")
+            raise InputError(f"r1_every must be >= 1, got {r1_every}")
         if augment not in ("none", "ada", "fixed"):
-            raise ValueError(f"augment must be 'none', 'ada' or 'fixed', got {augment!r}")
+            raise InputError(f"augment must be 'none', 'ada' or 'fixed', got {augment!r}")
         if ada_interval < 1:
-            raise ValueError(f"ada_interval must be >= 1, got {ada_interval}")
+            raise InputError(f"ada_interval must be >= 1, got {ada_interval}")
         self.automatic_optimization = False
         self.preset = get_preset(preset, **({"resolution": resolution} if resolution else {}))
         backbone = stylegan2_backbone(init_from, self.preset, z_dim, w_dim, mapping_layers, channel_base, channel_max)
@@ -263,7 +264,7 @@ class GANModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         world, hp = self.trainer.world_size, self.hparams
         if "16-mixed" == str(self.trainer.precision):
-            raise ValueError("precision 16-mixed is not supported (its loss scaling hides non-finite steps from the "
+            raise InputError("precision 16-mixed is not supported (its loss scaling hides non-finite steps from the "
                              "guard and clipping): use bf16-mixed or 32-true")
         rank_zero_info(f"{type(self).__name__}: {self.preset.name} {self.preset.resolution}px, batch per device "
                        f"{self.trainer.datamodule.batch_size if self.trainer.datamodule else '?'} x {world} devices, "

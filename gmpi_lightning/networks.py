@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .nn.alpha import alpha_branch
 from .nn.discriminator import Discriminator, PoseConditionedDiscriminator
 from .nn.gmpi import GMPIGenerator
@@ -30,10 +31,10 @@ def stylegan2_backbone(init_from: str | None, preset: Preset, z_dim: int = 512, 
         nets = load_stylegan2_pkl(init)
         G2d, D2d = nets.get("G_ema") or nets.get("G"), nets.get("D")
         if G2d is None or G2d.img_resolution != preset.resolution:
-            raise ValueError(f"{init}: needs a {preset.resolution}px generator (the data's resolution), got "
+            raise InputError(f"{init}: needs a {preset.resolution}px generator (the data's resolution), got "
                              f"{None if G2d is None else G2d.img_resolution}")
         if D2d is None:
-            raise ValueError(f"{init} holds no discriminator; fine-tuning starts from a pretrained D")
+            raise InputError(f"{init} holds no discriminator; fine-tuning starts from a pretrained D")
         return G2d, D2d
     synth = dict(channel_base=channel_base or preset.channel_base, channel_max=channel_max or preset.channel_max,
                  num_fp16_res=preset.num_fp16_res, conv_clamp=preset.conv_clamp)
@@ -51,11 +52,11 @@ def load_checkpoint_weights(module: torch.nn.Module, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: not a plain-data Lightning checkpoint of this module; it holds objects that only "
+        raise InputError(f"{path}: not a plain-data Lightning checkpoint of this module; it holds objects that only "
                          f"run as code when loaded ({str(e).splitlines()[0]})") from None
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected or missing:
-        raise ValueError(f"{path}: weights do not fit this model ({type(module).__name__}); missing {missing[:4]}, "
+        raise InputError(f"{path}: weights do not fit this model ({type(module).__name__}); missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}. A .ckpt initialises the same module and architecture; use "
                          f"the exported .pt of a StyleGAN2 run for GMPI")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .cameras import sphere_c2w
+from .errors import InputError
 
 DEPTH_SAMPLE_METHODS = ("inverse", "uniform", "log-uniform")
 MAX_PLANE_HALF_EXTENT = 5.0  # the official heuristic bound (apple/ml-gmpi issue #12)
@@ -25,9 +26,9 @@ def make_plane_depths(near: float, far: float, n_planes: int, method: str = "inv
     is geometric. Computed in float64, clamped to [near, far].
     """
     if not 0 < near < far:
-        raise ValueError(f"need 0 < near < far, got near={near}, far={far}")
+        raise InputError(f"need 0 < near < far, got near={near}, far={far}")
     if n_planes < 2:
-        raise ValueError(f"an MPI needs at least 2 planes, got {n_planes}")
+        raise InputError(f"an MPI needs at least 2 planes, got {n_planes}")
     if method == "inverse":
         d = 1.0 / torch.linspace(1.0 / far, 1.0 / near, n_planes, dtype=torch.float64)
         d = d.flip(0)
@@ -36,7 +37,7 @@ def make_plane_depths(near: float, far: float, n_planes: int, method: str = "inv
     elif method == "log-uniform":
         d = torch.logspace(math.log10(near), math.log10(far), n_planes, dtype=torch.float64)
     else:
-        raise ValueError(f"unknown plane spacing {method!r}; expected one of {DEPTH_SAMPLE_METHODS}")
+        raise InputError(f"unknown plane spacing {method!r}; expected one of {DEPTH_SAMPLE_METHODS}")
     return d.clamp(near, far).to(torch.float32)
 
 
@@ -84,7 +85,7 @@ def plane_extents(depths: torch.Tensor, fov_deg: float, sphere_center_z: float, 
     hits = origins[:, None, :2] + s[..., None] * dirs[..., :2]
     max_x, max_y = float(hits[..., 0].abs().max()), float(hits[..., 1].abs().max())
     if max(max_x, max_y) > MAX_PLANE_HALF_EXTENT:
-        raise ValueError(
+        raise InputError(
             f"the camera range is too large for an MPI: training frusta reach |x|={max_x:.2f}, |y|={max_y:.2f} at "
             f"the far plane (limit {MAX_PLANE_HALF_EXTENT}). Reduce the yaw/pitch std or n_truncated_stds.")
     half_fov = math.tan(math.radians(fov_deg) / 2.0)
@@ -112,13 +113,13 @@ class Planes:
     def __post_init__(self):
         n = self.depths.numel()
         if self.depths.shape != (n,) or self.normalized.shape != (n,) or self.extents.shape != (n, 2) or n < 2:
-            raise ValueError(f"planes need depths (L,), normalized (L,) and extents (L, 2) with L >= 2; got "
+            raise InputError(f"planes need depths (L,), normalized (L,) and extents (L, 2) with L >= 2; got "
                              f"{tuple(self.depths.shape)}, {tuple(self.normalized.shape)}, {tuple(self.extents.shape)}")
         if self.depths.device.type == "cpu":
             if not all(bool(torch.isfinite(t).all()) for t in (self.depths, self.normalized, self.extents)):
-                raise ValueError("plane depths and extents must be finite")
+                raise InputError("plane depths and extents must be finite")
             if bool((self.depths[1:] <= self.depths[:-1]).any()):
-                raise ValueError(f"plane depths must increase from near to far, got {self.depths.tolist()}")
+                raise InputError(f"plane depths must increase from near to far, got {self.depths.tolist()}")
 
     def __len__(self) -> int:
         return self.depths.numel()

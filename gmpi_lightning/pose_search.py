@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from .cameras import pose_range
-from .inversion import image_loss
+from .errors import InputError
+from .image_losses import image_loss
 from .presets import Preset
 from .scene import Scene
 
@@ -45,7 +46,7 @@ class SearchSettings:
 
     def __post_init__(self):
         if self.yaws < 1 or self.pitches < 1 or self.steps < 1:
-            raise ValueError(f"the pose search needs yaws, pitches and steps >= 1, got {self.yaws}, {self.pitches} "
+            raise InputError(f"the pose search needs yaws, pitches and steps >= 1, got {self.yaws}, {self.pitches} "
                              f"and {self.steps}")
 
     @property

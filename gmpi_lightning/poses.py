@@ -19,7 +19,6 @@ every image, so Ctrl-C (exit code 130) keeps every finished image; the same comm
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .data import file_sha256
+from .errors import InputError
 from .inversion import InvertSettings, invert
 from .pose_search import SearchSettings
 
@@ -52,7 +53,7 @@ def list_images(folder: str | Path) -> list[str]:
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                    if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if not names:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
+        raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
     return names
 
 
@@ -78,14 +79,6 @@ def check_images(folder: Path, names: list[str]) -> dict[str, str]:
     return bad
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, data: dict) -> None:
     """Atomically: a Ctrl-C between two images never leaves half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -98,23 +91,23 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
                     device: str = "cpu", warn=_warn) -> dict:
     """``gmpi poses`` as a function: writes ``out`` and its report (module docstring) and returns the report."""
     from . import export
-    from .invert_cli import load_gmpi, load_image
+    from .inference import load_gmpi, load_image
 
     settings = settings or InvertSettings(pti_steps=0)
     if settings.pti_steps:
-        raise ValueError("gmpi poses estimates cameras only: pass settings with pti_steps=0")
+        raise InputError("gmpi poses estimates cameras only: pass settings with pti_steps=0")
     search = search or SearchSettings()
     folder, out = Path(images), Path(out)
     names = list_images(folder)
     bad = check_images(folder, names)
     if bad and not skip_bad:
         listed = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:5])
-        raise ValueError(f"{len(bad)} of {len(names)} images in {folder} cannot be posed ({listed}"
+        raise InputError(f"{len(bad)} of {len(names)} images in {folder} cannot be posed ({listed}"
                          f"{' ...' if len(bad) > 5 else ''}); fix them, or pass --skip-bad to list them in the report "
                          f"and pose the rest. Nothing was written")
     loaded = load_gmpi(ckpt, device)
     G, preset = loaded.G, loaded.preset
-    meta = {"format": REPORT_FORMAT, "checkpoint": str(ckpt), "checkpoint_sha256": _digest(Path(ckpt)),
+    meta = {"format": REPORT_FORMAT, "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt),
             "preset": preset.name, "images": str(folder), "settings": asdict(settings), "search": asdict(search)}
     done = _resume(out, meta, overwrite)
     if done:

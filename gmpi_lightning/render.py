@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from .cameras import pixel_rays, sphere_c2w, truncated_normal
+from .errors import InputError
 from .planes import texel_xyz
 
 TRANSMITTANCE_EPS = 1e-10
@@ -23,18 +24,18 @@ TRANSMITTANCE_EPS = 1e-10
 
 def _check_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: torch.Tensor, values: bool) -> None:
     if mpi.ndim != 5 or mpi.shape[2] != 4:
-        raise ValueError(f"mpi must be B x L x 4 x H x W (RGBA planes), got shape {tuple(mpi.shape)}")
+        raise InputError(f"mpi must be B x L x 4 x H x W (RGBA planes), got shape {tuple(mpi.shape)}")
     n = mpi.shape[1]
     if plane_depths.shape != (n,) or plane_extents.shape != (n, 2):
-        raise ValueError(f"an MPI of {n} planes needs plane_depths ({n},) and plane_extents ({n}, 2); got "
+        raise InputError(f"an MPI of {n} planes needs plane_depths ({n},) and plane_extents ({n}, 2); got "
                          f"{tuple(plane_depths.shape)} and {tuple(plane_extents.shape)}")
     if not values:
         return
     if not bool(torch.isfinite(mpi).all()):
-        raise ValueError("mpi contains NaN or Inf values")
+        raise InputError("mpi contains NaN or Inf values")
     lo, hi = float(mpi.detach().amin()), float(mpi.detach().amax())
     if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"mpi values must lie in [0, 1] (RGBA), got range [{lo:.4g}, {hi:.4g}]")
+        raise InputError(f"mpi values must lie in [0, 1] (RGBA), got range [{lo:.4g}, {hi:.4g}]")
 
 
 def composite(rgb: torch.Tensor, alpha: torch.Tensor, depth: torch.Tensor | None = None,
@@ -83,7 +84,7 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
     if c2w.shape[0] == 1 and b > 1:
         c2w = c2w.expand(b, 4, 4)
     if c2w.shape != (b, 4, 4):
-        raise ValueError(f"c2w must be 4 x 4 or {b} x 4 x 4 for a batch of {b} MPIs, got {tuple(c2w.shape)}")
+        raise InputError(f"c2w must be 4 x 4 or {b} x 4 x 4 for a batch of {b} MPIs, got {tuple(c2w.shape)}")
     # Cameras are constants in training (no graph); a c2w that requires grad (pose refinement in inversion) gets one.
     camera_grad = torch.is_grad_enabled() and c2w.requires_grad
     with torch.set_grad_enabled(camera_grad):  # per-pixel ray slopes in float64, then for plane z = d the hit is
@@ -91,7 +92,7 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
         rays, origins = pixel_rays(c2w, fov_deg, height, width)
         oz = origins[:, 2]
         if validate and bool((oz[:, None] > plane_depths.to(torch.float64)[None, 0] + 1e-9).any()):
-            raise ValueError(f"camera behind the nearest plane (camera z up to {float(oz.max()):.4f}, "
+            raise InputError(f"camera behind the nearest plane (camera z up to {float(oz.max()):.4f}, "
                              f"nearest plane at {float(plane_depths[0]):.4f}): the MPI cannot render it")
         slope_x = (rays[..., 0] / rays[..., 2]).to(torch.float32)[:, None]  # B x 1 x H x W
         slope_y = (rays[..., 1] / rays[..., 2]).to(torch.float32)[:, None]
@@ -116,7 +117,7 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
                 if validate and check_inside and idx.stop == n_planes:
                     worst = float(grid[:, -1].abs().max())
                     if worst > 1.0 + 1e-6:
-                        raise ValueError(
+                        raise InputError(
                             f"rays leave the background plane (max |u|,|v| = {worst:.4f} > 1): the camera is outside "
                             f"the range the MPI was built for. Use poses within the preset's prior, or pass "
                             f"check_inside=False to render with transparent borders.")
@@ -216,5 +217,5 @@ def shading_coefficients(n_calls: int, max_ka: float = 0.9, max_kd: float = 0.1,
         return ratio * max_ka, ratio * max_kd
     if schedule == "ramp":
         return 1.0 - ratio * (1.0 - max_ka), ratio * max_kd
-    raise ValueError(f"unknown shading schedule {schedule!r}; expected one of {SHADING_SCHEDULES}")
+    raise InputError(f"unknown shading schedule {schedule!r}; expected one of {SHADING_SCHEDULES}")
 

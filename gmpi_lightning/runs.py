@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import InputError
+
 CONFIG, DONE, PARAMS = "config.yaml", "done.json", "params.json"
 
 
@@ -229,7 +231,7 @@ def write_table(rows: list[dict], csv_path: str | os.PathLike | None, md_path: s
     ascending; rows without a finite number there last, in order); ``plus_minus`` maps a column to its error
     column, shown as ``value ± error`` in the markdown. Returns the rows in the written order."""
     if goal not in ("minimize", "maximize"):
-        raise ValueError(f"goal must be minimize or maximize, got {goal!r}")
+        raise InputError(f"goal must be minimize or maximize, got {goal!r}")
     columns, sign = list(dict.fromkeys(k for r in rows for k in r)), -1 if goal == "maximize" else 1
     if sort_by:
         rows = sorted(rows, key=lambda r: (_number(r.get(sort_by)) is None, sign * (_number(r.get(sort_by)) or 0)))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import export
+from .errors import InputError
 from .presets import Preset
 from .scene import Scene, seed_latents
 
@@ -42,7 +43,7 @@ class Sampler:
                  truncation_psi: float = 1.0, noise_mode: str = "const", plane_chunk: int | None = None,
                  check_inside: bool = True):
         if noise_mode not in ("const", "random", "none"):
-            raise ValueError(f"noise_mode must be const, random or none, got {noise_mode!r}")
+            raise InputError(f"noise_mode must be const, random or none, got {noise_mode!r}")
         tensors = list(G.parameters()) + list(G.buffers())
         self.device = torch.device(device) if device is not None else (
             tensors[0].device if tensors else torch.device("cpu"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import cameras
+from .errors import InputError
 from .presets import SHADING
 from .render import light_direction, sample_light, shade_mpi, shading_coefficients
 from .scene import Scene
@@ -67,7 +68,7 @@ class PosedViews(Images2D):
                  view_selection: str = "worst", shading: bool = True, shading_schedule: str = "as_coded",
                  shading_start: int = 1000, shading_grow: int = 1000):
         if view_selection not in ("worst", "random"):
-            raise ValueError(f"view_selection must be 'worst' or 'random', got {view_selection!r}")
+            raise InputError(f"view_selection must be 'worst' or 'random', got {view_selection!r}")
         self.scene, self.pose_conditioning = scene, pose_conditioning
         self.views_per_z, self.view_selection = views_per_z, view_selection
         self.shading, self.schedule, self.shading_start, self.shading_grow = (shading, shading_schedule,

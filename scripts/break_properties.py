@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Check that each property test fails for the wrong implementation it names (docs/TESTING.md, "Property tests").
+"""Check that each property and wiring test fails for the wrong implementation it names (docs/TESTING.md).
 
-    python scripts/break_properties.py
+    python scripts/break_properties.py                  # every break
+    python scripts/break_properties.py --only wiring    # the breaks whose test file or label contains "wiring"
 
 Copies the package and the tests to build/property-breaks/, then for each entry of BREAKS puts one plausible wrong
 implementation into the copy, runs the property test that names it (without shrinking: the first failing example is
@@ -114,10 +115,34 @@ BREAKS = [
     ("colour renormalised by the accumulated alpha", "gmpi_lightning/render.py",
      "return (w * rgb).sum(1), out_depth", "return (w * rgb).sum(1) / (w.sum(1) + 1e-8), out_depth",
      "tests/test_properties_planes_render.py::test_constant_planes_composite_as_straight_alpha_over_front_to_back"),
+    # The recipe's wiring: one-line slips that train a worse model without an error (tests/test_wiring.py).
+    ("D judges the unshaded render after shading_start", "gmpi_lightning/views.py",
+     "return self.render(self.shade(mpi, generator, shade_at), cond)", "return self.render(mpi, cond)",
+     "tests/test_wiring.py::test_d_sees_the_shaded_render_of_each_fake_at_its_own_camera"),
+    ("add_z normalises its features like normalize_add_z", "gmpi_lightning/nn/alpha.py",
+     '    name, normalize = "add_z", False', '    name, normalize = "add_z", True',
+     "tests/test_wiring.py::test_every_alpha_mode_matches_a_naive_reference"),
+    ("G trains on the best candidate view (argmax)", "gmpi_lightning/views.py",
+     "logits.argmin(dim=1)]", "logits.argmax(dim=1)]",
+     "tests/test_wiring.py::test_g_step_trains_on_the_worst_candidate_view"),
+    ("D loss with real and fake swapped", "gmpi_lightning/module.py",
+     "loss = d_logistic_loss(real_logits, fake_logits)", "loss = d_logistic_loss(fake_logits, real_logits)",
+     "tests/test_wiring.py::test_losses_move_the_logits_their_way"),
+    ("EMA lerp weights swapped", "gmpi_lightning/losses.py",
+     "torch._foreach_lerp_(ema_params, live_params, 1.0 - beta)", "torch._foreach_lerp_(ema_params, live_params, beta)",
+     "tests/test_wiring.py::test_ema_is_lerp_with_the_logged_beta"),
+    ("lazy R1 not scaled by its interval", "gmpi_lightning/module.py",
+     "r1_penalty(real_logits, real, hp.r1_gamma) * hp.r1_every", "r1_penalty(real_logits, real, hp.r1_gamma)",
+     "tests/test_wiring.py::test_r1_has_the_size_of_gamma_over_2_grad_squared_times_its_interval"),
+    ("the alpha branch gets metric depths", "gmpi_lightning/scene.py",
+     "return G(z, None, self.planes.normalized,", "return G(z, None, self.planes.depths,",
+     "tests/test_wiring.py::test_generator_gets_normalised_depths_and_the_renderer_metric_ones"),
 ]
 
 
 def main() -> int:
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
+    breaks = [b for b in BREAKS if only in b[0] or only in b[4]]
     shutil.rmtree(DST, ignore_errors=True)
     for name in ("gmpi_lightning", "tests", "datamodules", "callbacks"):
         shutil.copytree(SRC / name, DST / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -125,7 +150,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(DST), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "HYPOTHESIS_PROFILE": "mutation"}  # tests/conftest.py: no shrinking
     rows, ok = [], True
-    for label, file, old, new, test in BREAKS:
+    for label, file, old, new, test in breaks:
         path = DST / file
         original = path.read_text()
         assert original.count(old) == 1, (label, old)
@@ -140,8 +165,9 @@ def main() -> int:
         verdict = "fails" if failed else "**passes**"
         rows.append(f"| {label} | `{file}` | `{test.split('::')[1]}` | {verdict} ({last}) |")
         print(rows[-1], f"{time.monotonic() - start:.0f}s", flush=True)
-    clean = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_properties_cameras.py",
-                            "tests/test_properties_planes_render.py"], cwd=DST, env=env, capture_output=True, text=True)
+    files = sorted({b[4].split("::")[0] for b in breaks})
+    clean = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=DST, env=env,
+                           capture_output=True, text=True)
     print("restored copy:", clean.stdout.strip().splitlines()[-1])
     return 0 if ok and clean.returncode == 0 else 1
 

@@ -66,20 +66,26 @@ SELECTION: dict[str, list[str]] = {
         "tests/test_gmpi.py::test_pose_d_official_start_is_the_2d_logit_times_a_random_gain",
         "tests/test_gmpi.py::test_pose_d_pretrained_logit_start_keeps_the_verdict_and_can_learn_the_pose",
     ],
-    # The three below are being restructured: their selections are a first cut (the tool runs on them).
     "gmpi_lightning/module.py": [
         "tests/test_module.py::test_one_iteration_losses_and_adam_steps",
         "tests/test_module.py::test_worst_view_selection_picks_min_logit",
         "tests/test_module.py::test_shading_schedule_in_training",
         "tests/test_module.py::test_lazy_r1_keeps_the_plain_learning_rate",
+        "tests/test_wiring.py::test_losses_move_the_logits_their_way",
+        "tests/test_wiring.py::test_ema_is_lerp_with_the_logged_beta",
+        "tests/test_wiring.py::test_r1_has_the_size_of_gamma_over_2_grad_squared_times_its_interval",
+        "tests/test_wiring.py::test_g_step_trains_on_the_worst_candidate_view",
     ],
     "gmpi_lightning/scene.py": [
         "tests/test_reference.py::test_ground_truth_mpi_renders_its_input_view_back",
         "tests/test_reference.py::test_ground_truth_mpi_turns_like_the_head_and_the_billboard_does_not",
         "tests/test_media.py::test_grid_layout_depth_tiles_and_fixed_cameras",
         "tests/test_invert.py",
+        "tests/test_wiring.py::test_generator_gets_normalised_depths_and_the_renderer_metric_ones",
     ],
-    "gmpi_lightning/nn/gmpi.py": ["tests/test_gmpi.py"],
+    "gmpi_lightning/nn/gmpi.py": [
+        "tests/test_gmpi.py", "tests/test_wiring.py::test_every_alpha_mode_matches_a_naive_reference",
+    ],
 }
 
 # mutmut exit codes per mutant -> our categories. A timeout or a crash of the test process is a detection.

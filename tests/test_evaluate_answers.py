@@ -163,7 +163,7 @@ def test_invalid_fakes_warned_and_json_has_no_nan():
 def test_inception_warning_reads_the_hash_not_the_name(tmp_path):
     official = tmp_path / INCEPTION_FILE
     official.write_bytes(b"a random file saved under the official name")
-    from gmpi_lightning.evaluation.inception import file_sha256
+    from gmpi_lightning.data import file_sha256
 
     assert "not 6726825d" in weights_warning(official, file_sha256(official))
     assert weights_warning(official, "6726825d" + "0" * 56) is None

@@ -99,7 +99,7 @@ def test_camera_inputs_that_cannot_work_are_clear_errors():
 
 
 def _official_truncated(draws: torch.Tensor, n_stds: float) -> torch.Tensor:
-    """docs/METHOD.md §1 (pose sampling) read literally: per value, the first of its 4 draws strictly inside (-n, n), else draw 0
+    """METHOD.md §1 read literally: per value, the first of its 4 draws strictly inside (-n, n), else draw 0
     clamped."""
     out = []
     for row in draws.tolist():

@@ -11,9 +11,10 @@ from gmpi_lightning import export, inversion
 from gmpi_lightning.cli import main as gmpi_main
 from gmpi_lightning.estimators import FORMAT as ESTIMATOR_FORMAT
 from gmpi_lightning.estimators import DepthCNN, PoseCNN
-from gmpi_lightning.inference import load_generator
-from gmpi_lightning.inversion import InvertSettings, image_loss, invert, psnr_ssim, pyramid_ssim_loss
-from gmpi_lightning.invert_cli import load_image, parse_views
+from gmpi_lightning.image_losses import image_loss, psnr_ssim, pyramid_ssim_loss
+from gmpi_lightning.inference import load_generator, load_image
+from gmpi_lightning.inversion import InvertSettings, invert
+from gmpi_lightning.invert_cli import parse_views
 from gmpi_lightning.io import save_gmpi_checkpoint
 from gmpi_lightning.nn.gmpi import GMPIGenerator
 from gmpi_lightning.presets import get_preset

@@ -4,6 +4,8 @@ imports them, and nothing loads project code by name (importlib), so every arrow
 
 import ast
 
+import pytest
+
 from tests.conftest import REPO
 
 COMPOSITION_ROOT = {"gmpi_lightning/cli.py", "gmpi_lightning/trainer.py"}
@@ -47,3 +49,35 @@ def test_the_composition_root_wires_data_and_truth(tmp_path):
     assert cli.main(["data", "synthetic", "--out", str(tmp_path / "d"), "--num", "4", "--resolution", "16"]) == 0
     assert (tmp_path / "d" / "dataset.json").is_file()
     assert "synthetic" in TRUTH_RENDERERS  # gmpi evaluate --reference can render the heads' ground truth
+
+
+def _architecture():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("architecture", REPO / "scripts" / "architecture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layers_point_down_and_the_graph_has_no_cycle():
+    """docs/ARCHITECTURE.md's layers hold for every product file: no import (inside functions included) from a lower
+    layer to a higher one, no cycle, and every file placed in a layer (a new file must be given one)."""
+    arch = _architecture()
+    graph = arch.import_graph()
+    assert len(graph) > 60 and sum(len(t) for t in graph.values()) > 150  # the real graph, not an empty parse
+    assert [arch.layer_of(m) for m in graph]  # raises for a file in no layer
+    assert arch.upward_arrows(graph) == []
+    assert arch.cycles(graph) == []
+
+
+def test_the_layer_check_sees_a_planted_upward_arrow_and_cycle():
+    """Rules out a checker that passes everything: a render -> module arrow and a two-file loop are reported."""
+    arch = _architecture()
+    graph = {"gmpi_lightning.render": {"gmpi_lightning.module"}, "gmpi_lightning.module": {"gmpi_lightning.render"},
+             "gmpi_lightning.cameras": set()}
+    assert arch.upward_arrows(graph) == [
+        "gmpi_lightning.render (networks and rendering) -> gmpi_lightning.module (training and analysis)"]
+    assert arch.cycles(graph) == [["gmpi_lightning.module", "gmpi_lightning.render"]]
+    with pytest.raises(KeyError, match="no layer"):
+        arch.layer_of("gmpi_lightning.brand_new_module")

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import InputError
 from ..evaluation.evaluate import (
     ALL_METRICS,
     default_inputs,
@@ -93,7 +94,7 @@ def evaluate_command(ckpt: str, metrics: str = "consistency", data: str | None =
     truth_data = (data or loaded.training_data) if kinds else None
     if kinds:  # checked before the generator's evaluation, not after it
         if not truth_data:
-            raise ValueError("--reference renders the data's ground truth: pass --data (a `gmpi data synthetic` "
+            raise InputError("--reference renders the data's ground truth: pass --data (a `gmpi data synthetic` "
                              "folder)")
         load_truth(truth_data)  # refuses data whose ground truth cannot be rendered, naming its source
     settings = FakeSettings(planes=planes, truncation=truncation, noise_mode=noise_mode, resolution=resolution,

@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import InputError
 from ..inversion import InvertSettings
 from ..pose_search import SearchSettings
 from . import Floats, default_device
@@ -18,7 +19,7 @@ GRID = f"{_DS.yaws}x{_DS.pitches}"
 
 def _pose(pose: Floats | None) -> tuple[float, float] | None:
     if pose is not None and len(pose) != 2:
-        raise ValueError(f"cannot parse pose {','.join(map(str, pose))!r}: use YAW,PITCH in radians, e.g. 0.2,-0.05")
+        raise InputError(f"cannot parse pose {','.join(map(str, pose))!r}: use YAW,PITCH in radians, e.g. 0.2,-0.05")
     return None if pose is None else (pose[0], pose[1])
 
 

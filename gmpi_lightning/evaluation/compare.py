@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 from ..data import read_card, resolve_shards
+from ..errors import InputError
 from .reference import KINDS, TRUTH_RENDERERS
 
 COLUMNS = ["fid", "kid", "precision", "recall", "is", "pose", "pose_yaw_slope", "depth", "depth_fd",
@@ -50,7 +51,7 @@ def choose_metrics(requested: str | None, data: str | Path, has_depth: bool | No
     metrics = parse_metrics(requested)
     need, keep = [m for m in metrics if m in DEPTH_METRICS], [m for m in metrics if m not in DEPTH_METRICS]
     if need and has_depth is False:
-        raise ValueError(f"--metrics {','.join(need)} need ground-truth depth, but the samples of {data} have no "
+        raise InputError(f"--metrics {','.join(need)} need ground-truth depth, but the samples of {data} have no "
                          f"depth.npy; drop them (e.g. --metrics {','.join(keep or ['fid', 'kid', 'consistency'])})")
     return metrics
 

@@ -22,6 +22,7 @@ import torch
 
 from ..cameras import invert_rigid
 from ..data import read_card, read_samples, resolve_shards
+from ..errors import InputError
 from ..estimators import depth_error, load_estimators, pose_error, summarize
 from ..export import progress
 from ..scene import generated_planes
@@ -45,7 +46,7 @@ def parse_metrics(text: str | list[str]) -> list[str]:
         return list(ALL_METRICS)
     bad = [m for m in names if m not in ALL_METRICS]
     if bad or not names:
-        raise ValueError(f"unknown metric(s) {bad or names}; choose from {', '.join(ALL_METRICS)} (or all)")
+        raise InputError(f"unknown metric(s) {bad or names}; choose from {', '.join(ALL_METRICS)} (or all)")
     return names
 
 
@@ -75,7 +76,7 @@ def resolve_estimators(estimators, metrics: list[str], device) -> tuple:
     a ``(pose, depth)`` pair or a ``{"pose": .., "depth": ..}`` dict of modules/callables (README "Pose and depth
     estimators" for the conventions)."""
     if estimators is None:
-        raise ValueError("pose/depth/est_fd need an estimator: `gmpi estimators train --data DATA --out EST.pt` "
+        raise InputError("pose/depth/est_fd need an estimator: `gmpi estimators train --data DATA --out EST.pt` "
                          "then --estimators EST.pt, or pass (pose_module, depth_module) to evaluate() (or drop them "
                          "from --metrics)")
     if isinstance(estimators, (str, Path)):
@@ -89,9 +90,9 @@ def resolve_estimators(estimators, metrics: list[str], device) -> tuple:
                             "depth": type(depth).__name__ if depth is not None else None}}
     for name, net in (("pose", pose), ("depth", depth)):
         if name in metrics and net is None:
-            raise ValueError(f"metric {name!r} was asked for but no {name} estimator was given")
+            raise InputError(f"metric {name!r} was asked for but no {name} estimator was given")
     if "est_fd" in metrics and not hasattr(pose, "embed"):
-        raise ValueError("metric 'est_fd' reads the features of a trained PoseCNN (`gmpi estimators train`); the "
+        raise InputError("metric 'est_fd' reads the features of a trained PoseCNN (`gmpi estimators train`); the "
                          f"given pose estimator ({type(pose).__name__}) has no embed()")
     pose, depth = (n.to(device).eval() if isinstance(n, torch.nn.Module) else n for n in (pose, depth))
     return pose, depth, info
@@ -103,7 +104,7 @@ def real_depth_samples(data: str | Path, num: int, batch_size: int = 64) -> dict
     depth, w2c, seen = [], [], 0
     for batch in read_samples(resolve_shards(str(data))[0], batch_size):
         if "depth" not in batch:
-            raise ValueError(f"{data}: its samples have no depth.npy, so depth_fd cannot run (it needs ground-truth "
+            raise InputError(f"{data}: its samples have no depth.npy, so depth_fd cannot run (it needs ground-truth "
                              f"depth, e.g. `gmpi data synthetic`); drop depth_fd from --metrics")
         depth.append(batch["depth"])
         w2c.append(batch["w2c"])
@@ -111,7 +112,7 @@ def real_depth_samples(data: str | Path, num: int, batch_size: int = 64) -> dict
         if seen >= num:
             break
     if seen < num:
-        raise ValueError(f"{data}: depth_fd asked for {num} real samples but the data holds {seen}")
+        raise InputError(f"{data}: depth_fd asked for {num} real samples but the data holds {seen}")
     w = torch.cat(w2c)[:num].reshape(-1, 4, 4).double()
     return {"depth": torch.cat(depth)[:num], "c2w": invert_rigid(w).float()}
 
@@ -158,9 +159,9 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     settings = settings or FakeSettings()
     missing = sorted(m for m in metrics if m in NEEDS_DATA and not data)
     if missing:
-        raise ValueError(f"metrics {missing} compare with real data: pass --data (a folder written by `gmpi data`)")
+        raise InputError(f"metrics {missing} compare with real data: pass --data (a folder written by `gmpi data`)")
     if num_samples < 2:
-        raise ValueError(f"--num-samples must be at least 2, got {num_samples}")
+        raise InputError(f"--num-samples must be at least 2, got {num_samples}")
     t0 = time.time()
     rank, world = rank_world()
     extractor = InceptionFeatures(inception).to(device) if INCEPTION_METRICS & set(metrics) else None
@@ -189,7 +190,7 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     if {"fid", "kid", "pr"} & set(metrics) and data is not None:
         real_res = read_card(data).get("resolution")
         if real_res and real_res != res:
-            raise ValueError(f"FID/KID/PR would compare {res}px fakes with {real_res}px reals from {data}; render at "
+            raise InputError(f"FID/KID/PR would compare {res}px fakes with {real_res}px reals from {data}; render at "
                              f"the data's resolution (--resolution {real_res}) or use data made at {res}px")
     acc: dict[str, list[torch.Tensor]] = {k: [] for k in widths}
 
@@ -241,7 +242,7 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     per = {k: v[order] for k, v in per.items()}
     broken = per.pop("seed")[per.pop("nonfinite")[:, 0] > 0, 0].long().tolist()
     if broken:  # every rank sees the gathered list, so every rank stops here
-        raise ValueError(f"{len(broken)} of {num_samples} fakes rendered NaN/inf (seeds {broken[:10]}"
+        raise InputError(f"{len(broken)} of {num_samples} fakes rendered NaN/inf (seeds {broken[:10]}"
                          f"{' ...' if len(broken) > 10 else ''}): the generator is broken (a diverged or corrupt "
                          f"checkpoint?); no metric would mean anything. Re-check the checkpoint, e.g. `gmpi render "
                          f"--seeds {broken[0]}`")

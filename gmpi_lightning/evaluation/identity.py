@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..estimators import summarize
 from .fakes import FakeSettings, iter_fakes
 
@@ -40,10 +41,10 @@ def identity_similarity(embed: Callable[[torch.Tensor], torch.Tensor], G, preset
     for batch in iter_fakes(G, preset, seeds, settings, device, streams=(0, 1)):
         if bool(batch["nonfinite"].any()):
             bad = [s for s, f in zip(batch["seeds"], batch["nonfinite"].tolist()) if f]
-            raise ValueError(f"fakes {bad} hold NaN/inf: the generator is broken; no similarity would mean anything")
+            raise InputError(f"fakes {bad} hold NaN/inf: the generator is broken; no similarity would mean anything")
         a, b = (embed(v["rgb"] * 2 - 1) for v in batch["views"])
         if a.shape[0] != len(batch["seeds"]) or a.shape != b.shape:
-            raise ValueError(f"the embedder returned {tuple(a.shape)} and {tuple(b.shape)} for "
+            raise InputError(f"the embedder returned {tuple(a.shape)} and {tuple(b.shape)} for "
                              f"{len(batch['seeds'])} images; expected B x d")
         values.append(F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1).cpu())
     per_seed = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data import eval_loader, read_card, resolve_shards
+from ..errors import InputError
 from ..export import progress
 from .inception import InceptionFeatures, to_uint8_images
 
@@ -54,7 +55,7 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, which=("fid", "kid"), kid_su
     real, fake = real.double().cpu(), fake.double().cpu()
     d = real.shape[1]
     if real.shape[0] < 2 or fake.shape[0] < 2:
-        raise ValueError(f"FID/KID need at least 2 real and 2 fake images, got {real.shape[0]} and {fake.shape[0]}")
+        raise InputError(f"FID/KID need at least 2 real and 2 fake images, got {real.shape[0]} and {fake.shape[0]}")
     out: dict = {"num_real": int(real.shape[0]), "num_fake": int(fake.shape[0])}
     if "fid" in which:
         fid = FrechetInceptionDistance(feature=_Passthrough(d), sync_on_compute=False).set_dtype(torch.float64)
@@ -83,7 +84,7 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, neighborhood: int =
 
     n_real, n_fake = real.shape[0], fake.shape[0]
     if min(n_real, n_fake) <= neighborhood:
-        raise ValueError(f"precision/recall (pr) need more than {neighborhood} real and fake images (k-NN balls, "
+        raise InputError(f"precision/recall (pr) need more than {neighborhood} real and fake images (k-NN balls, "
                          f"k = {neighborhood}); got {n_real} real and {n_fake} fake: raise --num-samples / --num-real")
     out = prc_features_to_metric(fake.float().cpu(), real.float().cpu(), prc_neighborhood=neighborhood,
                                  prc_batch_size=10000, save_cpu_ram=True, verbose=False)
@@ -98,7 +99,7 @@ def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS, seed: int = K
     from torch_fidelity.metric_isc import isc_features_to_metric
 
     if logits.shape[0] < 2:
-        raise ValueError(f"the Inception Score needs at least 2 fakes, got {logits.shape[0]}")
+        raise InputError(f"the Inception Score needs at least 2 fakes, got {logits.shape[0]}")
     splits = min(splits, logits.shape[0])
     out = isc_features_to_metric(logits.float().cpu(), splits=splits, shuffle=True, rng_seed=seed)
     return {"is": float(out["inception_score_mean"]), "is_std": float(out["inception_score_std"]),
@@ -158,7 +159,7 @@ def real_cache_key(card: dict, extractor: dict, max_images: int | None, world: i
              "extractor": extractor["extractor"], "weights_sha256": extractor["weights_sha256"],
              "max_images": max_images, "world": world if max_images else None}
     if not ident["shards"]:
-        raise ValueError("the dataset card lists no shards with checksums; rewrite the dataset with `gmpi data`")
+        raise InputError("the dataset card lists no shards with checksums; rewrite the dataset with `gmpi data`")
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -202,12 +203,12 @@ def real_features(data: str | Path, extractor: InceptionFeatures, max_images: in
     if max_images:
         want = min(max_images, card.get("count") or max_images)
         if allf.shape[0] < want:  # a rank's shards hold fewer than its share: never compare against fewer silently
-            raise ValueError(f"{data}: asked for {want} real images but the {world} process(es) read {allf.shape[0]} "
+            raise InputError(f"{data}: asked for {want} real images but the {world} process(es) read {allf.shape[0]} "
                              f"(each reads its own shards, at most {limit}); use all reals (no --num-real), fewer "
                              f"processes, or more, equal-sized shards")
         allf = allf[:max_images]
     elif card.get("count") is not None and allf.shape[0] != card["count"]:
-        raise ValueError(f"{data}: read {allf.shape[0]} real images but dataset.json says {card['count']}: shards "
+        raise InputError(f"{data}: read {allf.shape[0]} real images but dataset.json says {card['count']}: shards "
                          f"missing or read twice; check the folder, then rerun")
     if use_cache and rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,13 @@ cache ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``.
 
 from __future__ import annotations
 
-import hashlib
 import os
-from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from ..data import file_sha256
+from ..errors import InputError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -42,20 +43,6 @@ def resolve_weights(weights: str | Path | None = None) -> Path:
         f"{hub_cache_path()}. (Metrics that need no Inception: consistency, depth_fd, pose, depth.)")
 
 
-@lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime: float) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    st = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime)
-
-
 class InceptionFeatures(torch.nn.Module):
     """uint8 images (B x 3 x H x W, any size) -> B x 2048 float64 pool features (:meth:`forward`), or those and the
     B x 1008 logits (:meth:`features_and_logits`)."""
@@ -72,7 +59,7 @@ class InceptionFeatures(torch.nn.Module):
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
                                           feature_extractor_weights_path=str(self.weights), antialias=False)
         except Exception as e:  # noqa: BLE001 (a truncated or foreign file: say which)
-            raise ValueError(f"{self.weights}: cannot load it as torch-fidelity's Inception ({INCEPTION_FILE}): "
+            raise InputError(f"{self.weights}: cannot load it as torch-fidelity's Inception ({INCEPTION_FILE}): "
                              f"{type(e).__name__}: {e}") from e
         self.batch_size = batch_size
 
@@ -88,7 +75,7 @@ class InceptionFeatures(torch.nn.Module):
         """(B x 2048 pool features, B x 1008 logits without the bias, as torch-fidelity's Inception Score uses),
         float64 on the CPU."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"Inception features need uint8 B x 3 x H x W images, got {images.dtype} "
+            raise InputError(f"Inception features need uint8 B x 3 x H x W images, got {images.dtype} "
                              f"{tuple(images.shape)}")
         dev = next(self.net.parameters()).device
         feats, logits = [], []

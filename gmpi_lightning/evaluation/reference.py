@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cameras import invert_rigid, yaw_pitch_from_w2c
+from ..errors import InputError
 from ..planes import Planes, texel_xyz
 from ..scene import Scene
 from .fakes import fake_batch
@@ -66,7 +67,7 @@ def parse_kinds(text: str | list[str] | None) -> list[str]:
         return list(KINDS)
     bad = [k for k in names if k not in KINDS]
     if bad:
-        raise ValueError(f"unknown reference row(s) {bad}; choose from {', '.join(KINDS)} (or all)")
+        raise InputError(f"unknown reference row(s) {bad}; choose from {', '.join(KINDS)} (or all)")
     return names
 
 
@@ -84,7 +85,7 @@ def load_truth(data: str | Path, resolution: int | None = None):
     card = read_card(data)
     source = card.get("source")
     if source not in TRUTH_RENDERERS:
-        raise ValueError(f"{data}: reference rows render each sample's ground truth at new cameras, which needs the "
+        raise InputError(f"{data}: reference rows render each sample's ground truth at new cameras, which needs the "
                          f"data's renderer; this data's source is {source!r} (supported: "
                          f"{', '.join(TRUTH_RENDERERS) or 'none registered'}, e.g. `gmpi data synthetic`). Drop "
                          f"--reference.")
@@ -221,7 +222,7 @@ def iter_reference(kind: str, truth, preset, seeds: list[int], settings, device=
     """Batches shaped like :func:`~gmpi_lightning.evaluation.fakes.iter_fakes`' for reference row ``kind``: the same
     cameras per seed, ``render_at(c2w)`` (views at other cameras, e.g. the real samples' for depth FD)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown reference row {kind!r}; choose from {', '.join(KINDS)}")
+        raise InputError(f"unknown reference row {kind!r}; choose from {', '.join(KINDS)}")
     res = settings.resolution or preset.resolution
     scene = Scene(preset, settings.planes, device)
     for i in range(0, len(seeds), settings.batch_size):

@@ -21,10 +21,10 @@ from ..nn.gmpi import GMPIGenerator
 from .stylegan2_pkl import (
     NetworkFormatError,
     UnsafePickleError,
-    _require_file,
     build_checked,
     check_tensors_match,
     probe_network,
+    require_file,
 )
 
 GMPI_FORMAT = "gmpi-lightning/gmpi"
@@ -92,7 +92,7 @@ def _plain_config(obj):
 def read_official_config(path: str | Path) -> dict:
     """``config.pth`` (pickled yacs tree, zip or legacy) or a JSON file -> nested plain dicts."""
     path = Path(path)
-    _require_file(path, "GMPI config")
+    require_file(path, "GMPI config")
     if path.suffix == ".json":
         return json.loads(path.read_text())
     try:  # torch.save containers (zip or legacy), then a plain pickle
@@ -191,7 +191,7 @@ def load_official_gmpi(generator_pth: str | Path, config: str | Path | dict | No
     truncates towards w = 0).
     """
     path = Path(generator_pth)
-    _require_file(path, "GMPI generator checkpoint")
+    require_file(path, "GMPI generator checkpoint")
     cfg = config if isinstance(config, dict) else (read_official_config(config) if config else {})
     gmpi_kwargs = gmpi_kwargs_from_config(cfg)
     try:
@@ -257,7 +257,7 @@ def load_gmpi_checkpoint(path: str | Path) -> dict[str, Any]:
     from ..nn.discriminator import Discriminator, PoseConditionedDiscriminator
 
     path = Path(path)
-    _require_file(path, "GMPI checkpoint")
+    require_file(path, "GMPI checkpoint")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .layers import FullyConnectedLayer
 from .ops import bias_act
 from .synthesis import ToRGBLayer
@@ -167,5 +168,5 @@ def fixed_planes(G) -> bool:
 
 def alpha_branch(name: str) -> AlphaBranch:
     if name not in ALPHA_MODES:
-        raise ValueError(f"unknown alpha_mode {name!r}; expected one of {tuple(ALPHA_MODES)}")
+        raise InputError(f"unknown alpha_mode {name!r}; expected one of {tuple(ALPHA_MODES)}")
     return ALPHA_MODES[name]

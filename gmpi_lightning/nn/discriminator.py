@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .layers import (
     DEFAULT_FILTER,
     Conv2dLayer,
@@ -34,9 +35,9 @@ class DiscriminatorBlock(nn.Module):
                  use_fp16: bool = False, fp16_channels_last: bool = False, freeze_layers: int = 0):
         super().__init__()
         if in_channels not in (0, tmp_channels):
-            raise ValueError(f"DiscriminatorBlock: in_channels must be 0 or {tmp_channels}, got {in_channels}")
+            raise InputError(f"DiscriminatorBlock: in_channels must be 0 or {tmp_channels}, got {in_channels}")
         if architecture not in ("orig", "skip", "resnet"):
-            raise ValueError(f"discriminator architecture must be orig|skip|resnet, got {architecture!r}")
+            raise InputError(f"discriminator architecture must be orig|skip|resnet, got {architecture!r}")
         self.in_channels, self.resolution, self.img_channels = in_channels, resolution, img_channels
         self.first_layer_idx, self.architecture, self.use_fp16 = first_layer_idx, architecture, use_fp16
         self.channels_last = use_fp16 and fp16_channels_last
@@ -97,7 +98,7 @@ class MinibatchStdLayer(nn.Module):
         n, c, h, w = x.shape
         g = min(self.group_size, n) if self.group_size is not None else n
         if n % g != 0:
-            raise ValueError(f"minibatch-stddev: batch {n} is not divisible by the group size {g}")
+            raise InputError(f"minibatch-stddev: batch {n} is not divisible by the group size {g}")
         f = self.num_channels
         y = x.reshape(g, -1, f, c // f, h, w)
         y = y - y.mean(dim=0)
@@ -219,7 +220,7 @@ class PoseConditionedDiscriminator(Discriminator):
 
     def embed_condition(self, c: torch.Tensor | None) -> torch.Tensor:
         if c is None or c.ndim != 2 or c.shape[1] != self.c_dim:
-            raise ValueError(f"the pose condition must be B x {self.c_dim} (flattened w2c), got "
+            raise InputError(f"the pose condition must be B x {self.c_dim} (flattened w2c), got "
                              f"{None if c is None else tuple(c.shape)}")
         return normalize_2nd_moment(self.mapping(c.to(torch.float32)))
 
@@ -244,9 +245,9 @@ class PoseConditionedDiscriminator(Discriminator):
             to use the pose.
         """
         if D.c_dim != 0:
-            raise ValueError("from_stylegan2 expects an unconditional discriminator (c_dim = 0)")
+            raise InputError("from_stylegan2 expects an unconditional discriminator (c_dim = 0)")
         if pose_init not in POSE_INITS:
-            raise ValueError(f"pose_init must be one of {POSE_INITS}, got {pose_init!r}")
+            raise InputError(f"pose_init must be one of {POSE_INITS}, got {pose_init!r}")
         kw = D.init_kwargs
         new = cls(img_resolution=kw["img_resolution"], img_channels=kw["img_channels"], c_dim=c_dim,
                   cmap_dim=cmap_dim, mbstd_group_size=mbstd_group_size, channel_base=kw["channel_base"],
@@ -257,7 +258,7 @@ class PoseConditionedDiscriminator(Discriminator):
         with torch.no_grad():
             for name, t in D.state_dict().items():
                 if name not in own:
-                    raise ValueError(f"pretrained D tensor {name} has no counterpart in the pose-conditioned D")
+                    raise InputError(f"pretrained D tensor {name} has no counterpart in the pose-conditioned D")
                 own[name].copy_(t.expand_as(own[name]) if name.startswith("b4.out.") else t)
             if pose_init == "pretrained_logit":
                 rows = (1 + row_pattern(cmap_dim)) / math.sqrt(cmap_dim)

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .alpha import alpha_branch
 from .layers import MappingNetwork
 from .ops import upsample2d
@@ -104,9 +105,9 @@ class GMPIGenerator(nn.Module):
                  alpha_depth_center: float = 0.0):
         super().__init__()
         if final_activation not in FINAL_ACTIVATIONS:
-            raise ValueError(f"final_activation must be one of {FINAL_ACTIVATIONS}, got {final_activation!r}")
+            raise InputError(f"final_activation must be one of {FINAL_ACTIVATIONS}, got {final_activation!r}")
         if img_channels != 3:
-            raise ValueError("GMPI generates RGB planes: img_channels must be 3")
+            raise InputError("GMPI generates RGB planes: img_channels must be 3")
         self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.init_kwargs["mapping_kwargs"] = dict(mapping_kwargs or {})
         self.init_kwargs["synthesis_kwargs"] = dict(synthesis_kwargs or {})
@@ -117,7 +118,7 @@ class GMPIGenerator(nn.Module):
         self.background_alpha_full = background_alpha_full and not self.alpha.fixed_planes
         self.final_activation = final_activation
         if alpha_depth_slope and not self.alpha.per_plane_logits:
-            raise ValueError(f"alpha_depth_slope offsets per-plane alpha logits; {alpha_mode} has none")
+            raise InputError(f"alpha_depth_slope offsets per-plane alpha logits; {alpha_mode} has none")
         self.alpha_depth_slope, self.alpha_depth_center = float(alpha_depth_slope), float(alpha_depth_center)
         self.depth2alpha_delta = depth2alpha_z_range / depth2alpha_n_z_bins
         self.synthesis = GMPISynthesisNetwork(
@@ -131,7 +132,7 @@ class GMPIGenerator(nn.Module):
         if self.alpha.uses_tokens:
             td = torch.linspace(0, 1, n_train_planes) if token_depths is None else torch.tensor(token_depths)
             if td.shape != (n_train_planes,) or bool((td[1:] <= td[:-1]).any()):
-                raise ValueError(f"token_depths must be {n_train_planes} increasing normalised depths")
+                raise InputError(f"token_depths must be {n_train_planes} increasing normalised depths")
             self.register_buffer("token_depths", td.to(torch.float32))
 
     # ------------------------------------------------------------------------------------------ build
@@ -153,7 +154,7 @@ class GMPIGenerator(nn.Module):
         missing, unexpected = gmpi.load_state_dict(G.state_dict(), strict=False)
         new = ("pos_enc_embed", "toalpha", "todepth", "plane_tokens", "token_depths")
         if unexpected or any(not any(n in k for n in new) for k in missing):
-            raise ValueError(f"StyleGAN2 weights do not fit the GMPI backbone: unexpected {unexpected[:5]}, "
+            raise InputError(f"StyleGAN2 weights do not fit the GMPI backbone: unexpected {unexpected[:5]}, "
                              f"missing {[k for k in missing if not any(n in k for n in new)][:5]}")
         return gmpi.to(next(G.parameters()).device)
 
@@ -178,13 +179,13 @@ class GMPIGenerator(nn.Module):
 
     def _check_planes(self, plane_depths, values: bool = True) -> torch.Tensor:
         if plane_depths is None:
-            raise ValueError("plane_depths (normalised, L values in [0, 1], index 0 nearest) are required; "
+            raise InputError("plane_depths (normalised, L values in [0, 1], index 0 nearest) are required; "
                              "e.g. get_preset('FFHQ256').normalized_plane_depths(32)")
         d = torch.as_tensor(plane_depths, dtype=torch.float32).reshape(-1)
         if d.numel() < 2 or (values and not bool(torch.isfinite(d).all())):
-            raise ValueError(f"plane_depths must hold at least 2 finite values, got {d.tolist()}")
+            raise InputError(f"plane_depths must hold at least 2 finite values, got {d.tolist()}")
         if self.alpha.fixed_planes and d.numel() != self.n_train_planes:
-            raise ValueError(f"the vanilla alpha branch generates exactly {self.n_train_planes} planes, "
+            raise InputError(f"the vanilla alpha branch generates exactly {self.n_train_planes} planes, "
                              f"got {d.numel()} plane depths")
         return d
 

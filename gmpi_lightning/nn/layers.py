@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .ops import activation_gain, assert_shape, bias_act, conv2d_resample, normalize_2nd_moment, setup_filter
 
 DEFAULT_FILTER = (1, 3, 3, 1)
@@ -35,9 +36,9 @@ def check_resolution(img_resolution: int, channel_base: int) -> int:
     """log2 of a valid network resolution (a power of two >= 4 with at least one channel at the top)."""
     log2 = int(np.log2(img_resolution))
     if img_resolution < 4 or 2**log2 != img_resolution:
-        raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
+        raise InputError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
     if channel_base // img_resolution < 1:
-        raise ValueError(f"channel_base {channel_base} gives 0 channels at {img_resolution} px; "
+        raise InputError(f"channel_base {channel_base} gives 0 channels at {img_resolution} px; "
                          f"use channel_base >= {img_resolution}")
     return log2
 
@@ -140,7 +141,7 @@ class MappingNetwork(nn.Module):
             x = normalize_2nd_moment(z.to(torch.float32))
         if self.c_dim > 0:
             if c is None or c.ndim != 2 or c.shape[1] != self.c_dim:
-                raise ValueError(f"this network is conditional: c must be B x {self.c_dim}, got "
+                raise InputError(f"this network is conditional: c must be B x {self.c_dim}, got "
                                  f"{None if c is None else tuple(c.shape)}")
             y = normalize_2nd_moment(self.embed(c.to(torch.float32)))
             x = torch.cat([x, y], dim=1) if x is not None else y
@@ -152,7 +153,7 @@ class MappingNetwork(nn.Module):
             x = x.unsqueeze(1).repeat([1, self.num_ws, 1])
         if truncation_psi != 1:
             if self.w_avg_beta is None:
-                raise ValueError("truncation needs w_avg, which this mapping network does not track")
+                raise InputError("truncation needs w_avg, which this mapping network does not track")
             if self.num_ws is None or truncation_cutoff is None:
                 x = self.w_avg.lerp(x, truncation_psi)
             else:

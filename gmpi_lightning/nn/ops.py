@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
+
 # name -> (function of (x, alpha), default alpha, default gain)
 ACTIVATIONS = {
     "linear": (lambda x, a: x, 0.0, 1.0),
@@ -38,7 +40,7 @@ ACTIVATIONS = {
 
 def activation_gain(name: str) -> float:
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+        raise InputError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name][2]
 
 
@@ -318,4 +320,4 @@ def assert_shape(tensor: torch.Tensor, shape: Sequence[int | None], name: str = 
     """Raise a readable error unless ``tensor`` has ``shape`` (``None`` matches any size)."""
     if tensor.ndim != len(shape) or any(s is not None and s != t for s, t in zip(shape, tensor.shape)):
         want = "x".join("*" if s is None else str(s) for s in shape)
-        raise ValueError(f"{name}: expected shape {want}, got {'x'.join(map(str, tensor.shape)) or 'scalar'}")
+        raise InputError(f"{name}: expected shape {want}, got {'x'.join(map(str, tensor.shape)) or 'scalar'}")

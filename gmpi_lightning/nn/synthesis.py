@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .layers import (
     DEFAULT_FILTER,
     Conv2dLayer,
@@ -52,7 +53,7 @@ class SynthesisLayer(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random", fused_modconv: bool = True,
                 gain: float = 1.0, noise_generator: torch.Generator | None = None) -> torch.Tensor:
         if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+            raise InputError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         in_res = self.resolution // self.up
         assert_shape(x, [None, self.in_channels, in_res, in_res], f"SynthesisLayer@{self.resolution} input")
         styles = self.affine(w)
@@ -99,7 +100,7 @@ class SynthesisBlock(nn.Module):
                  use_noise: bool = True, activation: str = "lrelu"):
         super().__init__()
         if architecture not in ("orig", "skip", "resnet"):
-            raise ValueError(f"synthesis architecture must be orig|skip|resnet, got {architecture!r}")
+            raise InputError(f"synthesis architecture must be orig|skip|resnet, got {architecture!r}")
         self.in_channels, self.out_channels, self.w_dim = in_channels, out_channels, w_dim
         self.resolution, self.img_channels, self.is_last = resolution, img_channels, is_last
         self.architecture, self.use_fp16 = architecture, use_fp16

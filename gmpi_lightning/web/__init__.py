@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..planes import Planes
 from ..presets import Preset
 
@@ -61,7 +62,7 @@ def check_budget(n_seeds: int, n_planes: int, texture_resolution: int, force: bo
     if texels > MAX_TEXELS and not force:
         fit_planes = MAX_TEXELS // texture_resolution ** 2
         fit_res = int(math.isqrt(MAX_TEXELS // n_planes))
-        raise ValueError(f"{line}. That is too heavy for a web page ({n_planes} planes x {texture_resolution}^2 = "
+        raise InputError(f"{line}. That is too heavy for a web page ({n_planes} planes x {texture_resolution}^2 = "
                          f"{texels / 1e6:.1f} M texels per seed, limit {MAX_TEXELS / 1e6:.1f} M): use --planes "
                          f"{fit_planes} or fewer, or --resolution {fit_res} or less (textures are resampled), or pass "
                          f"--force to write it anyway")
@@ -72,7 +73,7 @@ def pack_mpi(mpi: torch.Tensor) -> dict:
     """One MPI (L x 4 x T x T in [0, 1]) -> the seed file's entry: ``rgb_index`` (plane -> colour layer),
     ``rgb_layers`` and ``data`` (base64 of zlib(alpha uint16 LE L x T x T, then colour uint8 K x 3 x T x T))."""
     if mpi.ndim != 4 or mpi.shape[1] != 4 or mpi.shape[2] != mpi.shape[3]:
-        raise ValueError(f"an MPI to export is L x 4 x T x T (square RGBA planes), got {tuple(mpi.shape)}")
+        raise InputError(f"an MPI to export is L x 4 x T x T (square RGBA planes), got {tuple(mpi.shape)}")
     mpi = mpi.detach().float().cpu().clamp(0, 1)
     layers, index = [], []
     for plane in mpi[:, :3]:  # consecutive planes with the same colour share one layer
@@ -121,7 +122,7 @@ class ViewerWriter:
     def __init__(self, out, preset: Preset, planes: Planes, resolution: int, texture_resolution: int,
                  seeds: list[int], info: dict | None = None, force: bool = False, verbose: bool = True):
         if not seeds:
-            raise ValueError("no seeds to export")
+            raise InputError("no seeds to export")
         line = check_budget(len(seeds), len(planes), texture_resolution, force)
         if verbose:
             print(line)
@@ -149,7 +150,7 @@ class ViewerWriter:
     def add(self, seed: int, mpi: torch.Tensor) -> Path:
         """Write ``seedNNNN.js`` for one MPI (L x 4 x T x T in [0, 1])."""
         if mpi.shape[0] != len(self.manifest["plane_depths"]):
-            raise ValueError(f"seed {seed}: {mpi.shape[0]} planes, the page has {len(self.manifest['plane_depths'])}")
+            raise InputError(f"seed {seed}: {mpi.shape[0]} planes, the page has {len(self.manifest['plane_depths'])}")
         entry = pack_mpi(resample_planes(mpi, self.texture_resolution))
         name = f"seed{int(seed):04d}.js"
         (self.out / name).write_text("window.GMPI_SEEDS = window.GMPI_SEEDS || {};\n" +
@@ -161,7 +162,7 @@ class ViewerWriter:
         """Write the manifest, the page and the viewer script; returns ``index.html``."""
         missing = sorted(set(self.seeds) - set(self.files))
         if missing:
-            raise ValueError(f"seeds {missing} were announced but not added")
+            raise InputError(f"seeds {missing} were announced but not added")
         manifest = dict(self.manifest, files={str(s): f for s, f in self.files.items()})
         (self.out / "manifest.js").write_text(_js_assign("window.GMPI_MANIFEST", manifest))
         shutil.copyfile(STATIC / "viewer.js", self.out / "viewer.js")
@@ -185,7 +186,7 @@ def single_file_html(folder) -> str:
     for name in ("manifest.js", "viewer.js"):
         script = (folder / name).read_text()
         if "</script" in script:
-            raise ValueError(f"{folder / name} cannot be inlined: it contains '</script'")
+            raise InputError(f"{folder / name} cannot be inlined: it contains '</script'")
         page = page.replace(f'<script src="{name}"></script>', f"<script>\n{script}</script>")
     return page
 
