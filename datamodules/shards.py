@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from gmpi_lightning.data import CARD, read_card  # noqa: F401  (the reading side of the schema lives there)
+from gmpi_lightning.errors import InputError
 
 CARD_FORMAT = "gmpi-lightning/shards"  # in every card the writer makes: the folder is ours to replace
 PARTIAL_MARKER = ".gmpi-partial"  # inside <out>.partial while the writer fills it: the writer may remove it
@@ -36,7 +37,7 @@ SHARD_PATTERN = "shard-%06d.tar"
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-/]+$")
 
 
-class BadSample(ValueError):
+class BadSample(InputError):
     """An input that cannot become a sample; the message names the file and the problem."""
 
 

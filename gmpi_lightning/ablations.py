@@ -30,7 +30,7 @@ ROW_ORDER = ["full", "no_pose_cond", "vanilla_alpha", "plane_tokens", "depth_to_
 CPU_MAX_ITERS = {"synthetic": 800}  # the default run's length on this base; other bases keep their own
 
 
-class AblationError(ValueError):
+class AblationError(InputError):
     """An ablation run that cannot go on (a failed row, a row not trained yet): one line from ``gmpi``."""
 
 

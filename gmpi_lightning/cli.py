@@ -24,12 +24,14 @@ import dataclasses
 import inspect
 import pickle
 import re
+import shlex
 import sys
 from collections.abc import Callable
 
 from jsonargparse import ArgumentParser
 
 from .commands import render as render_commands
+from .commands import set_invocation
 from .errors import USER_ERRORS, InputError
 
 PROG = "gmpi"
@@ -67,6 +69,7 @@ def run(func: Callable, argv: list[str], prog: str, positional: bool = False):
     if cut < len(argv) and "overrides" not in params:
         raise InputError(f"{prog} takes no arguments after `--`")
     ns = command_parser(func, prog, positional).parse_args(argv[:cut]).as_dict()
+    set_invocation(" ".join([prog, *map(shlex.quote, argv)]))  # recorded by commands that write results
     kwargs = {"overrides": argv[cut + 1:]} if "overrides" in params else {}
     for name, p in params.items():
         if dataclasses.is_dataclass(p.annotation):
@@ -74,7 +77,10 @@ def run(func: Callable, argv: list[str], prog: str, positional: bool = False):
                                            if f.name in ns})
         elif name in ns:
             kwargs[name] = ns.pop(name)
-    return func(**kwargs)
+    try:
+        return func(**kwargs)
+    finally:
+        set_invocation("")
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:

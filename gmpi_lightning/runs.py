@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from .errors import InputError
+from .run_paths import fill_run_paths
 
 CONFIG, DONE, PARAMS = "config.yaml", "done.json", "params.json"
 
@@ -89,7 +90,7 @@ def reroot(cfg: dict, run_dir: str | os.PathLike, **wandb) -> dict:
     model = init_args(cfg, "model")
     if model.get("export_path"):
         model["export_path"] = os.path.join(run, os.path.basename(model["export_path"]))
-    return cfg
+    return fill_run_paths(cfg)  # and the paths the config leaves to the root, spelled out in the run's config.yaml
 
 
 @dataclass
@@ -194,8 +195,6 @@ def resume_checkpoint(cfg: dict) -> Path | None:
     """The newest of the checkpoint callbacks' last*.ckpt (what ``--ckpt_path last`` finds) and the hpc_ckpt_N.ckpt
     that SLURM auto-requeue writes into the trainer root (which Lightning on SLURM loads by itself, even when
     older): after a requeue that is the hpc checkpoint, after a resubmission last.ckpt."""
-    from .run_paths import fill_run_paths
-
     cfg = fill_run_paths(json.loads(json.dumps(cfg, default=str)))  # paths the config leaves out: under its root
     trainer = cfg.get("trainer") or {}
     dirs = [(e.get("init_args") or {}).get("dirpath") for e in _entries(trainer.get("callbacks"))]

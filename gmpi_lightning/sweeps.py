@@ -23,6 +23,7 @@ import yaml
 
 from . import runs
 from .commands import Seeds
+from .errors import InputError
 
 SWEEP_KEYS = ("name", "description", "program", "command", "method", "metric", "parameters", "early_terminate",
               "project", "entity", "run_cap")
@@ -69,7 +70,7 @@ SPEC_RULES = (  # (distributions, ok(spec), message): checked in order, the firs
 EXAMPLE = "[${env}, ${interpreter}, -m, gmpi_lightning.sweeps, fit, --config, experiments/synthetic.yaml, ${args}]"
 
 
-class SweepError(ValueError):
+class SweepError(InputError):
     """A sweep file or invocation that cannot run; the message names the file and the field."""
 
 

@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from datamodules.posed_images import PosedImageDataModule
 
 from . import lock
+from .errors import USER_ERRORS
 from .module import GANModule
 from .run_paths import fill_run_paths
 
@@ -52,7 +53,15 @@ class GMPICLI(LightningCLI):
 
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # jsonargparse wraps what a constructor raised: a user's error keeps its own message
+            cause = e
+            while cause is not None and not isinstance(cause, USER_ERRORS):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
         self.model.run_config = self.parser.dump(self.config, skip_none=False, skip_check=True)  # into checkpoints
 
 

@@ -44,6 +44,15 @@ def inception_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """24 heads (not conftest's 96): the Inception tests run 299 px features of every image."""
+    from datamodules.converters import convert_synthetic
+
+    return convert_synthetic(tmp_path_factory.mktemp("syn") / "s16", num=24, resolution=16, seed=5,
+                             samples_per_shard=8)
+
+
+@pytest.fixture(scope="module")
 def feature_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("real-features")
 
@@ -176,7 +185,8 @@ def test_real_features_cached_by_card_and_extractor(shards, inception_file, feat
     assert real_cache_key(card, desc, None, 1) != key  # new data -> new statistics
     assert real_cache_key(card, dict(desc, weights_sha256="x"), None, 1) != real_cache_key(card, desc, None, 1)
     f3, _ = real_features(shards, ext, max_images=5, cache_dir=feature_cache)
-    assert torch.equal(f3, f1[:5])
+    # the first 5 rows, computed in a batch of 5 instead of 24 (CPU convolutions differ in the last float bits)
+    torch.testing.assert_close(f3, f1[:5], rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ 3D metrics

@@ -23,7 +23,7 @@ from scipy.io import savemat
 from datamodules import converters as cv
 from datamodules.shards import CARD_FORMAT, BadSample, ShardSetWriter, read_card
 from gmpi_lightning.cli import main as gmpi_main
-from gmpi_lightning.io import NetworkFormatError, UnsafePickleError, load_stylegan2_pkl
+from gmpi_lightning.io import NetworkFormatError, UnsafePickleError, load_stylegan2_pkl, safe_pickle
 from gmpi_lightning.io import stylegan2_pkl as sg2
 from gmpi_lightning.io.gmpi_ckpt import GMPI_FORMAT
 from gmpi_lightning.nn import Generator
@@ -187,10 +187,10 @@ def test_numpy_object_arrays_are_refused_numeric_ones_kept(tmp_path):
     with pytest.raises(UnsafePickleError, match="object arrays"):
         load_stylegan2_pkl(path)
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
-    back = sg2._RestrictedUnpickler(io.BytesIO(pickle.dumps(arr, protocol=4)), "x").load()
+    back = safe_pickle.RestrictedUnpickler(io.BytesIO(pickle.dumps(arr, protocol=4)), "x").load()
     assert np.array_equal(np.asarray(back), arr) and back.dtype == np.float32
     with pytest.raises(UnsafePickleError):  # numpy pickles always start from shape (0,): no pre-sized arrays
-        sg2._numpy_reconstruct(np.ndarray, (10**12,), b"b")
+        safe_pickle._numpy_reconstruct(np.ndarray, (10**12,), b"b")
 
 
 # ------------------------------------------------------------------------------------------- dataset cards

@@ -14,6 +14,18 @@ from jsonargparse.typing import register_type
 
 from ..errors import InputError
 
+_INVOCATION = [""]
+
+
+def set_invocation(text: str) -> None:
+    """Record the command line being run (``gmpi_lightning.cli`` does, before calling the command)."""
+    _INVOCATION[0] = text
+
+
+def invocation() -> str:
+    """The command line being run, as ``gmpi`` parsed it; "" when a command is called from Python."""
+    return _INVOCATION[0]
+
 
 class Seeds(tuple):
     """Latent seeds written as ranges and single numbers, ``0-3,7``."""

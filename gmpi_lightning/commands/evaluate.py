@@ -26,7 +26,7 @@ from ..evaluation.image_metrics import rank_world
 from ..evaluation.inception import INCEPTION_FILE
 from ..evaluation.reference import load_truth, parse_kinds
 from ..inference import load_generator
-from . import default_device
+from . import default_device, invocation
 
 
 def init_distributed(device: str) -> str:
@@ -84,7 +84,6 @@ def evaluate_command(ckpt: str, metrics: str = "consistency", data: str | None =
     """
     import torch.distributed as dist
 
-    argv = " ".join(sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else ""
     metrics, kinds = parse_metrics(metrics), parse_kinds(reference)
     device = init_distributed(device or default_device())
     rank, world = rank_world()
@@ -114,7 +113,7 @@ def evaluate_command(ckpt: str, metrics: str = "consistency", data: str | None =
     if rank != 0:
         return 0
     result = {"checkpoint": str(ckpt), "generator_kind": loaded.kind, "preset": loaded.preset.to_dict(),
-              "data": data, **result, "command": f"gmpi evaluate {argv}".strip(),
+              "data": data, **result, "command": invocation() or "evaluate() from Python",
               "date": datetime.datetime.now().isoformat(timespec="seconds")}
     rows = {"generator": result["metrics"], **{k: v["metrics"] for k, v in result.get("reference", {}).items()}}
     print(f"  {'':24s} " + " ".join(f"{k:>11s}" for k in rows))

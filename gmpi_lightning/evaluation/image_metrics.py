@@ -210,6 +210,7 @@ def real_features(data: str | Path, extractor: InceptionFeatures, max_images: in
     elif card.get("count") is not None and allf.shape[0] != card["count"]:
         raise InputError(f"{data}: read {allf.shape[0]} real images but dataset.json says {card['count']}: shards "
                          f"missing or read twice; check the folder, then rerun")
+    allf = allf.float().double()  # the cache stores float32: a miss returns exactly what a later hit will
     if use_cache and rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")

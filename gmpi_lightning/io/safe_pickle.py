@@ -17,12 +17,14 @@ import numpy as np
 import torch
 import torch._utils
 
+from ..errors import InputError
+
 
 class UnsafePickleError(pickle.UnpicklingError):
     """The pickle references a global outside the allow-list; nothing from it was executed."""
 
 
-class NetworkFormatError(ValueError):
+class NetworkFormatError(InputError):
     """The file is not a StyleGAN2-ADA network we can rebuild (unknown class, kwargs or tensors)."""
 
 
