@@ -109,8 +109,8 @@ def main(argv=None) -> int:
                          f"{r['seconds'] / 60:.1f} min")
             total += r["seconds"]
     print(f"estimated time on this machine ({torch.get_num_threads()} threads; measured in "
-          f"{time.perf_counter() - t0:.0f} s):", *lines, f"  total: about {total / 60 * 1.1:.0f} min (+10 % for "
-          f"the callbacks)", sep="\n", flush=True)
+          f"{time.perf_counter() - t0:.0f} s):", *lines, f"  total: about {total / 60:.0f} min, "
+          f"{total / 60 * 1.1:.0f} min with the callbacks (+10 %)", sep="\n", flush=True)
     return 0
 
 
