@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from heads import add_common_flags, add_run_flags, overrides, setup  # benchmarks/heads.py
 
-from datamodules.synthetic import SyntheticConfig, render_heads, sample_poses
+from datamodules.synthetic import render_heads, sample_poses
 from gmpi_lightning import export
 from gmpi_lightning.cameras import intrinsics, invert_rigid, pose_range
 from gmpi_lightning.estimators import depth_error, load_estimators
 from gmpi_lightning.image_losses import psnr_ssim
-from gmpi_lightning.inference import load_gmpi
 from gmpi_lightning.inversion import InvertSettings, invert
 from gmpi_lightning.planes import texel_xyz
 from gmpi_lightning.render import render_mpi
@@ -86,30 +86,19 @@ def fmt(s: dict, digits: int = 2) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--ckpt", default="runs/synthetic/gmpi.pt")
-    ap.add_argument("--data", default="data/synthetic32", help="its dataset.json says which heads are held out")
-    ap.add_argument("--estimators", help="pose estimator (default runs/estimators/<data name>.pt)")
+    add_common_flags(ap, "runs/bench/invert", "")
     ap.add_argument("--num", type=int, default=16)
     ap.add_argument("--offset", type=float, default=0.3, help="novel views at input yaw -+ offset")
     ap.add_argument("--input-pose", choices=["prior", "frontal"], default="prior")
     ap.add_argument("--steps", type=int, default=InvertSettings.steps)
     ap.add_argument("--pti-steps", type=int, default=InvertSettings.pti_steps)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override an InvertSettings field, e.g. --set pti_lr=1e-3 (repeatable)")
     ap.add_argument("--figure-heads", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest at 32 px next to other jobs)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default="runs/bench/invert")
+    add_run_flags(ap, "pti_lr=1e-3")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    card = json.loads((Path(args.data) / "dataset.json").read_text())
-    cfg = SyntheticConfig(card["resolution"], card["generator"]["supersample"], card["generator"]["seed"],
-                          card["preset"])
-    loaded = load_gmpi(args.ckpt, args.device)
+    card, cfg, loaded = setup(args)
     G, preset = loaded.G, loaded.preset
     pose_model = load_estimators(args.estimators or Path("runs/estimators") / f"{Path(args.data).name}.pt")[0]
-    overrides = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    settings = InvertSettings(steps=args.steps, pti_steps=args.pti_steps, **overrides)
+    settings = InvertSettings(steps=args.steps, pti_steps=args.pti_steps, **overrides(args.set))
     (y0, y1), (p0, p1) = pose_range(preset)
     indices = list(range(card["count"], card["count"] + args.num))
     yaw, pitch = sample_poses(indices, cfg)

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from heads import add_common_flags, add_run_flags, overrides, setup  # benchmarks/heads.py
 
-from datamodules.synthetic import SyntheticConfig, render_heads, sample_poses
+from datamodules.synthetic import render_heads, sample_poses
 from gmpi_lightning.cameras import pose_range
 from gmpi_lightning.estimators import load_estimators
-from gmpi_lightning.inference import load_gmpi
 from gmpi_lightning.inversion import InvertSettings, invert
 from gmpi_lightning.pose_search import SearchSettings
 
@@ -50,40 +50,26 @@ def _stats(values) -> dict:
     return {"mean": float(v.mean()), "median": float(np.median(v)), "max": float(v.max()), "n": len(v)}
 
 
-def _number(text: str):
-    return float(text) if any(c in text for c in ".e") else int(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--ckpt", default="runs/synthetic/gmpi.pt")
-    ap.add_argument("--data", default="data/synthetic32", help="its dataset.json says which heads are held out")
-    ap.add_argument("--estimators", help="pose estimator (default runs/estimators/<data name>.pt, if there)")
+    add_common_flags(ap, "runs/bench/poses", ", if there")
     ap.add_argument("--num", type=int, default=32)
     ap.add_argument("--source", choices=["data", "generator"], default="data",
                     help="heads drawn by the synthetic renderer (default) or by the checkpoint itself")
     ap.add_argument("--steps", type=int, default=InvertSettings.steps, help="stage 1 steps (camera refined)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override an InvertSettings field, e.g. --set pose_lr=0.005 (repeatable)")
     ap.add_argument("--search", action="append", default=[], metavar="KEY=VALUE",
                     help="override a SearchSettings field, e.g. --search yaws=9 (repeatable)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest at 32 px next to other jobs)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default="runs/bench/poses")
+    add_run_flags(ap, "pose_lr=0.005")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    card = json.loads((Path(args.data) / "dataset.json").read_text())
-    cfg = SyntheticConfig(card["resolution"], card["generator"]["supersample"], card["generator"]["seed"],
-                          card["preset"])
-    loaded = load_gmpi(args.ckpt, args.device)
+    card, cfg, loaded = setup(args)
     G, preset = loaded.G, loaded.preset
     est_path = Path(args.estimators or Path("runs/estimators") / f"{Path(args.data).name}.pt")
     pose_cnn = load_estimators(est_path)[0] if est_path.is_file() else None
     if pose_cnn is None:
         print(f"no pose estimator at {est_path}: the pose CNN row is left out")
     settings = InvertSettings(steps=args.steps, pti_steps=0,
-                              **{k: _number(v) for k, v in (kv.split("=", 1) for kv in args.set)})
-    search = SearchSettings(**{k: _number(v) for k, v in (kv.split("=", 1) for kv in args.search)})
+                              **overrides(args.set))
+    search = SearchSettings(**overrides(args.search))
     indices = list(range(card["count"], card["count"] + args.num))
     true_yaw, true_pitch = sample_poses(indices, cfg)
     heads = []

@@ -66,3 +66,13 @@ def max_err(a, b) -> float:
     b = b.detach().cpu().double().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, np.float64)
     assert a.shape == b.shape, f"shape mismatch {a.shape} vs {b.shape}"
     return float(np.abs(a - b).max())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """32 px optimisation is latency-bound: one thread is as fast alone and far faster next to other jobs
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -145,6 +145,7 @@ def run_line(cmd: str, monkeypatch) -> tuple[int, str]:
     if prog in ("python", "python3"):
         script, rest = args[0], args[1:] + BUDGET.get(args[0], [])
         monkeypatch.setattr(sys, "argv", [script, *rest])
+        monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(script)))  # as `python script.py` does
         return _exit_code(lambda: runpy.run_path(script, run_name="__main__")), ""
     if prog == "make":
         proc = subprocess.run(["make", "--dry-run", "--no-print-directory", *args], cwd=REPO, capture_output=True,

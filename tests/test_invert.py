@@ -23,13 +23,7 @@ from gmpi_lightning.scene import Scene
 PRESET = get_preset("FFHQ256", resolution=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """32 px optimisation is latency-bound: one thread is as fast alone and far faster next to other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_generator() -> GMPIGenerator:

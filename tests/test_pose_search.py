@@ -25,12 +25,7 @@ STEPS = 100  # stage 1 steps in these tests (300 by default)
 YAW_TOL = PITCH_TOL = 0.02  # measured on CAMERAS: at most 0.002 (yaw) and 0.001 (pitch)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
