@@ -74,6 +74,7 @@ SELECTION: dict[str, list[str]] = {
     ],  # tests/test_wiring.py trains a module per test (seconds each): its slips are checked one by one instead
         # (scripts/break_properties.py --only wiring), not per mutant
     "gmpi_lightning/scene.py": [
+        "tests/test_scene.py",
         "tests/test_reference.py::test_ground_truth_mpi_renders_its_input_view_back",
         "tests/test_reference.py::test_ground_truth_mpi_turns_like_the_head_and_the_billboard_does_not",
         "tests/test_media.py::test_grid_layout_depth_tiles_and_fixed_cameras",

@@ -292,6 +292,15 @@ def test_alpha_branch_variants(mode):
         assert max_err(mid[0, 2:4], [0.5, 0.5]) < 1e-6 and float(mid.sum()) == pytest.approx(1.0)
 
 
+def test_token_interpolation_clamps_outside_the_training_depths():
+    """Depths before the first or after the last training depth take that end's token alone: rules out extrapolating
+    (negative weights) past either end."""
+    t = torch.tensor([0.0, 0.25, 0.6, 1.0])
+    w = token_interpolation(torch.tensor([-0.3, 1.4, 0.0, 1.0, 0.425]), t)
+    want = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0.5, 0.5, 0]], dtype=torch.float32)
+    assert max_err(w, want) < 1e-6 and w.dtype == torch.float32
+
+
 def test_positional_encoding_and_alpha_resolution_limit():
     pe = positional_encoding(torch.tensor([0.0, 0.5]), 2)
     assert max_err(pe[1], [0.5, np.sin(0.5), np.cos(0.5), np.sin(1.0), np.cos(1.0)]) < 1e-6
