@@ -12,6 +12,7 @@ import torch
 
 from gmpi_lightning import cameras as C
 from gmpi_lightning import render as R
+from gmpi_lightning.errors import InputError
 from gmpi_lightning.io import (
     NetworkFormatError,
     UnsafePickleError,
@@ -23,7 +24,13 @@ from gmpi_lightning.io import (
 from gmpi_lightning.nn import Discriminator, Generator
 from gmpi_lightning.nn.alpha import instance_normalize
 from gmpi_lightning.nn.discriminator import PoseConditionedDiscriminator
-from gmpi_lightning.nn.gmpi import GMPIGenerator, border_background, positional_encoding, token_interpolation
+from gmpi_lightning.nn.gmpi import (
+    FlatMPIGenerator,
+    GMPIGenerator,
+    border_background,
+    positional_encoding,
+    token_interpolation,
+)
 from gmpi_lightning.planes import preset_planes
 from gmpi_lightning.presets import get_preset
 from tests.conftest import max_err
@@ -299,6 +306,54 @@ def test_token_interpolation_clamps_outside_the_training_depths():
     w = token_interpolation(torch.tensor([-0.3, 1.4, 0.0, 1.0, 0.425]), t)
     want = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0.5, 0.5, 0]], dtype=torch.float32)
     assert max_err(w, want) < 1e-6 and w.dtype == torch.float32
+
+
+def test_flat_baseline_is_the_2d_image_on_the_nearest_plane():
+    """The 2D StyleGAN2 as an MPI: its image in [0, 1] on plane 0, opaque, nothing on the other planes; every
+    generation setting reaches the 2D generator. Rules out the image on another plane, [-1, 1] colours, a
+    transparent or partly filled stack, and truncation / noise settings dropped."""
+    torch.manual_seed(2)
+    G2 = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, img_channels=3, mapping_kwargs=dict(num_layers=1),
+                   synthesis_kwargs=dict(channel_base=128, channel_max=16)).eval()
+    for p in G2.parameters():  # noise strengths start at 0: make the noise visible
+        if p.ndim == 0:
+            p.data.fill_(0.5)
+    flat = FlatMPIGenerator(G2)
+    assert (flat.z_dim, flat.c_dim, flat.img_resolution, flat.mapping) == (8, 0, 16, G2.mapping)
+    z = torch.randn(2, 8)
+    with torch.no_grad():
+        mpi = flat(z, None, torch.linspace(0, 1, 5), truncation_psi=0.6, truncation_cutoff=2)
+        img = G2(z, None, truncation_psi=0.6, truncation_cutoff=2, noise_mode="const")
+        assert mpi.shape == (2, 5, 4, 16, 16)
+        assert max_err(mpi[:, 0, :3], ((img + 1) / 2).clamp(0, 1)) == 0 and bool((mpi[:, 0, 3] == 1).all())
+        assert bool((mpi[:, 1:] == 0).all())
+        assert not torch.equal(flat(z, None, torch.linspace(0, 1, 5)), mpi)  # psi 1 by default
+        a = flat(z, None, [0.0, 1.0], noise_mode="random", noise_generator=torch.Generator().manual_seed(1))
+        b = flat(z, None, [0.0, 1.0], noise_mode="random", noise_generator=torch.Generator().manual_seed(1))
+        c = flat(z, None, [0.0, 1.0], noise_mode="random", noise_generator=torch.Generator().manual_seed(2))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_final_activations_and_plane_checks():
+    """Each final activation maps the network's output as named (tanh and sigmoid to (0, 1), 'none' a clamp of
+    [-1, 1] to [0, 1]); plane depths that cannot work get an error saying what is needed. Rules out a swapped or
+    mis-scaled activation and a check that lets too few or non-finite depths through."""
+    x = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
+    want = {"tanh": (torch.tanh(x) + 1) / 2, "sigmoid": torch.sigmoid(x), "none": (x.clamp(-1, 1) + 1) / 2}
+    for act, y in want.items():
+        G = GMPIGenerator(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, mapping_kwargs=dict(num_layers=1),
+                          synthesis_kwargs=dict(channel_base=128, channel_max=16), final_activation=act)
+        assert max_err(G._activation(x), y) == 0, act
+    with pytest.raises(InputError, match="final_activation must be one of"):
+        GMPIGenerator(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, final_activation="relu")
+    with pytest.raises(InputError, match="plane_depths .* are required"):
+        G._check_planes(None)
+    for bad in ([0.5], [0.0, float("nan"), 1.0]):
+        with pytest.raises(InputError, match="at least 2 finite values"):
+            G._check_planes(bad)
+    assert G._check_planes([0.0, float("nan")], values=False).numel() == 2  # values unread when asked not to
+    assert G._check_planes([0.0, 0.5, 1.0]).tolist() == [0.0, 0.5, 1.0] and G._check_planes([0, 1]).dtype == \
+        torch.float32
 
 
 def test_positional_encoding_and_alpha_resolution_limit():
