@@ -86,14 +86,14 @@ def fmt(s: dict, digits: int = 2) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    add_common_flags(ap, "runs/bench/invert", "")
+    add_common_flags(ap, "")
     ap.add_argument("--num", type=int, default=16)
     ap.add_argument("--offset", type=float, default=0.3, help="novel views at input yaw -+ offset")
     ap.add_argument("--input-pose", choices=["prior", "frontal"], default="prior")
     ap.add_argument("--steps", type=int, default=InvertSettings.steps)
     ap.add_argument("--pti-steps", type=int, default=InvertSettings.pti_steps)
     ap.add_argument("--figure-heads", type=int, default=4)
-    add_run_flags(ap, "pti_lr=1e-3")
+    add_run_flags(ap, "pti_lr=1e-3", "runs/bench/invert")
     args = ap.parse_args()
     card, cfg, loaded = setup(args)
     G, preset = loaded.G, loaded.preset

@@ -52,14 +52,14 @@ def _stats(values) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    add_common_flags(ap, "runs/bench/poses", ", if there")
+    add_common_flags(ap, ", if there")
     ap.add_argument("--num", type=int, default=32)
     ap.add_argument("--source", choices=["data", "generator"], default="data",
                     help="heads drawn by the synthetic renderer (default) or by the checkpoint itself")
     ap.add_argument("--steps", type=int, default=InvertSettings.steps, help="stage 1 steps (camera refined)")
     ap.add_argument("--search", action="append", default=[], metavar="KEY=VALUE",
                     help="override a SearchSettings field, e.g. --search yaws=9 (repeatable)")
-    add_run_flags(ap, "pose_lr=0.005")
+    add_run_flags(ap, "pose_lr=0.005", "runs/bench/poses")
     args = ap.parse_args()
     card, cfg, loaded = setup(args)
     G, preset = loaded.G, loaded.preset

@@ -13,20 +13,19 @@ from datamodules.synthetic import SyntheticConfig
 from gmpi_lightning.inference import load_gmpi
 
 
-def add_common_flags(ap: argparse.ArgumentParser, out: str, what: str) -> None:
+def add_common_flags(ap: argparse.ArgumentParser, what: str) -> None:
     """--ckpt, --data, --estimators (the script's own flags follow, then :func:`add_run_flags`)."""
     ap.add_argument("--ckpt", default="runs/synthetic/gmpi.pt")
     ap.add_argument("--data", default="data/synthetic32", help="its dataset.json says which heads are held out")
     ap.add_argument("--estimators", help=f"pose estimator (default runs/estimators/<data name>.pt{what})")
-    ap.set_defaults(out=out)
 
 
-def add_run_flags(ap: argparse.ArgumentParser, example: str) -> None:
+def add_run_flags(ap: argparse.ArgumentParser, example: str, out: str) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help=f"override an InvertSettings field, e.g. --set {example} (repeatable)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest at 32 px next to other jobs)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=ap.get_default("out"))
+    ap.add_argument("--out", default=out)
 
 
 def number(text: str):
