@@ -356,6 +356,36 @@ def test_final_activations_and_plane_checks():
         torch.float32
 
 
+def test_forward_is_mapping_then_synthesize_with_every_setting():
+    """G(z, ...) equals synthesize(mapping(z, ...), ...) for each setting, and each setting changes the MPI: rules
+    out truncation, the noise mode or stream, or the background's opacity dropped between forward and synthesize;
+    and, without a separate background, the last plane repeating the foreground image."""
+    torch.manual_seed(4)
+    G = GMPIGenerator(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, mapping_kwargs=dict(num_layers=1),
+                      synthesis_kwargs=dict(channel_base=128, channel_max=16)).eval()
+    for p in G.parameters():  # noise strengths start at 0: make the noise visible
+        if p.ndim == 0:
+            p.data.fill_(0.5)
+    z, d = torch.randn(2, 8), torch.linspace(0, 1, 5)
+    with torch.no_grad():
+        base = G(z, None, d)
+        ws = G.mapping(z, None, truncation_psi=0.5, truncation_cutoff=1)
+        assert torch.equal(G(z, None, d, truncation_psi=0.5, truncation_cutoff=1), G.synthesize(ws, d))
+        assert not torch.equal(G(z, None, d, truncation_psi=0.5, truncation_cutoff=1),
+                               G(z, None, d, truncation_psi=0.5))  # the cutoff reaches the mapping
+        a = G(z, None, d, noise_mode="random", noise_generator=torch.Generator().manual_seed(1))
+        b = G(z, None, d, noise_mode="random", noise_generator=torch.Generator().manual_seed(1))
+        c = G(z, None, d, noise_mode="random", noise_generator=torch.Generator().manual_seed(2))
+        assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, base)
+        assert bool((base[:, -1, 3] == 1).all())
+        soft = G(z, None, d, opaque_background=False)
+        assert not bool((soft[:, -1, 3] == 1).all()) and torch.equal(soft[:, :-1], base[:, :-1])
+        assert not torch.equal(base[:, -1, :3], base[:, 0, :3])  # a background image of its own
+        G.separate_background = False
+        same = G(z, None, d)
+        assert torch.equal(same[:, -1, :3], same[:, 0, :3]) and torch.equal(same[:, 0, :3], base[:, 0, :3])
+
+
 def test_positional_encoding_and_alpha_resolution_limit():
     pe = positional_encoding(torch.tensor([0.0, 0.5]), 2)
     assert max_err(pe[1], [0.5, np.sin(0.5), np.cos(0.5), np.sin(1.0), np.cos(1.0)]) < 1e-6
