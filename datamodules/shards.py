@@ -13,7 +13,6 @@ is empty or holds a card it wrote (``"format": CARD_FORMAT``): ``make data DATA=
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gmpi_lightning.data import CARD, read_card  # noqa: F401  (the reading side of the schema lives there)
+from gmpi_lightning.data import CARD, file_sha256, read_card  # noqa: F401  (the reading side of the schema lives there)
 from gmpi_lightning.errors import InputError
 
 CARD_FORMAT = "gmpi-lightning/shards"  # in every card the writer makes: the folder is ours to replace
@@ -193,11 +192,7 @@ class ShardSetWriter:
             raise BadSample(f"no valid sample was written ({self.n_rejected} rejected; see {self.tmp / REJECTED})")
         shards = []
         for p in sorted(self.tmp.glob("shard-*.tar")):
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            shards.append({"name": p.name, "bytes": p.stat().st_size, "sha256": h.hexdigest()})
+            shards.append({"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)})
         card = {"format": CARD_FORMAT, "preset": self.preset, "resolution": self.resolution, "source": self.source,
                 "count": self._stats.n, "rejected": self.n_rejected, "shards": shards,
                 "pose_stats": self._stats.summary(),

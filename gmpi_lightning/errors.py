@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class InputError(ValueError):
     """A value, file content or combination of options that cannot work; the message says which and what to do."""
@@ -13,3 +16,11 @@ class RunFolderBusy(RuntimeError):
 
 
 USER_ERRORS = (InputError, FileNotFoundError, FileExistsError, RunFolderBusy)
+
+
+def warner(prog: str) -> Callable[[str], None]:
+    """A ``warn(msg)`` that prints ``PROG: warning: MSG`` to stderr (the commands' non-fatal notices)."""
+    def warn(msg: str) -> None:
+        print(f"{prog}: warning: {msg}", file=sys.stderr)
+
+    return warn

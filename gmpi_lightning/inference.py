@@ -9,7 +9,6 @@ Checkpoint kinds (detected from the file):
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, warner
 from .io import load_gmpi_checkpoint, load_official_gmpi, load_stylegan2_pkl
 from .io.gmpi_ckpt import GMPI_FORMAT
 from .io.stylegan2_pkl import FORMAT as SG2_FORMAT
@@ -126,8 +125,7 @@ def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: s
     return out
 
 
-def _warn(msg: str) -> None:
-    print(f"gmpi: warning: {msg}", file=sys.stderr)
+_warn = warner("gmpi")
 
 
 def load_gmpi(ckpt, device):

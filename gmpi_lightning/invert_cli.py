@@ -17,7 +17,6 @@ per requested view, ``views.json``, ``metrics.json``, with ``--video`` ``yaw.mp4
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from .cameras import pose_range
-from .errors import InputError
+from .errors import InputError, warner
 from .inference import load_gmpi, load_image
 from .inversion import Inversion, InvertSettings, PinnedLatent, invert
 from .pose_search import SearchSettings
@@ -36,8 +35,7 @@ from .scene import Scene
 LATENT_FORMAT = "gmpi-lightning/latent/v1"
 
 
-def _warn(msg: str) -> None:
-    print(f"gmpi invert: warning: {msg}", file=sys.stderr)
+_warn = warner("gmpi invert")
 
 
 def parse_pose(text: str) -> tuple[float, float]:

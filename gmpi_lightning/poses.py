@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from .data import file_sha256
-from .errors import InputError
+from .errors import InputError, warner
 from .inversion import InvertSettings, invert
 from .pose_search import SearchSettings
 
@@ -36,8 +35,7 @@ REPORT_FORMAT = "gmpi-lightning/poses-report/v1"
 FLAG_BELOW = 0.05  # confidence under which an image is listed as unsure when no --min-confidence is given
 
 
-def _warn(msg: str) -> None:
-    print(f"gmpi poses: warning: {msg}", file=sys.stderr)
+_warn = warner("gmpi poses")
 
 
 def report_path(out: str | Path) -> Path:
