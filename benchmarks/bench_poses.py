@@ -12,6 +12,9 @@ ways:
 * ``search only``: the search's winner, before the refinement;
 * ``pose CNN``: the pose estimator's reading (``runs/estimators/<data>.pt``; skipped when there is none), and
   ``pose CNN + refine``: that reading as the start of the same refinement (``gmpi invert --pose-init cnn``);
+* ``reader`` and ``reader + refine``: the reading of the checkpoint's own pose reader (``gmpi_lightning.pose_reader``,
+  trained on the checkpoint's renders, cached next to it; ``--no-reader`` leaves it out), and that reading as the start
+  of the same refinement (``gmpi invert --pose-init reader``);
 * ``prior mean``: the preset's mean pose for every head (what knowing nothing gives).
 
 ``--source generator`` draws the heads with the checkpoint itself instead (seed k's latent, the same prior poses):
@@ -39,9 +42,11 @@ from datamodules.synthetic import render_heads, sample_poses
 from gmpi_lightning.cameras import pose_range
 from gmpi_lightning.estimators import load_estimators
 from gmpi_lightning.inversion import InvertSettings, invert
+from gmpi_lightning.pose_reader import reader_for
 from gmpi_lightning.pose_search import SearchSettings
 
-ROWS = ("search + refine", "search only", "pose CNN + refine", "pose CNN", "prior mean")
+ROWS = ("search + refine", "search only", "reader + refine", "reader", "pose CNN + refine", "pose CNN",
+        "prior mean")
 WRONG = 0.1  # rad: a yaw error this large is a wrong camera, not an imprecise one
 
 
@@ -59,6 +64,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=InvertSettings.steps, help="stage 1 steps (camera refined)")
     ap.add_argument("--search", action="append", default=[], metavar="KEY=VALUE",
                     help="override a SearchSettings field, e.g. --search yaws=9 (repeatable)")
+    ap.add_argument("--no-reader", action="store_true", help="leave out the checkpoint's pose reader rows")
     add_run_flags(ap, "pose_lr=0.005", "runs/bench/poses")
     args = ap.parse_args()
     card, cfg, loaded = setup(args)
@@ -67,6 +73,7 @@ def main() -> None:
     pose_cnn = load_estimators(est_path)[0] if est_path.is_file() else None
     if pose_cnn is None:
         print(f"no pose estimator at {est_path}: the pose CNN row is left out")
+    reader = None if args.no_reader else reader_for(args.ckpt, G, preset, device=args.device)
     settings = InvertSettings(steps=args.steps, pti_steps=0,
                               **overrides(args.set))
     search = SearchSettings(**overrides(args.search))
@@ -89,14 +96,16 @@ def main() -> None:
                "estimates": {"search + refine": [inv.yaw, inv.pitch],
                              "search only": [found["best"]["yaw"], found["best"]["pitch"]],
                              "prior mean": [preset.yaw_mean, preset.pitch_mean]}}
-        if pose_cnn is not None:
+        for name, model in (("pose CNN", pose_cnn), ("reader", reader)):
+            if model is None:
+                continue
             with torch.no_grad():
-                read = [float(v) for v in pose_cnn(image.cpu() * 2 - 1)[0]]
+                read = [float(v) for v in model.to(image.device)(image * 2 - 1)[0]]
             (y0, y1), (p0, p1) = pose_range(preset)  # as gmpi invert: a reading outside the prior is clamped
             start = [min(max(read[0], y0), y1), min(max(read[1], p0), p1)]
-            cnn = invert(G, preset, image, *start, settings=settings, refine_pose=True)
-            rec["estimates"]["pose CNN"] = read
-            rec["estimates"]["pose CNN + refine"] = [cnn.yaw, cnn.pitch]
+            refined = invert(G, preset, image, *start, settings=settings, refine_pose=True)
+            rec["estimates"][name] = read
+            rec["estimates"][f"{name} + refine"] = [refined.yaw, refined.pitch]
         heads.append(rec)
         ours = rec["estimates"]["search + refine"]
         print(f"[{n + 1}/{len(indices)}] head {idx} truth {y:+.3f} {p:+.3f}: estimated {ours[0]:+.3f} {ours[1]:+.3f} "

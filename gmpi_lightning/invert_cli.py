@@ -28,6 +28,7 @@ from .cameras import pose_range
 from .errors import InputError, warner
 from .inference import load_gmpi, load_image
 from .inversion import Inversion, InvertSettings, PinnedLatent, invert
+from .pose_reader import reader_for
 from .pose_search import SearchSettings
 from .presets import Preset
 from .scene import Scene
@@ -76,16 +77,17 @@ def check_pose(yaw: float, pitch: float, preset: Preset) -> None:
                          f"Pass a pose inside it, or leave --pose out to estimate it")
 
 
-POSE_INIT = ("search", "cnn", "mean")
+POSE_INIT = ("search", "cnn", "reader", "mean")
 
 
 def resolve_pose(pose, target: torch.Tensor, preset: Preset, estimators, training_data, warn=_warn,
-                 pose_init: str | None = None) -> tuple[float | None, float | None, str]:
+                 pose_init: str | None = None, reader=None) -> tuple[float | None, float | None, str]:
     """(yaw, pitch, source) of the camera inversion starts from: ``pose`` as given (checked); else by ``pose_init``
     (default ``cnn`` when ``estimators`` is given, else ``search``): ``search`` returns (None, None, 'search') and
     :func:`~gmpi_lightning.inversion.invert` searches the prior; ``cnn`` is the pose estimator's reading (clamped
-    into the prior's range; ``estimators`` or the checkpoint data's ``runs/estimators/<data>.pt``); ``mean`` the
-    preset's mean pose."""
+    into the prior's range; ``estimators`` or the checkpoint data's ``runs/estimators/<data>.pt``); ``reader`` the
+    reading of the checkpoint's own pose reader (:mod:`.pose_reader`; ``reader()`` returns it), clamped the same
+    way; ``mean`` the preset's mean pose."""
     if pose is not None:
         yaw, pitch = pose
         check_pose(yaw, pitch, preset)
@@ -97,6 +99,11 @@ def resolve_pose(pose, target: torch.Tensor, preset: Preset, estimators, trainin
         return None, None, "search"
     if method == "mean":
         return float(preset.yaw_mean), float(preset.pitch_mean), "preset mean"
+    if method == "reader":
+        if reader is None:
+            raise InputError("--pose-init reader needs the checkpoint's pose reader (gmpi invert makes it)")
+        return _read_pose(reader().to(target.device), target, preset, "the checkpoint's pose reader", warn) + (
+            "reader",)
     if estimators is None and training_data:  # as `gmpi evaluate`: runs/estimators/<data>.pt when it is there
         from .evaluation.evaluate import default_inputs
 
@@ -108,14 +115,19 @@ def resolve_pose(pose, target: torch.Tensor, preset: Preset, estimators, trainin
     from .estimators import load_estimators
 
     pose_model = load_estimators(estimators, map_location=target.device)[0]
+    return _read_pose(pose_model, target, preset, estimators, warn) + (f"estimated ({estimators})",)
+
+
+def _read_pose(pose_model, target: torch.Tensor, preset: Preset, name, warn) -> tuple[float, float]:
+    """A pose CNN's reading of ``target`` (B x 3 x H x W in [0, 1]), clamped into the prior's range (with a warning)."""
     with torch.no_grad():
         yaw, pitch = (float(v) for v in pose_model(target * 2 - 1)[0])
     (y0, y1), (p0, p1) = pose_range(preset)
     cy, cp = min(max(yaw, y0), y1), min(max(pitch, p0), p1)
     if (cy, cp) != (yaw, pitch):
         warn(f"estimated pose {yaw:.3f},{pitch:.3f} clamped into the preset's range ({_range_text(preset)})")
-    print(f"pose estimated by {estimators}: yaw {cy:.3f}, pitch {cp:.3f}")
-    return cy, cp, f"estimated ({estimators})"
+    print(f"pose estimated by {name}: yaw {cy:.3f}, pitch {cp:.3f}")
+    return cy, cp
 
 
 def check_views(scene: Scene, views: list[tuple[float, float]]) -> None:
@@ -232,7 +244,8 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
     check_views(Scene.for_generator(G, preset, s.planes or preset.train_planes, device), views)
     target = load_image(image, G.img_resolution, crop=crop, warn=warn).to(device)
     yaw, pitch, source = resolve_pose(pose, target, preset, estimators, loaded.training_data, warn=warn,
-                                      pose_init=pose_init)
+                                      pose_init=pose_init, reader=lambda: reader_for(ckpt, G, preset, device=device,
+                                                                                     progress_bar=progress))
     inv = invert(G, preset, target, yaw, pitch, s, progress=progress, refine_pose=source != "given" and s.pose_lr > 0,
                  search=search)
     if inv.interrupted:

@@ -227,8 +227,8 @@ class GANModule(pl.LightningModule):
         b = batch["image"].shape[0]
         logs = {**self.d_step(batch, opt_d), **self.g_step(b, opt_g)}
         batch_total = b * self.trainer.world_size
+        ema_beta = self.update_ema(batch_total)  # ramp-up from the images seen before this batch (StyleGAN2-ADA)
         self.nimg += batch_total
-        ema_beta = self.update_ema(batch_total)
         self.iteration += 1
         if self.log_iteration.due(self.trainer, self.iteration, self.hparams.max_iters):
             self._signs_since_log = None  # the logged r_t covers the iterations since the previous log
@@ -318,7 +318,7 @@ class StyleGAN2Module(GANModule):
     def export(self, path: str | Path) -> Path:
         from .io import save_converted
 
-        nets = {"G": self.G, "D": self.D, "G_ema": self.G_ema, "training_set_kwargs": None,
+        nets = {"G": self.G, "D": self.D, "G_ema": self.G_ema,
                 "kwargs": {k: {"class_name": type(m).__name__, "init_kwargs": m.init_kwargs}
                            for k, m in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema))}}
         return save_converted(nets, path)
@@ -377,7 +377,7 @@ class GMPIModule(GANModule):
         from .io import save_gmpi_checkpoint
 
         extra = {"iteration": self.iteration, "kimg": self.nimg / 1000}
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self._trainer, "datamodule", None)
         if isinstance(getattr(dm, "hparams", {}).get("data"), str):
             extra["data"] = dm.hparams["data"]  # the training shards: `gmpi evaluate`'s default --data
         return save_gmpi_checkpoint(path, self.G_ema, preset=self.preset.to_dict(), D=self.D, extra=extra)

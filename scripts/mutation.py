@@ -71,6 +71,7 @@ SELECTION: dict[str, list[str]] = {
         "tests/test_module.py::test_worst_view_selection_picks_min_logit",
         "tests/test_module.py::test_shading_schedule_in_training",
         "tests/test_module.py::test_lazy_r1_keeps_the_plain_learning_rate",
+        "tests/test_module_phases.py",
     ],  # tests/test_wiring.py trains a module per test (seconds each): its slips are checked one by one instead
         # (scripts/break_properties.py --only wiring), not per mutant
     "gmpi_lightning/scene.py": [
@@ -82,7 +83,8 @@ SELECTION: dict[str, list[str]] = {
         "tests/test_wiring.py::test_generator_gets_normalised_depths_and_the_renderer_metric_ones",
     ],
     "gmpi_lightning/nn/gmpi.py": [
-        "tests/test_gmpi.py", "tests/test_wiring.py::test_every_alpha_mode_matches_a_naive_reference",
+        "tests/test_gmpi.py", "tests/test_gmpi_contracts.py",
+        "tests/test_wiring.py::test_every_alpha_mode_matches_a_naive_reference",
     ],
 }
 

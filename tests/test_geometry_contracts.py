@@ -202,3 +202,12 @@ def test_preset_planes_follow_the_preset_and_the_asked_spacing():
     frustum = P.preset_planes(replace(preset, confined_volume=False), 5)
     ratio = frustum.extents[:-1, 0] / frustum.depths[:-1]
     assert max_err(ratio, ratio[:1].expand(4)) < 1e-6 and float(frustum.extents[0, 0]) < float(frustum.extents[3, 0])
+
+
+@pytest.mark.parametrize("name", ["FFHQ256", "AFHQCat", "synthetic32"])
+def test_pose_range_is_the_truncated_prior_around_its_mean(name):
+    """pose_range is (mean - n std, mean + n std) in yaw and in pitch, n = the preset's n_truncated_stds: rules out
+    bounds without n or the std, a one-sided range, and yaw and pitch mixed up."""
+    p = replace(get_preset(name), yaw_mean=0.1, pitch_mean=-0.05, yaw_std=0.3, pitch_std=0.2, n_truncated_stds=1.5)
+    (y0, y1), (p0, p1) = C.pose_range(p)
+    assert (y0, y1, p0, p1) == pytest.approx((0.1 - 0.45, 0.1 + 0.45, -0.05 - 0.3, -0.05 + 0.3))

@@ -142,3 +142,16 @@ def test_rays_are_traced_in_float64_whatever_the_cameras_dtype():
     a = R.render_mpi(mpi, DEPTHS, torch.full((3, 2), 5.0), c2w, FOV, 9, 11)
     b = R.render_mpi(mpi, DEPTHS, torch.full((3, 2), 5.0), c2w.double(), FOV, 9, 11)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_camera_that_requires_grad_gets_a_graph_only_where_grad_is_enabled():
+    """A c2w that requires grad (pose refinement) is differentiated through when grad is enabled, and not inside
+    no_grad (the inversion's previews): rules out enabling the camera graph whenever either holds."""
+    mpi = _mpi(b=1, res=16)
+    c2w = C.sphere_c2w([0.2], [0.1], 1.0, 1.0).requires_grad_(True)
+    with torch.no_grad():
+        out = R.render_mpi(mpi, DEPTHS, torch.full((3, 2), 5.0), c2w, FOV, 9, 11)
+    assert not out["rgb"].requires_grad
+    out = R.render_mpi(mpi, DEPTHS, torch.full((3, 2), 5.0), c2w, FOV, 9, 11)
+    (grad,) = torch.autograd.grad(out["rgb"].sum(), c2w)
+    assert float(grad.abs().max()) > 0

@@ -24,7 +24,7 @@ def _pose(pose: Floats | None) -> tuple[float, float] | None:
 
 
 def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
-           pose_init: Literal["search", "cnn", "mean"] | None = None, pose_lr: float = _DI.pose_lr,
+           pose_init: Literal["search", "cnn", "reader", "mean"] | None = None, pose_lr: float = _DI.pose_lr,
            search_grid: str = GRID, search_steps: int = _DS.steps, estimators: str | None = None,
            views: str | None = None, video: bool = False, frames: int = 60, fps: int = 12, mesh: bool = False,
            mesh_level: float = 0.5, mesh_format: str = "ply", steps: int = _DI.steps, pti_steps: int = _DI.pti_steps,
@@ -39,7 +39,8 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
         pose: camera of the image, YAW,PITCH radians (default: estimated, see --pose-init).
         pose_init: without --pose, where the camera starts before it is refined with the latent: search (the
             generator scores a grid over the pose prior; default), cnn (the pose estimator; default when --estimators
-            is given), mean (the preset's mean pose).
+            is given), reader (a pose CNN trained on the checkpoint's own renders, cached next to it: minutes the first
+            time), mean (the preset's mean pose).
         pose_lr: stage 1 step of the estimated camera's yaw and pitch (0: keep the starting camera).
         search_grid: camera search: YAWSxPITCHES candidates over the prior.
         search_steps: latent steps per candidate.

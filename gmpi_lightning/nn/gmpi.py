@@ -47,8 +47,8 @@ class GMPISynthesisBlock(SynthesisBlock):
     """A StyleGAN2 synthesis block plus its alpha branch's layers (official names: ``pos_enc_embed``, ``toalpha``,
     ``plane_tokens``, ``todepth``)."""
 
-    def __init__(self, *args, alpha_mode: str = "normalize_add_z", pos_enc_multires: int = 0,
-                 n_train_planes: int = 32, gen_alpha_largest_res: int = 256, **kwargs):
+    def __init__(self, *args, alpha_mode: str, pos_enc_multires: int, n_train_planes: int,
+                 gen_alpha_largest_res: int, **kwargs):  # GMPIGenerator's settings (its defaults are the only ones)
         super().__init__(*args, **kwargs)
         self.alpha = alpha_branch(alpha_mode)
         self.gen_alpha = self.alpha.any_resolution or self.resolution <= gen_alpha_largest_res
