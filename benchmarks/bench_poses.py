@@ -12,9 +12,10 @@ ways:
 * ``search only``: the search's winner, before the refinement;
 * ``pose CNN``: the pose estimator's reading (``runs/estimators/<data>.pt``; skipped when there is none), and
   ``pose CNN + refine``: that reading as the start of the same refinement (``gmpi invert --pose-init cnn``);
-* ``reader`` and ``reader + refine``: the reading of the checkpoint's own pose reader (``gmpi_lightning.pose_reader``,
-  trained on the checkpoint's renders, cached next to it; ``--no-reader`` leaves it out), and that reading as the start
-  of the same refinement (``gmpi invert --pose-init reader``);
+* ``reader``: the reading of the checkpoint's own pose reader (``gmpi_lightning.pose_reader``, trained on the
+  checkpoint's renders, cached next to it; ``--no-reader`` leaves it out), and ``reader-guided search + refine``:
+  the search and refinement over the half of the prior's yaw range around that reading (``gmpi invert --pose-init
+  reader``);
 * ``prior mean``: the preset's mean pose for every head (what knowing nothing gives).
 
 ``--source generator`` draws the heads with the checkpoint itself instead (seed k's latent, the same prior poses):
@@ -32,6 +33,7 @@ import argparse
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +44,10 @@ from datamodules.synthetic import render_heads, sample_poses
 from gmpi_lightning.cameras import pose_range
 from gmpi_lightning.estimators import load_estimators
 from gmpi_lightning.inversion import InvertSettings, invert
-from gmpi_lightning.pose_reader import reader_for
+from gmpi_lightning.pose_reader import ReaderSettings, reader_for, yaw_window
 from gmpi_lightning.pose_search import SearchSettings
 
-ROWS = ("search + refine", "search only", "reader + refine", "reader", "pose CNN + refine", "pose CNN",
+ROWS = ("search + refine", "search only", "reader-guided search + refine", "reader", "pose CNN + refine", "pose CNN",
         "prior mean")
 WRONG = 0.1  # rad: a yaw error this large is a wrong camera, not an imprecise one
 
@@ -65,6 +67,8 @@ def main() -> None:
     ap.add_argument("--search", action="append", default=[], metavar="KEY=VALUE",
                     help="override a SearchSettings field, e.g. --search yaws=9 (repeatable)")
     ap.add_argument("--no-reader", action="store_true", help="leave out the checkpoint's pose reader rows")
+    ap.add_argument("--reader-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a ReaderSettings field, e.g. --reader-set steps=500 (repeatable)")
     add_run_flags(ap, "pose_lr=0.005", "runs/bench/poses")
     args = ap.parse_args()
     card, cfg, loaded = setup(args)
@@ -73,7 +77,8 @@ def main() -> None:
     pose_cnn = load_estimators(est_path)[0] if est_path.is_file() else None
     if pose_cnn is None:
         print(f"no pose estimator at {est_path}: the pose CNN row is left out")
-    reader = None if args.no_reader else reader_for(args.ckpt, G, preset, device=args.device)
+    reader = None if args.no_reader else reader_for(args.ckpt, G, preset, ReaderSettings(**overrides(args.reader_set)),
+                                                    device=args.device)
     settings = InvertSettings(steps=args.steps, pti_steps=0,
                               **overrides(args.set))
     search = SearchSettings(**overrides(args.search))
@@ -96,16 +101,21 @@ def main() -> None:
                "estimates": {"search + refine": [inv.yaw, inv.pitch],
                              "search only": [found["best"]["yaw"], found["best"]["pitch"]],
                              "prior mean": [preset.yaw_mean, preset.pitch_mean]}}
-        for name, model in (("pose CNN", pose_cnn), ("reader", reader)):
-            if model is None:
-                continue
+        if pose_cnn is not None:
             with torch.no_grad():
-                read = [float(v) for v in model.to(image.device)(image * 2 - 1)[0]]
+                read = [float(v) for v in pose_cnn.to(image.device)(image * 2 - 1)[0]]
             (y0, y1), (p0, p1) = pose_range(preset)  # as gmpi invert: a reading outside the prior is clamped
             start = [min(max(read[0], y0), y1), min(max(read[1], p0), p1)]
             refined = invert(G, preset, image, *start, settings=settings, refine_pose=True)
-            rec["estimates"][name] = read
-            rec["estimates"][f"{name} + refine"] = [refined.yaw, refined.pitch]
+            rec["estimates"]["pose CNN"] = read
+            rec["estimates"]["pose CNN + refine"] = [refined.yaw, refined.pitch]
+        if reader is not None:
+            with torch.no_grad():
+                read = [float(v) for v in reader(image * 2 - 1)[0]]
+            guided = invert(G, preset, image, settings=settings,
+                            search=replace(search, yaw_range=yaw_window(read[0], preset)))
+            rec["estimates"]["reader"] = read
+            rec["estimates"]["reader-guided search + refine"] = [guided.yaw, guided.pitch]
         heads.append(rec)
         ours = rec["estimates"]["search + refine"]
         print(f"[{n + 1}/{len(indices)}] head {idx} truth {y:+.3f} {p:+.3f}: estimated {ours[0]:+.3f} {ours[1]:+.3f} "
@@ -142,7 +152,8 @@ def write_report(args, heads: list[dict], settings: InvertSettings, search: Sear
     command = (f"python benchmarks/bench_poses.py --ckpt {args.ckpt} --num {args.num}"
                + (f" --source {args.source}" if args.source != "data" else "")
                + (f" --steps {args.steps}" if args.steps != InvertSettings.steps else "")
-               + "".join(f" --set {kv}" for kv in args.set) + "".join(f" --search {kv}" for kv in args.search))
+               + "".join(f" --set {kv}" for kv in args.set) + "".join(f" --search {kv}" for kv in args.search)
+               + (" --no-reader" if args.no_reader else "") + "".join(f" --reader-set {kv}" for kv in args.reader_set))
     lines = [f"`{command}` (checkpoint sha256 {digest}; {len(heads)} held-out heads ({args.source}) at prior poses; "
              f"{seconds:.1f} s wall, {cpu:.1f} CPU s per head on {args.device}, {args.threads} thread(s))", "",
              "| camera from | mean \\|yaw error\\| | median | max | mean \\|pitch error\\| | median | max |",

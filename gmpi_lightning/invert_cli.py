@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from .cameras import pose_range
 from .errors import InputError, warner
 from .inference import load_gmpi, load_image
 from .inversion import Inversion, InvertSettings, PinnedLatent, invert
-from .pose_reader import reader_for
+from .pose_reader import reader_for, yaw_window
 from .pose_search import SearchSettings
 from .presets import Preset
 from .scene import Scene
@@ -87,7 +87,7 @@ def resolve_pose(pose, target: torch.Tensor, preset: Preset, estimators, trainin
     :func:`~gmpi_lightning.inversion.invert` searches the prior; ``cnn`` is the pose estimator's reading (clamped
     into the prior's range; ``estimators`` or the checkpoint data's ``runs/estimators/<data>.pt``); ``reader`` the
     reading of the checkpoint's own pose reader (:mod:`.pose_reader`; ``reader()`` returns it), clamped the same
-    way; ``mean`` the preset's mean pose."""
+    way (:func:`invert_image` then searches the prior's part around it); ``mean`` the preset's mean pose."""
     if pose is not None:
         yaw, pitch = pose
         check_pose(yaw, pitch, preset)
@@ -246,11 +246,15 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
     yaw, pitch, source = resolve_pose(pose, target, preset, estimators, loaded.training_data, warn=warn,
                                       pose_init=pose_init, reader=lambda: reader_for(ckpt, G, preset, device=device,
                                                                                      progress_bar=progress))
+    reading = None
+    if source == "reader":  # the camera search, on the reader's side of the prior
+        reading, yaw, pitch = [yaw, pitch], None, None
+        search = replace(search or SearchSettings(), yaw_range=yaw_window(reading[0], preset))
     inv = invert(G, preset, target, yaw, pitch, s, progress=progress, refine_pose=source != "given" and s.pose_lr > 0,
                  search=search)
     if inv.interrupted:
         warn("interrupted (Ctrl-C): writing the best result so far")
-    camera = camera_report(inv, source, yaw, pitch)
+    camera = camera_report(inv, source, yaw, pitch) | ({"reader": reading} if reading else {})
     if camera.get("confidence") is not None and camera["confidence"] < LOW_CONFIDENCE:
         warn(f"the camera search is unsure (confidence {camera['confidence']:.3f} < {LOW_CONFIDENCE}): the "
              f"runner-up yaw {camera['runner_up']['yaw']:.3f}, pitch {camera['runner_up']['pitch']:.3f} explains the "

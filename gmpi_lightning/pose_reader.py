@@ -4,9 +4,12 @@ labelled data, so it exists for any checkpoint, and reads a picture's camera in 
 
     reader = reader_for(ckpt, G, preset)                       # trained once, then cached next to the checkpoint
     yaw, pitch = reader(image * 2 - 1)[0]                       # image: B x 3 x H x W in [0, 1]
+    SearchSettings(yaw_range=yaw_window(yaw, preset))           # the camera search, on the reader's side
 
 It reads what the generator draws: on pictures the generator cannot make (another renderer, real photos) it inherits
-the gap between the generator's heads and those pictures (docs/INVERSION.md measures it).
+the gap between the generator's heads and those pictures. It does not mistake a face's side, though, which is where
+the camera search goes wrong, so ``gmpi invert --pose-init reader`` searches the part of the prior around the
+reader's reading (docs/INVERSION.md measures both).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cameras import sample_preset_pose
+from .cameras import pose_range, sample_preset_pose
 from .data import file_sha256
 from .errors import InputError
 from .estimators import PoseCNN
@@ -124,3 +127,12 @@ def reader_for(ckpt: str | Path, G, preset, settings: ReaderSettings | None = No
                 "state_dict": reader.state_dict(), "info": info}, tmp)
     tmp.replace(path)
     return reader.to(device)
+
+
+def yaw_window(yaw: float, preset, fraction: float = 0.5) -> tuple[float, float]:
+    """The yaw range that ``--pose-init reader`` searches: ``fraction`` of the prior's yaw range centred at the
+    reader's ``yaw``, moved to lie inside the prior where the reading is near its edge."""
+    (y0, y1), _ = pose_range(preset)
+    half = fraction * (y1 - y0) / 2
+    centre = min(max(float(yaw), y0 + half), y1 - half)
+    return centre - half, centre + half

@@ -43,11 +43,14 @@ class SearchSettings:
     neighbourhood: float = 1.0    # the runner-up ends more than this many grid cells from the winner
     batch: int | None = None      # candidates optimised at once (memory at high resolution); None: all
     plane_chunk: int | None = None
+    yaw_range: tuple[float, float] | None = None  # search these yaws only (inside the prior); None: the prior's
 
     def __post_init__(self):
         if self.yaws < 1 or self.pitches < 1 or self.steps < 1:
             raise InputError(f"the pose search needs yaws, pitches and steps >= 1, got {self.yaws}, {self.pitches} "
                              f"and {self.steps}")
+        if self.yaw_range is not None and not self.yaw_range[0] < self.yaw_range[1]:
+            raise InputError(f"the pose search's yaw_range must be (low, high) with low < high, got {self.yaw_range}")
 
     @property
     def candidates(self) -> int:
@@ -59,10 +62,22 @@ class SearchSettings:
         return self.steps * math.ceil(self.candidates / (self.batch or self.candidates))
 
 
-def pose_grid(preset: Preset, yaws: int, pitches: int) -> tuple[torch.Tensor, torch.Tensor]:
+def search_range(preset: Preset, yaw_range: tuple[float, float] | None = None):
+    """((yaw low, high), (pitch low, high)) that the search covers: the prior's range, its yaw narrowed to
+    ``yaw_range`` (intersected with the prior) when given."""
+    (y0, y1), pitch = pose_range(preset)
+    if yaw_range is not None:
+        y0, y1 = max(y0, yaw_range[0]), min(y1, yaw_range[1])
+        if not y0 < y1:
+            raise InputError(f"yaw_range {yaw_range} lies outside the prior's yaw range {pose_range(preset)[0]}")
+    return (y0, y1), pitch
+
+
+def pose_grid(preset: Preset, yaws: int, pitches: int,
+              yaw_range: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(yaw, pitch) of the grid's candidates, each of length ``yaws * pitches``, pitch-major (candidate
-    ``k = row * yaws + column``): the centres of equal cells of the prior's range (float64)."""
-    (y0, y1), (p0, p1) = pose_range(preset)
+    ``k = row * yaws + column``): the centres of equal cells of the searched range (:func:`search_range`, float64)."""
+    (y0, y1), (p0, p1) = search_range(preset, yaw_range)
     ys = y0 + (torch.arange(yaws, dtype=torch.float64) + 0.5) * (y1 - y0) / yaws
     ps = p0 + (torch.arange(pitches, dtype=torch.float64) + 0.5) * (p1 - p0) / pitches
     pitch, yaw = torch.meshgrid(ps, ys, indexing="ij")
@@ -142,6 +157,8 @@ class PoseSearch:
         return {"best": self._candidate(self.best), "runner_up": self._candidate(self.runner_up),
                 "loss_gap": self.loss_gap, "confidence": self.confidence,
                 "grid": {"yaws": self.grid[1], "pitches": self.grid[0], "neighbourhood_cells": self.neighbourhood,
+                         "yaw_range": [round(float(self.start_yaws.min() - self.cell[0] / 2), 6),
+                                       round(float(self.start_yaws.max() + self.cell[0] / 2), 6)],
                          "candidates": [{"start": [round(float(y0), 6), round(float(p0), 6)],
                                          "end": [round(float(y), 6), round(float(p), 6)],
                                          "loss": float(v) if math.isfinite(float(v)) else None}
@@ -153,12 +170,13 @@ class PoseSearch:
 def search_pose(G, scene: Scene, target: torch.Tensor, settings: SearchSettings, stats, bar=None) -> PoseSearch:
     """Score every pose of the grid by how well a few latent steps there reproduce ``target`` (1 x 3 x R x R in
     [0, 1]); with ``settings.pose_lr`` each candidate's camera moves too (a multi-start search), kept inside the
-    prior. ``stats``: (mean w 1 x w_dim, spread) of mapped latents (:func:`~gmpi_lightning.inversion.latent_stats`).
+    searched range (the prior, its yaw narrowed to ``settings.yaw_range`` when given). ``stats``: (mean w 1 x w_dim,
+    spread) of mapped latents (:func:`~gmpi_lightning.inversion.latent_stats`).
     ``G`` must be in eval mode without parameter gradients (:func:`~gmpi_lightning.inversion.invert` sets that).
     Ctrl-C stops the search and keeps the candidates scored so far (``interrupted``); with none, it propagates."""
     s, t0 = settings, time.perf_counter()
-    grid_yaws, grid_pitches = pose_grid(scene.preset, s.yaws, s.pitches)
-    (y0, y1), (p0, p1) = pose_range(scene.preset)
+    grid_yaws, grid_pitches = pose_grid(scene.preset, s.yaws, s.pitches, s.yaw_range)
+    (y0, y1), (p0, p1) = search_range(scene.preset, s.yaw_range)
     n, device = len(grid_yaws), target.device
     w_mean = stats[0]
     losses = torch.full((n,), math.inf, dtype=torch.float64)

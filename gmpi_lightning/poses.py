@@ -5,7 +5,8 @@
 
 Each image's camera is estimated by the checkpoint itself, as ``gmpi invert`` does without ``--pose``
 (:mod:`gmpi_lightning.pose_search`: a grid search over the preset's pose prior, then yaw and pitch learned with the
-latent; no pivotal tuning, which does not move the camera). ``--out`` gets ``{"file.png": {"yaw", "pitch",
+latent; no pivotal tuning, which does not move the camera); ``--pose-init reader`` searches around the reading of
+the checkpoint's pose reader (:mod:`gmpi_lightning.pose_reader`). ``--out`` gets ``{"file.png": {"yaw", "pitch",
 "confidence"}, ...}`` (radians on the preset's sphere, keyed by the path relative to ``--images``). Next to it,
 ``<out>.report.json`` holds every estimate with the search's runner-up and loss gap, the images whose confidence is
 under the flag level (``--min-confidence``, or 0.05) and which of them ``--min-confidence`` left out of ``--out``,
@@ -22,12 +23,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+
+import torch
 
 from .data import file_sha256
 from .errors import InputError, warner
 from .inversion import InvertSettings, invert
+from .pose_reader import reader_for, yaw_window
 from .pose_search import SearchSettings
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # what `gmpi data folder` reads
@@ -86,8 +90,10 @@ def _write_json(path: Path, data: dict) -> None:
 
 def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, search: SearchSettings | None = None,
                     min_confidence: float | None = None, skip_bad: bool = False, overwrite: bool = False,
-                    device: str = "cpu", warn=_warn) -> dict:
-    """``gmpi poses`` as a function: writes ``out`` and its report (module docstring) and returns the report."""
+                    device: str = "cpu", warn=_warn, pose_init: str = "search") -> dict:
+    """``gmpi poses`` as a function: writes ``out`` and its report (module docstring) and returns the report.
+    ``pose_init="reader"`` searches each image's camera around the checkpoint's pose reader's reading
+    (:func:`~gmpi_lightning.pose_reader.yaw_window`), as ``gmpi invert --pose-init reader``."""
     from . import export
     from .inference import load_gmpi, load_image
 
@@ -95,6 +101,9 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
     if settings.pti_steps:
         raise InputError("gmpi poses estimates cameras only: pass settings with pti_steps=0")
     search = search or SearchSettings()
+    if pose_init not in ("search", "reader"):
+        raise InputError(f"--pose-init {pose_init!r}: gmpi poses searches (search) or searches around the "
+                         f"checkpoint's pose reader (reader)")
     folder, out = Path(images), Path(out)
     names = list_images(folder)
     bad = check_images(folder, names)
@@ -106,10 +115,12 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
     loaded = load_gmpi(ckpt, device)
     G, preset = loaded.G, loaded.preset
     meta = {"format": REPORT_FORMAT, "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt),
-            "preset": preset.name, "images": str(folder), "settings": asdict(settings), "search": asdict(search)}
+            "preset": preset.name, "images": str(folder), "settings": asdict(settings), "search": asdict(search),
+            "pose_init": pose_init}
     done = _resume(out, meta, overwrite)
     if done:
         print(f"resuming: {len(done)} of {len(names)} images already posed in {report_path(out)}")
+    reader = reader_for(ckpt, G, preset, device=device) if pose_init == "reader" else None
     todo = [n for n in names if n not in bad and n not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
     flag = FLAG_BELOW if min_confidence is None else min_confidence
@@ -118,14 +129,20 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
     try:
         for name in todo:
             target = load_image(folder / name, G.img_resolution, crop=False, warn=lambda m: None).to(device)
-            inv = invert(G, preset, target, settings=settings, search=search)
+            here, reading = search, None
+            if reader is not None:
+                with torch.no_grad():
+                    reading = [float(v) for v in reader(target * 2 - 1)[0]]
+                here = replace(search, yaw_range=yaw_window(reading[0], preset))
+            inv = invert(G, preset, target, settings=settings, search=here)
             if inv.interrupted:  # Ctrl-C inside the estimation: this image is not done
                 interrupted = True
                 break
             found = inv.history["pose_search"]
             done[name] = {"yaw": inv.yaw, "pitch": inv.pitch, "confidence": found["confidence"],
                           "loss_gap": found["loss_gap"], "search": [found["best"]["yaw"], found["best"]["pitch"]],
-                          "runner_up": found["runner_up"], "recon_psnr": inv.metrics()["recon_psnr"]}
+                          "runner_up": found["runner_up"], "recon_psnr": inv.metrics()["recon_psnr"],
+                          **({"reader": reading} if reading else {})}
             _write(out, meta, done, bad, min_confidence, flag, interrupted=False)
             bar.update()
     except KeyboardInterrupt:

@@ -32,7 +32,8 @@ ASSIGN = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 # camera (the sandbox's untrained generator is never confident, which the documented threshold rightly rejects).
 BUDGET = {
     "benchmarks/bench_invert.py": ["--num", "2", "--steps", "3", "--pti-steps", "2", "--figure-heads", "2"],
-    "benchmarks/bench_poses.py": ["--num", "2", "--steps", "3", "--search", "steps=2"],
+    "benchmarks/bench_poses.py": ["--num", "2", "--steps", "3", "--search", "steps=2", "--reader-set", "samples=64",
+                                  "--reader-set", "steps=5"],
     "invert": ["--steps", "3", "--pti-steps", "2", "--search-steps", "2"],
     "poses": ["--steps", "3", "--search-steps", "2", "--min-confidence", "0"],
     "evaluate": ["--num-samples", "8"],

@@ -39,8 +39,9 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
         pose: camera of the image, YAW,PITCH radians (default: estimated, see --pose-init).
         pose_init: without --pose, where the camera starts before it is refined with the latent: search (the
             generator scores a grid over the pose prior; default), cnn (the pose estimator; default when --estimators
-            is given), reader (a pose CNN trained on the checkpoint's own renders, cached next to it: minutes the first
-            time), mean (the preset's mean pose).
+            is given), reader (the search, over the half of the prior's yaw range around the reading of a pose CNN
+            trained on the checkpoint's own renders, cached next to it: minutes the first time), mean (the preset's
+            mean pose).
         pose_lr: stage 1 step of the estimated camera's yaw and pitch (0: keep the starting camera).
         search_grid: camera search: YAWSxPITCHES candidates over the prior.
         search_steps: latent steps per candidate.
@@ -86,7 +87,8 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
 def poses(ckpt: str, images: str, out: str, min_confidence: float | None = None, skip_bad: bool = False,
           overwrite: bool = False, steps: int = _DI.steps, pose_lr: float = _DI.pose_lr, search_grid: str = GRID,
           search_steps: int = _DS.steps, planes: int | None = None, plane_chunk: int | None = None,
-          seed: int = _DI.seed, device: str | None = None, threads: int | None = None) -> int:
+          seed: int = _DI.seed, device: str | None = None, threads: int | None = None,
+          pose_init: Literal["search", "reader"] = "search") -> int:
     """Estimate the camera of every image in a folder with a GMPI checkpoint (analysis-by-synthesis) and write the
     poses.json `gmpi data folder` reads, with a per-image confidence and a report.
 
@@ -106,6 +108,8 @@ def poses(ckpt: str, images: str, out: str, min_confidence: float | None = None,
         seed: seed of the optimisation's noise.
         device: cuda or cpu (default: cuda when available).
         threads: CPU threads (1 is fastest at 32-64 px next to other jobs).
+        pose_init: search (the prior) or reader (the half of the prior's yaw range around the reading of a pose CNN
+            trained on the checkpoint's own renders: minutes the first time, then cached next to the checkpoint).
     """
     from ..invert_cli import parse_grid
     from ..poses import estimate_folder, report_path
@@ -116,7 +120,7 @@ def poses(ckpt: str, images: str, out: str, min_confidence: float | None = None,
                               seed=seed)
     search = SearchSettings(*parse_grid(search_grid), steps=search_steps, plane_chunk=plane_chunk)
     report = estimate_folder(ckpt, images, out, settings, search, min_confidence, skip_bad, overwrite,
-                             device or default_device())
+                             device or default_device(), pose_init=pose_init)
     print(f"wrote {report['count']} camera(s) to {out} ({len(report['low_confidence'])} unsure, "
           f"{len(report['left_out'])} left out, {len(report['skipped'])} skipped; report {report_path(out)})")
     if report["interrupted"]:

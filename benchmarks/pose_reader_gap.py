@@ -1,0 +1,118 @@
+"""Why a checkpoint's pose reader reads the renderer's heads short: what it reads, and how the generator's heads turn.
+
+    python benchmarks/pose_reader_gap.py --ckpt runs/synthetic/gmpi.pt [--num 128] [--augment]
+
+* The reader (``gmpi_lightning.pose_reader``, cached next to the checkpoint) on ``--num`` held-out heads of the
+  synthetic renderer: the slope of its yaw readings against the true yaw and its mean |yaw error|, on the heads as they
+  are and with each head's background replaced by its mean colour (does it read the head or the background?).
+* With ``--augment``: a second reader trained the same way but on renders with random blur, colour and shift, read
+  on the same heads (is the gap in how the reader was trained?).
+* The generator's own heads, read by the data's pose CNN (``runs/estimators/<data>.pt``): 256 latents rendered at
+  yaw -0.3, 0 and +0.3 (pitch 0): the spread of the readings at yaw 0 (the head's pose carried by the latent) and
+  each head's turn over the 0.6 rad (how far the generator's heads follow the camera).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from heads import add_common_flags, setup  # benchmarks/heads.py
+
+from datamodules.synthetic import render_heads, sample_poses
+from gmpi_lightning.estimators import PoseCNN, load_estimators
+from gmpi_lightning.pose_reader import ReaderSettings, posed_renders, reader_for
+from gmpi_lightning.scene import Scene
+
+
+def slope_and_error(reader, images: torch.Tensor, yaw: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        read = reader(images)[:, 0]
+    return float(np.polyfit(yaw.numpy(), read.numpy(), 1)[0]), float((read - yaw).abs().mean())
+
+
+def blur_colour_shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random Gaussian blur (sigma up to 1.2 px), brightness/colour jitter and a shift of up to 2 px."""
+    b, c, h, w = x.shape
+    sigma = torch.rand(b, generator=g) * 1.2 + 0.01
+    k = torch.arange(-2, 3, dtype=x.dtype)
+    kern = torch.exp(-k[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)
+    y = F.conv2d(F.pad(x.reshape(1, b * c, h, w), (2, 2, 0, 0), mode="replicate"), kern[:, None, None], groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, 2, 2), mode="replicate"), kern[:, None, :, None], groups=b * c).reshape(b, c, h, w)
+    y = y * (1 + 0.3 * torch.randn(b, 1, 1, 1, generator=g)) + 0.2 * torch.randn(b, c, 1, 1, generator=g)
+    dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
+    return torch.roll(y, (dy, dx), (2, 3))
+
+
+def augmented_reader(G, preset, s: ReaderSettings) -> PoseCNN:
+    """The pose reader's training (gmpi_lightning.pose_reader.train_reader) with blur_colour_shift on every batch."""
+    images, poses = posed_renders(G, preset, s.samples, torch.Generator().manual_seed(s.seed))
+    reader = PoseCNN(min(G.img_resolution, 64), s.width)
+    mean, std = poses.mean(0), poses.std(0).clamp_min(1e-3)
+    reader.pose_mean.copy_(mean)
+    reader.pose_std.copy_(std)
+    opt = torch.optim.Adam(reader.parameters(), lr=s.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k / s.steps, 1.0))))
+    g = torch.Generator().manual_seed(s.seed + 1)
+    for _ in range(s.steps):
+        idx = torch.randint(0, s.samples, (s.batch,), generator=g)
+        loss = F.mse_loss(reader.forward_normalized(blur_colour_shift(images[idx], g)), (poses[idx] - mean) / std)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return reader.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_flags(ap, "")
+    ap.add_argument("--num", type=int, default=128, help="held-out renderer heads")
+    ap.add_argument("--augment", action="store_true", help="also train and read an augmented reader (minutes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    card, cfg, loaded = setup(args)
+    G, preset = loaded.G, loaded.preset
+    indices = list(range(card["count"], card["count"] + args.num))
+    yaw = torch.as_tensor(sample_poses(indices, cfg)[0], dtype=torch.float32)
+    heads = render_heads(indices, cfg)
+    images = heads["image"].permute(0, 3, 1, 2).float().div(255) * 2 - 1
+    mask = heads["mask"].float()[:, None]
+    bg = (images * (1 - mask)).sum((2, 3), keepdim=True) / (1 - mask).sum((2, 3), keepdim=True).clamp_min(1)
+    plain_bg = images * mask + bg * (1 - mask)
+    reader = reader_for(args.ckpt, G, preset)
+    rows = [("reader", "heads as they are", *slope_and_error(reader, images, yaw)),
+            ("reader", "background -> its mean colour", *slope_and_error(reader, plain_bg, yaw))]
+    if args.augment:
+        aug = augmented_reader(G, preset, ReaderSettings())
+        rows.append(("reader trained with blur/colour/shift", "heads as they are", *slope_and_error(aug, images, yaw)))
+    print(f"{args.num} held-out renderer heads (indices {indices[0]}-{indices[-1]}):")
+    print("| reader | heads | slope of the yaw read against the truth | mean \\|yaw error\\| |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} |")
+
+    est = Path(args.estimators or Path("runs/estimators") / f"{Path(args.data).name}.pt")
+    if not est.is_file():
+        print(f"no pose estimator at {est}: the generator's turn is not measured")
+        return
+    cnn = load_estimators(est)[0]
+    scene = Scene.for_generator(G, preset, preset.train_planes)
+    z = torch.randn(256, G.z_dim, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        mpi = scene.generate(G, z)
+        read = {y: cnn(scene.render(mpi, scene.camera(torch.full((256,), y), torch.zeros(256)))["rgb"] * 2 - 1)[:, 0]
+                for y in (-0.3, 0.0, 0.3)}
+    turn = (read[0.3] - read[-0.3]) / 0.6
+    print(f"the checkpoint's heads read by {est}: at yaw 0 mean {float(read[0.0].mean()):+.3f}, spread (sd) "
+          f"{float(read[0.0].std()):.3f} rad; turn per radian of camera {float(turn.mean()):.2f} +- "
+          f"{float(turn.std()):.2f} (256 heads)")
+
+
+if __name__ == "__main__":
+    main()
