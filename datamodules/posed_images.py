@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import os
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from gmpi_lightning.data import collate, decode_sample, eval_loader, read_samples, resolve_shards  # noqa: F401
+from gmpi_lightning.data import collate, decode_sample, eval_loader, resolve_shards
 
 # Mirror of the world about x = 0 and of the camera's x axis: w2c' = S w2c S keeps a proper rotation.
 _MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0]).astype(np.float32)
@@ -149,16 +148,9 @@ class PosedImageDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         self.train_batches_used = int(state.get("train_batches_used", 0))
 
-    def eval_dataset(self):
-        """Every sample exactly once across ranks (split by node) and workers (split by worker)."""
-        return read_samples(self.urls, self.eval_batch_size, split=True)
-
     def eval_dataloader(self):
         self._export_rank()
         return eval_loader(self.urls, self.eval_batch_size, self.num_workers)
-
-    def iter_eval(self) -> Iterator[dict]:
-        yield from self.eval_dataloader()
 
     def val_dataloader(self):  # limit with Trainer(limit_val_batches=N): the pass is finite and has no length
         return self.eval_dataloader()
