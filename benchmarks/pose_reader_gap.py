@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ import torch.nn.functional as F
 from heads import add_common_flags, setup  # benchmarks/heads.py
 
 from datamodules.synthetic import render_heads, sample_poses
-from gmpi_lightning.estimators import PoseCNN, load_estimators
-from gmpi_lightning.pose_reader import ReaderSettings, posed_renders, reader_for
+from gmpi_lightning.estimators import load_estimators
+from gmpi_lightning.pose_reader import ReaderSettings, reader_for, train_reader
 from gmpi_lightning.scene import Scene
 
 
@@ -49,26 +48,6 @@ def blur_colour_shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.roll(y, (dy, dx), (2, 3))
 
 
-def augmented_reader(G, preset, s: ReaderSettings) -> PoseCNN:
-    """The pose reader's training (gmpi_lightning.pose_reader.train_reader) with blur_colour_shift on every batch."""
-    images, poses = posed_renders(G, preset, s.samples, torch.Generator().manual_seed(s.seed))
-    reader = PoseCNN(min(G.img_resolution, 64), s.width)
-    mean, std = poses.mean(0), poses.std(0).clamp_min(1e-3)
-    reader.pose_mean.copy_(mean)
-    reader.pose_std.copy_(std)
-    opt = torch.optim.Adam(reader.parameters(), lr=s.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k / s.steps, 1.0))))
-    g = torch.Generator().manual_seed(s.seed + 1)
-    for _ in range(s.steps):
-        idx = torch.randint(0, s.samples, (s.batch,), generator=g)
-        loss = F.mse_loss(reader.forward_normalized(blur_colour_shift(images[idx], g)), (poses[idx] - mean) / std)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return reader.eval()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_flags(ap, "")
@@ -90,7 +69,7 @@ def main() -> None:
     rows = [("reader", "heads as they are", *slope_and_error(reader, images, yaw)),
             ("reader", "background -> its mean colour", *slope_and_error(reader, plain_bg, yaw))]
     if args.augment:
-        aug = augmented_reader(G, preset, ReaderSettings())
+        aug = train_reader(G, preset, ReaderSettings(), progress_bar=False, augment=blur_colour_shift)[0]
         rows.append(("reader trained with blur/colour/shift", "heads as they are", *slope_and_error(aug, images, yaw)))
     print(f"{args.num} held-out renderer heads (indices {indices[0]}-{indices[-1]}):")
     print("| reader | heads | slope of the yaw read against the truth | mean \\|yaw error\\| |\n|---|---|---|---|")

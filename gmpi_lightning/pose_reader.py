@@ -63,9 +63,10 @@ def posed_renders(G, preset, n: int, generator: torch.Generator, chunk: int = 25
 
 
 def train_reader(G, preset, settings: ReaderSettings | None = None, device: str = "cpu",
-                 progress_bar: bool = True) -> tuple[PoseCNN, dict]:
+                 progress_bar: bool = True, augment=None) -> tuple[PoseCNN, dict]:
     """(reader, info): a PoseCNN trained on ``settings.samples`` renders of ``G``; ``info`` holds the settings, the
-    seconds and the mean |yaw| / |pitch| error on 256 further renders (the reader on the generator's own pictures)."""
+    seconds and the mean |yaw| / |pitch| error on 256 further renders (the reader on the generator's own pictures).
+    ``augment(images, generator)``, if given, transforms every training batch (benchmarks/pose_reader_gap.py)."""
     from .export import progress
 
     s = settings or ReaderSettings()
@@ -85,7 +86,8 @@ def train_reader(G, preset, settings: ReaderSettings | None = None, device: str 
     reader.train()
     for _ in progress(range(s.steps), desc="gmpi pose reader", unit="step", disable=not progress_bar):
         idx = torch.randint(0, s.samples, (s.batch,), generator=draws)
-        loss = F.mse_loss(reader.forward_normalized(images[idx]), (poses[idx] - mean) / std)
+        x = images[idx] if augment is None else augment(images[idx], draws)
+        loss = F.mse_loss(reader.forward_normalized(x), (poses[idx] - mean) / std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
