@@ -41,7 +41,7 @@ import torch
 from heads import add_common_flags, add_run_flags, overrides, setup  # benchmarks/heads.py
 
 from datamodules.synthetic import render_heads, sample_poses
-from gmpi_lightning.cameras import pose_range
+from gmpi_lightning.cameras import clamp_to_prior
 from gmpi_lightning.estimators import load_estimators
 from gmpi_lightning.inversion import InvertSettings, invert
 from gmpi_lightning.pose_reader import ReaderSettings, reader_for, yaw_window
@@ -104,8 +104,7 @@ def main() -> None:
         if pose_cnn is not None:
             with torch.no_grad():
                 read = [float(v) for v in pose_cnn.to(image.device)(image * 2 - 1)[0]]
-            (y0, y1), (p0, p1) = pose_range(preset)  # as gmpi invert: a reading outside the prior is clamped
-            start = [min(max(read[0], y0), y1), min(max(read[1], p0), p1)]
+            start = clamp_to_prior(*read, preset)  # as gmpi invert: a reading outside the prior is clamped
             refined = invert(G, preset, image, *start, settings=settings, refine_pose=True)
             rec["estimates"]["pose CNN"] = read
             rec["estimates"]["pose CNN + refine"] = [refined.yaw, refined.pitch]

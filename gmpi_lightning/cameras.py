@@ -140,6 +140,12 @@ def pose_range(preset) -> tuple[tuple[float, float], tuple[float, float]]:
             (preset.pitch_mean - n * preset.pitch_std, preset.pitch_mean + n * preset.pitch_std))
 
 
+def clamp_to_prior(yaw: float, pitch: float, preset) -> tuple[float, float]:
+    """(yaw, pitch) moved into the preset's prior range (:func:`pose_range`), unchanged when inside it."""
+    (y0, y1), (p0, p1) = pose_range(preset)
+    return min(max(float(yaw), y0), y1), min(max(float(pitch), p0), p1)
+
+
 def invert_rigid(m: torch.Tensor) -> torch.Tensor:
     """Inverse of rigid 4 x 4 transforms (R, t) -> (R^T, -R^T t)."""
     m = _as_batch(m)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cameras import pose_range
+from .cameras import clamp_to_prior, pose_range
 from .errors import InputError, warner
 from .inference import load_gmpi, load_image
 from .inversion import Inversion, InvertSettings, PinnedLatent, invert
@@ -122,8 +122,7 @@ def _read_pose(pose_model, target: torch.Tensor, preset: Preset, name, warn) -> 
     """A pose CNN's reading of ``target`` (B x 3 x H x W in [0, 1]), clamped into the prior's range (with a warning)."""
     with torch.no_grad():
         yaw, pitch = (float(v) for v in pose_model(target * 2 - 1)[0])
-    (y0, y1), (p0, p1) = pose_range(preset)
-    cy, cp = min(max(yaw, y0), y1), min(max(pitch, p0), p1)
+    cy, cp = clamp_to_prior(yaw, pitch, preset)
     if (cy, cp) != (yaw, pitch):
         warn(f"estimated pose {yaw:.3f},{pitch:.3f} clamped into the preset's range ({_range_text(preset)})")
     print(f"pose estimated by {name}: yaw {cy:.3f}, pitch {cp:.3f}")

@@ -211,3 +211,12 @@ def test_pose_range_is_the_truncated_prior_around_its_mean(name):
     p = replace(get_preset(name), yaw_mean=0.1, pitch_mean=-0.05, yaw_std=0.3, pitch_std=0.2, n_truncated_stds=1.5)
     (y0, y1), (p0, p1) = C.pose_range(p)
     assert (y0, y1, p0, p1) == pytest.approx((0.1 - 0.45, 0.1 + 0.45, -0.05 - 0.3, -0.05 + 0.3))
+
+
+def test_clamp_to_prior_moves_only_what_lies_outside():
+    """A pose inside the prior is returned as it is; yaw and pitch outside it are moved to the nearer edge, each on its
+    own axis: rules out clamping yaw to the pitch range, one-sided clamps, and swapped outputs."""
+    p = replace(get_preset("FFHQ256"), yaw_mean=0.1, pitch_mean=-0.05, yaw_std=0.3, pitch_std=0.2, n_truncated_stds=1.0)
+    assert C.clamp_to_prior(0.2, 0.05, p) == pytest.approx((0.2, 0.05))
+    assert C.clamp_to_prior(2.0, -1.0, p) == pytest.approx((0.4, -0.25))
+    assert C.clamp_to_prior(-2.0, 1.0, p) == pytest.approx((-0.2, 0.15))
