@@ -32,22 +32,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
 
+SHADED = dict(shading=dict(enabled=True, start=0), optim=dict(betas=(0.0, 0.9)), views=dict(per_z=4), train_planes=32)
 CONFIGS = {
     "synthetic32": dict(res=32, batch=8, gpu_batch=8, model=dict(
-        preset="synthetic32", z_dim=128, w_dim=128, mapping_layers=4, channel_base=4096, channel_max=128,
-        train_planes=32, views_per_z=4, r1_gamma=10.0, grad_clip=10.0, alpha_init_gain=0.3, alpha_init_logit=-1.0,
-        shading=False, ema_kimg=1.0, betas=(0.0, 0.9))),
+        preset="synthetic32", arch=dict(z_dim=128, w_dim=128, mapping_layers=4, channel_base=4096, channel_max=128),
+        train_planes=32, views=dict(per_z=4), optim=dict(r1_gamma=10.0, grad_clip=10.0, betas=(0.0, 0.9)),
+        alpha=dict(init_gain=0.3, init_logit=-1.0), shading=dict(enabled=False), ema=dict(kimg=1.0))),
     "ffhq64": dict(res=64, batch=4, gpu_batch=4, model=dict(
-        preset="FFHQ256", resolution=64, z_dim=512, w_dim=512, mapping_layers=8, channel_base=8192, channel_max=256,
-        train_planes=32, views_per_z=4, shading=True, shading_start=0, shading_grow=1000, betas=(0.0, 0.9))),
-    "ffhq256": dict(res=256, batch=2, gpu_batch=8, model=dict(
-        preset="FFHQ256", train_planes=32, views_per_z=4, shading=True, shading_start=0, betas=(0.0, 0.9))),
+        SHADED, preset="FFHQ256", resolution=64,
+        arch=dict(z_dim=512, w_dim=512, mapping_layers=8, channel_base=8192, channel_max=256))),
+    "ffhq256": dict(res=256, batch=2, gpu_batch=8, model=dict(SHADED, preset="FFHQ256")),
     "ffhq512": dict(res=512, batch=2, gpu_batch=4, model=dict(
-        preset="FFHQ512", train_planes=32, views_per_z=4, shading=True, shading_start=0, betas=(0.0, 0.9),
-        batch_split=2)),
+        SHADED, preset="FFHQ512", optim=dict(betas=(0.0, 0.9), batch_split=2))),
     "ffhq1024": dict(res=1024, batch=1, gpu_batch=4, model=dict(
-        preset="FFHQ1024", train_planes=32, views_per_z=4, shading=True, shading_start=0, betas=(0.0, 0.9),
-        batch_split=2)),
+        SHADED, preset="FFHQ1024", optim=dict(betas=(0.0, 0.9), batch_split=2))),
 }
 
 

@@ -167,8 +167,9 @@ def main(argv=None) -> int:
     for init in args.inits.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             pl.seed_everything(seed, verbose=False)
-            model = GMPIModule(**{**model_args, "d_pose_init": init}).eval()
-            D2d = stylegan2_backbone(model.hparams.init_from, model.preset)[1].eval()  # the pretrained 2D D
+            disc = {**(model_args.get("discriminator") or {}), "pose_init": init}
+            model = GMPIModule(**{**model_args, "discriminator": disc}).eval()
+            D2d = stylegan2_backbone(model.hparams.init_from, model.preset, model.hparams.arch)[1].eval()  # 2D D
             row = {"d_pose_init": init, "seed": seed, **measure(model, D2d, reals, args.num, bins, seed)}
             rows.append(row)
             print(f"| {init} | {seed} | {row['d2d_real']:.2f} | {row['d2d_fake']:.2f} | {row['gap_2d']:+.2f} | "

@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ARCH_KEYS = ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max")
-
 
 def _model_args(cfg: dict) -> tuple[str, dict]:
     from gmpi_lightning import runs
@@ -50,7 +48,7 @@ def time_stage(config: str, data: Path, iters: int, warmup: int, prior_arch: dic
     init = args.get("init_from")
     if init and not Path(init).is_file():  # the prior is made by an earlier stage: same architecture, no weights
         args["init_from"] = None
-        args.update({k: v for k, v in (prior_arch or {}).items() if v is not None})
+        args["arch"] = {**(args.get("arch") or {}), **{k: v for k, v in (prior_arch or {}).items() if v is not None}}
     module, _, name = cls_path.rpartition(".")
     model = getattr(importlib.import_module(module), name)(**{**args, "max_iters": warmup + iters,
                                                               "export_path": None})
@@ -67,7 +65,7 @@ def time_stage(config: str, data: Path, iters: int, warmup: int, prior_arch: dic
     trainer.fit(model, dm)
     secs = sorted(probe.seconds)
     per_iter = secs[len(secs) // 2]
-    arch = {k: args.get(k) for k in ARCH_KEYS}
+    arch = dict(args.get("arch") or {})
     return {"config": config, "s_per_iter": per_iter, "iterations": planned, "seconds": per_iter * planned,
             "arch": arch}
 

@@ -49,12 +49,12 @@ def check_ops(ops: Sequence[str]) -> tuple[str, ...]:
     ops = tuple(ops)
     for op in ops:
         if op in NOT_POSE_SAFE:
-            raise InputError(f"augment_ops: {op!r} is not pose-safe for a camera-conditioned D: {NOT_POSE_SAFE[op]}. "
+            raise InputError(f"augment.ops: {op!r} is not pose-safe for a camera-conditioned D: {NOT_POSE_SAFE[op]}. "
                              f"Pose-safe transforms: {', '.join(OPS)}")
         if op not in OPS:
-            raise InputError(f"augment_ops: unknown transform {op!r}; choose from {', '.join(OPS)}")
+            raise InputError(f"augment.ops: unknown transform {op!r}; choose from {', '.join(OPS)}")
     if not ops:
-        raise InputError(f"augment_ops is empty: name at least one of {', '.join(OPS)}, or set augment: none")
+        raise InputError(f"augment.ops is empty: name at least one of {', '.join(OPS)}, or set augment.mode: none")
     return tuple(op for op in OPS if op in ops)
 
 
@@ -145,11 +145,11 @@ class AdaptiveP(nn.Module):
     def __init__(self, p: float = 0.0, target: float = 0.6, kimg: float = 100.0, adaptive: bool = True):
         super().__init__()
         if not 0.0 <= p <= 1.0:
-            raise InputError(f"augment_p must be a probability in [0, 1], got {p}")
+            raise InputError(f"augment.p must be a probability in [0, 1], got {p}")
         if not 0.0 < target < 1.0:
-            raise InputError(f"ada_target must lie strictly between 0 and 1 (StyleGAN2-ADA: 0.6), got {target}")
+            raise InputError(f"augment.target must lie strictly between 0 and 1 (StyleGAN2-ADA: 0.6), got {target}")
         if kimg <= 0:
-            raise InputError(f"ada_kimg must be > 0 (thousands of reals for p to move from 0 to 1), got {kimg}")
+            raise InputError(f"augment.kimg must be > 0 (thousands of reals for p to move from 0 to 1), got {kimg}")
         self.target, self.kimg, self.adaptive = target, kimg, adaptive
         self.register_buffer("p", torch.tensor(float(p)), persistent=False)
         self.register_buffer("signs", torch.zeros(2), persistent=False)

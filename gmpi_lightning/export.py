@@ -158,7 +158,7 @@ def extract_mesh(G, z: torch.Tensor, preset, extents_hw, grid: int | None = None
 
     if fixed_planes(G):
         raise InputError("the vanilla alpha branch makes only its training planes, not the dense volume a mesh "
-                         "needs; mesh a depth-conditioned model (alpha_mode normalize_add_z, add_z, ...)")
+                         "needs; mesh a depth-conditioned model (alpha.mode normalize_add_z, add_z, ...)")
     grid = grid or G.img_resolution
     depths = mesh_plane_depths(preset, grid)
     codes = normalize_depths(depths, preset.near, preset.far)

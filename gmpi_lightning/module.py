@@ -2,10 +2,10 @@
 (:class:`GMPIModule`). One iteration (docs/METHOD.md §6):
 
     D step: fakes for fresh z, made for one sampled condition each (GMPI: a prior camera; shaded after
-            shading_start); reals with their condition; loss = softplus(-D(real)) + softplus(D(fake)), plus
-            r1_every * R1 (gamma/2 ||grad_x D(real)||^2) every r1_every iterations; clip; Adam step.
-    G step: fresh z; the G step's condition (GMPI: of views_per_z prior cameras, the one the current D scores
-            lowest); loss = softplus(-D(fake)) over batch_split chunks; clip; Adam step; EMA update of G.
+            shading.start); reals with their condition; loss = softplus(-D(real)) + softplus(D(fake)), plus
+            k * R1 (gamma/2 ||grad_x D(real)||^2) every k = optim.r1_every iterations; clip; Adam step.
+    G step: fresh z; the G step's condition (GMPI: of views.per_z prior cameras, the one the current D scores
+            lowest); loss = softplus(-D(fake)) over optim.batch_split chunks; clip; Adam step; EMA update of G.
 
 What a GAN's fakes are and how D is conditioned lives in ``self.fakes`` (:mod:`.views`); the random streams in
 :mod:`.streams`; the networks it starts from in :mod:`.networks`; logging in :mod:`.training_log`. Every random draw
@@ -22,10 +22,23 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import AttributeDict, rank_zero_info
 
 from .augment import AdaptiveP, PoseSafeAugment
 from .errors import InputError
+from .hparams import (
+    EMA,
+    GROUPS,
+    Alpha,
+    Architecture,
+    Augmentation,
+    Optimisation,
+    PoseDiscriminator,
+    Shading,
+    Views,
+    group,
+    plain,
+)
 from .losses import d_logistic_loss, ema_update, g_nonsaturating_loss, r1_penalty, stylegan2_ema_beta, torch_ema_beta
 from .networks import gmpi_networks, load_checkpoint_weights, stylegan2_backbone
 from .presets import get_preset
@@ -39,67 +52,43 @@ class GANModule(pl.LightningModule):
     """The phases every GAN here shares, with manual optimisation; ``build_networks`` and ``make_fakes`` say what
     differs.
 
-    Args (grouped as a recipe reads):
+    Args (the groups are typed dataclasses in :mod:`.hparams`, nested on the command line: ``--model.optim.lr``):
         preset, resolution: camera/plane/architecture constants (``gmpi_lightning.presets``); ``resolution``
             overrides the preset's (the data's).
         init_from: NVlabs pickle / converted .pt (StyleGAN2 weights), or a Lightning checkpoint of the same module
-            (all weights, loaded without running code). None: train from scratch.
-        z_dim, w_dim, mapping_layers, channel_base, channel_max: architecture when not initialised from a file.
-        lr, betas, train_mapping: Adam for G and D (official 0.002, (0, 0.9)); also train the mapping network.
-        r1_gamma, r1_every: R1 weight and interval. R1 runs inside the D step every ``r1_every`` iterations with
-            weight ``r1_every * gamma`` and the plain Adam settings.
-        grad_clip: total gradient-norm clip of both networks (official 10; None disables).
-        batch_split: G step in chunks with gradient accumulation (one DDP all-reduce).
-        ema, ema_kimg, ema_rampup, ema_decay: ``stylegan2`` (ema_kimg with ramp-up) or ``torch_ema`` (official:
-            decay with warm-up).
+            (all weights, loaded without running code). None: train from scratch with ``arch``.
+        arch: the backbone's architecture when not initialised from a file.
+        optim: Adam, R1, clipping and the G step's chunks.
+        ema: the exported average of G.
+        augment: pose-safe augmentation of every image D trains on. R1 is the gradient with respect to the reals
+            before augmentation; the worst-view scoring sees renders as they are.
         max_iters: stop after this many iterations (one D step + one G step; Lightning's global_step counts
             optimiser steps).
         max_nonfinite: stop with an error after this many consecutive non-finite steps (each is skipped).
         export_path: at the end of fit, write the inference file there (``gmpi render`` reads it).
-        augment, augment_p, augment_ops, ada_target, ada_interval, ada_kimg: pose-safe augmentation of every image D
-            trains on (:mod:`.augment`; docs/SMALL_DATA.md): ``none`` (official), ``ada`` (StyleGAN2-ADA's adaptive
-            p, from ``augment_p``, updated every ``ada_interval`` iterations towards r_t = ``ada_target``, able to go
-            from 0 to 1 in ``ada_kimg`` thousand reals) or ``fixed`` (p = ``augment_p``). R1 is the gradient with
-            respect to the reals before augmentation; the worst-view scoring sees renders as they are.
     """
 
     mode = "gan"
     COUNTERS = ("iteration", "nimg", "ema_updates", "nonfinite_total")
 
     def __init__(self, preset: str = "FFHQ256", resolution: int | None = None, init_from: str | None = None,
-                 # architecture (when not initialised from a file)
-                 z_dim: int = 512, w_dim: int = 512, mapping_layers: int = 8, channel_base: int | None = None,
-                 channel_max: int | None = None,
-                 # optimisation
-                 lr: float = 0.002, betas: tuple[float, float] = (0.0, 0.9), train_mapping: bool = True,
-                 r1_gamma: float = 10.0, r1_every: int = 1, grad_clip: float | None = 10.0, batch_split: int = 1,
-                 # EMA
-                 ema: str = "stylegan2", ema_kimg: float = 10.0, ema_rampup: float | None = 0.05,
-                 ema_decay: float = 0.999,
-                 # run
-                 max_iters: int = 5000, max_nonfinite: int = 20, export_path: str | None = None,
-                 # augmentation of what D sees (small datasets)
-                 augment: str = "none", augment_p: float = 0.0,
-                 augment_ops: tuple[str, ...] = ("translate", "brightness", "contrast", "cutout"),
-                 ada_target: float = 0.6, ada_interval: int = 4, ada_kimg: float = 100.0):
+                 arch: Architecture = Architecture(), optim: Optimisation = Optimisation(), ema: EMA = EMA(),
+                 augment: Augmentation = Augmentation(), max_iters: int = 5000, max_nonfinite: int = 20,
+                 export_path: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        if ema not in ("stylegan2", "torch_ema"):
-            raise InputError(f"ema must be 'stylegan2' or 'torch_ema', got {ema!r}")
-        if r1_every < 1:
-            raise InputError(f"r1_every must be >= 1, got {r1_every}")
-        if augment not in ("none", "ada", "fixed"):
-            raise InputError(f"augment must be 'none', 'ada' or 'fixed', got {augment!r}")
-        if ada_interval < 1:
-            raise InputError(f"ada_interval must be >= 1, got {ada_interval}")
+        for name in GROUPS.keys() & self.hparams.keys():  # mappings (a checkpoint's, a YAML's) as typed groups
+            self.hparams[name] = group(GROUPS[name], self.hparams[name], name)
+        augment = self.hparams.augment
         self.automatic_optimization = False
         self.preset = get_preset(preset, **({"resolution": resolution} if resolution else {}))
-        backbone = stylegan2_backbone(init_from, self.preset, z_dim, w_dim, mapping_layers, channel_base, channel_max)
+        backbone = stylegan2_backbone(init_from, self.preset, self.hparams.arch)
         self.G, self.D = (net.train().requires_grad_(True) for net in self.build_networks(*backbone))
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self._fakes = self.make_fakes()
-        self.d_augment = PoseSafeAugment(augment_ops) if augment != "none" else None
-        self.ada = AdaptiveP(augment_p, ada_target, ada_kimg, adaptive=augment == "ada") if self.d_augment else None
+        self.d_augment = PoseSafeAugment(augment.ops) if augment.mode != "none" else None
+        self.ada = AdaptiveP(augment.p, augment.target, augment.kimg, adaptive=augment.mode == "ada") \
+            if self.d_augment else None
         self.iteration, self.nimg, self.ema_updates = 0, 0, 0  # counters, checkpointed
         self.nonfinite_in_row, self.nonfinite_total = 0, 0
         self.streams, self.log_iteration = RankStreams(), IterationLog()
@@ -134,7 +123,7 @@ class GANModule(pl.LightningModule):
         return images if self.d_augment is None else self.d_augment(images, self.ada.p, self.rng)
 
     def d_step(self, batch: dict, opt) -> dict:
-        hp, f = self.hparams, self.fakes
+        hp, f = self.hparams.optim, self.fakes
         real = batch["image"].detach().requires_grad_(hp.r1_gamma > 0 and self.iteration % hp.r1_every == 0)
         b = real.shape[0]
         with torch.no_grad():
@@ -155,7 +144,7 @@ class GANModule(pl.LightningModule):
     def g_step(self, b: int, opt) -> dict:
         f, z = self.fakes, self.sample_z(b)
         cond = f.g_step_condition(self.G, self.D, z, self.rng)
-        chunks = max(1, min(self.hparams.batch_split, b))
+        chunks = max(1, min(self.hparams.optim.batch_split, b))
         block_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
         with self.toggled_optimizer(opt):
             opt.zero_grad(set_to_none=True)
@@ -178,7 +167,7 @@ class GANModule(pl.LightningModule):
         """Clip and step, unless the loss or a gradient is non-finite: then skip, count, and stop after K in a row.
         One host read: the total gradient norm (which clipping computes anyway) plus the loss, checked together."""
         params = [p for p in net.parameters() if p.grad is not None]
-        clip = self.hparams.grad_clip
+        clip = self.hparams.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else \
             torch.nn.utils.get_total_norm([p.grad for p in params])
         if not bool(torch.isfinite(norm + loss)):
@@ -195,9 +184,9 @@ class GANModule(pl.LightningModule):
         return True
 
     def update_ema(self, batch_total: int) -> float:
-        hp = self.hparams
-        beta = torch_ema_beta(self.ema_updates, hp.ema_decay) if hp.ema == "torch_ema" else \
-            stylegan2_ema_beta(batch_total, self.nimg, hp.ema_kimg, hp.ema_rampup)
+        ema = self.hparams.ema
+        beta = torch_ema_beta(self.ema_updates, ema.decay) if ema.kind == "torch_ema" else \
+            stylegan2_ema_beta(batch_total, self.nimg, ema.kimg, ema.rampup)
         ema_update(self.G_ema, self.G, beta)
         self.ema_updates += 1
         return beta
@@ -205,15 +194,15 @@ class GANModule(pl.LightningModule):
     @torch.no_grad()
     def observe_real_logits(self, real_logits: torch.Tensor) -> dict:
         """StyleGAN2-ADA's overfitting heuristic r_t = E[sign(D(real))] since the last log (``ada_rt``, logged with or
-        without augmentation) and, with ``augment: ada``, p's update every ``ada_interval`` iterations from every
-        rank's signs."""
+        without augmentation) and, with ``augment.mode: ada``, p's update every ``augment.interval`` iterations from
+        every rank's signs."""
         s = real_logits.detach().float().sign()
         signs = torch.stack([s.sum(), torch.ones_like(s).sum()])
         self._signs_since_log = signs if self._signs_since_log is None else self._signs_since_log + signs
         logs = {"ada_rt": self._signs_since_log[0] / self._signs_since_log[1]}
         if self.ada is not None:
             self.ada.observe(real_logits)
-            if (self.iteration + 1) % self.hparams.ada_interval == 0:
+            if (self.iteration + 1) % self.hparams.augment.interval == 0:
                 strategy = self._trainer.strategy if self._trainer is not None else None
                 self.ada.update(None if strategy is None else lambda t: strategy.reduce(t, reduce_op="sum"))
             logs["augment_p"] = self.ada.p.clone()
@@ -255,7 +244,7 @@ class GANModule(pl.LightningModule):
     test_step = validation_step
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.hparams.optim
         g_params = [p for n, p in self.G.named_parameters() if hp.train_mapping or not n.startswith("mapping.")]
         return [torch.optim.Adam(g_params, lr=hp.lr, betas=tuple(hp.betas), eps=1e-8),
                 torch.optim.Adam(self.D.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=1e-8)]
@@ -268,8 +257,8 @@ class GANModule(pl.LightningModule):
                              "guard and clipping): use bf16-mixed or 32-true")
         rank_zero_info(f"{type(self).__name__}: {self.preset.name} {self.preset.resolution}px, batch per device "
                        f"{self.trainer.datamodule.batch_size if self.trainer.datamodule else '?'} x {world} devices, "
-                       f"lr {hp.lr} for G and D (no scaling with the batch), iteration {self.iteration}/{hp.max_iters},"
-                       f" random streams seeded {run_seed()} * {world} + rank")
+                       f"lr {hp.optim.lr} for G and D (no scaling with the batch), iteration "
+                       f"{self.iteration}/{hp.max_iters}, random streams seeded {run_seed()} * {world} + rank")
 
     def setup(self, stage: str) -> None:
         init = self.hparams.init_from
@@ -292,6 +281,14 @@ class GANModule(pl.LightningModule):
             state["ada"] = {"p": self.ada.p.detach().cpu().clone(),
                             "signs": gather_per_rank(self._trainer, self.ada.signs.detach(), self.device)}
         checkpoint["gmpi_state"] = state
+        key = self.CHECKPOINT_HYPER_PARAMS_KEY  # plain data: checkpoints load with weights_only
+        checkpoint[key] = plain(checkpoint.get(key, {}))
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        """The hyper-parameters as loggers record them: every group whole, as a plain dict."""
+        return AttributeDict(plain({k: group(GROUPS[k], v, k) if k in GROUPS else v
+                                    for k, v in super().hparams_initial.items()}))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         s = checkpoint.get("gmpi_state", {})
@@ -301,7 +298,7 @@ class GANModule(pl.LightningModule):
         device = self.trainer.strategy.root_device.type if self._trainer is not None else self.device.type
         self.streams.load(s.get("rng"), self._trainer, device)
         ada, (world, rank) = s.get("ada"), world_rank(self._trainer)
-        if self.ada is not None and ada is not None:  # else p starts at augment_p (a run that had no augmentation)
+        if self.ada is not None and ada is not None:  # else p starts at augment.p (a run that had no augmentation)
             self.ada.p.copy_(ada["p"])
             self.ada.signs.copy_(ada["signs"][rank] if len(ada["signs"]) == world else torch.zeros(2))
 
@@ -328,46 +325,28 @@ class GMPIModule(GANModule):
     """GMPI fine-tuning of a pretrained StyleGAN2: :class:`GANModule`'s phases and arguments, plus
 
     Args:
-        alpha_mode, pos_enc_multires: the alpha branch (:mod:`.nn.alpha`).
-        alpha_init_gain, alpha_init_logit, alpha_depth_slope, alpha_depth_center: start of the new alpha branch
-            (official: 1, 0 and no ramp; docs/METHOD.md §3.4).
         train_planes: planes per MPI during training (official 32).
-        pose_conditioning: condition D on the flattened w2c (GMPI); False is the ablation.
-        d_pose_init: how the pose-conditioned D starts from the pretrained one: ``official`` (its logit is the
-            pretrained logit times a random pose-dependent gain, sign included) or ``pretrained_logit`` (the
-            pretrained logit at every pose); see ``PoseConditionedDiscriminator.from_stylegan2``.
-        mbstd_group_size: minibatch-stddev group (GMPI 1: per-sample independent logits).
-        views_per_z, view_selection: G's worst-of-N views scored by D (``worst``) or one random view (``random``).
-        shading, shading_schedule, shading_start, shading_grow: Lambertian shading of fake MPIs
-            (schedule ``as_coded`` = official, ``ramp`` = monotone).
+        alpha: the alpha branch and how it starts.
+        discriminator: the pose-conditioned discriminator (pose_conditioning False is the ablation).
+        views: the G step's cameras (worst of ``per_z`` as scored by D).
+        shading: the shading augmentation of fakes (schedule ``as_coded`` = official, ``ramp`` = monotone).
     """
 
     mode = "gmpi"
 
-    def __init__(self, *args,
-                 # the alpha branch and its planes
-                 alpha_mode: str = "normalize_add_z", pos_enc_multires: int = 0, alpha_init_gain: float = 1.0,
-                 alpha_init_logit: float = 0.0, alpha_depth_slope: float = 0.0, alpha_depth_center: float = 0.0,
-                 train_planes: int = 32,
-                 # the pose-conditioned discriminator and the G step's views
-                 pose_conditioning: bool = True, d_pose_init: str = "official", mbstd_group_size: int = 1,
-                 views_per_z: int = 4, view_selection: str = "worst",
-                 # shading augmentation of fakes
-                 shading: bool = True, shading_schedule: str = "as_coded", shading_start: int = 1000,
-                 shading_grow: int = 1000, **kwargs):
+    def __init__(self, *args, train_planes: int = 32, alpha: Alpha = Alpha(),
+                 discriminator: PoseDiscriminator = PoseDiscriminator(), views: Views = Views(),
+                 shading: Shading = Shading(), **kwargs):
         super().__init__(*args, **kwargs)
 
     def build_networks(self, G2d, D2d):
         hp = self.hparams
-        return gmpi_networks(G2d, D2d, self.preset, **{k: hp[k] for k in (
-            "alpha_mode", "pos_enc_multires", "train_planes", "alpha_init_gain", "alpha_init_logit",
-            "alpha_depth_slope", "alpha_depth_center", "pose_conditioning", "d_pose_init", "mbstd_group_size")})
+        return gmpi_networks(G2d, D2d, self.preset, hp.train_planes, hp.alpha, hp.discriminator)
 
     def make_fakes(self) -> PosedViews:
         hp = self.hparams
-        return PosedViews(Scene(self.preset, hp.train_planes), hp.pose_conditioning, hp.views_per_z,
-                          hp.view_selection, hp.shading, hp.shading_schedule, hp.shading_start, hp.shading_grow)
-
+        return PosedViews(Scene(self.preset, hp.train_planes), hp.discriminator.pose_conditioning, hp.views,
+                          hp.shading)
     @property
     def scene(self) -> Scene:
         """Preset + training planes on this module's device."""

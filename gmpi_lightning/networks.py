@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .hparams import Alpha, Architecture, PoseDiscriminator
 from .nn.alpha import alpha_branch
 from .nn.discriminator import Discriminator, PoseConditionedDiscriminator
 from .nn.gmpi import GMPIGenerator
@@ -19,11 +20,10 @@ from .nn.synthesis import Generator
 from .presets import Preset
 
 
-def stylegan2_backbone(init_from: str | None, preset: Preset, z_dim: int = 512, w_dim: int = 512,
-                       mapping_layers: int = 8, channel_base: int | None = None,
-                       channel_max: int | None = None) -> tuple[Generator, Discriminator]:
+def stylegan2_backbone(init_from: str | None, preset: Preset,
+                       arch: Architecture = Architecture()) -> tuple[Generator, Discriminator]:
     """2D (G, D) from a StyleGAN2 file, or from scratch (``None`` or a ``.ckpt``, whose weights
-    :func:`load_checkpoint_weights` puts in later) with the architecture given."""
+    :func:`load_checkpoint_weights` puts in later) with the architecture ``arch``."""
     init = Path(init_from) if init_from else None
     if init is not None and init.suffix != ".ckpt":
         from .io import load_stylegan2_pkl
@@ -36,10 +36,11 @@ def stylegan2_backbone(init_from: str | None, preset: Preset, z_dim: int = 512, 
         if D2d is None:
             raise InputError(f"{init} holds no discriminator; fine-tuning starts from a pretrained D")
         return G2d, D2d
-    synth = dict(channel_base=channel_base or preset.channel_base, channel_max=channel_max or preset.channel_max,
+    synth = dict(channel_base=arch.channel_base or preset.channel_base,
+                 channel_max=arch.channel_max or preset.channel_max,
                  num_fp16_res=preset.num_fp16_res, conv_clamp=preset.conv_clamp)
-    G2d = Generator(z_dim=z_dim, c_dim=0, w_dim=w_dim, img_resolution=preset.resolution, img_channels=3,
-                    mapping_kwargs=dict(num_layers=mapping_layers), synthesis_kwargs=synth)
+    G2d = Generator(z_dim=arch.z_dim, c_dim=0, w_dim=arch.w_dim, img_resolution=preset.resolution, img_channels=3,
+                    mapping_kwargs=dict(num_layers=arch.mapping_layers), synthesis_kwargs=synth)
     D2d = Discriminator(c_dim=0, img_resolution=preset.resolution, img_channels=3, channel_base=synth["channel_base"],
                         channel_max=synth["channel_max"], num_fp16_res=preset.num_fp16_res,
                         conv_clamp=preset.conv_clamp)
@@ -61,21 +62,19 @@ def load_checkpoint_weights(module: torch.nn.Module, path: str | Path) -> None:
                          f"the exported .pt of a StyleGAN2 run for GMPI")
 
 
-def gmpi_networks(G2d: Generator, D2d: Discriminator, preset: Preset, alpha_mode: str = "normalize_add_z",
-                  pos_enc_multires: int = 0, train_planes: int = 32, alpha_init_gain: float = 1.0,
-                  alpha_init_logit: float = 0.0, alpha_depth_slope: float = 0.0, alpha_depth_center: float = 0.0,
-                  pose_conditioning: bool = True, d_pose_init: str = "official",
-                  mbstd_group_size: int = 1) -> tuple[GMPIGenerator, Discriminator]:
+def gmpi_networks(G2d: Generator, D2d: Discriminator, preset: Preset, train_planes: int = 32, alpha: Alpha = Alpha(),
+                  discriminator: PoseDiscriminator = PoseDiscriminator()) -> tuple[GMPIGenerator, Discriminator]:
     """GMPI's generator on ``G2d`` and its pose-conditioned discriminator from ``D2d`` (without pose conditioning,
     the ablation: ``D2d`` itself with GMPI's minibatch-stddev group)."""
-    tokens = preset.normalized_plane_depths(train_planes).tolist() if alpha_branch(alpha_mode).uses_tokens else None
-    G = GMPIGenerator.from_stylegan2(G2d, alpha_mode=alpha_mode, pos_enc_multires=pos_enc_multires,
-                                     n_train_planes=train_planes, token_depths=tokens, alpha_init_gain=alpha_init_gain,
-                                     alpha_init_logit=alpha_init_logit, alpha_depth_slope=alpha_depth_slope,
-                                     alpha_depth_center=alpha_depth_center)
-    if pose_conditioning:
-        D = PoseConditionedDiscriminator.from_stylegan2(D2d, mbstd_group_size=mbstd_group_size, pose_init=d_pose_init)
+    tokens = preset.normalized_plane_depths(train_planes).tolist() if alpha_branch(alpha.mode).uses_tokens else None
+    G = GMPIGenerator.from_stylegan2(G2d, alpha_mode=alpha.mode, pos_enc_multires=alpha.pos_enc_multires,
+                                     n_train_planes=train_planes, token_depths=tokens, alpha_init_gain=alpha.init_gain,
+                                     alpha_init_logit=alpha.init_logit, alpha_depth_slope=alpha.depth_slope,
+                                     alpha_depth_center=alpha.depth_center)
+    group = discriminator.mbstd_group_size
+    if discriminator.pose_conditioning:
+        D = PoseConditionedDiscriminator.from_stylegan2(D2d, mbstd_group_size=group, pose_init=discriminator.pose_init)
     else:
         D = copy.deepcopy(D2d)
-        D.b4.mbstd.group_size = mbstd_group_size
+        D.b4.mbstd.group_size = group
     return G, D

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from .errors import InputError
+from .hparams import migrate_argv
 from .run_paths import fill_run_paths
 
 CONFIG, DONE, PARAMS = "config.yaml", "done.json", "params.json"
@@ -41,7 +42,7 @@ def parser():
 
 def resolve(args: list[str]) -> dict:
     """``gmpi fit ARGS``'s config as a plain dict, nulls included; a bad argument raises ``ArgumentError``."""
-    cfg = parser().parse_args(["fit", *args])
+    cfg = parser().parse_args(["fit", *migrate_argv(args)])
     return yaml.safe_load(parser().dump(cfg, skip_unset=False, skip_validation=True))["fit"]
 
 
@@ -52,7 +53,7 @@ def init_args(cfg: dict, key: str) -> dict:
 
 
 def options(cfg: dict, prefix: str = "") -> set[str]:
-    """Dotted option names of a resolved config (``model.lr``, also when ``model`` has a class_path)."""
+    """Dotted option names of a resolved config (``model.optim.lr``, also when ``model`` has a class_path)."""
     names = {f"{prefix}{k}" for k in cfg if k != "init_args"}
     for k, v in cfg.items():
         names |= options(v, prefix if k == "init_args" else f"{prefix}{k}.") if isinstance(v, dict) else set()

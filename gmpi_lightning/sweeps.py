@@ -24,6 +24,7 @@ import yaml
 from . import runs
 from .commands import Seeds
 from .errors import InputError
+from .hparams import nested_option, warn_renamed
 
 SWEEP_KEYS = ("name", "description", "program", "command", "method", "metric", "parameters", "early_terminate",
               "project", "entity", "run_cap")
@@ -90,7 +91,12 @@ class Sweep:
 
 
 def _suggest(word, options) -> str:
-    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    """The closest option by its last dotted part (``model.lrr``: ``model.optim.lr``), else by its whole name."""
+    word, options = str(word), [str(o) for o in options]
+    head, last = word.rpartition(".")[0], word.rpartition(".")[2]
+    by_last = {o.rpartition(".")[2]: o for o in options if o.startswith(head)}
+    close = [by_last[m] for m in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)] or \
+        difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -107,7 +113,8 @@ def _distribution(at: str, s) -> str:
     """A parameter spec's distribution (W&B's rule when it is left out), after checking the spec (SPEC_RULES)."""
     _check(isinstance(s, dict), at, f"expected a mapping such as {{values: [...]}}, {{value: x}} or {{min: a, max: b}}"
                                     f", got {s!r}")
-    _check("parameters" not in s, at, "nested `parameters` are not supported; name the option with dots (model.lr)")
+    _check("parameters" not in s, at,
+           "nested `parameters` are not supported; name the option with dots (model.optim.lr)")
     _check(s.get("distribution") not in WANDB_ONLY, at, f"distribution {s.get('distribution')!r} is sampled only by "
            f"W&B's controller (`make sweep`); sweep-local samples {', '.join(LOCAL)}")
     for k in s:
@@ -158,8 +165,9 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     _check("${program}" not in command or raw.get("program"), at, "`command` uses ${program}, there is no `program:`")
     _check("fit" in command[:command.index("${args}")], at, f"`command` must run `gmpi fit` (a `fit` before ${{args}}"
            f"), e.g. {EXAMPLE}; got {command}")
-    checked = {str(n): (_distribution(f"{at}: parameter {str(n)!r}", s), s) for n, s in sorted(
-        params.items(), key=lambda kv: str(kv[0]))}
+    params = {nested_option(str(n)): s for n, s in params.items()}  # flat model names of older sweeps
+    warn_renamed(at, {str(n): nested_option(str(n)) for n in raw["parameters"] if nested_option(str(n)) != str(n)})
+    checked = {n: (_distribution(f"{at}: parameter {n!r}", s), s) for n, s in sorted(params.items())}
     return Sweep(path, str(raw.get("name") or path.stem), method, checked, command, raw.get("program"),
                  (metric or {}).get("name"), (metric or {}).get("goal", "minimize"), cap, raw.get("early_terminate"))
 

@@ -23,6 +23,7 @@ from datamodules.posed_images import PosedImageDataModule
 
 from . import lock
 from .errors import USER_ERRORS
+from .hparams import migrate_argv
 from .module import GANModule
 from .run_paths import fill_run_paths
 
@@ -66,7 +67,9 @@ class GMPICLI(LightningCLI):
 
 
 def run_lightning_cli(argv: list[str] | None, **parser_kwargs) -> GMPICLI:
-    return GMPICLI(GANModule, PosedImageDataModule, subclass_mode_model=True, args=argv,
+    """``gmpi fit|validate|test ARGV`` (flat model names of older configs nested, with a deprecation notice)."""
+    return GMPICLI(GANModule, PosedImageDataModule, subclass_mode_model=True,
+                   args=None if argv is None else migrate_argv(argv),
                    save_config_kwargs={"overwrite": True},
                    trainer_defaults={"max_epochs": -1, "log_every_n_steps": 10, "num_sanity_val_steps": 0},
                    parser_kwargs={"default_env": True, **parser_kwargs})

@@ -2,8 +2,8 @@
 
 :class:`Images2D` is a StyleGAN2's images (no condition). :class:`PosedViews` is GMPI's (docs/METHOD.md §4-§6): an MPI
 per latent rendered at a camera from the preset's prior, the flattened world-to-camera matrix as D's condition, the
-G step's worst of ``views_per_z`` cameras as scored by the current D, and the shading augmentation after
-``shading_start`` iterations. Both answer the same four questions::
+G step's worst of ``views.per_z`` cameras as scored by the current D, and the shading augmentation after
+``shading.start`` iterations. Both answer the same four questions::
 
     cond = fakes.sample(n, generator)                 # what n fakes are made for (cameras, or None)
     x = fakes.images(G, z, cond, generator, it)       # the images D sees, in [-1, 1] (it: shade from then on)
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import cameras
-from .errors import InputError
+from .hparams import Shading, Views
 from .presets import SHADING
 from .render import light_direction, sample_light, shade_mpi, shading_coefficients
 from .scene import Scene
@@ -60,19 +60,13 @@ class PosedViews(Images2D):
     Args:
         scene: the preset and the training planes.
         pose_conditioning: D sees the camera (GMPI); False is the ablation.
-        views_per_z, view_selection: the G step's candidates and how one is kept (``worst`` or ``random``).
-        shading, shading_schedule, shading_start, shading_grow: the shading augmentation (``as_coded``: official).
+        views: the G step's candidates per latent and how one is kept (``worst`` or ``random``).
+        shading: the shading augmentation (schedule ``as_coded``: official).
     """
 
-    def __init__(self, scene: Scene, pose_conditioning: bool = True, views_per_z: int = 4,
-                 view_selection: str = "worst", shading: bool = True, shading_schedule: str = "as_coded",
-                 shading_start: int = 1000, shading_grow: int = 1000):
-        if view_selection not in ("worst", "random"):
-            raise InputError(f"view_selection must be 'worst' or 'random', got {view_selection!r}")
-        self.scene, self.pose_conditioning = scene, pose_conditioning
-        self.views_per_z, self.view_selection = views_per_z, view_selection
-        self.shading, self.schedule, self.shading_start, self.shading_grow = (shading, shading_schedule,
-                                                                              shading_start, shading_grow)
+    def __init__(self, scene: Scene, pose_conditioning: bool = True, views: Views = Views(),
+                 shading: Shading = Shading()):
+        self.scene, self.pose_conditioning, self.views, self.shading = scene, pose_conditioning, views, shading
         self.shading_calls, self.last_shading = 0, 1.0  # calls counted as the official code counts them
 
     def to(self, device) -> PosedViews:
@@ -88,12 +82,12 @@ class PosedViews(Images2D):
         return self.scene.render(mpi, c2w, validate=False)["rgb"] * 2 - 1
 
     def shade(self, mpi: torch.Tensor, generator: torch.Generator, iteration: int | None) -> torch.Tensor:
-        """The shading augmentation from iteration ``shading_start`` on (None: never)."""
-        if not self.shading or iteration is None or iteration < self.shading_start:  # official: 1-based step > start
+        """The shading augmentation from iteration ``shading.start`` on (None: never)."""
+        s = self.shading
+        if not s.enabled or iteration is None or iteration < s.start:  # official: 1-based step > start
             return mpi
         self.shading_calls += 1
-        ka, kd = shading_coefficients(self.shading_calls, SHADING["max_ka"], SHADING["max_kd"], self.shading_grow,
-                                      self.schedule)
+        ka, kd = shading_coefficients(self.shading_calls, SHADING["max_ka"], SHADING["max_kd"], s.grow, s.schedule)
         yaw, pitch = sample_light(mpi.shape[0], SHADING["light_yaw_mean"], SHADING["light_yaw_std"],
                                   SHADING["light_pitch_mean"], SHADING["light_pitch_std"],
                                   SHADING["light_n_truncated_stds"], generator=generator)
@@ -115,12 +109,12 @@ class PosedViews(Images2D):
 
     @torch.no_grad()
     def g_step_condition(self, G, D, z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Per z, the camera (of ``views_per_z`` prior cameras) with the lowest D logit, unshaded: c2w B x 4 x 4.
+        """Per z, the camera (of ``views.per_z`` prior cameras) with the lowest D logit, unshaded: c2w B x 4 x 4.
         Scored view by view: on a CPU, 4 D calls of B images take 25 % less time than one call of 4B (measured at
         32 px, B = 8)."""
-        n, b = self.views_per_z, z.shape[0]
+        n, b = self.views.per_z, z.shape[0]
         c2w = self.sample(b * n, generator).reshape(b, n, 4, 4)
-        if self.view_selection == "random" or n == 1:
+        if self.views.selection == "random" or n == 1:
             return c2w[:, 0]
         mpi = self.scene.generate(G, z, noise_mode="random", noise_generator=generator)
         logits = torch.stack([D(self.render(mpi, c2w[:, k]), self.condition(c2w[:, k]))[:, 0] for k in range(n)],

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                      "gmpi_lightning.planes", "gmpi_lightning.lock", "gmpi_lightning.run_paths")),
     ("networks and rendering", ("gmpi_lightning.nn", "gmpi_lightning.render", "gmpi_lightning.losses",
                                 "gmpi_lightning.augment", "gmpi_lightning.io", "gmpi_lightning.data",
-                                "gmpi_lightning.image_losses",
+                                "gmpi_lightning.image_losses", "gmpi_lightning.hparams",
                                 "gmpi_lightning.mesh_io", "gmpi_lightning.export")),
     ("scenes and sampling", ("gmpi_lightning.scene", "gmpi_lightning.sampling", "gmpi_lightning.views",
                              "gmpi_lightning.inference", "gmpi_lightning.estimators", "gmpi_lightning.web")),

@@ -21,6 +21,8 @@ settings.register_profile("mutation", phases=[Phase.explicit, Phase.reuse, Phase
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parents[1]
+# the tiny backbone of the tests' `gmpi fit` runs (16 px unless a test sets --model.resolution)
+TINY_ARCH = '--model.arch={"z_dim": 16, "w_dim": 16, "mapping_layers": 2, "channel_base": 256, "channel_max": 16}'
 # Reference tensors of the official implementations, vendored with the tests (tests/fixtures/README.md says how
 # they were made); GMPI_FIXTURES points at another copy, e.g. a newer or a held-out set.
 FIXTURES = Path(os.environ.get("GMPI_FIXTURES", REPO / "tests" / "fixtures"))

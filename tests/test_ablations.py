@@ -13,7 +13,7 @@ from gmpi_lightning.ablations import evaluate_rows, list_rows, load_row, plan, t
 from gmpi_lightning.evaluation import compare
 from gmpi_lightning.evaluation.compare import COLUMNS, evaluation_request
 from gmpi_lightning.trainer import run_lightning_cli
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_ARCH
 
 ROWS = list_rows()
 
@@ -23,8 +23,14 @@ def test_rows_cover_the_paper_axes_and_only_change_the_model():
                          "no_feature_norm", "no_shading", "random_view", "train_planes8", "train_planes16",
                          "train_planes32"}
     changed = {r: load_row(r).get("model", {}) for r in ROWS}
-    assert changed["full"] == {} and changed["no_pose_cond"] == {"pose_conditioning": False}
-    assert changed["vanilla_alpha"] == {"alpha_mode": "vanilla"} and changed["train_planes8"] == {"train_planes": 8}
+    assert changed["full"] == {} and changed["no_pose_cond"] == {"discriminator": {"pose_conditioning": False}}
+    assert changed["vanilla_alpha"] == {"alpha": {"mode": "vanilla"}}
+    assert changed["train_planes8"] == {"train_planes": 8}
+
+
+def _overlay(base: dict, row: dict) -> dict:
+    """``row`` on ``base`` as the config parser merges them: a group's fields one by one."""
+    return {**base, **{k: {**base.get(k, {}), **v} if isinstance(v, dict) else v for k, v in row.items()}}
 
 
 def test_plan_redirects_outputs_and_deduplicates(tmp_path):
@@ -42,13 +48,16 @@ def test_plan_redirects_outputs_and_deduplicates(tmp_path):
         assert ckpt[0]["init_args"]["dirpath"] == f"{run}/checkpoints"
         assert "runs/synthetic" not in json.dumps(cfg).replace("runs/synthetic_stylegan2", "")
         # the row is an overlay: the base's settings, then the row's
-        want = dict(base["model"], export_path=f"{run}/gmpi.pt", max_iters=7, **load_row(r.name)["model"])
+        want = dict(_overlay(base["model"], load_row(r.name)["model"]), export_path=f"{run}/gmpi.pt", max_iters=7)
+        want = {k: {**model[k], **v} if isinstance(v, dict) else v for k, v in want.items()}  # + group defaults
         assert all(model[k] == v for k, v in want.items()), r.name
     # the synthetic base trains without shading and with 32 planes: those rows are the full model
-    assert not base["model"]["shading"] and base["model"]["train_planes"] == 32
+    assert not base["model"]["shading"]["enabled"] and base["model"]["train_planes"] == 32
     assert by["no_shading"].same_as == "full" and by["train_planes32"].same_as == "full"
-    assert by["with_shading"].same_as is None and runs.init_args(by["with_shading"].config, "model")["shading"]
-    assert runs.init_args(by["no_pose_cond"].config, "model")["pose_conditioning"] is False
+    with_shading = runs.init_args(by["with_shading"].config, "model")["shading"]
+    assert by["with_shading"].same_as is None and with_shading["enabled"]
+    assert runs.init_args(by["no_pose_cond"].config, "model")["discriminator"]["pose_conditioning"] is False
+    assert runs.init_args(by["with_shading"].config, "model")["shading"]["start"] == base["model"]["shading"]["start"]
     with pytest.raises(FileNotFoundError, match="available"):
         plan("nope", ROWS, tmp_path)
 
@@ -69,13 +78,13 @@ def test_every_row_runs_fast_dev_run(row, data, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     cli = run_lightning_cli([
         "fit", "--config", str(path), f"--data.data={data}", "--data.batch_size=4", "--data.num_workers=0",
-        "--model.init_from=null", "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16",
-        "--model.mapping_layers=2", "--model.channel_base=256", "--model.channel_max=16", "--model.views_per_z=2",
+        "--model.init_from=null", "--model.resolution=16", TINY_ARCH, "--model.views.per_z=2",
         "--model.export_path=null", "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.fast_dev_run=1",
         "--trainer.enable_progress_bar=false"])
     assert cli.model.iteration == 1 and np.isfinite(float(cli.trainer.callback_metrics["loss_d"]))
     want = load_row(row).get("model", {})
-    assert all(getattr(cli.model.hparams, k) == v for k, v in want.items())
+    assert all(getattr(cli.model.hparams[k], f) == x for k, v in want.items() for f, x in v.items()) if \
+        "train_planes" not in want else cli.model.hparams.train_planes == want["train_planes"]
 
 
 def test_results_table_from_fabricated_evaluations(tmp_path, monkeypatch):
@@ -125,9 +134,9 @@ def test_unconditional_d_export_reloads(tmp_path):
     from gmpi_lightning.io import load_gmpi_checkpoint
     from gmpi_lightning.module import GMPIModule
     from gmpi_lightning.nn.discriminator import Discriminator, PoseConditionedDiscriminator
-    from tests.test_module import TINY
+    from tests.test_module import tiny
 
-    module = GMPIModule(**dict(TINY, pose_conditioning=False))
+    module = GMPIModule(**tiny(discriminator=dict(pose_conditioning=False)))
     module.export(tmp_path / "g.pt")
     blob = load_gmpi_checkpoint(tmp_path / "g.pt")
     assert type(blob["D"]) is Discriminator and not isinstance(blob["D"], PoseConditionedDiscriminator)

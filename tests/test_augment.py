@@ -15,7 +15,7 @@ from gmpi_lightning.module import GMPIModule
 from gmpi_lightning.planes import preset_planes
 from gmpi_lightning.presets import get_preset
 from gmpi_lightning.render import render_mpi
-from tests.test_module import TINY
+from tests.test_module import tiny
 
 
 def _images(n=6, size=16, seed=0):
@@ -164,16 +164,16 @@ def test_r1_differentiates_through_every_transform():
 
 def test_flips_rotations_and_zooms_are_refused_with_the_reason():
     """The option names what to use instead. Rules out silently accepting a transform that falsifies the camera."""
-    with pytest.raises(ValueError, match=r"augment_ops.*xflip.*--data.xflip"):
+    with pytest.raises(ValueError, match=r"augment.ops.*xflip.*--data.xflip"):
         check_ops(["translate", "xflip"])
     for op in ("rotate", "scale"):
-        with pytest.raises(ValueError, match=f"augment_ops: '{op}' is not pose-safe"):
+        with pytest.raises(ValueError, match=f"augment.ops: '{op}' is not pose-safe"):
             PoseSafeAugment([op])
     with pytest.raises(ValueError, match="unknown transform 'blur'"):
         check_ops(["blur"])
     assert check_ops(["cutout", "translate"]) == ("translate", "cutout")  # applied in the documented order
-    with pytest.raises(ValueError, match="augment must be"):
-        GMPIModule(**dict(TINY, augment="adaptive"))
+    with pytest.raises(ValueError, match="augment.mode must be"):
+        GMPIModule(**tiny(augment=dict(mode="adaptive")))
 
 
 # ---------------------------------------------------------------------------------------------- p controller
@@ -196,9 +196,9 @@ def test_adaptive_p_moves_by_the_sign_of_the_real_logits():
     fixed.observe(torch.ones(8, 1))
     fixed.update()
     assert float(fixed.p) == pytest.approx(0.3)
-    with pytest.raises(ValueError, match="augment_p"):
+    with pytest.raises(ValueError, match="augment.p must"):
         AdaptiveP(p=1.5)
-    with pytest.raises(ValueError, match="ada_target"):
+    with pytest.raises(ValueError, match="augment.target"):
         AdaptiveP(target=0.0)
 
 
@@ -254,8 +254,8 @@ def test_d_trains_on_augmented_reals_and_fakes_and_r1_goes_through_the_augmentat
     Rules out augmenting the reals only (D would learn that augmented means real, and G would copy the
     augmentation), leaving the G step's fakes un-augmented, and R1 on the augmented images."""
     torch.manual_seed(0)
-    model = GMPIModule(**dict(TINY, max_iters=1, r1_gamma=1.0, grad_clip=None, shading=False, augment="fixed",
-                              augment_p=1.0))
+    model = GMPIModule(**tiny(max_iters=1, optim=dict(r1_gamma=1.0, grad_clip=None), shading=dict(enabled=False),
+                              augment=dict(mode="fixed", p=1.0)))
     model.d_augment = Recognisable()
     cap = DInputs()
     _fit(model, shards, tmp_path, [cap])
@@ -277,7 +277,7 @@ def test_adaptive_p_in_training_follows_the_real_logits_and_is_logged(shards, tm
     iteration) are logged. Rules out updating at the wrong iterations, p moving against r_t, and a logged p or r_t
     that is not the controller's."""
     torch.manual_seed(1)
-    model = GMPIModule(**dict(TINY, max_iters=4, augment="ada", augment_p=0.5, ada_interval=2, ada_kimg=0.04))
+    model = GMPIModule(**tiny(max_iters=4, augment=dict(mode="ada", p=0.5, interval=2, kimg=0.04)))
 
     class RealLogits(DInputs):
         def __init__(self):

@@ -377,10 +377,10 @@ def test_ddp_sharded_evaluation_equals_single_process(shards, inception_file, fe
 # ------------------------------------------------------------------------------------- callback and command
 def _tiny_module(**kw):
     from gmpi_lightning.module import GMPIModule
-    from tests.test_module import TINY
+    from tests.test_module import tiny
 
     torch.manual_seed(0)
-    return GMPIModule(**dict(TINY, **kw))
+    return GMPIModule(**tiny(**kw))
 
 
 def test_evaluation_callback_runs_on_schedule_and_logs(shards, tmp_path):

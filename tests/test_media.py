@@ -20,12 +20,13 @@ from gmpi_lightning.module import GMPIModule, StyleGAN2Module
 from gmpi_lightning.planes import preset_planes
 from gmpi_lightning.presets import get_preset
 from gmpi_lightning.scene import Scene, seed_latents
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_ARCH
 
 RES = 16
-SG2_ARGS = ("preset", "resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max")
-TINY = dict(preset="synthetic32", resolution=RES, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256,
-            channel_max=16, train_planes=6, views_per_z=2, max_iters=3)
+SG2_ARGS = ("preset", "resolution", "arch")
+TINY = dict(preset="synthetic32", resolution=RES, arch=dict(z_dim=16, w_dim=16, mapping_layers=2, channel_base=256,
+                                                            channel_max=16), train_planes=6, views=dict(per_z=2),
+            max_iters=3)
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +274,7 @@ def test_gmpi_fit_writes_media_into_the_run_folder(shards, tmp_path):
     rc = gmpi_main([
         "fit", "--config", str(REPO / "experiments" / "synthetic.yaml"), "--config", str(media_cfg),
         f"--data.data={shards}", "--data.batch_size=4", "--data.num_workers=0", "--model.init_from=null",
-        f"--model.resolution={RES}", "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2",
-        "--model.channel_base=256", "--model.channel_max=16", "--model.train_planes=6", "--model.views_per_z=2",
+        f"--model.resolution={RES}", TINY_ARCH, "--model.train_planes=6", "--model.views.per_z=2",
         "--model.max_iters=3", "--model.export_path=null", "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
@@ -307,9 +307,8 @@ def test_two_process_ddp_renders_on_rank0_without_hanging(shards, tmp_path):
     env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "gmpi_lightning", "fit", "--config", str(REPO / "experiments" / "synthetic.yaml"),
            "--config", str(cfg), f"--data.data={shards}", "--data.batch_size=2", "--data.num_workers=0",
-           "--model.init_from=null", f"--model.resolution={RES}", "--model.z_dim=16", "--model.w_dim=16",
-           "--model.mapping_layers=2", "--model.channel_base=256", "--model.channel_max=16",
-           "--model.train_planes=6", "--model.views_per_z=2", "--model.max_iters=5", "--model.export_path=null",
+           "--model.init_from=null", f"--model.resolution={RES}", TINY_ARCH,
+           "--model.train_planes=6", "--model.views.per_z=2", "--model.max_iters=5", "--model.export_path=null",
            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu",
            "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -21,11 +21,18 @@ from gmpi_lightning.losses import (
 )
 from gmpi_lightning.module import GMPIModule, StyleGAN2Module
 from gmpi_lightning.trainer import run_lightning_cli
-from tests.conftest import REPO, max_err
+from tests.conftest import REPO, TINY_ARCH, max_err
 
-SG2_ARGS = ("preset", "resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max")
-TINY = dict(preset="synthetic32", resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256,
-            channel_max=16, train_planes=6, views_per_z=2, max_iters=3, shading_start=1, shading_grow=2)
+SG2_ARGS = ("preset", "resolution", "arch")
+ARCH = dict(z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16)
+TINY = dict(preset="synthetic32", resolution=16, arch=ARCH, train_planes=6, views=dict(per_z=2), max_iters=3,
+            shading=dict(start=1, grow=2))
+
+
+def tiny(**over) -> dict:
+    """TINY with ``over``; a group given as a dict changes only the fields it names."""
+    return {**TINY, **{k: {**TINY[k], **v} if isinstance(v, dict) and isinstance(TINY.get(k), dict) else v
+                       for k, v in over.items()}}
 
 
 def _trainer(tmp_path, **kw):
@@ -92,7 +99,7 @@ class Capture(pl.Callback):
 
 def test_one_iteration_losses_and_adam_steps(shards, tmp_path):
     torch.manual_seed(0)
-    model = GMPIModule(**dict(TINY, max_iters=1, r1_gamma=0.0, grad_clip=None, shading=False))
+    model = GMPIModule(**tiny(max_iters=1, optim=dict(r1_gamma=0.0, grad_clip=None), shading=dict(enabled=False)))
     cap = Capture()
     _trainer(tmp_path, callbacks=[cap]).fit(model, _dm(shards))
     # D forward calls: real, fake (D step), 2 view scores (selection), fake (G step)
@@ -108,7 +115,7 @@ def test_one_iteration_losses_and_adam_steps(shards, tmp_path):
 
 def test_worst_view_selection_picks_min_logit(shards, tmp_path):
     torch.manual_seed(1)
-    model = GMPIModule(**dict(TINY, views_per_z=5))
+    model = GMPIModule(**tiny(views=dict(per_z=5)))
 
     class YawD(torch.nn.Module):  # logit = the yaw encoded in the pose: the worst view is the leftmost camera
         def forward(self, img, c):
@@ -128,7 +135,7 @@ def test_worst_view_selection_picks_min_logit(shards, tmp_path):
 
 def test_shading_schedule_in_training(shards, tmp_path):
     torch.manual_seed(2)
-    model = GMPIModule(**dict(TINY, max_iters=3, shading_start=1, shading_grow=4, shading_schedule="as_coded"))
+    model = GMPIModule(**tiny(max_iters=3, shading=dict(start=1, grow=4, schedule="as_coded")))
     _trainer(tmp_path).fit(model, _dm(shards))
     # iterations 2 and 3 shade: 2 calls each (D step, G step) -> 4 calls -> full strength
     assert model.fakes.shading_calls == 4 and model.fakes.last_shading == pytest.approx(0.9 + 0.1)
@@ -217,11 +224,13 @@ def test_resume_is_bit_identical(shards, tmp_path):
         ckdir = tmp_path / name
         args = ["fit", "--config", str(REPO / "experiments" / "synthetic.yaml"), f"--data.data={shards}",
                 "--data.batch_size=4", "--data.num_workers=0", "--data.batches_per_epoch=4", "--data.xflip=true",
-                "--model.init_from=null", "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16",
-                "--model.mapping_layers=2", "--model.channel_base=256", "--model.channel_max=16",
-                "--model.train_planes=6", "--model.views_per_z=2", "--model.batch_split=2", "--model.r1_every=2",
-                "--model.shading=true", "--model.shading_start=2", "--model.shading_grow=3", "--model.max_iters=6",
-                "--model.augment=ada", "--model.augment_p=0.5", "--model.ada_interval=2", "--model.ada_kimg=0.05",
+                "--model.init_from=null", "--model.resolution=16", TINY_ARCH,
+                "--model.train_planes=6", "--model.views.per_z=2", "--model.optim.batch_split=2",
+                "--model.optim.r1_every=2",
+                "--model.shading.enabled=true", "--model.shading.start=2", "--model.shading.grow=3",
+                "--model.max_iters=6",
+                "--model.augment.mode=ada", "--model.augment.p=0.5", "--model.augment.interval=2",
+                "--model.augment.kimg=0.05",
                 "--model.export_path=null", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                 "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={ckdir}", *extra]
         callbacks = [{"class_path": "callbacks.checkpoint.IterationCheckpoint",
@@ -241,7 +250,7 @@ def test_resume_is_bit_identical(shards, tmp_path):
     assert sorted(p.name for p in killed.glob("it*.ckpt")) == ["it000003.ckpt"]  # died after it, before 6
     ck3 = torch.load(killed / "it000003.ckpt", weights_only=True)  # plain data: loads without running code
     assert ck3["gmpi_state"]["iteration"] == 3 and ck3["PosedImageDataModule"]["train_batches_used"] == 3
-    assert "views_per_z: 2" in ck3["run_config"] and "batch_size: 4" in ck3["run_config"]  # the resolved config
+    assert "per_z: 2" in ck3["run_config"] and "batch_size: 4" in ck3["run_config"]  # the resolved config
     run("killed", f"--ckpt_path={killed / 'it000003.ckpt'}")
     a = _flat(torch.load(straight / "it000006.ckpt", weights_only=True))
     b = _flat(torch.load(killed / "it000006.ckpt", weights_only=True))
@@ -266,13 +275,12 @@ def test_resume_is_bit_identical(shards, tmp_path):
 def test_every_experiment_config_runs_fast_dev_run(name, shards, tmp_path):
     args = ["fit", "--config", str(REPO / "experiments" / f"{name}.yaml"), f"--data.data={shards}",
             "--data.batch_size=4", "--data.num_workers=0", "--model.init_from=null", "--model.resolution=16",
-            "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2", "--model.channel_base=256",
-            "--model.channel_max=16", "--model.batch_split=2",
+            TINY_ARCH, "--model.optim.batch_split=2",
             "--model.export_path=null", "--trainer.logger=false", "--trainer.callbacks=[]",
             "--trainer.fast_dev_run=1",
             "--trainer.enable_progress_bar=false", "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}"]
     if name != "synthetic_stylegan2":  # GMPIModule's own arguments (the 2D module takes none of them)
-        args += ["--model.train_planes=6", "--model.views_per_z=2"]
+        args += ["--model.train_planes=6", "--model.views.per_z=2"]
     cli = _cli(args)
     assert cli.model.iteration == 1
     assert np.isfinite(float(cli.trainer.callback_metrics["loss_d"]))
@@ -282,7 +290,7 @@ def test_print_config_and_saved_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _cli(["fit", "--config", str(REPO / "experiments" / "ffhq256.yaml"), "--print_config"])
     out = capsys.readouterr().out
-    assert "r1_gamma: 10.0" in out and "views_per_z: 4" in out and "train_planes: 32" in out
+    assert "    r1_gamma: 10.0" in out and "    per_z: 4" in out and "  train_planes: 32" in out  # nested groups
     assert Path(REPO / "experiments" / "ffhq256.yaml").read_text().count("lr: 0.002") == 1
 
 
@@ -324,10 +332,10 @@ def test_two_process_ddp_ranks_draw_their_own_data_and_stay_in_sync(shards, tmp_
     env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "gmpi_lightning", "fit", "--config", str(REPO / "experiments" / "synthetic.yaml"),
            f"--data.data={shards}", "--data.batch_size=4", "--data.num_workers=0", "--model.init_from=null",
-           "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16", "--model.mapping_layers=2",
-           "--model.channel_base=256", "--model.channel_max=16", "--model.train_planes=6", "--model.views_per_z=2",
-           "--model.batch_split=2", "--model.max_iters=3", "--model.export_path=null", "--trainer.logger=false",
-           "--model.augment=ada", "--model.augment_p=0.5", "--model.ada_interval=1", "--model.ada_kimg=0.08",
+           "--model.resolution=16", TINY_ARCH, "--model.train_planes=6", "--model.views.per_z=2",
+           "--model.optim.batch_split=2", "--model.max_iters=3", "--model.export_path=null", "--trainer.logger=false",
+           "--model.augment.mode=ada", "--model.augment.p=0.5", "--model.augment.interval=1",
+           "--model.augment.kimg=0.08",
            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu",
            "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path}",
            "--trainer.callbacks=tests.ddp_callbacks.RankReport", f"--trainer.callbacks.out={tmp_path}"]
@@ -358,8 +366,8 @@ def test_an_iteration_reads_back_one_value_per_optimiser_step(shards, tmp_path):
     from benchmarks.profiling import IterationProbe
 
     torch.manual_seed(8)
-    model = GMPIModule(**dict(TINY, max_iters=8, batch_split=2, shading_start=1, augment="ada", augment_p=0.3,
-                              ada_interval=2))
+    model = GMPIModule(**tiny(max_iters=8, optim=dict(batch_split=2), shading=dict(start=1),
+                              augment=dict(mode="ada", p=0.3, interval=2)))
     probe = IterationProbe(skip=1, where=True)
     _trainer(tmp_path, callbacks=[probe], log_every_n_steps=4).fit(model, _dm(shards))
     assert len(probe.project_reads) == 7  # iterations 2..8
@@ -371,7 +379,8 @@ def test_lazy_r1_keeps_the_plain_learning_rate(shards, tmp_path):
     """R1 folded into the D step every r1_every iterations: Adam keeps lr and betas (StyleGAN2's rescaling is for R1
     as an extra step). With beta1 = 0 the first Adam step moves every D parameter with a gradient by about lr."""
     torch.manual_seed(0)
-    model = GMPIModule(**dict(TINY, max_iters=1, r1_gamma=1.0, r1_every=4, grad_clip=None, shading=False))
+    model = GMPIModule(**tiny(max_iters=1, optim=dict(r1_gamma=1.0, r1_every=4, grad_clip=None),
+                       shading=dict(enabled=False)))
     cap = Capture()
     _trainer(tmp_path, callbacks=[cap]).fit(model, _dm(shards))
     opt_g, opt_d = model.trainer.optimizers

@@ -21,7 +21,7 @@ from gmpi_lightning.io.stylegan2_pkl import load_stylegan2_pkl
 from gmpi_lightning.losses import stylegan2_ema_beta, torch_ema_beta
 from gmpi_lightning.module import GMPIModule, StyleGAN2Module
 from tests.conftest import max_err
-from tests.test_module import SG2_ARGS, TINY
+from tests.test_module import SG2_ARGS, TINY, tiny
 
 B = 4
 
@@ -45,7 +45,7 @@ def _gmpi(**over):
     """A tiny GMPIModule with visible noise (noise strengths start at 0), so that noise drawn from the wrong
     generator changes the fakes."""
     torch.manual_seed(0)
-    model = GMPIModule(**{**TINY, "grad_clip": None, "shading": False, **over})
+    model = GMPIModule(**tiny(**{"optim": dict(grad_clip=None), "shading": dict(enabled=False), **over}))
     with torch.no_grad():
         for net in (model.G, model.G_ema):
             for n, p in net.named_parameters():
@@ -91,11 +91,11 @@ def test_latents_come_from_the_rank_stream_or_the_given_generator():
 def test_d_view_augments_with_the_current_p_from_the_stream():
     """With augmentation, D's view is PoseSafeAugment(images, p, this rank's stream); without, the images as they are:
     rules out skipping the augmentation, a p other than the controller's, and drawing from another generator."""
-    model = _gmpi(augment="fixed", augment_p=1.0)
+    model = _gmpi(augment=dict(mode="fixed", p=1.0))
     x = torch.rand(B, 3, 16, 16) * 2 - 1
     ref = _stream_copy(model)
     out = model.d_view(x)
-    expected = PoseSafeAugment(TINY.get("augment_ops", ("translate", "brightness", "contrast", "cutout")))(
+    expected = PoseSafeAugment(("translate", "brightness", "contrast", "cutout"))(
         x, torch.tensor(1.0), ref)
     assert max_err(out, expected) == 0 and float((out - x).abs().max()) > 0.1
     model.ada.p.fill_(0.0)
@@ -106,7 +106,7 @@ def test_d_view_augments_with_the_current_p_from_the_stream():
 # ------------------------------------------------------------------------------------------ D step
 def _d_reference(model, batch, gen, r1_active: bool):
     """The D step's loss, R1 and D gradient recomputed from a copy of the stream (hand-written, not the module's)."""
-    f, hp = model.fakes, model.hparams
+    f, hp = model.fakes, model.hparams.optim
     calls = f.shading_calls
     with torch.no_grad():
         cond = f.sample(B, gen)
@@ -139,7 +139,7 @@ def test_d_step_is_the_logistic_loss_plus_lazy_r1_on_the_stream_draws(r1_every, 
     fakes, cameras and latents are the stream's next draws; D (not G) takes one step along the gradient of the sum;
     the logs name each quantity. Rules out real/fake swapped, loss - R1, R1 divided by r1_every or on every iteration,
     fakes of another batch size or from another generator, G stepping in the D phase, renamed log keys."""
-    model = _gmpi(r1_every=r1_every, r1_gamma=gamma, shading=True, shading_start=0, shading_schedule="ramp")
+    model = _gmpi(optim=dict(r1_every=r1_every, r1_gamma=gamma, grad_clip=None), shading=dict(start=0, schedule="ramp"))
     model.iteration = iteration
     _, (opt_g, opt_d) = _attach(model)
     batch = _batch(model)
@@ -183,7 +183,7 @@ def test_g_step_chunks_sum_to_the_batch_loss_and_sync_once(split):
     divided by the chunk count, all chunks but the last inside the strategy's `block_backward_sync` (one all-reduce);
     G (not D) steps along the gradient of the summed loss. Rules out chunk bounds that overlap or overrun, loss times
     chunks, the chunk's condition dropped, a sync per chunk, and D stepping in the G phase."""
-    model = _gmpi(batch_split=split)
+    model = _gmpi(optim=dict(batch_split=split, grad_clip=None))
     trainer, (opt_g, opt_d) = _attach(model)
     entered = []
 
@@ -211,7 +211,7 @@ def test_g_step_chunks_sum_to_the_batch_loss_and_sync_once(split):
     out = model.g_step(B, opt_g)
     assert set(out) == {"loss_g"}
     assert float(out["loss_g"]) == pytest.approx(float(total.detach()), rel=1e-5)
-    assert sizes == [B] * TINY["views_per_z"] + [hi - lo for lo, hi in bounds]
+    assert sizes == [B] * TINY["views"]["per_z"] + [hi - lo for lo, hi in bounds]
     assert len(entered) == split - 1
     for n, p in model.G.named_parameters():
         if grads[n] is not None:
@@ -222,7 +222,8 @@ def test_g_step_chunks_sum_to_the_batch_loss_and_sync_once(split):
 def test_stylegan2_g_step_has_no_condition():
     """A 2D StyleGAN2's G step renders G(z) with no camera, in chunks: rules out slicing a missing condition."""
     torch.manual_seed(0)
-    model = StyleGAN2Module(**{k: v for k, v in TINY.items() if k in SG2_ARGS}, batch_split=2, grad_clip=None)
+    model = StyleGAN2Module(**{k: v for k, v in TINY.items() if k in SG2_ARGS},
+                            optim=dict(batch_split=2, grad_clip=None))
     model.D.b4.mbstd.group_size = 2
     _, (opt_g, _) = _attach(model)
     gen = _stream_copy(model)
@@ -245,7 +246,7 @@ def _net_with_grad(value: float):
 def test_finish_step_clips_the_total_gradient_norm(clip, expected):
     """A finite step clips the total gradient norm to grad_clip (None: unclipped) and steps: rules out no clipping, a
     clip that ignores the setting, and parameters without a gradient counted in."""
-    model = _gmpi(grad_clip=clip)
+    model = _gmpi(optim=dict(grad_clip=clip))
     net = _net_with_grad(20.0)
     extra = torch.nn.Parameter(torch.ones(1))  # no gradient: must stay out of the norm and the step
     net.register_parameter("extra", extra)
@@ -258,7 +259,7 @@ def test_finish_step_skips_counts_and_stops_after_k_nonfinite_in_a_row():
     """A non-finite loss or gradient skips the step (gradients cleared, weights unchanged), counts it in a row and in
     total; a finite step resets the row; the K-th in a row raises with the count and the iteration. Rules out
     stepping on NaN, counting by other amounts, stopping one late, and a finite step that does not reset the row."""
-    model = _gmpi(max_nonfinite=3, grad_clip=None)
+    model = _gmpi(max_nonfinite=3)
     model.iteration = 7
     bad = _net_with_grad(float("nan"))
     opt = torch.optim.SGD(bad.parameters(), lr=1.0)
@@ -284,7 +285,7 @@ def test_finish_step_skips_counts_and_stops_after_k_nonfinite_in_a_row():
 def test_update_ema_uses_the_configured_rule(rule):
     """update_ema moves G_ema to lerp(G_ema, G, 1 - beta) with beta from the configured rule and its settings, and
     counts the update: rules out the other rule, a setting dropped, and a miscounted update."""
-    model = _gmpi(ema=rule, ema_kimg=0.05, ema_rampup=0.5, ema_decay=0.7)
+    model = _gmpi(ema=dict(kind=rule, kimg=0.05, rampup=0.5, decay=0.7))
     model.nimg, model.ema_updates = 40, 100  # torch_ema: past its warm-up, beta is the decay
     with torch.no_grad():
         for p in model.G.parameters():
@@ -342,7 +343,7 @@ def test_configure_optimizers_adam_settings_and_the_frozen_mapping():
     """Adam for G and D with the run's lr and betas and eps 1e-8; with train_mapping False, G's optimiser holds every
     synthesis parameter and no mapping parameter. Rules out a default lr/betas/eps and the mapping filter inverted."""
     for train_mapping in (True, False):
-        model = _gmpi(lr=0.0123, betas=(0.3, 0.77), train_mapping=train_mapping)
+        model = _gmpi(optim=dict(lr=0.0123, betas=(0.3, 0.77), train_mapping=train_mapping, grad_clip=None))
         opt_g, opt_d = model.configure_optimizers()
         for opt in (opt_g, opt_d):
             group = opt.param_groups[0]
@@ -389,7 +390,7 @@ def test_validation_logs_d_on_reals_and_on_ema_fakes_without_moving_the_stream()
 def test_on_fit_start_refuses_fp16_and_says_what_the_run_is(monkeypatch):
     """16-mixed is refused with the alternatives named; otherwise one line says the preset, size, batch x devices,
     lr, iteration and the streams' seed. Rules out accepting fp16 and a summary with wrong numbers."""
-    model = _gmpi(lr=0.0042, max_iters=9)
+    model = _gmpi(optim=dict(lr=0.0042, grad_clip=None), max_iters=9)
     model.iteration = 3
     lines = []
     monkeypatch.setattr(module_mod, "rank_zero_info", lines.append)
@@ -455,7 +456,7 @@ def test_checkpoint_hooks_round_trip_counters_stream_and_ada():
     """on_save_checkpoint stores the counters, the fakes' state, the stream, ADA's p and per-rank signs, the run config,
     G_ema's kwargs and the mode; on_load_checkpoint into a fresh module restores them so the next draws are the
     ones the saved module would make. Rules out a counter or state left out, a stream restarted, and p/signs lost."""
-    model = _advanced(_gmpi(augment="ada", augment_p=0.2))
+    model = _advanced(_gmpi(augment=dict(mode="ada", p=0.2)))
     model.run_config = {"model": {"lr": 1}}
     model.ada.p.fill_(0.35)
     model.ada.signs.copy_(torch.tensor([3.0, 5.0]))
@@ -467,7 +468,7 @@ def test_checkpoint_hooks_round_trip_counters_stream_and_ada():
     assert {k: state[k] for k in ("iteration", "nimg", "ema_updates", "nonfinite_total", "shading_calls")} == {
         "iteration": 5, "nimg": 40, "ema_updates": 4, "nonfinite_total": 2, "shading_calls": 3}
     assert float(state["ada"]["p"]) == pytest.approx(0.35) and state["ada"]["signs"].tolist() == [[3.0, 5.0]]
-    fresh = _gmpi(augment="ada", augment_p=0.2)
+    fresh = _gmpi(augment=dict(mode="ada", p=0.2))
     fresh.on_load_checkpoint(ckpt)
     assert (fresh.iteration, fresh.nimg, fresh.ema_updates, fresh.nonfinite_total) == (5, 40, 4, 2)
     assert fresh.fakes.shading_calls == 3 and fresh.nonfinite_in_row == 0
@@ -475,13 +476,13 @@ def test_checkpoint_hooks_round_trip_counters_stream_and_ada():
     assert max_err(fresh.sample_z(3), model.sample_z(3)) == 0
     # signs saved by another number of ranks start afresh; a checkpoint without ADA keeps augment_p
     ckpt["gmpi_state"]["ada"]["signs"] = torch.ones(2, 2)
-    other = _gmpi(augment="ada", augment_p=0.2)
+    other = _gmpi(augment=dict(mode="ada", p=0.2))
     other.on_load_checkpoint(ckpt)
     assert other.ada.signs.tolist() == [0.0, 0.0] and float(other.ada.p) == pytest.approx(0.35)
     plain = {}
     _advanced(_gmpi()).on_save_checkpoint(plain)
     assert "ada" not in plain["gmpi_state"] and "run_config" not in plain
-    no_ada = _gmpi(augment="ada", augment_p=0.2)
+    no_ada = _gmpi(augment=dict(mode="ada", p=0.2))
     no_ada.on_load_checkpoint(plain)
     assert float(no_ada.ada.p) == pytest.approx(0.2) and no_ada.iteration == 5
 
@@ -500,11 +501,11 @@ def test_a_stream_saved_before_its_first_draw_is_seeded_with_the_iteration():
 def test_each_rank_resumes_its_own_stream_and_signs():
     """Rank r of a world of N continues saved stream r and ADA signs r: rules out every rank taking rank 0's."""
     ckpt = {}
-    _advanced(_gmpi(augment="ada")).on_save_checkpoint(ckpt)
+    _advanced(_gmpi(augment=dict(mode="ada"))).on_save_checkpoint(ckpt)
     states = [torch.Generator().manual_seed(s).get_state() for s in (1, 2)]
     ckpt["gmpi_state"]["rng"]["states"] = torch.stack(states)
     ckpt["gmpi_state"]["ada"]["signs"] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    model = _gmpi(augment="ada")
+    model = _gmpi(augment=dict(mode="ada"))
     model._trainer = SimpleNamespace(world_size=2, global_rank=1,
                                      strategy=SimpleNamespace(root_device=torch.device("cpu")))
     model.on_load_checkpoint(ckpt)
@@ -515,7 +516,7 @@ def test_each_rank_resumes_its_own_stream_and_signs():
 def test_every_rank_saves_every_ranks_stream_and_signs():
     """Checkpoints hold every rank's stream and ADA signs, gathered over the world (world x n): rules out saving only
     this rank's (a resumed rank r > 0 would continue rank 0's stream)."""
-    model = _gmpi(augment="ada")
+    model = _gmpi(augment=dict(mode="ada"))
     model.ada.signs.copy_(torch.tensor([3.0, 5.0]))
     gathered = []
 
@@ -535,9 +536,9 @@ def test_every_rank_saves_every_ranks_stream_and_signs():
 def test_networks_are_built_with_the_modules_settings():
     """Every GMPI setting of the module reaches the networks it builds (and the token depths are the preset's
     training planes): rules out a setting left at the networks' default."""
-    model = _gmpi(alpha_mode="learnable_tokens", pos_enc_multires=2, train_planes=5, alpha_init_gain=0.0,
-                  alpha_init_logit=-3.0, alpha_depth_slope=2.0, alpha_depth_center=0.3, mbstd_group_size=2,
-                  d_pose_init="pretrained_logit")
+    alpha = dict(mode="learnable_tokens", pos_enc_multires=2, init_gain=0.0, init_logit=-3.0, depth_slope=2.0,
+                 depth_center=0.3)
+    model = _gmpi(alpha=alpha, train_planes=5, discriminator=dict(mbstd_group_size=2, pose_init="pretrained_logit"))
     kw = model.G.init_kwargs
     assert (kw["alpha_mode"], kw["pos_enc_multires"], kw["n_train_planes"], kw["alpha_init_gain"],
             kw["alpha_init_logit"], kw["alpha_depth_slope"], kw["alpha_depth_center"]) == (
@@ -546,7 +547,7 @@ def test_networks_are_built_with_the_modules_settings():
     assert model.D.b4.mbstd.group_size == 2 and model.D.c_dim == 16
     assert float(model.D.mapping.weight.abs().max()) == 0  # the pretrained-logit start (official: random)
     assert float(_gmpi().D.mapping.weight.abs().max()) > 0
-    flat = _gmpi(pose_conditioning=False, mbstd_group_size=2)
+    flat = _gmpi(discriminator=dict(pose_conditioning=False, mbstd_group_size=2))
     assert flat.D.c_dim == 0 and flat.D.b4.mbstd.group_size == 2
 
 

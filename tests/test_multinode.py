@@ -21,8 +21,9 @@ from datamodules.converters import convert_synthetic
 from tests.conftest import REPO
 
 VENV = Path(sys.prefix)
-TINY_MODEL = dict(preset="synthetic32", resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256,
-                  channel_max=16, train_planes=6, views_per_z=2, init_from=None, export_path=None, max_iters=3)
+TINY_MODEL = dict(preset="synthetic32", resolution=16, train_planes=6, views={"per_z": 2}, init_from=None,
+                  export_path=None, max_iters=3,
+                  arch=dict(z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16))
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
                "MASTER_PORT", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "EXP", "EXP_DIR", "GPUS", "NODES", "ARGS", "DRY",
                "SBATCH_ARGS", "GRES", "SLURM_LOGS", "VENV", "PY", "PYTHON")
@@ -256,20 +257,20 @@ def test_slurm_script_errors(tmp_path):
 # ---------------------------------------------------------------------------------- DRY=1, errors
 def test_dry_run_prints_command_and_resolved_config(tmp_path):
     proc = subprocess.run(make("train", "EXP=ffhq256", "GPUS=8", "NODES=4", "NODE_RANK=3", "MASTER_ADDR=10.0.0.1",
-                               "ARGS=--model.max_iters=7 --model.r1_gamma=2.5", "DRY=1"),
+                               "ARGS=--model.max_iters=7 --model.optim.r1_gamma=2.5", "DRY=1"),
                           cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0] == "# command (node 3 of 4; run it on every node with its NODE_RANK):"
     assert lines[1] == (f"{VENV}/bin/torchrun --nnodes=4 --node_rank=3 --nproc_per_node=8 --master_addr=10.0.0.1 "
                         "--master_port=29500 -m gmpi_lightning fit --config experiments/ffhq256.yaml "
-                        "--trainer.devices=8 --trainer.num_nodes=4 --model.max_iters=7 --model.r1_gamma=2.5")
+                        "--trainer.devices=8 --trainer.num_nodes=4 --model.max_iters=7 --model.optim.r1_gamma=2.5")
     assert lines[2] == "# resolved config:"
     config = yaml.safe_load("\n".join(lines[3:]))
     assert int(config["trainer"]["devices"]) == 8 and config["trainer"]["num_nodes"] == 4
     assert config["model"]["class_path"] == "gmpi_lightning.module.GMPIModule"  # the default model class
     model = config["model"]["init_args"]
-    assert model["max_iters"] == 7 and model["r1_gamma"] == 2.5
+    assert model["max_iters"] == 7 and model["optim"]["r1_gamma"] == 2.5
     assert model["train_planes"] == 32  # the rest comes from experiments/ffhq256.yaml
     assert {"trainer", "model", "data"} <= set(config) and "Initializing distributed" not in proc.stderr  # not run
 
@@ -283,9 +284,9 @@ def test_dry_run_commands_without_running(tmp_path):
         return proc.stdout.strip()
 
     assert cmd() == f"{VENV}/bin/python -m gmpi_lightning fit --config experiments/ffhq256.yaml"
-    assert cmd("GPUS=1", "ARGS=--model.lr=0.001") == (f"{VENV}/bin/python -m gmpi_lightning fit --config "
+    assert cmd("GPUS=1", "ARGS=--model.optim.lr=0.001") == (f"{VENV}/bin/python -m gmpi_lightning fit --config "
                                                       "experiments/ffhq256.yaml --trainer.devices=1 "
-                                                      "--trainer.num_nodes=1 --model.lr=0.001")
+                                                      "--trainer.num_nodes=1 --model.optim.lr=0.001")
     assert cmd("GPUS=8") == (f"{VENV}/bin/torchrun --standalone --nproc_per_node=8 -m gmpi_lightning fit --config "
                              "experiments/ffhq256.yaml --trainer.devices=8 --trainer.num_nodes=1")
 
@@ -409,7 +410,7 @@ def test_sweep_agent_run_with_two_ddp_processes(shards, tmp_path):
     exp = tiny_experiment(tmp_path / "exp", shards, run)
     env = clean_env(WANDB_SWEEP_ID="sw1", WANDB_RUN_ID="r7", WANDB_MODE="offline")
     cmd = [sys.executable, str(REPO / "scripts" / "sweep_run.py"), "fit", "--config", str(exp),
-           "--trainer.devices=2", "--model.max_iters=2", "--model.lr=0.0005"]
+           "--trainer.devices=2", "--model.max_iters=2", "--model.optim.lr=0.0005"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     agent_dir = tmp_path / "runs" / "sweeps" / "wandb-sw1" / "r7"
@@ -417,7 +418,7 @@ def test_sweep_agent_run_with_two_ddp_processes(shards, tmp_path):
     assert r0["world"] == r1["world"] == 2 and r0["iteration"] == r1["iteration"] == 2
     assert r0["G"] == r1["G"] and r0["G"] != r0["G_start"]  # one lr on both ranks, or the weights would differ
     ckpt = torch.load(agent_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["hyper_parameters"]["lr"] == 0.0005
+    assert ckpt["hyper_parameters"]["optim"]["lr"] == 0.0005
     assert not (run / "rank0.jsonl").exists()  # nothing went to the YAML's own folder
 
 

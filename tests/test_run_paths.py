@@ -12,12 +12,12 @@ from gmpi_lightning import runs
 from gmpi_lightning.cli import main as gmpi_main
 from gmpi_lightning.run_paths import fill_run_paths
 from gmpi_lightning.trainer import run_lightning_cli
+from tests.conftest import TINY_ARCH
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FFHQ = os.path.join(REPO, "experiments", "ffhq256.yaml")
-TINY = ["--model.init_from=null", "--model.resolution=16", "--model.z_dim=16", "--model.w_dim=16",
-        "--model.mapping_layers=2", "--model.channel_base=256", "--model.channel_max=16", "--model.train_planes=6",
-        "--model.views_per_z=2", "--model.max_iters=2", "--data.batch_size=4", "--data.num_workers=0",
+TINY = ["--model.init_from=null", "--model.resolution=16", TINY_ARCH, "--model.train_planes=6",
+        "--model.views.per_z=2", "--model.max_iters=2", "--data.batch_size=4", "--data.num_workers=0",
         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.devices=1",
         "--trainer.accelerator=cpu"]
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from gmpi_lightning.cli import main as gmpi_main
+from gmpi_lightning.hparams import Architecture, Views
 from gmpi_lightning.io import save_gmpi_checkpoint
 from gmpi_lightning.nn.gmpi import GMPIGenerator
 from gmpi_lightning.planes import preset_planes
@@ -204,8 +205,8 @@ def test_render_web_flag_and_media_callback_write_the_page(small_ckpt, tmp_path,
     from callbacks.media import WebViewer
     from gmpi_lightning.module import GMPIModule
 
-    module = GMPIModule(preset="synthetic32", resolution=16, z_dim=16, w_dim=16, mapping_layers=2, channel_base=256,
-                        channel_max=16, train_planes=6, views_per_z=2, max_iters=3)
+    module = GMPIModule(preset="synthetic32", resolution=16, train_planes=6, views=Views(per_z=2), max_iters=3,
+                        arch=Architecture(z_dim=16, w_dim=16, mapping_layers=2, channel_base=256, channel_max=16))
     module.iteration = 5
     logged = []
 

@@ -15,7 +15,7 @@ from gmpi_lightning.nn.ops import upsample2d
 from gmpi_lightning.render import render_mpi
 from gmpi_lightning.scene import Scene
 from tests.conftest import max_err
-from tests.test_module import TINY, _dm, _trainer
+from tests.test_module import _dm, _trainer, tiny
 
 
 class Recorded(GMPIModule):
@@ -51,8 +51,7 @@ def _run(shards, tmp_path, monkeypatch, **over):
 
     monkeypatch.setattr(views, "shade_mpi", recording_shade)
     torch.manual_seed(11)
-    model = Recorded(**{**TINY, "max_iters": 1, "shading_start": 0, "shading_grow": 1, "shading_schedule": "ramp",
-                        **over})
+    model = Recorded(**tiny(**{"max_iters": 1, "shading": dict(start=0, grow=1, schedule="ramp"), **over}))
     _trainer(tmp_path).fit(model, _dm(shards))
     return model, shaded
 
@@ -84,8 +83,8 @@ def test_d_sees_the_shaded_render_of_each_fake_at_its_own_camera(shards, tmp_pat
 
 
 def test_before_shading_start_d_sees_the_unshaded_render(shards, tmp_path, monkeypatch):
-    """Rules out shading from the first iteration (an off-by-one or an ignored shading_start)."""
-    model, shaded = _run(shards, tmp_path, monkeypatch, shading_start=5)
+    """Rules out shading from the first iteration (an off-by-one or an ignored shading.start)."""
+    model, shaded = _run(shards, tmp_path, monkeypatch, shading=dict(start=5, grow=1, schedule="ramp"))
     assert shaded == []
     mpi = next(r for r in model.records if r[0] == "G" and r[1] == "d")[2]
     fake = [r for r in model.records if r[0] == "D" and r[1] == "d"][1]
@@ -95,7 +94,7 @@ def test_before_shading_start_d_sees_the_unshaded_render(shards, tmp_path, monke
 def test_g_step_trains_on_the_worst_candidate_view(shards, tmp_path, monkeypatch):
     """The G step renders, for each latent, the candidate camera the current D scored lowest, and D judges it at that
     camera: rules out the highest logit (argmax), the first candidate, or scoring one view and training another."""
-    model, _ = _run(shards, tmp_path, monkeypatch, views_per_z=3, shading=False)
+    model, _ = _run(shards, tmp_path, monkeypatch, views=dict(per_z=3), shading=dict(enabled=False))
     g_calls = [r for r in model.records if r[0] == "D" and r[1] == "g"]
     scoring, training = [r for r in g_calls if not r[5]], [r for r in g_calls if r[5]]
     assert len(scoring) == 3 and len(training) == 1
@@ -117,7 +116,7 @@ def test_generator_gets_normalised_depths_and_the_renderer_metric_ones(shards, t
     real_render = scene_module.render_mpi
     monkeypatch.setattr(scene_module, "render_mpi", lambda mpi, d, e, *a, **k: seen.append(d.clone()) or
                         real_render(mpi, d, e, *a, **k))
-    model, _ = _run(shards, tmp_path, monkeypatch, shading=False)
+    model, _ = _run(shards, tmp_path, monkeypatch, shading=dict(enabled=False))
     planes = model.scene.planes
     for r in (r for r in model.records if r[0] == "G"):
         assert max_err(r[3], planes.normalized) == 0
@@ -131,7 +130,8 @@ def test_losses_move_the_logits_their_way(shards, tmp_path):
     and cameras. Rules out swapped real/fake arguments in the D loss, the D loss used for G, and a G step that steps
     D's optimiser. (Adam's first step is nearly sign-based, so the margin, not each side alone, is what must move.)"""
     torch.manual_seed(5)
-    model = Recorded(**{**TINY, "max_iters": 1, "shading": False, "lr": 0.02, "grad_clip": None, "r1_gamma": 0.0})
+    model = Recorded(**tiny(max_iters=1, shading=dict(enabled=False), optim=dict(lr=0.02, grad_clip=None,
+                     r1_gamma=0.0)))
     before_D = [p.detach().clone() for p in model.D.parameters()]
     _trainer(tmp_path).fit(model, _dm(shards))
     real, fake = [r for r in model.records if r[0] == "D" and r[1] == "d"]
@@ -158,7 +158,7 @@ def test_ema_is_lerp_with_the_logged_beta(shards, tmp_path):
     """After an iteration, G_ema = lerp(G_ema before, G, 1 - beta) with beta the rule's value for the images seen, and
     buffers copied: rules out lerp(..., beta) (the weights swapped), an EMA of D, or an EMA before G's step."""
     torch.manual_seed(6)
-    model = GMPIModule(**{**TINY, "max_iters": 1, "ema": "torch_ema", "shading": False})
+    model = GMPIModule(**tiny(max_iters=1, ema=dict(kind="torch_ema"), shading=dict(enabled=False)))
     before = {k: v.detach().clone() for k, v in model.G_ema.named_parameters()}
     _trainer(tmp_path).fit(model, _dm(shards))
     beta = min(0.999, 2 / 11)  # torch_ema after the first update: (1 + t) / (10 + t), t = 1
@@ -187,8 +187,8 @@ def test_r1_has_the_size_of_gamma_over_2_grad_squared_times_its_interval(shards,
     others: rules out R1 on the fakes, a missing 1/2, R1 computed after the augmentation as a new leaf, and the lazy
     weight (r1_every) left out or applied every iteration."""
     torch.manual_seed(7)
-    model = GMPIModule(**{**TINY, "max_iters": 2, "shading": False, "r1_gamma": 3.0, "r1_every": r1_every,
-                          "views_per_z": 1})
+    model = GMPIModule(**tiny(max_iters=2, shading=dict(enabled=False), optim=dict(r1_gamma=3.0, r1_every=r1_every),
+                            views=dict(per_z=1)))
     model.D = LinearD(16)
     seen = []
     step = model.d_step
