@@ -270,51 +270,39 @@ def migrate_model(section: dict, where: str, warn=None) -> dict:
 def migrate_argv(argv: list[str], warn=None) -> list[str]:
     """``gmpi fit`` arguments with flat model names nested: ``--model.lr=x`` -> ``--model.optim.lr=x``; a
     ``--config`` file with flat ``model:`` keys is passed on as its migrated text."""
-    out, renamed, i = [], {}, 0
-    while i < len(argv):
-        a = argv[i]
-        if isinstance(a, str) and a.startswith("--model."):
-            name, eq, value = a[2:].partition("=")
-            if nested_option(name) != name:
-                renamed[name] = nested_option(name)
-            name = nested_option(name)
-            field = re.fullmatch(rf"model\.(?:init_args\.)?({'|'.join(GROUPS)})\.(\w+)", name)
-            if field and (value if eq else argv[i + 1] if i + 1 < len(argv) else None) == "null":
-                # jsonargparse refuses `--model.GROUP.FIELD=null` for a dataclass field of a subclass; the mapping
-                # form sets that one field the same way
-                out.append(f"--model.{field.group(1)}={{\"{field.group(2)}\": null}}")
-                i += 1 if eq else 2
-                continue
-            a = f"--{name}{eq}{value}"
-        elif a == "--config" and i + 1 < len(argv) or isinstance(a, str) and a.startswith("--config="):
-            path = argv[i + 1] if a == "--config" else a.split("=", 1)[1]
-            text = _migrated_config(path, warn)
-            if text is not None:
-                out += ["--config", text]
-                i += 2 if a == "--config" else 1
-                continue
-        out.append(a)
-        i += 1
-    warn_renamed("arguments", renamed, warn)
+    out, renamed, rest = [], {}, list(argv)
+    while rest:
+        a = rest.pop(0)
+        if not isinstance(a, str) or not a.startswith(("--model.", "--config")):
+            out.append(a)
+            continue
+        name, eq, value = a[2:].partition("=")
+        if not eq and rest and isinstance(rest[0], str) and not rest[0].startswith("--"):
+            value, eq = rest.pop(0), "="
+        if name == "config":
+            text = _migrated_config(value, warn)
+            out.append(f"--config={value if text is None else text}")
+            continue
+        new = renamed[name] = nested_option(name)
+        field = re.fullmatch(rf"model\.(?:init_args\.)?({'|'.join(GROUPS)})\.(\w+)", new)
+        # jsonargparse refuses `--model.GROUP.FIELD=null` for a dataclass field of a subclass; the mapping form
+        # sets that one field the same way
+        out.append(f'--model.{field[1]}={{"{field[2]}": null}}' if field and value == "null" else f"--{new}{eq}{value}")
+    warn_renamed("arguments", {k: v for k, v in renamed.items() if k != v}, warn)
     return out
 
 
 def _migrated_config(path: str, warn) -> str | None:
     """The text of config file ``path`` with its ``model:`` keys nested, or None when nothing is flat."""
-    p = Path(path)
-    if not p.is_file():
+    cfg = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    if not isinstance(cfg, dict):
         return None
-    cfg = yaml.safe_load(p.read_text())
-    sections = [cfg] + [cfg[s] for s in ("fit", "validate", "test") if isinstance(cfg, dict) and
-                        isinstance(cfg.get(s), dict)] if isinstance(cfg, dict) else []
-    changed = False
-    for s in sections:
-        model = s.get("model")
-        if isinstance(model, dict):
-            new = migrate_model(model, str(p), warn)
-            changed |= new != model
-            s["model"] = new
-    return yaml.safe_dump(cfg, sort_keys=False) if changed else None
+    before = yaml.safe_dump(cfg)
+    for section in [cfg] + [cfg[s] for s in ("fit", "validate", "test") if isinstance(cfg.get(s), dict)]:
+        if isinstance(section.get("model"), dict):
+            section["model"] = migrate_model(section["model"], path, warn)
+    after = yaml.safe_dump(cfg)
+    return None if after == before else after
 
 
 def _stderr(msg: str) -> None:

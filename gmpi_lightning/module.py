@@ -281,8 +281,9 @@ class GANModule(pl.LightningModule):
             state["ada"] = {"p": self.ada.p.detach().cpu().clone(),
                             "signs": gather_per_rank(self._trainer, self.ada.signs.detach(), self.device)}
         checkpoint["gmpi_state"] = state
-        key = self.CHECKPOINT_HYPER_PARAMS_KEY  # plain data: checkpoints load with weights_only
-        checkpoint[key] = plain(checkpoint.get(key, {}))
+        key = self.CHECKPOINT_HYPER_PARAMS_KEY
+        if key in checkpoint:  # plain data, so that the checkpoint loads with weights_only
+            checkpoint[key] = plain(checkpoint[key])
 
     @property
     def hparams_initial(self) -> AttributeDict:

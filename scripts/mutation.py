@@ -72,6 +72,7 @@ SELECTION: dict[str, list[str]] = {
         "tests/test_module.py::test_shading_schedule_in_training",
         "tests/test_module.py::test_lazy_r1_keeps_the_plain_learning_rate",
         "tests/test_module_phases.py",
+        "tests/test_hparams.py::test_checkpoint_holds_plain_groups_and_rebuilds_the_typed_module",
     ],  # tests/test_wiring.py trains a module per test (seconds each): its slips are checked one by one instead
         # (scripts/break_properties.py --only wiring), not per mutant
     "gmpi_lightning/scene.py": [
@@ -81,6 +82,9 @@ SELECTION: dict[str, list[str]] = {
         "tests/test_media.py::test_grid_layout_depth_tiles_and_fixed_cameras",
         "tests/test_invert.py",
         "tests/test_wiring.py::test_generator_gets_normalised_depths_and_the_renderer_metric_ones",
+    ],
+    "gmpi_lightning/hparams.py": [
+        "tests/test_hparams.py", "tests/test_module_phases.py",
     ],
     "gmpi_lightning/nn/gmpi.py": [
         "tests/test_gmpi.py", "tests/test_gmpi_contracts.py",

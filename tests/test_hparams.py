@@ -13,10 +13,13 @@ import yaml
 from gmpi_lightning import runs, sweeps
 from gmpi_lightning.errors import InputError
 from gmpi_lightning.hparams import (
+    EMA,
     FLAT_NAMES,
     GROUPS,
     Alpha,
+    Augmentation,
     Optimisation,
+    PoseDiscriminator,
     Shading,
     Views,
     group,
@@ -74,18 +77,48 @@ def test_flat_and_nested_configs_resolve_to_the_same_run(tmp_path, capfd):
     assert err[1] == "gmpi: warning: arguments: flat model names are deprecated; write model.optim.lr for model.lr"
 
 
-def test_argv_forms():
+def test_argv_forms(tmp_path):
     said = []
-    assert migrate_argv(["fit", "--model.shading_start", "5", "--model.init_args.lr=0.1", "--model.optim.lr=0.2",
-                         "--model.preset=FFHQ256", "--data.lr=1"], said.append) == [
-        "fit", "--model.shading.start", "5", "--model.optim.lr=0.1", "--model.optim.lr=0.2",
-        "--model.preset=FFHQ256", "--data.lr=1"]
+    argv = ["fit", "--model.shading_start", "5", "--model.init_args.lr=0.1", "--model.optim.lr=0.2",
+            "--model.preset=FFHQ256", "--model.arch", "--data.lr=1", "--model.max_iters"]
+    assert migrate_argv(argv, said.append) == [
+        "fit", "--model.shading.start=5", "--model.optim.lr=0.1", "--model.optim.lr=0.2", "--model.preset=FFHQ256",
+        "--model.arch", "--data.lr=1", "--model.max_iters"]  # an option is never taken for a value
     assert said == ["arguments: flat model names are deprecated; write model.shading.start for model.shading_start, "
                     "model.optim.lr for model.init_args.lr"]
-    assert migrate_argv(["--model.optim.grad_clip=null", "--model.arch.channel_base", "null"]) == [
-        '--model.optim={"grad_clip": null}', '--model.arch={"channel_base": null}']  # null of one field
+    # null of one field of a group, with `=` or as the next argument, the argument after it kept
+    assert migrate_argv(["--model.optim.grad_clip=null", "--model.arch.channel_base", "null", "--model.grad_clip",
+                         "null", "--model.init_args.alpha.mode", "add_z"]) == [
+        '--model.optim={"grad_clip": null}', '--model.arch={"channel_base": null}', '--model.optim={"grad_clip": null}',
+        "--model.init_args.alpha.mode=add_z"]
     quiet = []
     assert migrate_argv(["fit", "--model.optim.lr=0.2"], quiet.append) == ["fit", "--model.optim.lr=0.2"] and not quiet
+    # config files: flat ones (plain, class_path + init_args, under a subcommand) become their migrated text with one
+    # line each, nested and missing ones stay paths
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text(yaml.safe_dump({"model": {"lr": 0.1}}))
+    nested.write_text(yaml.safe_dump({"model": {"optim": {"lr": 0.1}}}))
+    sub = tmp_path / "sub.yaml"
+    sub.write_text(yaml.safe_dump({"fit": {"model": {"class_path": "gmpi_lightning.module.StyleGAN2Module",
+                                                     "init_args": {"ema": "torch_ema", "ema_decay": 0.9}}},
+                                   "validate": {"model": {"lr": 0.3}}, "test": {"model": {"r1_gamma": 1.0}}}))
+    said = []
+    out = migrate_argv(["--config", str(flat), f"--config={nested}", "--config", str(sub), "--config=missing.yaml"],
+                       said.append)
+    assert [yaml.safe_load(o.removeprefix("--config=")) for o in out[::2]] == [
+        {"model": {"optim": {"lr": 0.1}}},
+        {"fit": {"model": {"class_path": "gmpi_lightning.module.StyleGAN2Module",
+                           "init_args": {"ema": {"kind": "torch_ema", "decay": 0.9}}}},
+         "validate": {"model": {"optim": {"lr": 0.3}}}, "test": {"model": {"optim": {"r1_gamma": 1.0}}}}]
+    assert out[1::2] == [f"--config={nested}", "--config=missing.yaml"]
+    assert said == [f"{flat}: flat model names are deprecated; write model.optim.lr for model.lr",
+                    f"{sub}: flat model names are deprecated; write model.ema.kind for model.ema, "
+                    "model.ema.decay for model.ema_decay",
+                    f"{sub}: flat model names are deprecated; write model.optim.lr for model.lr",
+                    f"{sub}: flat model names are deprecated; write model.optim.r1_gamma for model.r1_gamma"]
+    assert migrate_model({"class_path": "M", "init_args": None}, "x") == {"class_path": "M", "init_args": {}}
+    assert migrate_model({"shading_start": 5, "shading": {"grow": 3}}, "x", said.append) == {
+        "shading": {"start": 5, "grow": 3}}
 
 
 def test_a_flat_sweep_parameter_is_renamed(tmp_path, capfd):
@@ -100,12 +133,23 @@ def test_a_flat_sweep_parameter_is_renamed(tmp_path, capfd):
 
 
 def test_groups_check_their_values():
-    for bad, name in ((lambda: Views(selection="best"), "views.selection"), (lambda: Views(per_z=0), "views.per_z"),
-                      (lambda: Shading(schedule="linear"), "shading.schedule"),
-                      (lambda: Optimisation(r1_every=0), "optim.r1_every"),
-                      (lambda: Optimisation(batch_split=0), "optim.batch_split")):
-        with pytest.raises(InputError, match=name.replace(".", r"\.")):
+    for bad, message in (
+            (lambda: Views(selection="best"), "views.selection must be one of 'worst', 'random'; got 'best'"),
+            (lambda: Views(per_z=0), "views.per_z must be >= 1, got 0"),
+            (lambda: Shading(schedule="linear"), "shading.schedule must be one of 'as_coded', 'ramp'; got 'linear'"),
+            (lambda: Optimisation(r1_every=0), "optim.r1_every must be >= 1, got 0"),
+            (lambda: Optimisation(batch_split=0), "optim.batch_split must be >= 1, got 0"),
+            (lambda: EMA(kind="ema"), "ema.kind must be one of 'stylegan2', 'torch_ema'; got 'ema'"),
+            (lambda: Augmentation(mode="on"), "augment.mode must be one of 'none', 'ada', 'fixed'; got 'on'"),
+            (lambda: Augmentation(interval=0), "augment.interval must be >= 1, got 0"),
+            (lambda: PoseDiscriminator(pose_init="zero"),
+             "discriminator.pose_init must be one of 'official', 'pretrained_logit'; got 'zero'")):
+        with pytest.raises(InputError) as err:
             bad()
+        assert str(err.value) == message
+    # the smallest allowed values pass
+    assert (Views(per_z=1, selection="random").per_z, Augmentation(interval=1, mode="fixed").interval) == (1, 1)
+    assert Optimisation(r1_every=1, batch_split=1).r1_every == 1
     with pytest.raises(InputError, match=r"model.alpha: unknown \['gain'\]; its fields are"):
         group(Alpha, {"gain": 1.0}, "alpha")
     with pytest.raises(InputError, match="model.alpha must be a mapping"):
@@ -131,3 +175,24 @@ def test_checkpoint_holds_plain_groups_and_rebuilds_the_typed_module():
     assert model.hparams_initial["views"] == {"per_z": 2, "selection": "worst"}  # what loggers record
     assert plain(Optimisation()) == {"lr": 0.002, "betas": [0.0, 0.9], "train_mapping": True, "r1_gamma": 10.0,
                                      "r1_every": 1, "grad_clip": 10.0, "batch_split": 1}
+
+
+def test_defaults_are_the_official_recipe():
+    """A default is the official code's value (docs/TRAINING.md's table) or StyleGAN2's where GMPI has none; a
+    changed default changes every run that leaves it out, so it must change here too."""
+    assert {g: plain(cls()) for g, cls in GROUPS.items()} == {
+        "arch": {"z_dim": 512, "w_dim": 512, "mapping_layers": 8, "channel_base": None, "channel_max": None},
+        "optim": {"lr": 0.002, "betas": [0.0, 0.9], "train_mapping": True, "r1_gamma": 10.0, "r1_every": 1,
+                  "grad_clip": 10.0, "batch_split": 1},
+        "ema": {"kind": "stylegan2", "kimg": 10.0, "rampup": 0.05, "decay": 0.999},
+        "augment": {"mode": "none", "p": 0.0, "ops": ["translate", "brightness", "contrast", "cutout"], "target": 0.6,
+                    "interval": 4, "kimg": 100.0},
+        "alpha": {"mode": "normalize_add_z", "pos_enc_multires": 0, "init_gain": 1.0, "init_logit": 0.0,
+                  "depth_slope": 0.0, "depth_center": 0.0},
+        "discriminator": {"pose_conditioning": True, "pose_init": "official", "mbstd_group_size": 1},
+        "views": {"per_z": 4, "selection": "worst"},
+        "shading": {"enabled": True, "schedule": "as_coded", "start": 1000, "grow": 1000}}
+    torch.manual_seed(0)
+    model = GMPIModule(preset="synthetic32", train_planes=4, arch=dict(z_dim=16, w_dim=16, mapping_layers=2))
+    assert {g: plain(model.hparams[g]) for g in GROUPS if g != "arch"} == {g: plain(cls()) for g, cls in
+                                                                          GROUPS.items() if g != "arch"}

@@ -23,6 +23,7 @@ from .stylegan2_pkl import (
     UnsafePickleError,
     build_checked,
     check_tensors_match,
+    load_tagged,
     probe_network,
     require_file,
 )
@@ -258,12 +259,7 @@ def load_gmpi_checkpoint(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     require_file(path, "GMPI checkpoint")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise NetworkFormatError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(blob, dict) or blob.get("format") != GMPI_FORMAT:
-        raise NetworkFormatError(f"{path}: not a '{GMPI_FORMAT}' checkpoint")
+    blob = load_tagged(path, GMPI_FORMAT, "checkpoint")
     nets = {k: blob[k] for k in ("generator", "discriminator") if k in blob}
     if "generator" not in nets or not all(isinstance(v, dict) for v in nets.values()):
         raise NetworkFormatError(f"{path}: 'generator' (and 'discriminator') must be dicts of init_kwargs and "

@@ -187,6 +187,18 @@ def require_file(path: Path, what: str) -> None:
         raise FileNotFoundError(f"{what} not found: {path}. Nothing is downloaded; pass the path of a local copy.")
 
 
+def load_tagged(path: Path, fmt: str, what: str) -> dict:
+    """A file this package wrote with ``torch.save``: a dict of plain data whose ``format`` is ``fmt``, read without
+    running code; otherwise :class:`NetworkFormatError` naming the file."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise NetworkFormatError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from e
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        raise NetworkFormatError(f"{path}: not a '{fmt}' {what}")
+    return blob
+
+
 def load_stylegan2_pkl(path: str | Path) -> dict[str, Any]:
     """Load an NVlabs StyleGAN2-ADA pickle (or our converted ``.pt``) safely.
 
@@ -219,12 +231,7 @@ def load_stylegan2_pkl(path: str | Path) -> dict[str, Any]:
 
 
 def _load_converted(path: Path) -> dict[str, Any]:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise NetworkFormatError(f"{path}: not a readable converted network file ({e})") from e
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise NetworkFormatError(f"{path}: not a '{FORMAT}' file (written by `gmpi import-stylegan2`)")
+    blob = load_tagged(path, FORMAT, "converted network file (written by `gmpi import-stylegan2`)")
     if blob.get("version") != FORMAT_VERSION:
         raise NetworkFormatError(f"{path}: format version {blob.get('version')} is not supported")
     out: dict[str, Any] = {"training_set_kwargs": blob.get("training_set_kwargs"), "kwargs": {}}
