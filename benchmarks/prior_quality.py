@@ -23,6 +23,7 @@ from gmpi_lightning.evaluation.evaluate import evaluate
 from gmpi_lightning.evaluation.fakes import FakeSettings, iter_images_2d
 from gmpi_lightning.io import load_stylegan2_pkl
 from gmpi_lightning.presets import get_preset
+from gmpi_lightning.scene import seed_latents
 
 
 def reals(data: str, n: int) -> torch.Tensor:
@@ -51,8 +52,7 @@ def main(argv=None) -> int:
         G = load_stylegan2_pkl(f)["G_ema"].eval()
         r = evaluate(None, preset, ["est_fd"], args.num, args.data, FakeSettings(planes=2, batch_size=100),
                      estimators=args.estimators, show_progress=False, source=partial(iter_images_2d, G, preset))
-        z = torch.from_numpy(__import__("numpy").stack([__import__("numpy").random.RandomState(s).randn(G.z_dim)
-                                                         for s in range(256)])).float()
+        z = seed_latents(range(256), G.z_dim)
         with torch.no_grad():
             img = G(z, None, noise_mode="const").clamp(-1, 1)
         rows.append(((img[:8] + 1) / 2).clamp(0, 1))
