@@ -7,6 +7,8 @@
   are and with each head's background replaced by its mean colour (does it read the head or the background?).
 * With ``--augment``: a second reader trained the same way but on renders with random blur, colour and shift, read
   on the same heads (is the gap in how the reader was trained?).
+* With ``--calibrate N``: a line yaw = a * reading + b fitted on the first N training heads (their poses are in the
+  data) and applied to the held-out ones (is the gap a slope that the data's poses can correct?).
 * The generator's own heads, read by the data's pose CNN (``runs/estimators/<data>.pt``): 256 latents rendered at
   yaw -0.3, 0 and +0.3 (pitch 0): the spread of the readings at yaw 0 (the head's pose carried by the latent) and
   each head's turn over the 0.6 rad (how far the generator's heads follow the camera).
@@ -53,6 +55,7 @@ def main() -> None:
     add_common_flags(ap, "")
     ap.add_argument("--num", type=int, default=128, help="held-out renderer heads")
     ap.add_argument("--augment", action="store_true", help="also train and read an augmented reader (minutes)")
+    ap.add_argument("--calibrate", type=int, default=0, help="fit the reading to the poses of N training heads")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -68,6 +71,15 @@ def main() -> None:
     reader = reader_for(args.ckpt, G, preset)
     rows = [("reader", "heads as they are", *slope_and_error(reader, images, yaw)),
             ("reader", "background -> its mean colour", *slope_and_error(reader, plain_bg, yaw))]
+    if args.calibrate:
+        train = list(range(args.calibrate))
+        train_images = render_heads(train, cfg)["image"].permute(0, 3, 1, 2).float().div(255) * 2 - 1
+        with torch.no_grad():
+            a, b = np.polyfit(reader(train_images)[:, 0].numpy(), sample_poses(train, cfg)[0], 1)
+            calibrated = a * reader(images)[:, 0] + b
+        rows.append((f"reader, yaw = {a:.3f} * reading {b:+.3f} (fitted on {args.calibrate} training heads)",
+                     "heads as they are", float(np.polyfit(yaw.numpy(), calibrated.numpy(), 1)[0]),
+                     float((calibrated - yaw).abs().mean())))
     if args.augment:
         aug = train_reader(G, preset, ReaderSettings(), progress_bar=False, augment=blur_colour_shift)[0]
         rows.append(("reader trained with blur/colour/shift", "heads as they are", *slope_and_error(aug, images, yaw)))
