@@ -5,8 +5,8 @@ with where its compositing weight sits (``--profile``).
     python benchmarks/alpha_start.py --stylegan2 runs/synthetic_stylegan2/stylegan2.pt \\
         --estimators runs/estimators/synthetic32.pt --starts "1,0;0.3,-1;0.3,-3;0.3,-6" --seeds 0,1,2 --profile
 
-A start is ``gain,logit[,slope,center]`` (GMPIModule's ``alpha_init_gain``, ``alpha_init_logit``,
-``alpha_depth_slope``, ``alpha_depth_center``; official: 1,0). The profile is the compositing weight per plane at the
+A start is ``gain,logit[,slope,center]`` (GMPIModule's ``alpha.init_gain``, ``alpha.init_logit``,
+``alpha.depth_slope``, ``alpha.depth_center``; official: 1,0). The profile is the compositing weight per plane at the
 canonical camera, averaged over the fakes' pixels inside the central half of the image (where the data's heads
 are): its share on plane groups, the background's share and the weight-averaged plane. Figures: docs/3D.md.
 """

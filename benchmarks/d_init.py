@@ -1,7 +1,7 @@
 """What the pose-conditioned discriminator says at the start of a GMPI run, before any step.
 
 The module is built exactly as ``gmpi fit --config CONFIG`` builds it (``seed_everything`` from the config, then
-the model's arguments), once per seed and per ``d_pose_init``. Printed per (init, seed):
+the model's arguments), once per seed and per ``discriminator.pose_init``. Printed per (init, seed):
 
 * the 2D pretrained D's mean logit on reals and on the starting fakes (the untrained GMPI at prior cameras), and
   their gap (> 0: the 2D D tells them apart the right way);

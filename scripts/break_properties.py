@@ -116,7 +116,7 @@ BREAKS = [
      "return (w * rgb).sum(1), out_depth", "return (w * rgb).sum(1) / (w.sum(1) + 1e-8), out_depth",
      "tests/test_properties_planes_render.py::test_constant_planes_composite_as_straight_alpha_over_front_to_back"),
     # The recipe's wiring: one-line slips that train a worse model without an error (tests/test_wiring.py).
-    ("D judges the unshaded render after shading_start", "gmpi_lightning/views.py",
+    ("D judges the unshaded render after shading.start", "gmpi_lightning/views.py",
      "return self.render(self.shade(mpi, generator, shade_at), cond)", "return self.render(mpi, cond)",
      "tests/test_wiring.py::test_d_sees_the_shaded_render_of_each_fake_at_its_own_camera"),
     ("add_z normalises its features like normalize_add_z", "gmpi_lightning/nn/alpha.py",

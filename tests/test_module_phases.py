@@ -474,7 +474,7 @@ def test_checkpoint_hooks_round_trip_counters_stream_and_ada():
     assert fresh.fakes.shading_calls == 3 and fresh.nonfinite_in_row == 0
     assert float(fresh.ada.p) == pytest.approx(0.35) and fresh.ada.signs.tolist() == [3.0, 5.0]
     assert max_err(fresh.sample_z(3), model.sample_z(3)) == 0
-    # signs saved by another number of ranks start afresh; a checkpoint without ADA keeps augment_p
+    # signs saved by another number of ranks start afresh; a checkpoint without ADA keeps augment.p
     ckpt["gmpi_state"]["ada"]["signs"] = torch.ones(2, 2)
     other = _gmpi(augment=dict(mode="ada", p=0.2))
     other.on_load_checkpoint(ckpt)

@@ -64,7 +64,7 @@ def _render(model, mpi, w2c_flat):
 
 
 def test_d_sees_the_shaded_render_of_each_fake_at_its_own_camera(shards, tmp_path, monkeypatch):
-    """After shading_start, the fake D judges is render(shade(MPI)) at the camera D is told: rules out rendering the
+    """After shading.start, the fake D judges is render(shade(MPI)) at the camera D is told: rules out rendering the
     unshaded MPI after computing the shading, handing D another fake's camera (or a fixed one), and conditioning
     on the c2w instead of the w2c."""
     model, shaded = _run(shards, tmp_path, monkeypatch)
