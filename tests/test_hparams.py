@@ -10,23 +10,10 @@ import pytest
 import torch
 import yaml
 
+from gmpi_lightning import hparams as hp
 from gmpi_lightning import runs, sweeps
 from gmpi_lightning.errors import InputError
-from gmpi_lightning.hparams import (
-    EMA,
-    FLAT_NAMES,
-    GROUPS,
-    Alpha,
-    Augmentation,
-    Optimisation,
-    PoseDiscriminator,
-    Shading,
-    Views,
-    group,
-    migrate_argv,
-    migrate_model,
-    plain,
-)
+from gmpi_lightning.hparams import FLAT_NAMES, GROUPS, group, migrate_argv, migrate_model, plain
 from gmpi_lightning.module import GMPIModule
 from tests.test_module import tiny
 
@@ -134,46 +121,46 @@ def test_a_flat_sweep_parameter_is_renamed(tmp_path, capfd):
 
 def test_groups_check_their_values():
     for bad, message in (
-            (lambda: Views(selection="best"), "views.selection must be one of 'worst', 'random'; got 'best'"),
-            (lambda: Views(per_z=0), "views.per_z must be >= 1, got 0"),
-            (lambda: Shading(schedule="linear"), "shading.schedule must be one of 'as_coded', 'ramp'; got 'linear'"),
-            (lambda: Optimisation(r1_every=0), "optim.r1_every must be >= 1, got 0"),
-            (lambda: Optimisation(batch_split=0), "optim.batch_split must be >= 1, got 0"),
-            (lambda: EMA(kind="ema"), "ema.kind must be one of 'stylegan2', 'torch_ema'; got 'ema'"),
-            (lambda: Augmentation(mode="on"), "augment.mode must be one of 'none', 'ada', 'fixed'; got 'on'"),
-            (lambda: Augmentation(interval=0), "augment.interval must be >= 1, got 0"),
-            (lambda: PoseDiscriminator(pose_init="zero"),
+            (lambda: hp.Views(selection="best"), "views.selection must be one of 'worst', 'random'; got 'best'"),
+            (lambda: hp.Views(per_z=0), "views.per_z must be >= 1, got 0"),
+            (lambda: hp.Shading(schedule="linear"), "shading.schedule must be one of 'as_coded', 'ramp'; got 'linear'"),
+            (lambda: hp.Optimisation(r1_every=0), "optim.r1_every must be >= 1, got 0"),
+            (lambda: hp.Optimisation(batch_split=0), "optim.batch_split must be >= 1, got 0"),
+            (lambda: hp.EMA(kind="ema"), "ema.kind must be one of 'stylegan2', 'torch_ema'; got 'ema'"),
+            (lambda: hp.Augmentation(mode="on"), "augment.mode must be one of 'none', 'ada', 'fixed'; got 'on'"),
+            (lambda: hp.Augmentation(interval=0), "augment.interval must be >= 1, got 0"),
+            (lambda: hp.PoseDiscriminator(pose_init="zero"),
              "discriminator.pose_init must be one of 'official', 'pretrained_logit'; got 'zero'")):
         with pytest.raises(InputError) as err:
             bad()
         assert str(err.value) == message
     # the smallest allowed values pass
-    assert (Views(per_z=1, selection="random").per_z, Augmentation(interval=1, mode="fixed").interval) == (1, 1)
-    assert Optimisation(r1_every=1, batch_split=1).r1_every == 1
+    assert (hp.Views(per_z=1, selection="random").per_z, hp.Augmentation(interval=1, mode="fixed").interval) == (1, 1)
+    assert hp.Optimisation(r1_every=1, batch_split=1).r1_every == 1
     with pytest.raises(InputError, match=r"model.alpha: unknown \['gain'\]; its fields are"):
-        group(Alpha, {"gain": 1.0}, "alpha")
+        group(hp.Alpha, {"gain": 1.0}, "alpha")
     with pytest.raises(InputError, match="model.alpha must be a mapping"):
-        group(Alpha, 3, "alpha")
-    assert group(Alpha, {"init_gain": 0.5}, "alpha") == Alpha(init_gain=0.5)
+        group(hp.Alpha, 3, "alpha")
+    assert group(hp.Alpha, {"init_gain": 0.5}, "alpha") == hp.Alpha(init_gain=0.5)
 
 
 def test_checkpoint_holds_plain_groups_and_rebuilds_the_typed_module():
     torch.manual_seed(0)
     model = GMPIModule(**tiny(shading=dict(start=4, schedule="ramp"), optim=dict(lr=0.004, betas=(0.1, 0.8))))
-    assert isinstance(model.hparams.shading, Shading) and model.hparams.shading.start == 4
+    assert isinstance(model.hparams.shading, hp.Shading) and model.hparams.shading.start == 4
     assert model.fakes.shading.schedule == "ramp" and model.configure_optimizers()[0].defaults["betas"] == (0.1, 0.8)
     ckpt = {"hyper_parameters": dict(model.hparams)}
     model.on_save_checkpoint(ckpt)
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     buf.seek(0)
-    hp = torch.load(buf, weights_only=True)["hyper_parameters"]  # plain data only
-    assert hp["shading"] == {"enabled": True, "schedule": "ramp", "start": 4, "grow": 2}
-    assert hp["optim"]["betas"] == [0.1, 0.8]
-    again = GMPIModule(**hp)
+    saved = torch.load(buf, weights_only=True)["hyper_parameters"]  # plain data only
+    assert saved["shading"] == {"enabled": True, "schedule": "ramp", "start": 4, "grow": 2}
+    assert saved["optim"]["betas"] == [0.1, 0.8]
+    again = GMPIModule(**saved)
     assert again.hparams.shading == model.hparams.shading and again.hparams.optim.lr == 0.004
     assert model.hparams_initial["views"] == {"per_z": 2, "selection": "worst"}  # what loggers record
-    assert plain(Optimisation()) == {"lr": 0.002, "betas": [0.0, 0.9], "train_mapping": True, "r1_gamma": 10.0,
+    assert plain(hp.Optimisation()) == {"lr": 0.002, "betas": [0.0, 0.9], "train_mapping": True, "r1_gamma": 10.0,
                                      "r1_every": 1, "grad_clip": 10.0, "batch_split": 1}
 
 
