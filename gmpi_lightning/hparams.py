@@ -2,7 +2,7 @@
 (``--model.optim.lr``, ``--model.shading.start``; YAML ``model: {shading: {start: 1000}}``).
 
 The flat names of earlier configs (``--model.shading_start``, ``model: {lr: ...}``) still work: :func:`migrate_argv`
-rewrites them to the nested ones with a one-line deprecation notice per name. :data:`FLAT_NAMES` is the one table
+rewrites them to the nested ones with one deprecation line per file or command line. :data:`FLAT_NAMES` is the one table
 of old name -> new name.
 """
 
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .errors import InputError
+from .errors import InputError, warner
 from .nn.discriminator import POSE_INITS
 from .render import SHADING_SCHEDULES
 
@@ -193,6 +192,8 @@ class Shading:
         _one_of("shading.schedule", self.schedule, SHADING_SCHEDULES)
 
 
+_warn = warner("gmpi")
+
 GROUPS = {"arch": Architecture, "optim": Optimisation, "ema": EMA, "augment": Augmentation, "alpha": Alpha,
           "discriminator": PoseDiscriminator, "views": Views, "shading": Shading}
 
@@ -243,10 +244,11 @@ def nested_option(name: str) -> str:
 
 
 def warn_renamed(where: str, renamed: dict[str, str], warn=None) -> None:
-    """One line for every flat name ``where`` used."""
+    """One line for the flat names ``where`` used (``renamed``: name -> :func:`nested_option`; the rest is skipped)."""
+    renamed = {old: new for old, new in renamed.items() if old != new}
     if renamed:
-        (warn or _stderr)(f"{where}: flat model names are deprecated; write "
-                          + ", ".join(f"{new} for {old}" for old, new in renamed.items()))
+        (warn or _warn)(f"{where}: flat model names are deprecated; write "
+                        + ", ".join(f"{new} for {old}" for old, new in renamed.items()))
 
 
 def migrate_model(section: dict, where: str, warn=None) -> dict:
@@ -288,7 +290,7 @@ def migrate_argv(argv: list[str], warn=None) -> list[str]:
         # jsonargparse refuses `--model.GROUP.FIELD=null` for a dataclass field of a subclass; the mapping form
         # sets that one field the same way
         out.append(f'--model.{field[1]}={{"{field[2]}": null}}' if field and value == "null" else f"--{new}{eq}{value}")
-    warn_renamed("arguments", {k: v for k, v in renamed.items() if k != v}, warn)
+    warn_renamed("arguments", renamed, warn)
     return out
 
 
@@ -304,6 +306,3 @@ def _migrated_config(path: str, warn) -> str | None:
     after = yaml.safe_dump(cfg)
     return None if after == before else after
 
-
-def _stderr(msg: str) -> None:
-    print(f"gmpi: warning: {msg}", file=sys.stderr)

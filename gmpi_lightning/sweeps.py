@@ -165,8 +165,9 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     _check("${program}" not in command or raw.get("program"), at, "`command` uses ${program}, there is no `program:`")
     _check("fit" in command[:command.index("${args}")], at, f"`command` must run `gmpi fit` (a `fit` before ${{args}}"
            f"), e.g. {EXAMPLE}; got {command}")
-    params = {nested_option(str(n)): s for n, s in params.items()}  # flat model names of older sweeps
-    warn_renamed(at, {str(n): nested_option(str(n)) for n in raw["parameters"] if nested_option(str(n)) != str(n)})
+    renamed = {str(n): nested_option(str(n)) for n in params}  # flat model names of older sweeps
+    warn_renamed(at, renamed)
+    params = {renamed[str(n)]: s for n, s in params.items()}
     checked = {n: (_distribution(f"{at}: parameter {n!r}", s), s) for n, s in sorted(params.items())}
     return Sweep(path, str(raw.get("name") or path.stem), method, checked, command, raw.get("program"),
                  (metric or {}).get("name"), (metric or {}).get("goal", "minimize"), cap, raw.get("early_terminate"))
