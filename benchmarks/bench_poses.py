@@ -18,6 +18,10 @@ ways:
   reader``);
 * ``prior mean``: the preset's mean pose for every head (what knowing nothing gives).
 
+``--profile N`` maps the loss instead: each head is scored at an N-yaw x ``pitches`` grid of fixed cameras over the
+whole prior (each with its own w and ``--search steps``; no camera moves), and the script reports where the lowest
+loss lies against the truth, and how much lower it is on the head's side than on the mirrored one (profile.json).
+
 ``--source generator`` draws the heads with the checkpoint itself instead (seed k's latent, the same prior poses):
 images the generator can reproduce exactly, so the rows then measure the search and the refinement alone, without
 the gap between the generator's heads and the renderer's.
@@ -43,9 +47,10 @@ from heads import add_common_flags, add_run_flags, overrides, setup  # benchmark
 from datamodules.synthetic import render_heads, sample_poses
 from gmpi_lightning.cameras import clamp_to_prior
 from gmpi_lightning.estimators import load_estimators
-from gmpi_lightning.inversion import InvertSettings, invert
+from gmpi_lightning.inversion import InvertSettings, invert, latent_stats
 from gmpi_lightning.pose_reader import ReaderSettings, reader_for, yaw_window
-from gmpi_lightning.pose_search import SearchSettings
+from gmpi_lightning.pose_search import SearchSettings, search_pose
+from gmpi_lightning.scene import Scene
 
 ROWS = ("search + refine", "search only", "reader-guided search + refine", "reader", "pose CNN + refine", "pose CNN",
         "prior mean")
@@ -69,6 +74,7 @@ def main() -> None:
     ap.add_argument("--no-reader", action="store_true", help="leave out the checkpoint's pose reader rows")
     ap.add_argument("--reader-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a ReaderSettings field, e.g. --reader-set steps=500 (repeatable)")
+    ap.add_argument("--profile", type=int, metavar="N", help="map the loss over N fixed yaws per head instead")
     add_run_flags(ap, "pose_lr=0.005", "runs/bench/poses")
     args = ap.parse_args()
     card, cfg, loaded = setup(args)
@@ -77,13 +83,16 @@ def main() -> None:
     pose_cnn = load_estimators(est_path)[0] if est_path.is_file() else None
     if pose_cnn is None:
         print(f"no pose estimator at {est_path}: the pose CNN row is left out")
-    reader = None if args.no_reader else reader_for(args.ckpt, G, preset, ReaderSettings(**overrides(args.reader_set)),
-                                                    device=args.device)
+    reader = None if args.no_reader or args.profile else \
+        reader_for(args.ckpt, G, preset, ReaderSettings(**overrides(args.reader_set)), device=args.device)
     settings = InvertSettings(steps=args.steps, pti_steps=0,
                               **overrides(args.set))
     search = SearchSettings(**overrides(args.search))
     indices = list(range(card["count"], card["count"] + args.num))
     true_yaw, true_pitch = sample_poses(indices, cfg)
+    if args.profile:
+        return loss_profile(args, G, preset, cfg, indices, true_yaw.tolist(), replace(search, yaws=args.profile,
+                                                                                        pose_lr=0.0))
     heads = []
     print(f"{args.ckpt}: {len(indices)} held-out heads from index {indices[0]} at their prior poses; search "
           f"{search.yaws} x {search.pitches} x {search.steps} steps, stage 1 {settings.steps} steps, "
@@ -126,8 +135,6 @@ def main() -> None:
 @torch.no_grad()
 def head_image(seed: int, yaw: float, pitch: float, cfg, G, preset, args) -> torch.Tensor:
     """The checkpoint's own head: seed's latent at (yaw, pitch), the training planes, 8-bit as a file holds it."""
-    from gmpi_lightning.scene import Scene
-
     scene = Scene.for_generator(G, preset, preset.train_planes, args.device)
     rgb = scene.render_pose(scene.generate(G, scene.seed_latents([seed], G.z_dim)), yaw, pitch)["rgb"]
     return (rgb * 255 + 0.5).floor() / 255
@@ -171,6 +178,36 @@ def write_report(args, heads: list[dict], settings: InvertSettings, search: Sear
     (out / "results.json").write_text(json.dumps(result, indent=1))
     print(md + f"wrote {out}/table.md, results.json")
     return result
+
+
+def loss_profile(args, G, preset, cfg, indices: list[int], true_yaw: list[float], search: SearchSettings) -> None:
+    """The image loss over a grid of fixed cameras, per held-out head (lowest over the pitches at each yaw)."""
+    G = G.eval().requires_grad_(False)
+    scene, stats = Scene(preset, preset.train_planes).to(args.device), latent_stats(G)
+    heads = []
+    for idx, y in zip(indices, true_yaw):
+        image = render_heads([idx], cfg)["image"].permute(0, 3, 1, 2).float().div(255).to(args.device)
+        found = search_pose(G, scene, image, search, stats)
+        yaws = found.start_yaws.view(search.pitches, search.yaws)[0]
+        loss = found.losses.view(search.pitches, search.yaws).min(0).values
+        own, mirrored = float(loss[yaws * y > 0].min()), float(loss[yaws * y < 0].min())  # the grid's 0 is neither
+        heads.append({"index": idx, "yaw": y, "grid_yaws": yaws.tolist(), "loss": loss.tolist(),
+                      "lowest_at": float(yaws[loss.argmin()]), "own_side": own, "mirrored_side": mirrored})
+        print(f"head {idx} truth {y:+.3f}: lowest loss at {heads[-1]['lowest_at']:+.3f}; own side {own:.4f}, "
+              f"mirrored {mirrored:.4f} ({(mirrored - own) / mirrored:+.1%})", flush=True)
+    err = [abs(h["lowest_at"] - h["yaw"]) for h in heads]
+    gaps = [(h["mirrored_side"] - h["own_side"]) / h["mirrored_side"] for h in heads]
+    summary = {"command": f"python benchmarks/bench_poses.py --ckpt {args.ckpt} --num {args.num} --profile "
+                          f"{args.profile}" + "".join(f" --search {kv}" for kv in args.search),
+               "search": vars(search), "mean_abs_error_of_lowest": float(np.mean(err)),
+               "mirrored_side_lower": sum(g < 0 for g in gaps), "median_side_gap": float(np.median(gaps)),
+               "heads": heads}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(summary, indent=1))
+    print(f"{len(heads)} heads: lowest loss {summary['mean_abs_error_of_lowest']:.3f} rad from the truth on average; "
+          f"lower on the mirrored side for {summary['mirrored_side_lower']}; own side lower by "
+          f"{summary['median_side_gap']:.1%} (median); wrote {out}/profile.json")
 
 
 def _mean_text(values) -> str:

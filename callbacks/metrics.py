@@ -67,6 +67,7 @@ class EvaluationCallback(pl.Callback):
             raise FileNotFoundError(f"EvaluationCallback: metrics pose/depth need the estimator file "
                                     f"{self.estimators}, which is not there: `make estimators` writes "
                                     f"runs/estimators/synthetic32.pt (or drop pose,depth from the metrics)")
+
     @staticmethod
     def _is_2d(pl_module) -> bool:
         return getattr(pl_module, "mode", "gmpi") == "stylegan2"

@@ -350,7 +350,6 @@ def convert_folder(images: str | Path, poses: str | Path, out: str | Path, prese
                           **kw)
 
 
-
 # ---------------------------------------------------------------------------------------- synthetic
 def convert_synthetic(out: str | Path, num: int = 10000, resolution: int = 64, seed: int = 0,
                       supersample: int = 2, overwrite: bool = False, samples_per_shard: int | None = None,

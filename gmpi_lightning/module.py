@@ -348,6 +348,7 @@ class GMPIModule(GANModule):
         hp = self.hparams
         return PosedViews(Scene(self.preset, hp.train_planes), hp.discriminator.pose_conditioning, hp.views,
                           hp.shading)
+
     @property
     def scene(self) -> Scene:
         """Preset + training planes on this module's device."""

@@ -40,6 +40,7 @@ class GMPICLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Resuming keeps the run's YAML/CLI configuration (LightningCLI would overwrite it with the hparams saved
         in the checkpoint), so that e.g. ``--model.max_iters`` can extend a finished run."""
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg["trainer"]
@@ -51,7 +52,6 @@ class GMPICLI(LightningCLI):
         fill_run_paths(cfg)  # outputs the config leaves out go under trainer.default_root_dir (run_paths.py)
         if self.subcommand == "fit" and trainer.get("default_root_dir"):
             lock.acquire(trainer["default_root_dir"])  # one live run per run folder (lock.py)
-
 
     def instantiate_classes(self) -> None:
         try:

@@ -14,15 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .layers import (
-    DEFAULT_FILTER,
-    Conv2dLayer,
-    FullyConnectedLayer,
-    MappingNetwork,
-    activation_memory_format,
-    check_resolution,
-    compute_dtype,
-)
+from .layers import DEFAULT_FILTER, Conv2dLayer, FullyConnectedLayer, MappingNetwork, block_format, check_resolution
 from .ops import assert_shape, downsample2d, normalize_2nd_moment, setup_filter
 
 
@@ -62,8 +54,7 @@ class DiscriminatorBlock(nn.Module):
 
     def forward(self, x, img, force_fp32: bool = False):
         ref = x if x is not None else img
-        dtype = compute_dtype(self.use_fp16, force_fp32, ref.device)
-        memory_format = activation_memory_format(self.channels_last, force_fp32, ref.device)
+        dtype, memory_format = block_format(self.use_fp16, self.channels_last, force_fp32, ref.device)
         if x is not None:
             assert_shape(x, [None, self.in_channels, self.resolution, self.resolution],
                          f"DiscriminatorBlock@{self.resolution} input")

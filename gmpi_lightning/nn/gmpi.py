@@ -249,7 +249,6 @@ class GMPIGenerator(nn.Module):
         return f"alpha_mode={self.alpha_mode}, resolution={self.img_resolution}, num_ws={self.num_ws}"
 
 
-
 class FlatMPIGenerator(nn.Module):
     """A pretrained 2D StyleGAN2 as an MPI: its image, mapped to [0, 1], on the nearest plane, fully opaque
     (GMPI's 'flat billboard' sanity baseline). Same call signature as :class:`GMPIGenerator`."""

@@ -18,18 +18,17 @@ from .ops import activation_gain, assert_shape, bias_act, conv2d_resample, norma
 DEFAULT_FILTER = (1, 3, 3, 1)
 
 
-def compute_dtype(use_fp16: bool, force_fp32: bool, device: torch.device) -> torch.dtype:
-    """fp16 only where the network asks for it *and* the tensors live on a GPU; CPU always runs fp32."""
-    return torch.float16 if use_fp16 and not force_fp32 and device.type == "cuda" else torch.float32
-
-
-def activation_memory_format(channels_last: bool, force_fp32: bool, device: torch.device) -> torch.memory_format:
-    """Layout of a block's activations: NVlabs' on a GPU (channels_last for the fp16 blocks only), channels_last
-    everywhere on a CPU, where oneDNN's convolutions run natively in it (a full 32 px training iteration takes 14 %
-    less time; the same numbers to the parity fixtures' tolerance)."""
+def block_format(use_fp16: bool, channels_last: bool, force_fp32: bool,
+                 device: torch.device) -> tuple[torch.dtype, torch.memory_format]:
+    """A block's compute dtype and activation layout. fp16 only where the network asks for it *and* the tensors live
+    on a GPU (a CPU always runs fp32). The layout is NVlabs' on a GPU (channels_last for the fp16 blocks only) and
+    channels_last everywhere on a CPU, where oneDNN's convolutions run natively in it (a full 32 px training iteration
+    takes 14 % less time; the same numbers to the parity fixtures' tolerance)."""
+    gpu_fp16 = not force_fp32 and device.type == "cuda"
+    dtype = torch.float16 if use_fp16 and gpu_fp16 else torch.float32
     if device.type == "cpu":
-        return torch.channels_last
-    return torch.channels_last if channels_last and not force_fp32 else torch.contiguous_format
+        return dtype, torch.channels_last
+    return dtype, torch.channels_last if channels_last and not force_fp32 else torch.contiguous_format
 
 
 def check_resolution(img_resolution: int, channel_base: int) -> int:

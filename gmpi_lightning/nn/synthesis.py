@@ -13,15 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .layers import (
-    DEFAULT_FILTER,
-    Conv2dLayer,
-    FullyConnectedLayer,
-    MappingNetwork,
-    activation_memory_format,
-    check_resolution,
-    compute_dtype,
-)
+from .layers import DEFAULT_FILTER, Conv2dLayer, FullyConnectedLayer, MappingNetwork, block_format, check_resolution
 from .ops import activation_gain, assert_shape, bias_act, modulated_conv2d, setup_filter, upsample2d
 
 NOISE_MODES = ("random", "const", "none")
@@ -140,8 +132,7 @@ class SynthesisBlock(nn.Module):
         """
         assert_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim], f"SynthesisBlock@{self.resolution} ws")
         device = ws.device
-        dtype = compute_dtype(self.use_fp16, force_fp32, device)
-        memory_format = activation_memory_format(self.channels_last, force_fp32, device)
+        dtype, memory_format = block_format(self.use_fp16, self.channels_last, force_fp32, device)
         if fused_modconv is None:
             fused_modconv = (not self.training) and (dtype == torch.float32 or int(ws.shape[0]) == 1)
         w_iter = iter(ws.unbind(dim=1))
