@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gmpi_lightning.data import CARD, file_sha256, read_card  # noqa: F401  (the reading side of the schema lives there)
+from gmpi_lightning.data import CARD, file_sha256, read_card, rgb8  # noqa: F401  (the reading side of the schema lives there)
 from gmpi_lightning.errors import InputError
 
 CARD_FORMAT = "gmpi-lightning/shards"  # in every card the writer makes: the folder is ours to replace
@@ -63,9 +63,12 @@ def decode_image(data: bytes, name: str, resolution: int | None = None) -> np.nd
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            img = np.asarray(im.convert("RGB"))
+            img, transparent = rgb8(im)
     except Exception as e:
         raise BadSample(f"{name}: unreadable or corrupt image ({type(e).__name__}: {e})") from None
+    if transparent:
+        raise BadSample(f"{name}: has transparent pixels, whose colour is undefined; flatten it onto a background "
+                        f"first")
     h, w = img.shape[:2]
     if h != w:
         raise BadSample(f"{name}: image is {w}x{h}, GMPI needs square images (crop/align them first)")

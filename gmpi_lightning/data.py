@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import InputError
 
@@ -64,6 +64,20 @@ def resolve_shards(data: str | Path | Sequence[str]) -> tuple[list[str], dict | 
     if missing:
         raise FileNotFoundError(f"shards not found: {missing[:3]}; run `gmpi data ...` first (e.g. `make data`)")
     return urls, None
+
+
+def rgb8(im: Image.Image) -> tuple[np.ndarray, bool]:
+    """A decoded picture as H x W x 3 uint8 whatever its mode, and whether it has transparent pixels (its alpha is
+    dropped; an opaque alpha channel loses nothing). Pillow's own ``convert("RGB")`` clips 16-bit grey to white; here
+    it is scaled. CMYK and palette images are converted to their colours, never read channel by channel. An EXIF
+    orientation (a phone's portrait photo) is applied, so the picture is upright as every viewer shows it."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I"):  # 16-bit grey PNG (I;16, or I holding 0..65535): scale, do not clip
+        grey = np.clip(np.asarray(im, dtype=np.float64) / 257.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1), False
+    has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
+    transparent = has_alpha and int(np.asarray(im.convert("RGBA").getchannel("A")).min()) < 255
+    return np.asarray(im.convert("RGB")), transparent
 
 
 def decode_sample(sample: dict) -> dict:

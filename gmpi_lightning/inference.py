@@ -145,28 +145,32 @@ def load_gmpi(ckpt, device):
 
 def load_image(path: str | Path, resolution: int, crop: bool = True, warn=_warn) -> torch.Tensor:
     """An image file as ``1 x 3 x R x R`` in [0, 1] (quantised to 8 bits, so input.png is exactly what is
-    inverted): grey or RGBA made RGB, a non-square image centre-cropped (with ``crop``; otherwise an error), another
-    size resized; each change is reported through ``warn``."""
-    import imageio.v3 as iio
+    inverted), read as :func:`~gmpi_lightning.data.rgb8` reads any mode: grey or transparent images made RGB, a
+    non-square image centre-cropped (with ``crop``; otherwise an error), another size resized; each change is
+    reported through ``warn``."""
+    from PIL import Image
+
+    from .data import rgb8
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
-        img = np.asarray(iio.imread(path))
-    except Exception as e:  # imageio raises many types for files it cannot decode
+        with Image.open(path) as im:
+            frames = getattr(im, "n_frames", 1)
+            im.load()
+            grey = len(set(im.getbands()) - {"A"}) == 1 and im.mode not in ("P", "PA")
+            img, transparent = rgb8(im)
+    except Exception as e:  # Pillow raises many types for files it cannot decode
         raise InputError(f"{path}: cannot read it as an image ({type(e).__name__}); pass a PNG or JPEG file") from None
-    if img.ndim == 4 or (img.ndim == 3 and img.shape[-1] not in (1, 2, 3, 4)):
-        raise InputError(f"{path}: {img.shape} is not a single picture (an animation or a volume?); pass one "
-                         f"PNG/JPEG frame")
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.shape[-1] in (2, 4):
-        warn(f"{path}: alpha channel ignored (the RGB is inverted as it is; flatten transparent areas first)")
-        img = img[..., :-1]
-    img = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
-    scale = 255.0 if img.dtype == np.uint8 else 65535.0 if img.dtype == np.uint16 else 1.0
-    x = torch.from_numpy(np.ascontiguousarray(img).astype(np.float32) / scale).permute(2, 0, 1)[None].clamp(0, 1)
+    if frames > 1:
+        raise InputError(f"{path}: {frames} frames, not a single picture (an animation?); pass one PNG/JPEG frame")
+    if grey:
+        warn(f"{path}: a grey image, inverted as RGB with equal channels")
+    if transparent:
+        warn(f"{path}: alpha channel ignored (the RGB under its transparent pixels is inverted as it is; flatten the "
+             f"image onto a background first)")
+    x = torch.from_numpy(np.ascontiguousarray(img).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     h, w = x.shape[-2:]
     if h != w:
         if not crop:

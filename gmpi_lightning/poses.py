@@ -8,9 +8,10 @@ Each image's camera is estimated by the checkpoint itself, as ``gmpi invert`` do
 latent; no pivotal tuning, which does not move the camera); ``--pose-init reader`` searches around the reading of
 the checkpoint's pose reader (:mod:`gmpi_lightning.pose_reader`). ``--out`` gets ``{"file.png": {"yaw", "pitch",
 "confidence"}, ...}`` (radians on the preset's sphere, keyed by the path relative to ``--images``). Next to it,
-``<out>.report.json`` holds every estimate with the search's runner-up and loss gap, the images whose confidence is
-under the flag level (``--min-confidence``, or 0.05) and which of them ``--min-confidence`` left out of ``--out``,
-the checkpoint and the settings.
+``<out>.report.json`` holds every estimate with the search's runner-up and loss gap (and ``notes`` on what reading
+changed in the image: resized, grey, alpha dropped), the images whose confidence is under the flag level
+(``--min-confidence``, or 0.05) and which of them ``--min-confidence`` left out of ``--out``, the checkpoint and the
+settings.
 
 Every image is checked before any estimation (readable, one square picture): a bad one stops the command with its
 name and nothing is written, unless ``--skip-bad`` lists it in the report instead. Both files are rewritten after
@@ -128,7 +129,8 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
     bar = export.progress(total=len(names) - len(bad), initial=len(done), unit="img", desc="gmpi poses")
     try:
         for name in todo:
-            target = load_image(folder / name, G.img_resolution, crop=False, warn=lambda m: None).to(device)
+            notes = []  # resized, grey, alpha dropped: kept in the report, counted once at the end
+            target = load_image(folder / name, G.img_resolution, crop=False, warn=notes.append).to(device)
             here, reading = search, None
             if reader is not None:
                 with torch.no_grad():
@@ -142,7 +144,8 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
             done[name] = {"yaw": inv.yaw, "pitch": inv.pitch, "confidence": found["confidence"],
                           "loss_gap": found["loss_gap"], "search": [found["best"]["yaw"], found["best"]["pitch"]],
                           "runner_up": found["runner_up"], "recon_psnr": inv.metrics()["recon_psnr"],
-                          **({"reader": reading} if reading else {})}
+                          **({"reader": reading} if reading else {}),
+                          **({"notes": [n.removeprefix(f"{folder / name}: ") for n in notes]} if notes else {})}
             _write(out, meta, done, bad, min_confidence, flag, interrupted=False)
             bar.update()
     except KeyboardInterrupt:
@@ -157,6 +160,11 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
                                                                             f"leave it out"))
     for name, why in bad.items():
         warn(f"{name}: skipped ({why})")
+    changed = [n for n in done if done[n].get("notes")]
+    if changed:
+        warn(f"{len(changed)} image(s) were changed on reading (resized to {G.img_resolution} px, grey made RGB or "
+             f"an alpha channel dropped), e.g. {changed[0]}: {'; '.join(done[changed[0]]['notes'])}; every note is "
+             f"under `estimates` in {report_path(out)}")
     return report
 
 

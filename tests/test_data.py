@@ -19,10 +19,20 @@ from tests.conftest import max_err
 RES = 16
 
 
+def _png_array(seed: int, size=(RES, RES)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+
+
 def _png(seed: int, size=(RES, RES)) -> bytes:
-    rng = np.random.default_rng(seed)
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="png")
+    Image.fromarray(_png_array(seed, size)).save(buf, format="png")
+    return buf.getvalue()
+
+
+def _rgba_png(alpha: int) -> bytes:
+    buf = io.BytesIO()
+    rgba = np.dstack([_png_array(9), np.full((RES, RES), alpha, np.uint8)])
+    Image.fromarray(rgba).save(buf, format="png")
     return buf.getvalue()
 
 
@@ -138,7 +148,16 @@ BAD_CASES = {
     "resolution": ({"00000/img00000009.png": _png(9, (32, 32))}, "expected 16px"),
     "missing_pose": ({"00000/img00000009.png": _png(9)}, "pose file missing"),
     "duplicate": ({"00000/img00000000.jpg": _png(9)}, "same sample key"),
+    "transparent": ({"00000/img00000009.png": _rgba_png(254)}, "has transparent pixels"),
 }
+
+
+def test_opaque_alpha_is_read_as_its_rgb(tmp_path):
+    """An alpha channel that hides nothing is dropped without a word; the RGB is the file's (a transparent one is
+    refused: BAD_CASES)."""
+    from datamodules.shards import decode_image
+
+    assert np.array_equal(decode_image(_rgba_png(255), "a.png", RES), _png_array(9))
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))

@@ -9,6 +9,7 @@ import torch
 
 from gmpi_lightning import export, inversion
 from gmpi_lightning.cli import main as gmpi_main
+from gmpi_lightning.errors import InputError
 from gmpi_lightning.estimators import FORMAT as ESTIMATOR_FORMAT
 from gmpi_lightning.estimators import DepthCNN, PoseCNN
 from gmpi_lightning.image_losses import image_loss, psnr_ssim, pyramid_ssim_loss
@@ -270,13 +271,50 @@ def test_non_square_and_wrong_size_images(tiny_ckpt, tmp_path, capsys):
     assert gmpi_main([*args, "--image", str(tmp_path / "big.png"), "--out", str(tmp_path / "c")]) == 0
     assert "64 x 64 resized to the generator's 32 x 32" in capsys.readouterr().err
     assert np.abs(iio.imread(tmp_path / "c" / "input.png").astype(int) - wide[:, 8:40]).max() <= 1
-    # grey and RGBA files become RGB
-    iio.imwrite(tmp_path / "grey.png", wide[:, 8:40, 0])
-    assert load_image(tmp_path / "grey.png", 32, warn=lambda m: None).shape == (1, 3, 32, 32)
+    # grey and RGBA files become RGB, with a warning
     notes = []
+    iio.imwrite(tmp_path / "grey.png", wide[:, 8:40, 0])
+    x = export.to_uint8(load_image(tmp_path / "grey.png", 32, warn=notes.append)[0])
+    assert (x == wide[:, 8:40, :1]).all() and "grey" in notes[0]
     iio.imwrite(tmp_path / "rgba.png", np.concatenate([wide[:, 8:40], wide[:, 8:40, :1]], axis=-1))
     x = load_image(tmp_path / "rgba.png", 32, warn=notes.append)
-    assert np.array_equal(export.to_uint8(x[0]), wide[:, 8:40]) and "alpha channel" in notes[0]
+    assert np.array_equal(export.to_uint8(x[0]), wide[:, 8:40]) and "alpha channel" in notes[1] and len(notes) == 2
+
+
+def test_every_image_mode_is_read_as_its_colours(tmp_path):
+    """16-bit grey scaled (not clipped to white), CMYK and palette files as the colours they show, never channel by
+    channel, and a photo with an EXIF orientation upright; the training data's converter (``decode_image``) reads
+    each the same way."""
+    from PIL import Image
+
+    from datamodules.shards import decode_image
+
+    yy, xx = np.mgrid[0:32, 0:32]
+    smooth = np.stack([yy * 8, xx * 8, (yy + xx) * 4], -1).astype(np.uint8)  # JPEG keeps a smooth image close
+    grey16 = (yy * 2000 + xx * 40).astype(np.uint16)  # up to 63,240 of 65,535
+    turned = Image.fromarray(np.rot90(smooth))  # stored a quarter-turn left, its EXIF says: turn it right
+    exif = turned.getexif()
+    exif[0x0112] = 6
+    files = {"grey16.png": Image.fromarray(grey16), "cmyk.jpg": Image.fromarray(smooth).convert("CMYK"),
+             "palette.png": Image.fromarray(smooth).quantize(256), "rgb.png": Image.fromarray(smooth),
+             "portrait.jpg": turned}
+    expect16 = np.round(grey16 / 257.0).astype(int)
+    for name, im in files.items():
+        im.save(tmp_path / name, **({"quality": 98} if name.endswith(".jpg") else {}),
+                **({"exif": exif.tobytes()} if name == "portrait.jpg" else {}))
+        got = export.to_uint8(load_image(tmp_path / name, 32, warn=lambda m: None)[0]).astype(int)
+        again = decode_image((tmp_path / name).read_bytes(), name).astype(int)
+        assert np.array_equal(got, again), name  # both readers agree
+        if name == "grey16.png":
+            assert np.abs(got - expect16[..., None]).max() <= 1 and got.max() == 246
+        elif name == "palette.png":  # the palette's colours (its indices read as grey would be far off)
+            assert np.array_equal(got, np.asarray(im.convert("RGB"))) and np.abs(got - smooth).mean() < 5
+        else:
+            assert np.abs(got - smooth).mean() < 3, name  # CMYK as RGB + alpha, or a sideways photo: ~50-128 off
+    with pytest.raises(InputError, match="2 frames"):
+        frames = [Image.fromarray(smooth), Image.fromarray(255 - smooth)]
+        frames[0].save(tmp_path / "two.gif", save_all=True, append_images=frames[1:])
+        load_image(tmp_path / "two.gif", 32)
 
 
 def test_bad_inputs_are_clear_errors(tiny_ckpt, sg2_fixture, tmp_path, capsys):

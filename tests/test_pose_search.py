@@ -216,23 +216,29 @@ def test_poses_round_trip_through_gmpi_data_folder(tiny_ckpt, heads, tmp_path, m
 
 def test_poses_refuses_bad_images_before_any_work(tiny_ckpt, heads, tmp_path, capsys):
     """A non-square or unreadable file stops the command with its name and nothing is written; --skip-bad lists it
-    in the report (rules out posing a centre crop under the uncropped file's name, or skipping it silently).
+    in the report (rules out posing a centre crop under the uncropped file's name, or skipping it silently). What
+    reading changed (an alpha channel dropped) is noted per image in the report and counted on stderr.
     Another checkpoint's run in --out is never resumed."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     (folder / "a.png").write_bytes((heads / "head0.png").read_bytes())
     iio.imwrite(folder / "wide.png", np.zeros((32, 48, 3), np.uint8))
     (folder / "notes.png").write_text("not an image")
+    rgb = iio.imread(heads / "head1.png")
+    iio.imwrite(folder / "rgba.png", np.concatenate([rgb, np.full_like(rgb[..., :1], 128)], axis=-1))
     out = tmp_path / "p.json"
     base = ["poses", "--ckpt", str(tiny_ckpt), "--images", str(folder), "--out", str(out), "--steps", "2",
             "--search-grid", "3x1", "--search-steps", "2", "--device", "cpu"]
     assert gmpi_main(base) == 1
     err = capsys.readouterr().err
-    assert "2 of 3 images" in err and "wide.png: 48 x 32 is not square" in err and "notes.png: cannot read" in err
+    assert "2 of 4 images" in err and "wide.png: 48 x 32 is not square" in err and "notes.png: cannot read" in err
     assert "--skip-bad" in err and not out.exists()
     assert gmpi_main([*base, "--skip-bad"]) == 0
     report = json.loads((tmp_path / "p.report.json").read_text())
-    assert list(json.loads(out.read_text())) == ["a.png"] and sorted(report["skipped"]) == ["notes.png", "wide.png"]
+    assert list(json.loads(out.read_text())) == ["a.png", "rgba.png"]
+    assert sorted(report["skipped"]) == ["notes.png", "wide.png"] and "notes" not in report["estimates"]["a.png"]
+    assert [n[:22] for n in report["estimates"]["rgba.png"]["notes"]] == ["alpha channel ignored "]
+    assert "1 image(s) were changed on reading" in capsys.readouterr().err
     other_G = tiny_generator()
     torch.nn.init.zeros_(next(other_G.parameters()))
     other = save_gmpi_checkpoint(tmp_path / "other.pt", other_G, PRESET.to_dict())
