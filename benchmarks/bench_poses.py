@@ -91,15 +91,14 @@ def main() -> None:
     indices = list(range(card["count"], card["count"] + args.num))
     true_yaw, true_pitch = sample_poses(indices, cfg)
     if args.profile:
-        return loss_profile(args, G, preset, cfg, indices, true_yaw.tolist(), replace(search, yaws=args.profile,
-                                                                                        pose_lr=0.0))
+        return loss_profile(args, G, preset, cfg, indices, true_yaw.tolist(), true_pitch.tolist(),
+                            replace(search, yaws=args.profile, pose_lr=0.0))
     heads = []
     print(f"{args.ckpt}: {len(indices)} held-out heads from index {indices[0]} at their prior poses; search "
           f"{search.yaws} x {search.pitches} x {search.steps} steps, stage 1 {settings.steps} steps, "
           f"{args.threads} thread(s)")
     for n, (idx, y, p) in enumerate(zip(indices, true_yaw.tolist(), true_pitch.tolist())):
-        image = head_image(idx, y, p, cfg, G, preset, args) if args.source == "generator" else \
-            render_heads([idx], cfg)["image"].permute(0, 3, 1, 2).float().div(255).to(args.device)
+        image = head(idx, y, p, cfg, G, preset, args)
         wall, cpu = time.perf_counter(), time.process_time()
         inv = invert(G, preset, image, settings=settings, search=search)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -133,8 +132,11 @@ def main() -> None:
 
 
 @torch.no_grad()
-def head_image(seed: int, yaw: float, pitch: float, cfg, G, preset, args) -> torch.Tensor:
-    """The checkpoint's own head: seed's latent at (yaw, pitch), the training planes, 8-bit as a file holds it."""
+def head(seed: int, yaw: float, pitch: float, cfg, G, preset, args) -> torch.Tensor:
+    """Held-out head ``seed`` at (yaw, pitch), 1 x 3 x R x R in [0, 1]: the synthetic renderer's, or with ``--source
+    generator`` the checkpoint's own (seed's latent, the training planes, 8-bit as a file holds it)."""
+    if args.source != "generator":
+        return render_heads([seed], cfg)["image"].permute(0, 3, 1, 2).float().div(255).to(args.device)
     scene = Scene.for_generator(G, preset, preset.train_planes, args.device)
     rgb = scene.render_pose(scene.generate(G, scene.seed_latents([seed], G.z_dim)), yaw, pitch)["rgb"]
     return (rgb * 255 + 0.5).floor() / 255
@@ -180,13 +182,14 @@ def write_report(args, heads: list[dict], settings: InvertSettings, search: Sear
     return result
 
 
-def loss_profile(args, G, preset, cfg, indices: list[int], true_yaw: list[float], search: SearchSettings) -> None:
+def loss_profile(args, G, preset, cfg, indices: list[int], true_yaw: list[float], true_pitch: list[float],
+                 search: SearchSettings) -> None:
     """The image loss over a grid of fixed cameras, per held-out head (lowest over the pitches at each yaw)."""
     G = G.eval().requires_grad_(False)
     scene, stats = Scene(preset, preset.train_planes).to(args.device), latent_stats(G)
     heads = []
-    for idx, y in zip(indices, true_yaw):
-        image = render_heads([idx], cfg)["image"].permute(0, 3, 1, 2).float().div(255).to(args.device)
+    for idx, y, p in zip(indices, true_yaw, true_pitch):
+        image = head(idx, y, p, cfg, G, preset, args)
         found = search_pose(G, scene, image, search, stats)
         yaws = found.start_yaws.view(search.pitches, search.yaws)[0]
         loss = found.losses.view(search.pitches, search.yaws).min(0).values
@@ -198,7 +201,8 @@ def loss_profile(args, G, preset, cfg, indices: list[int], true_yaw: list[float]
     err = [abs(h["lowest_at"] - h["yaw"]) for h in heads]
     gaps = [(h["mirrored_side"] - h["own_side"]) / h["mirrored_side"] for h in heads]
     summary = {"command": f"python benchmarks/bench_poses.py --ckpt {args.ckpt} --num {args.num} --profile "
-                          f"{args.profile}" + "".join(f" --search {kv}" for kv in args.search),
+                          f"{args.profile}" + (f" --source {args.source}" if args.source != "data" else "")
+                          + "".join(f" --search {kv}" for kv in args.search),
                "search": vars(search), "mean_abs_error_of_lowest": float(np.mean(err)),
                "mirrored_side_lower": sum(g < 0 for g in gaps), "median_side_gap": float(np.median(gaps)),
                "heads": heads}
