@@ -21,7 +21,9 @@ path never selects a pose file outside the pose folder.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +32,10 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+from PIL import Image
 
 from gmpi_lightning import cameras
+from gmpi_lightning.errors import InputError, warner
 from gmpi_lightning.export import progress
 from gmpi_lightning.presets import PRESETS, get_preset
 
@@ -39,6 +43,7 @@ from .posed_images import mirror_w2c
 from .shards import BadSample, ShardSetWriter, decode_image, encode_png, make_key
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+_warn = warner("gmpi data")
 MAX_MEMBER_BYTES = 128 << 20  # one zip member (an image, dataset.json): a 4096 px PNG is well under it
 
 
@@ -84,7 +89,7 @@ class ImageSource:
     def names(self) -> list[str]:
         if self.path.is_dir():
             return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*")
-                          if p.suffix.lower() in IMAGE_EXTS)
+                          if p.suffix.lower() in IMAGE_EXTS and p.is_file())
         with zipfile.ZipFile(self.path) as z:
             return sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_EXTS)
 
@@ -152,6 +157,23 @@ def _process(args) -> tuple[str, list[tuple] | None, str | None]:
         return job.name, None, str(e)
 
 
+def common_size(source: ImageSource, names: list[str], sample: int = 256) -> int:
+    """The side most of ``sample`` square images spread over ``names`` have (their headers only), so that one odd
+    file, first or not, cannot set the dataset's resolution; with none readable, the first file's error."""
+    sides = {}
+    for name in names[:: max(1, len(names) // sample)][:sample]:
+        try:
+            with Image.open(io.BytesIO(source.read(name))) as im:
+                w, h = im.size
+        except Exception:  # any undecodable file: decode_image names it when its turn comes
+            continue
+        if w == h:
+            sides[w] = sides.get(w, 0) + 1
+    if not sides:
+        return decode_image(source.read(names[0]), names[0]).shape[0]
+    return max(sides, key=lambda side: (sides[side], side))
+
+
 def run_conversion(source: ImageSource, jobs: list[Job], out: str | Path, preset_name: str, source_tag: str,
                    resolution: int | None = None, xflip: bool = False, skip_bad: bool = False,
                    overwrite: bool = False, workers: int = 2, samples_per_shard: int = 1000,
@@ -159,8 +181,8 @@ def run_conversion(source: ImageSource, jobs: list[Job], out: str | Path, preset
     preset = get_preset(preset_name)
     if not jobs:
         raise BadSample(f"no images found in {source.path}")
-    if resolution is None:  # the first readable image decides, then every image must match
-        resolution = decode_image(source.read(jobs[0].name), jobs[0].name).shape[0]
+    if resolution is None:  # the most common square size decides, then every image must match
+        resolution = common_size(source, [job.name for job in jobs])
     seen: dict[str, str] = {}
     with ShardSetWriter(out, preset.name, resolution, source_tag, samples_per_shard, overwrite, skip_bad,
                         extra=extra_card) as writer:
@@ -309,31 +331,41 @@ class _FolderPose:
             raise BadSample(f"{self.name}: malformed pose record {rec} ({e}); need yaw+pitch or c2w") from None
         if not (np.isfinite(yaw) and np.isfinite(pitch)):
             raise BadSample(f"{self.name}: yaw/pitch not finite ({yaw}, {pitch})")
+        if abs(yaw) > math.pi or abs(pitch) > math.pi / 2:
+            raise BadSample(f"{self.name}: yaw {yaw}, pitch {pitch} are not radians (|yaw| <= pi, |pitch| <= pi/2); "
+                            f"degrees? write math.radians of them")
         w2c = cameras.invert_rigid(cameras.sphere_c2w(yaw, pitch, self.c, self.r, dtype=torch.float64))
         return {"w2c": w2c[0].float().numpy(), "yaw": yaw, "pitch": pitch}
 
 
 def read_folder_poses(path: str | Path) -> dict[str, dict]:
     """poses.json ({file: {yaw, pitch} | {c2w}} or a list of records with 'file') or poses.csv
-    (columns file,yaw,pitch or file,c2w_00..c2w_33)."""
+    (columns file,yaw,pitch or file,c2w_00..c2w_33). A file that is neither says what it should hold."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pose file not found: {path}")
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        if isinstance(data, list):
+    expect = ('{"img.png": {"yaw": 0.1, "pitch": 0.0}, ...} (radians) or {"img.png": {"c2w": [16 numbers]}}, or a '
+              'list of such records with a "file" key; or a CSV with columns file,yaw,pitch or file,c2w_00..c2w_33')
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: not valid JSON ({e}); expected {expect}") from None
+        if isinstance(data, list) and all(isinstance(r, dict) and "file" in r for r in data):
             return {str(r["file"]): r for r in data}
-        return {str(k): v for k, v in data.items()}
-    with open(path, newline="") as f:
+        if isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()):
+            return {str(k): v for k, v in data.items()}
+        raise InputError(f"{path}: holds {type(data).__name__} records this reader cannot match to files; expected "
+                         f"{expect}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
-    out = {}
-    for row in rows:
-        name = row.pop("file")
-        if "c2w_00" in row:
-            out[name] = {"c2w": [float(row[f"c2w_{i}{j}"]) for i in range(4) for j in range(4)]}
-        else:
-            out[name] = {k: v for k, v in row.items()}
-    return out
+    columns = set(rows[0]) if rows else set()
+    c2w = [f"c2w_{i}{j}" for i in range(4) for j in range(4)]
+    if "file" not in columns or not ({"yaw", "pitch"} <= columns or set(c2w) <= columns):
+        raise InputError(f"{path}: CSV columns {sorted(c for c in columns if c)} (comma-separated, with a header "
+                         f"row); expected {expect}")
+    return {row["file"]: {"c2w": [row[c] for c in c2w]} if set(c2w) <= columns else
+            {"yaw": row["yaw"], "pitch": row["pitch"]} for row in rows}
 
 
 def convert_folder(images: str | Path, poses: str | Path, out: str | Path, preset: str = "FFHQ256", **kw) -> Path:
@@ -346,6 +378,11 @@ def convert_folder(images: str | Path, poses: str | Path, out: str | Path, prese
             rec = records.pop(Path(n).name, None)
         pose = _FolderPose(rec, p.sphere_center_z, p.sphere_r, n) if rec is not None else _missing_pose(n)
         jobs.append(Job(n, make_key(n), pose))
+    if records:
+        other = sorted({Path(n).suffix.lower() for n in records} - set(IMAGE_EXTS))
+        _warn(f"{poses}: {len(records)} pose(s) name no image in {images} (e.g. {', '.join(sorted(records)[:3])})"
+              + (f"; {', '.join(other)} files are not read: convert them to PNG" if other else "")
+              + "; they are counted as poses_without_image in the card")
     return run_conversion(source, jobs, out, p.name, "folder", extra_card={"poses_without_image": len(records)},
                           **kw)
 

@@ -153,6 +153,10 @@ def _save_view(out: Path, stem: str, r: dict, preset: Preset) -> tuple[str, str]
     return f"{stem}.png", f"{stem}_depth.png"
 
 
+OWN_FILES = ("input.png", "recon.png", "latent.pt", "generator.pt", "view_[0-9][0-9].png", "view_[0-9][0-9]_depth.png",
+             "views.json", "yaw.mp4", "mesh.ply", "mesh.glb", "metrics.json")  # what gmpi invert writes in --out
+
+
 def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: bool = False, frames: int = 60,
                   fps: int = 12, mesh_level: float = 0.5, extra: dict | None = None, warn=_warn,
                   mesh_formats=("ply",)) -> dict:
@@ -162,6 +166,8 @@ def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: b
     from .mesh_io import write_mesh
 
     out.mkdir(parents=True, exist_ok=True)
+    for old in (p for pattern in OWN_FILES for p in out.glob(pattern)):  # an earlier inversion's files go first,
+        old.unlink()  # so no generator.pt, view or mesh of another image is left beside this one's latent
     preset, chunk = inv.scene.preset, (extra or {}).get("settings", {}).get("plane_chunk")
     export.save_png(out / "input.png", export.to_uint8(inv.target[0]))
     export.save_png(out / "recon.png", export.to_uint8(inv.reconstruction()["rgb"][0]))

@@ -68,7 +68,7 @@ def check_images(folder: Path, names: list[str]) -> dict[str, str]:
     for name in names:
         try:
             with Image.open(folder / name) as img:
-                img.verify() if img.format != "PNG" else img.load()
+                img.load()  # decodes every pixel: a truncated file fails here, not half-way through the run
                 w, h = img.size
                 frames = getattr(img, "n_frames", 1)
         except Exception as e:  # PIL raises many types for files it cannot decode
@@ -106,6 +106,9 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
         raise InputError(f"--pose-init {pose_init!r}: gmpi poses searches (search) or searches around the "
                          f"checkpoint's pose reader (reader)")
     folder, out = Path(images), Path(out)
+    if out.suffix.lower() != ".json" or out.is_dir():
+        raise InputError(f"--out {out}: the poses file to write, a .json file (not a folder or an image); its report "
+                         f"goes next to it")
     names = list_images(folder)
     bad = check_images(folder, names)
     if bad and not skip_bad:
@@ -118,9 +121,13 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
     meta = {"format": REPORT_FORMAT, "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt),
             "preset": preset.name, "images": str(folder), "settings": asdict(settings), "search": asdict(search),
             "pose_init": pose_init}
-    done = _resume(out, meta, overwrite)
-    if done:
-        print(f"resuming: {len(done)} of {len(names)} images already posed in {report_path(out)}")
+    done, digest = _resume(out, meta, overwrite), {n: file_sha256(folder / n) for n in names if n not in bad}
+    stale = sorted(n for n in done if done[n].get("sha256") != digest.get(n))
+    for name in stale:  # replaced, edited or removed since it was posed: estimated again, or dropped
+        del done[name]
+    if done or stale:
+        print(f"resuming: {len(done)} of {len(names)} images already posed in {report_path(out)}"
+              + (f"; {len(stale)} changed or gone since (e.g. {stale[0]}): posed again or dropped" if stale else ""))
     reader = reader_for(ckpt, G, preset, device=device) if pose_init == "reader" else None
     todo = [n for n in names if n not in bad and n not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +148,7 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
                 interrupted = True
                 break
             found = inv.history["pose_search"]
-            done[name] = {"yaw": inv.yaw, "pitch": inv.pitch, "confidence": found["confidence"],
+            done[name] = {"sha256": digest[name], "yaw": inv.yaw, "pitch": inv.pitch, "confidence": found["confidence"],
                           "loss_gap": found["loss_gap"], "search": [found["best"]["yaw"], found["best"]["pitch"]],
                           "runner_up": found["runner_up"], "recon_psnr": inv.metrics()["recon_psnr"],
                           **({"reader": reading} if reading else {}),

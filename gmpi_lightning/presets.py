@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -90,4 +92,4 @@ def get_preset(name: str, **overrides) -> Preset:
     for key, preset in PRESETS.items():
         if key.lower() == name.lower():
             return replace(preset, **overrides) if overrides else preset
-    raise KeyError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    raise InputError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")

@@ -119,8 +119,8 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
                     if worst > 1.0 + 1e-6:
                         raise InputError(
                             f"rays leave the background plane (max |u|,|v| = {worst:.4f} > 1): the camera is outside "
-                            f"the range the MPI was built for. Use poses within the preset's prior, or pass "
-                            f"check_inside=False to render with transparent borders.")
+                            f"the range the MPI was built for. Use poses within the preset's prior, or render "
+                            f"with transparent borders (`gmpi render --allow-outside`; check_inside=False).")
             lc = grid.shape[1]
             tex = mpi[:, idx].reshape(b * lc, 4, *mpi.shape[-2:])
             warped = F.grid_sample(tex, grid.reshape(b * lc, height, width, 2), mode="bilinear",

@@ -54,7 +54,7 @@ class Sampler:
         if isinstance(planes, Scene):
             self.scene = planes.to(self.device)
         else:
-            self.scene = Scene.for_generator(G, preset, planes, self.device) if planes else None
+            self.scene = Scene.for_generator(G, preset, planes, self.device) if planes is not None else None
 
     def latents(self, seeds) -> torch.Tensor:
         return seed_latents(seeds, self.G.z_dim, self.device)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gmpi_lightning import cameras as C
+from gmpi_lightning.errors import InputError
 from gmpi_lightning.planes import make_plane_depths, normalize_depths, plane_extents, preset_planes, texel_xyz
 from gmpi_lightning.presets import PRESETS, get_preset
 from tests.conftest import max_err
@@ -153,5 +154,5 @@ def test_presets_table():
     assert get_preset("ffhq256").channel_base == 16384 and get_preset("FFHQ512").channel_base == 32768
     assert get_preset("AFHQCat").fov_deg == 13.39 and get_preset("AFHQCat").n_truncated_stds == 3
     assert get_preset("FFHQ256", resolution=64).resolution == 64
-    with pytest.raises(KeyError, match="available"):
+    with pytest.raises(InputError, match="available"):  # a user's typo: one line from `gmpi`, no traceback
         get_preset("CelebA")

@@ -14,6 +14,7 @@ from datamodules.posed_images import PosedImageDataModule, mirror_w2c, xflip
 from datamodules.shards import BadSample, read_card
 from gmpi_lightning import cameras as C
 from gmpi_lightning.cli import main as gmpi_main
+from gmpi_lightning.errors import InputError
 from tests.conftest import max_err
 
 RES = 16
@@ -140,6 +141,48 @@ def test_folder_conversion_json_and_csv(tmp_path):
     got = _samples(cv.convert_folder(imgs, tmp_path / "poses.csv", tmp_path / "s2", workers=0))
     w2c, yaw, pitch, _ = got["face1"]
     assert float(yaw) == pytest.approx(0.25, abs=1e-6) and float(pitch) == pytest.approx(0.1, abs=1e-6)
+
+
+def test_folder_poses_files_users_write(tmp_path, capsys):
+    """What a user's own folder and pose file look like: a BOM-prefixed CSV from a spreadsheet, an upper-case .JSON,
+    a folder named like an image, a pose for a .bmp this converter does not read, and the first file an odd size.
+    Each works or gets one line naming the file and the format; nothing is counted away silently."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "0tiny.png").write_bytes(_png(1, (2, 2)))  # first in order: must not set the dataset's resolution
+    for i in range(3):
+        (imgs / f"face{i}.png").write_bytes(_png(20 + i))
+    (imgs / "folder.png").mkdir()
+    rows = ["file,yaw,pitch"] + [f"face{i}.png,{0.1 * i},0.0" for i in range(3)] + ["0tiny.png,0,0", "old.bmp,0,0"]
+    (tmp_path / "p.csv").write_bytes("\ufeff".encode() + ("\n".join(rows) + "\n").encode())
+    out = cv.convert_folder(imgs, tmp_path / "p.csv", tmp_path / "s", workers=0, skip_bad=True)
+    card = read_card(out)
+    assert card["resolution"] == RES and card["count"] == 3 and card["rejected"] == 1
+    assert card["poses_without_image"] == 1
+    err = capsys.readouterr().err
+    assert "1 pose(s) name no image" in err and "old.bmp" in err and ".bmp files are not read" in err
+    (tmp_path / "P.JSON").write_text(json.dumps({"face0.png": {"yaw": 0.1, "pitch": 0.0}}))
+    assert cv.read_folder_poses(tmp_path / "P.JSON") == {"face0.png": {"yaw": 0.1, "pitch": 0.0}}
+    for name, text, says in [("bad.json", "{oops", "not valid JSON"), ("list.json", "[1, 2]", "records"),
+                             ("nofile.json", '[{"name": "a.png", "yaw": 0}]', "records"),
+                             ("semi.csv", "file;yaw;pitch\na.png;0;0\n", "CSV columns"),
+                             ("part.csv", "file,c2w_00\na.png,1\n", "CSV columns")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=says) as e:
+            cv.read_folder_poses(tmp_path / name)
+        assert name in str(e.value) and "yaw" in str(e.value)
+
+
+@pytest.mark.parametrize("yaw, pitch", [(30.0, 5.0), (0.1, 2.0), (-4.0, 0.0)])
+def test_folder_poses_in_degrees_are_refused(tmp_path, yaw, pitch):
+    """A yaw beyond pi or a pitch beyond pi/2 cannot be radians: refused, naming the file (a pose in degrees
+    would otherwise become a camera several turns round the sphere)."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    (imgs / "a.png").write_bytes(_png(1))
+    (tmp_path / "p.json").write_text(json.dumps({"a.png": {"yaw": yaw, "pitch": pitch}}))
+    with pytest.raises(BadSample, match="a.png: .* not radians .*degrees"):
+        cv.convert_folder(imgs, tmp_path / "p.json", tmp_path / "s", workers=0)
 
 
 BAD_CASES = {

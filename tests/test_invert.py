@@ -95,6 +95,13 @@ def test_invert_command_writes_every_output(tiny_ckpt, tmp_path):
     # gmpi render takes the tuned generator like any checkpoint
     assert gmpi_main(["render", "--ckpt", str(out / "generator.pt"), "--seeds", "0", "--planes", "8",
                       "--yaw", "0", "--out", str(tmp_path / "r"), "--device", "cpu"]) == 0
+    # a second, smaller inversion into the same folder leaves none of the first one's files (a stale generator.pt
+    # would be rendered with the new latent); a file of the user's own stays
+    (out / "notes.txt").write_text("mine")
+    assert gmpi_main(["invert", "--ckpt", str(tiny_ckpt), "--image", str(image), "--pose", "0,0", "--views", "0.1,0",
+                      "--steps", "2", "--pti-steps", "0", "--out", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["input.png", "latent.pt", "metrics.json", "notes.txt",
+                                                     "recon.png", "view_00.png", "view_00_depth.png", "views.json"]
 
 
 def test_known_answer_inversion_recovers_the_scene():

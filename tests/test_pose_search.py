@@ -247,3 +247,46 @@ def test_poses_refuses_bad_images_before_any_work(tiny_ckpt, heads, tmp_path, ca
     assert gmpi_main(["poses", "--ckpt", str(tiny_ckpt), "--images", str(tmp_path / "none"), "--out",
                       str(out)]) == 1
     assert "image folder not found" in capsys.readouterr().err
+
+
+
+def test_poses_resume_poses_a_changed_file_again_and_drops_a_removed_one(tiny_ckpt, heads, tmp_path, capsys,
+                                                                         monkeypatch):
+    """The report keys every camera to its file's sha256: on a rerun an image replaced since it was posed (here by
+    its mirror image) is estimated again, a removed one leaves poses.json, an unchanged one is kept without work.
+    A truncated JPEG is caught before any estimation (it decodes only half-way), and --out must be a .json file,
+    never a folder or the user's image."""
+    from gmpi_lightning import poses
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"h{i}.png").write_bytes((heads / f"head{i}.png").read_bytes())
+    out = tmp_path / "p.json"
+    base = ["poses", "--ckpt", str(tiny_ckpt), "--images", str(folder), "--out", str(out), "--steps", "2",
+            "--search-grid", "3x1", "--search-steps", "2", "--device", "cpu"]
+    assert gmpi_main(base) == 0
+    first = json.loads((tmp_path / "p.report.json").read_text())["estimates"]
+    iio.imwrite(folder / "h0.png", np.ascontiguousarray(iio.imread(heads / "head0.png")[:, ::-1]))
+    (folder / "h2.png").unlink()
+    real, calls = poses.invert, []
+    monkeypatch.setattr(poses, "invert", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    capsys.readouterr()
+    assert gmpi_main(base) == 0 and len(calls) == 1  # h0 only
+    assert "1 of 2 images already posed" in capsys.readouterr().out
+    again = json.loads((tmp_path / "p.report.json").read_text())["estimates"]
+    assert sorted(json.loads(out.read_text())) == sorted(again) == ["h0.png", "h1.png"]
+    assert again["h1.png"] == first["h1.png"] and again["h0.png"]["sha256"] != first["h0.png"]["sha256"]
+    # a JPEG cut in half: refused up front (before any work), listed with --skip-bad
+    jpeg = tmp_path / "whole.jpg"
+    iio.imwrite(jpeg, iio.imread(heads / "head1.png"))
+    (folder / "cut.jpg").write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    calls.clear()
+    assert gmpi_main(base) == 1 and not calls
+    assert "cut.jpg: cannot read it as an image" in capsys.readouterr().err
+    assert gmpi_main([*base, "--skip-bad"]) == 0 and not calls
+    assert list(json.loads((tmp_path / "p.report.json").read_text())["skipped"]) == ["cut.jpg"]
+    for bad_out in (folder / "h1.png", tmp_path):
+        assert gmpi_main([*base[:6], str(bad_out), *base[7:], "--overwrite"]) == 1
+        assert "a .json file" in capsys.readouterr().err
+    assert iio.imread(folder / "h1.png").shape == (32, 32, 3)  # the image is untouched

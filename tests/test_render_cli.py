@@ -84,7 +84,14 @@ def test_render_errors_are_clear(small_ckpt, tmp_path, capsys):
     # a camera far outside the prior leaves the MPI: an explanation, not a crash or a silent render
     assert gmpi_main(["render", "--ckpt", str(small_ckpt), "--seeds", "0", "--planes", "8", "--yaw", "0.9",
                       "--out", str(tmp_path / "x"), "--device", "cpu"]) == 1
-    assert "rays leave the background plane" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "rays leave the background plane" in err and "--allow-outside" in err
+    args = ["render", "--ckpt", str(small_ckpt), "--out", str(tmp_path / "y"), "--device", "cpu"]
+    assert gmpi_main([*args, "--seeds", "0", "--planes", "0"]) == 1
+    assert "at least 2 planes, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the parser's own type check: a usage error naming the value
+        gmpi_main([*args, "--seeds", "4294967296"])
+    assert "'4294967296': a seed must be below 2**32" in capsys.readouterr().err
     with pytest.raises(ValueError, match="parse seeds"):
         parse_seeds("a-b")
     assert parse_seeds("0-2,7") == (0, 1, 2, 7)

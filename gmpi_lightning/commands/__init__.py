@@ -51,6 +51,8 @@ def parse_seeds(text) -> Seeds:
             seeds.append(int(part))
         else:
             raise InputError(f"cannot parse seeds {text!r}: use e.g. 0-3,7")
+    if any(s >= 2**32 for s in seeds):
+        raise InputError(f"seeds {text!r}: a seed must be below 2**32 (numpy's seeding draws the latent)")
     return Seeds(seeds)
 
 

@@ -3,6 +3,7 @@ folder of images -> the cameras ``gmpi data folder`` reads), both by analysis-by
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Literal
 
@@ -127,7 +128,9 @@ def poses(ckpt: str, images: str, out: str, min_confidence: float | None = None,
         print("interrupted (Ctrl-C): run the same command again to continue", file=sys.stderr)
         return 130
     if report["count"]:
-        print(f"next: gmpi data folder --images {images} --poses {out} --preset {report['preset']} --out DATA")
+        skip = " --skip-bad" if report["left_out"] or report["skipped"] else ""  # those images have no camera
+        print(f"next: gmpi data folder --images {shlex.quote(str(images))} --poses {shlex.quote(str(out))} --preset "
+              f"{report['preset']} --out DATA{skip}")
     else:
         print(f"no image has a camera in {out}: see the report for why", file=sys.stderr)
     return 0
