@@ -21,6 +21,7 @@ import torch
 from scipy.io import savemat
 
 from datamodules import converters as cv
+from datamodules import sources
 from datamodules.shards import CARD_FORMAT, BadSample, ShardSetWriter, read_card
 from gmpi_lightning.cli import main as gmpi_main
 from gmpi_lightning.io import NetworkFormatError, UnsafePickleError, load_stylegan2_pkl, safe_pickle
@@ -250,7 +251,7 @@ def _zip_with_zeros(path, name: str, nbytes: int) -> None:
 
 def test_zip_bomb_is_refused_without_inflating(tmp_path):
     zpath = tmp_path / "bomb.zip"
-    size = cv.MAX_MEMBER_BYTES + (1 << 20)  # 129 MiB of zeros: ~130 kB compressed
+    size = sources.MAX_MEMBER_BYTES + (1 << 20)  # 129 MiB of zeros: ~130 kB compressed
     _zip_with_zeros(zpath, "00000/img00000000.png", size)
     assert zpath.stat().st_size < 1 << 20
     _mat(tmp_path / "coeffs" / "00000" / "img00000000.mat")
@@ -277,7 +278,7 @@ def test_zip_header_that_lies_cannot_inflate_more(tmp_path):
     zpath.write_bytes(bytes(raw))
     with zipfile.ZipFile(zpath) as z:
         with pytest.raises(BadSample, match="a.png"):
-            cv.read_zip_member(z, "a.png")
+            sources.read_zip_member(z, "a.png")
 
 
 def test_bounded_read_stops_at_the_cap_whatever_the_header_says():
@@ -293,7 +294,7 @@ def test_bounded_read_stops_at_the_cap_whatever_the_header_says():
             return io.BytesIO(bytes(10_000))
 
     with pytest.raises(BadSample, match="inflates past the 4096-byte cap"):
-        cv.read_zip_member(Liar(), "a.png", cap=4096)
+        sources.read_zip_member(Liar(), "a.png", cap=4096)
 
 
 # --------------------------------------------------------------------------------------- output folders
