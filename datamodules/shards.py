@@ -63,9 +63,12 @@ def decode_image(data: bytes, name: str, resolution: int | None = None) -> np.nd
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            frames = getattr(im, "n_frames", 1)
             img, transparent = rgb8(im)
     except Exception as e:
         raise BadSample(f"{name}: unreadable or corrupt image ({type(e).__name__}: {e})") from None
+    if frames > 1:
+        raise BadSample(f"{name}: {frames} frames (an animation), not one picture; export the frame you mean")
     if transparent:
         raise BadSample(f"{name}: has transparent pixels, whose colour is undefined; flatten it onto a background "
                         f"first")

@@ -37,6 +37,13 @@ def _rgba_png(alpha: int) -> bytes:
     return buf.getvalue()
 
 
+def _apng() -> bytes:
+    buf = io.BytesIO()
+    frames = [Image.fromarray(_png_array(9)), Image.fromarray(_png_array(10))]
+    frames[0].save(buf, format="png", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
 def _ffhq(tmp_path, records, extra_files=None, mats=True):
     """A StyleGAN2 dataset-tool zip (00000/img0000000k.png) + Deep3DFaceRecon-style .mat per image."""
     zpath, poses = tmp_path / "ffhq16x16.zip", tmp_path / "coeffs"
@@ -192,6 +199,7 @@ BAD_CASES = {
     "missing_pose": ({"00000/img00000009.png": _png(9)}, "pose file missing"),
     "duplicate": ({"00000/img00000000.jpg": _png(9)}, "same sample key"),
     "transparent": ({"00000/img00000009.png": _rgba_png(254)}, "has transparent pixels"),
+    "animated": ({"00000/img00000009.png": _apng()}, "2 frames"),
 }
 
 
