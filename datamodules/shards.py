@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gmpi_lightning.data import CARD, file_sha256, read_card, rgb8  # noqa: F401  (the reading side of the schema lives there)
+from gmpi_lightning.data import CARD, file_sha256, read_card, read_picture  # noqa: F401  (the reading side of the schema lives there)
 from gmpi_lightning.errors import InputError
 
 CARD_FORMAT = "gmpi-lightning/shards"  # in every card the writer makes: the folder is ours to replace
@@ -61,14 +61,9 @@ def encode_npy(arr: np.ndarray) -> bytes:
 def decode_image(data: bytes, name: str, resolution: int | None = None) -> np.ndarray:
     """Bytes -> H x W x 3 uint8, checking decodability, squareness and resolution."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            frames = getattr(im, "n_frames", 1)
-            img, transparent = rgb8(im)
-    except Exception as e:
-        raise BadSample(f"{name}: unreadable or corrupt image ({type(e).__name__}: {e})") from None
-    if frames > 1:
-        raise BadSample(f"{name}: {frames} frames (an animation), not one picture; export the frame you mean")
+        img, transparent, _ = read_picture(data, name)
+    except InputError as e:
+        raise BadSample(str(e)) from None
     if transparent:
         raise BadSample(f"{name}: has transparent pixels, whose colour is undefined; flatten it onto a background "
                         f"first")

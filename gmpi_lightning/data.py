@@ -80,6 +80,24 @@ def rgb8(im: Image.Image) -> tuple[np.ndarray, bool]:
     return np.asarray(im.convert("RGB")), transparent
 
 
+def read_picture(source: str | Path | bytes, name: str | Path) -> tuple[np.ndarray, bool, bool]:
+    """One picture from a file or its bytes, decoded whole (a truncated file fails here, not later): H x W x 3 uint8
+    (:func:`rgb8`), whether it had transparent pixels, and whether it was grey. A file that is not one decodable
+    picture (unreadable, or an animation) is an :class:`InputError` naming ``name``."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            im.load()
+            frames = getattr(im, "n_frames", 1)
+            grey = len(set(im.getbands()) - {"A"}) == 1 and im.mode not in ("P", "PA")
+            rgb, transparent = rgb8(im)
+    except Exception as e:  # Pillow raises many types for files it cannot decode
+        raise InputError(f"{name}: cannot read it as an image ({type(e).__name__}); pass a PNG or JPEG file") from None
+    if frames > 1:
+        raise InputError(f"{name}: {frames} frames (an animation?), not one picture; pass the frame you mean as a "
+                         f"PNG or JPEG")
+    return rgb, transparent, grey
+
+
 def decode_sample(sample: dict) -> dict:
     """Raw tar members -> arrays (``image`` H x W x 3 uint8, ``w2c`` 4 x 4, ``yaw``, ``pitch``, ``key``, and
     ``depth``/``mask`` where present). Errors name the shard and key."""

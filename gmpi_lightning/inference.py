@@ -145,26 +145,15 @@ def load_gmpi(ckpt, device):
 
 def load_image(path: str | Path, resolution: int, crop: bool = True, warn=_warn) -> torch.Tensor:
     """An image file as ``1 x 3 x R x R`` in [0, 1] (quantised to 8 bits, so input.png is exactly what is
-    inverted), read as :func:`~gmpi_lightning.data.rgb8` reads any mode: grey or transparent images made RGB, a
+    inverted), read as :func:`~gmpi_lightning.data.read_picture` reads any mode: grey or transparent images made RGB, a
     non-square image centre-cropped (with ``crop``; otherwise an error), another size resized; each change is
     reported through ``warn``."""
-    from PIL import Image
-
-    from .data import rgb8
+    from .data import read_picture
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            frames = getattr(im, "n_frames", 1)
-            im.load()
-            grey = len(set(im.getbands()) - {"A"}) == 1 and im.mode not in ("P", "PA")
-            img, transparent = rgb8(im)
-    except Exception as e:  # Pillow raises many types for files it cannot decode
-        raise InputError(f"{path}: cannot read it as an image ({type(e).__name__}); pass a PNG or JPEG file") from None
-    if frames > 1:
-        raise InputError(f"{path}: {frames} frames, not a single picture (an animation?); pass one PNG/JPEG frame")
+    img, transparent, grey = read_picture(path, path)
     if grey:
         warn(f"{path}: a grey image, inverted as RGB with equal channels")
     if transparent:

@@ -62,21 +62,16 @@ def list_images(folder: str | Path) -> list[str]:
 
 def check_images(folder: Path, names: list[str]) -> dict[str, str]:
     """{name: why it cannot be posed} for unreadable, multi-frame or non-square files (read once, up front)."""
-    from PIL import Image
+    from .data import read_picture
 
     bad = {}
     for name in names:
         try:
-            with Image.open(folder / name) as img:
-                img.load()  # decodes every pixel: a truncated file fails here, not half-way through the run
-                w, h = img.size
-                frames = getattr(img, "n_frames", 1)
-        except Exception as e:  # PIL raises many types for files it cannot decode
-            bad[name] = f"cannot read it as an image ({type(e).__name__})"
+            h, w = read_picture(folder / name, name)[0].shape[:2]  # decoded whole: a truncated file fails here
+        except InputError as e:
+            bad[name] = str(e).removeprefix(f"{name}: ")
             continue
-        if frames > 1:
-            bad[name] = f"{frames} frames, not one picture"
-        elif w != h:
+        if w != h:
             bad[name] = (f"{w} x {h} is not square: crop it to the face (gmpi data folder reads square images and "
                          f"the camera of a crop is not the file's)")
     return bad

@@ -193,7 +193,7 @@ def test_folder_poses_in_degrees_are_refused(tmp_path, yaw, pitch):
 
 
 BAD_CASES = {
-    "corrupt": ({"00000/img00000009.png": b"\x89PNG\r\n\x1a\nbroken"}, "unreadable or corrupt image"),
+    "corrupt": ({"00000/img00000009.png": b"\x89PNG\r\n\x1a\nbroken"}, "cannot read it as an image"),
     "nonsquare": ({"00000/img00000009.png": _png(9, (16, 12))}, "square"),
     "resolution": ({"00000/img00000009.png": _png(9, (32, 32))}, "expected 16px"),
     "missing_pose": ({"00000/img00000009.png": _png(9)}, "pose file missing"),
