@@ -31,13 +31,14 @@ import numpy as np
 import torch
 
 from gmpi_lightning import cameras
+from gmpi_lightning.data import IMAGE_EXTS
 from gmpi_lightning.errors import InputError, warner
 from gmpi_lightning.export import progress
 from gmpi_lightning.presets import PRESETS, get_preset
 
 from .posed_images import mirror_w2c
 from .shards import BadSample, ShardSetWriter, decode_image, encode_png, make_key
-from .sources import IMAGE_EXTS, ImageSource, common_size, is_inside_name
+from .sources import ImageSource, common_size, is_inside_name
 
 _warn = warner("gmpi data")
 

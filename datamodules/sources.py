@@ -11,9 +11,10 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
+from gmpi_lightning.data import IMAGE_EXTS, image_files
+
 from .shards import BadSample, decode_image
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 MAX_MEMBER_BYTES = 128 << 20  # one zip member (an image, dataset.json): a 4096 px PNG is well under it
 
 
@@ -57,8 +58,7 @@ class ImageSource:
 
     def names(self) -> list[str]:
         if self.path.is_dir():
-            return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*")
-                          if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+            return image_files(self.path)
         with zipfile.ZipFile(self.path) as z:
             return sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_EXTS)
 

@@ -66,6 +66,16 @@ def resolve_shards(data: str | Path | Sequence[str]) -> tuple[list[str], dict | 
     return urls, None
 
 
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # the image files gmpi poses and gmpi data read from a folder
+
+
+def image_files(folder: Path) -> list[str]:
+    """The image files under ``folder`` (recursively), as sorted POSIX paths relative to it: the names poses files
+    are keyed by."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
 def rgb8(im: Image.Image) -> tuple[np.ndarray, bool]:
     """A decoded picture as H x W x 3 uint8 whatever its mode, and whether it has transparent pixels (its alpha is
     dropped; an opaque alpha channel loses nothing). Pillow's own ``convert("RGB")`` clips 16-bit grey to white; here

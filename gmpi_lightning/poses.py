@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 
-from .data import file_sha256
+from .data import IMAGE_EXTS, file_sha256, image_files
 from .errors import InputError, warner
 from .inversion import InvertSettings, invert
 from .pose_reader import reader_for, yaw_window
 from .pose_search import SearchSettings
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # what `gmpi data folder` reads
 REPORT_FORMAT = "gmpi-lightning/poses-report/v1"
 FLAG_BELOW = 0.05  # confidence under which an image is listed as unsure when no --min-confidence is given
 
@@ -53,8 +52,7 @@ def list_images(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    names = image_files(folder)
     if not names:
         raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
     return names
