@@ -7,8 +7,9 @@ groups files at the first dot). A ``dataset.json`` card beside the shards record
 count, shards with sizes and sha256, pose statistics, rejected inputs and the command that wrote it.
 
 The writer streams (constant memory), writes into ``<out>.partial`` and renames at the end, so an
-interrupted conversion never leaves a folder that looks complete. It replaces (``overwrite``) only a folder that
-is empty or holds a card it wrote (``"format": CARD_FORMAT``): ``make data DATA=~/photos`` cannot delete photos.
+interrupted conversion never leaves a folder that looks complete (a stopped one removes its ``.partial``). It
+replaces (``overwrite``) only a folder that is empty or holds a card it wrote (``"format": CARD_FORMAT``):
+``make data DATA=~/photos`` cannot delete photos.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gmpi_lightning.data import CARD, file_sha256, read_card, read_picture  # noqa: F401  (the reading side of the schema lives there)
+# the reading side of the schema, and the card's names, live in gmpi_lightning.data
+from gmpi_lightning.data import CARD, CARD_FORMAT, PARTIAL_MARKER, file_sha256, is_shard_output, read_card, read_picture  # noqa: F401,E501
 from gmpi_lightning.errors import InputError
 
-CARD_FORMAT = "gmpi-lightning/shards"  # in every card the writer makes: the folder is ours to replace
-PARTIAL_MARKER = ".gmpi-partial"  # inside <out>.partial while the writer fills it: the writer may remove it
 REJECTED = "rejected.jsonl"
 SHARD_PATTERN = "shard-%06d.tar"
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-/]+$")
@@ -187,7 +187,8 @@ class ShardSetWriter:
         self._sink.close()
         self._sink = None
         self._rejected.close()
-        if not success:
+        if not success:  # stopped by a bad input, an error or Ctrl-C: nothing half-written stays behind
+            shutil.rmtree(self.tmp, ignore_errors=True)
             return None
         if self._stats.n == 0:
             raise BadSample(f"no valid sample was written ({self.n_rejected} rejected; see {self.tmp / REJECTED})")
@@ -222,11 +223,7 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists and is not a folder; choose another output path")
     if not any(out.iterdir()):
         return
-    try:
-        ours = json.loads((out / CARD).read_text()).get("format") == CARD_FORMAT
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
+    if not is_shard_output(out):
         raise FileExistsError(f"{out} exists and is not a dataset written by `gmpi data` (no {CARD} with "
                               f"\"format\": \"{CARD_FORMAT}\"); refusing to replace it, even with --overwrite. "
                               f"Choose another output folder; nothing was changed")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import sys
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +27,8 @@ from PIL import Image, ImageOps
 from .errors import InputError
 
 CARD = "dataset.json"
+CARD_FORMAT = "gmpi-lightning/shards"  # in every card `gmpi data` writes: the folder is ours to replace
+PARTIAL_MARKER = ".gmpi-partial"  # inside <out>.partial while the writer fills it: the writer may remove it
 
 
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-./]*$")  # no ':', braces, spaces or backslashes
@@ -70,10 +74,31 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # the image files gmpi poses an
 
 
 def image_files(folder: Path) -> list[str]:
-    """The image files under ``folder`` (recursively), as sorted POSIX paths relative to it: the names poses files
-    are keyed by."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    """The image files under ``folder`` (recursively, through symlinked folders, each real folder once), as sorted
+    POSIX paths relative to it: the names poses files are keyed by. A subfolder written by ``gmpi data`` (its card,
+    or an unfinished ``.partial``) is an output, not input, and is passed over with a note on stderr; a broken link
+    stays listed, so reading it fails with its name."""
+    names, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        here = Path(root)
+        if os.path.realpath(here) in seen:  # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(here))
+        if here != folder and (is_shard_output(here) or (here / PARTIAL_MARKER).is_file()):
+            print(f"{here}: a `gmpi data` output, not input: its images are not read", file=sys.stderr)
+            dirs[:] = []
+            continue
+        names += [(here / f).relative_to(folder).as_posix() for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
+    return sorted(names)
+
+
+def is_shard_output(folder: Path) -> bool:
+    """Whether ``folder`` holds a dataset written by ``gmpi data`` (its card says so)."""
+    try:
+        return json.loads((folder / CARD).read_text()).get("format") == CARD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def rgb8(im: Image.Image) -> tuple[np.ndarray, bool]:

@@ -47,6 +47,8 @@ class Sampler:
         tensors = list(G.parameters()) + list(G.buffers())
         self.device = torch.device(device) if device is not None else (
             tensors[0].device if tensors else torch.device("cpu"))
+        if resolution is not None and resolution < 1:
+            raise InputError(f"resolution must be a positive number of pixels, got {resolution}")
         self.G, self.preset = G, preset
         self.resolution = resolution or preset.resolution
         self.truncation_psi, self.noise_mode, self.plane_chunk = truncation_psi, noise_mode, plane_chunk

@@ -180,6 +180,37 @@ def test_folder_poses_files_users_write(tmp_path, capsys):
         assert name in str(e.value) and "yaw" in str(e.value)
 
 
+def test_folder_layouts_users_have(tmp_path, capsys):
+    """Images behind a symlinked subfolder are read (once, even with a link back up the tree); a broken link is
+    named, not skipped; the output written inside the images folder (shards, card, preview.png) is not read as input
+    on the next run, so the same command can be run again with --overwrite and gives the same dataset."""
+    from gmpi_lightning.data import image_files
+
+    imgs, elsewhere = tmp_path / "imgs", tmp_path / "elsewhere"
+    imgs.mkdir()
+    elsewhere.mkdir()
+    (imgs / "a.png").write_bytes(_png(1))
+    (elsewhere / "b.png").write_bytes(_png(2))
+    (imgs / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "up").symlink_to(imgs, target_is_directory=True)  # a loop through the link
+    assert image_files(imgs) == ["a.png", "linked/b.png"]
+    (imgs / "gone.png").symlink_to(tmp_path / "deleted.png")
+    assert image_files(imgs) == ["a.png", "gone.png", "linked/b.png"]
+    (imgs / "gone.png").unlink()
+    (tmp_path / "p.json").write_text(json.dumps({"a.png": {"yaw": 0.1, "pitch": 0.0},
+                                                 "linked/b.png": {"yaw": -0.2, "pitch": 0.05}}))
+    args = ["data", "folder", "--images", str(imgs), "--poses", str(tmp_path / "p.json"), "--out", str(imgs / "ds")]
+    assert gmpi_main(args) == 0 and (imgs / "ds" / "preview.png").is_file()
+    first = _samples(imgs / "ds")
+    assert read_card(imgs / "ds")["rejected"] == 0 and sorted(first) == ["a", "linked_b"]
+    capsys.readouterr()
+    assert gmpi_main([*args, "--overwrite"]) == 0
+    assert "a `gmpi data` output, not input" in capsys.readouterr().err
+    again = _samples(imgs / "ds")
+    assert read_card(imgs / "ds")["rejected"] == 0 and sorted(again) == sorted(first)
+    assert all(max_err(again[k][0], first[k][0]) == 0 for k in first)
+
+
 @pytest.mark.parametrize("yaw, pitch", [(30.0, 5.0), (0.1, 2.0), (-4.0, 0.0)])
 def test_folder_poses_in_degrees_are_refused(tmp_path, yaw, pitch):
     """A yaw beyond pi or a pitch beyond pi/2 cannot be radians: refused, naming the file (a pose in degrees
@@ -218,6 +249,7 @@ def test_bad_inputs_stop_or_are_listed(tmp_path, cam_refs, case):
     with pytest.raises(BadSample, match=message):
         cv.convert_ffhq(zpath, poses, tmp_path / "stop", workers=0)
     assert not (tmp_path / "stop").exists()  # nothing that looks like a finished dataset
+    assert not (tmp_path / "stop.partial").exists()  # and nothing half-written left behind
     out = cv.convert_ffhq(zpath, poses, tmp_path / "skip", workers=2, skip_bad=True)
     card = read_card(out)
     assert card["rejected"] == 1 and card["count"] == 2

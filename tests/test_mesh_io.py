@@ -86,6 +86,9 @@ def test_render_writes_a_glb_with_the_mpi_colours_inside_the_depth_range(tiny_ck
     mesh = trimesh.load(out / "seed0000_mesh.glb", force="mesh")
     assert len(mesh.vertices) == len(verts) and len(mesh.faces) == len(faces)
     assert np.array_equal(np.asarray(mesh.visual.vertex_colors)[:, :3], ply_colors)
+    assert gmpi_main(["render", "--ckpt", str(tiny_ckpt), "--seeds", "0", "--planes", "8", "--yaw", "0",
+                      "--mesh-format", "glb", "--out", str(tmp_path / "g"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "g").glob("*mesh*")) == ["seed0000_mesh.glb"]  # a format asks for one
 
 
 def test_formats_and_bad_meshes_are_checked(tmp_path):

@@ -91,9 +91,15 @@ def test_render_errors_are_clear(small_ckpt, tmp_path, capsys):
     assert "at least 2 planes, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # the parser's own type check: a usage error naming the value
         gmpi_main([*args, "--seeds", "4294967296"])
-    assert "'4294967296': a seed must be below 2**32" in capsys.readouterr().err
+    assert "'4294967296': a seed must be in 0 .. 2**32 - 1" in capsys.readouterr().err
+    assert gmpi_main([*args, "--seeds", "0", "--resolution", "0"]) == 1  # not taken for "the generator's"
+    assert "resolution must be a positive number of pixels, got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="parse seeds"):
         parse_seeds("a-b")
+    with pytest.raises(ValueError, match="1, 3 listed more than once"):  # would render (or train) the same twice
+        parse_seeds("0-3,1,3")
+    with pytest.raises(ValueError, match="2 listed more than once"):
+        parse_seeds([2, 2])
     assert parse_seeds("0-2,7") == (0, 1, 2, 7)
 
 

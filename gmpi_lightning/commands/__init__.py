@@ -8,6 +8,7 @@ Types for the command line: :class:`Seeds` (``0-3,7``) and :class:`Floats` (``-0
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import torch
 from jsonargparse.typing import register_type
@@ -38,9 +39,20 @@ class Floats(tuple):
 def parse_seeds(text) -> Seeds:
     """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11] (a list of ints passes through)."""
     if isinstance(text, (list, tuple)):
-        return Seeds(int(s) for s in text)
+        seeds = [int(s) for s in text]
+    else:
+        seeds = _seed_list(str(text))
+    if twice := sorted(s for s, n in Counter(seeds).items() if n > 1):
+        raise InputError(f"seeds {text!r}: {', '.join(map(str, twice))} listed more than once (each seed is one "
+                         f"latent: list it once)")
+    if any(s >= 2**32 or s < 0 for s in seeds):
+        raise InputError(f"seeds {text!r}: a seed must be in 0 .. 2**32 - 1 (numpy's seeding draws the latent)")
+    return Seeds(seeds)
+
+
+def _seed_list(text: str) -> list[int]:
     seeds: list[int] = []
-    for part in str(text).split(","):
+    for part in text.split(","):
         part = part.strip()
         if m := re.fullmatch(r"(\d+)-(\d+)", part):
             a, b = int(m.group(1)), int(m.group(2))
@@ -51,9 +63,7 @@ def parse_seeds(text) -> Seeds:
             seeds.append(int(part))
         else:
             raise InputError(f"cannot parse seeds {text!r}: use e.g. 0-3,7")
-    if any(s >= 2**32 for s in seeds):
-        raise InputError(f"seeds {text!r}: a seed must be below 2**32 (numpy's seeding draws the latent)")
-    return Seeds(seeds)
+    return seeds
 
 
 def parse_floats(text) -> Floats:

@@ -40,7 +40,7 @@ def render(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | None = 
            noise_mode: Literal["const", "random", "none"] = "const", yaw: Floats = YAWS,
            pitch: Floats = PITCHES, resolution: int | None = None, video: bool = False,
            trajectory: Literal["yaw", "pitch", "circle"] = "yaw", frames: int = 100, fps: int = 8, mesh: bool = False,
-           mesh_level: float = 0.5, mesh_format: str = "ply", plane_chunk: int | None = None,
+           mesh_level: float = 0.5, mesh_format: str | None = None, plane_chunk: int | None = None,
            allow_outside: bool = False, web: bool = False, wandb_project: str | None = None,
            device: str | None = None) -> Path:
     """Render views, depth, an RGBA plane strip, a camera-sweep video and a mesh per seed.
@@ -64,7 +64,8 @@ def render(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | None = 
         fps: frames per second of the video.
         mesh: marching cubes over the alpha volume -> mesh file(s).
         mesh_level: iso-level on the smoothed alpha volume.
-        mesh_format: mesh files: ply, glb (glTF binary with vertex colours) or both, e.g. ply,glb.
+        mesh_format: mesh files: ply, glb (glTF binary with vertex colours) or both, e.g. ply,glb (default ply;
+            implies --mesh).
         plane_chunk: planes per chunk in generation/compositing (memory).
         allow_outside: render rays that miss the background plane (transparent) instead of stopping.
         web: also write OUT/web/: the WebGL viewer page of these MPIs (as gmpi export-web; open index.html from disk).
@@ -73,9 +74,11 @@ def render(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | None = 
     """
     from ..mesh_io import parse_mesh_formats, write_mesh
 
-    device, mesh_formats = device or default_device(), parse_mesh_formats(mesh_format)
+    device, mesh_formats = device or default_device(), parse_mesh_formats(mesh_format or "ply")
+    mesh = mesh or mesh_format is not None
     loaded = load_generator(ckpt, config, preset, device)
-    sampler = Sampler(loaded.G, loaded.preset, planes, device, resolution or loaded.G.img_resolution, truncation,
+    res = loaded.G.img_resolution if resolution is None else resolution
+    sampler = Sampler(loaded.G, loaded.preset, planes, device, res, truncation,
                       noise_mode, plane_chunk, check_inside=not allow_outside)
     out, seeds = Path(out), parse_seeds(seeds)
     views = [(y, p) for p in pitch for y in yaw]
@@ -147,8 +150,8 @@ def export_web(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | Non
     device = device or default_device()
     loaded = load_generator(ckpt, config, preset, device)
     seeds, res_g = parse_seeds(seeds), loaded.G.img_resolution
-    sampler = Sampler(loaded.G, loaded.preset, planes, device, resolution or res_g, truncation, noise_mode,
-                      plane_chunk)
+    sampler = Sampler(loaded.G, loaded.preset, planes, device, res_g if resolution is None else resolution,
+                      truncation, noise_mode, plane_chunk)
     info = {"checkpoint": Path(ckpt).name, "generator": loaded.kind, "truncation_psi": truncation,
             "noise_mode": noise_mode}
     with ViewerWriter(out, loaded.preset, sampler.scene.planes, sampler.resolution, min(sampler.resolution, res_g),
