@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--reader-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a ReaderSettings field, e.g. --reader-set steps=500 (repeatable)")
     ap.add_argument("--profile", type=int, metavar="N", help="map the loss over N fixed yaws per head instead")
+    ap.add_argument("--mirror", action="store_true",
+                    help="mirror each head left-right (its true yaw negated): beside a run without, the same heads seen "
+                         "from the other side")
     add_run_flags(ap, "pose_lr=0.005", "runs/bench/poses")
     args = ap.parse_args()
     card, cfg, loaded = setup(args)
@@ -99,6 +102,8 @@ def main() -> None:
           f"{args.threads} thread(s)")
     for n, (idx, y, p) in enumerate(zip(indices, true_yaw.tolist(), true_pitch.tolist())):
         image = head(idx, y, p, cfg, G, preset, args)
+        if args.mirror:
+            image, y = image.flip(-1), -y
         wall, cpu = time.perf_counter(), time.process_time()
         inv = invert(G, preset, image, settings=settings, search=search)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -161,8 +166,10 @@ def write_report(args, heads: list[dict], settings: InvertSettings, search: Sear
                + (f" --source {args.source}" if args.source != "data" else "")
                + (f" --steps {args.steps}" if args.steps != InvertSettings.steps else "")
                + "".join(f" --set {kv}" for kv in args.set) + "".join(f" --search {kv}" for kv in args.search)
-               + (" --no-reader" if args.no_reader else "") + "".join(f" --reader-set {kv}" for kv in args.reader_set))
-    lines = [f"`{command}` (checkpoint sha256 {digest}; {len(heads)} held-out heads ({args.source}) at prior poses; "
+               + (" --no-reader" if args.no_reader else "") + "".join(f" --reader-set {kv}" for kv in args.reader_set)
+               + (" --mirror" if args.mirror else ""))
+    lines = [f"`{command}` (checkpoint sha256 {digest}; {len(heads)} held-out heads ({args.source}"
+             f"{', mirrored' if args.mirror else ''}) at prior poses; "
              f"{seconds:.1f} s wall, {cpu:.1f} CPU s per head on {args.device}, {args.threads} thread(s))", "",
              "| camera from | mean \\|yaw error\\| | median | max | mean \\|pitch error\\| | median | max |",
              "|---|---|---|---|---|---|---|"]
