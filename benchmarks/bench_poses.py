@@ -50,6 +50,7 @@ from gmpi_lightning.estimators import load_estimators
 from gmpi_lightning.inversion import InvertSettings, invert, latent_stats
 from gmpi_lightning.pose_reader import ReaderSettings, reader_for, yaw_window
 from gmpi_lightning.pose_search import SearchSettings, search_pose
+from gmpi_lightning.poses import mirror_average
 from gmpi_lightning.scene import Scene
 
 ROWS = ("search + refine", "search only", "reader-guided search + refine", "reader", "pose CNN + refine", "pose CNN",
@@ -76,10 +77,15 @@ def main() -> None:
                     help="override a ReaderSettings field, e.g. --reader-set steps=500 (repeatable)")
     ap.add_argument("--profile", type=int, metavar="N", help="map the loss over N fixed yaws per head instead")
     ap.add_argument("--mirror", action="store_true",
-                    help="mirror each head left-right (its true yaw negated): beside a run without, the same heads seen "
-                         "from the other side")
+                    help="mirror each head left-right (its true yaw negated): beside a run without, the same "
+                         "heads seen from the other side")
+    ap.add_argument("--average-mirror", nargs=2, metavar=("RUN", "MIRRORED_RUN"),
+                    help="no estimation: the table of two runs' --out folders (without and with --mirror) with each "
+                         "camera averaged with its mirror's (gmpi poses --mirror), written to --out")
     add_run_flags(ap, "pose_lr=0.005", "runs/bench/poses")
     args = ap.parse_args()
+    if args.average_mirror:
+        return mirror_table(*args.average_mirror, Path(args.out))
     card, cfg, loaded = setup(args)
     G, preset = loaded.G, loaded.preset
     est_path = Path(args.estimators or Path("runs/estimators") / f"{Path(args.data).name}.pt")
@@ -219,6 +225,48 @@ def loss_profile(args, G, preset, cfg, indices: list[int], true_yaw: list[float]
     print(f"{len(heads)} heads: lowest loss {summary['mean_abs_error_of_lowest']:.3f} rad from the truth on average; "
           f"lower on the mirrored side for {summary['mirrored_side_lower']}; own side lower by "
           f"{summary['median_side_gap']:.1%} (median); wrote {out}/profile.json")
+
+
+def mirror_table(run: str, mirrored_run: str, out: Path) -> dict:
+    """Each row's error alone (both runs pooled: 2 x N views of the heads) and averaged with the mirror's estimate
+    as ``gmpi poses --mirror`` averages it; how far apart the two were on heads the average misses by more than
+    WRONG and on the rest."""
+    plain, mirrored = (json.loads((Path(d) / "results.json").read_text()) for d in (run, mirrored_run))
+    by_index = {h["index"]: h for h in mirrored["heads"]}
+    if sorted(by_index) != sorted(h["index"] for h in plain["heads"]) or "--mirror" not in mirrored["command"] \
+            or "--mirror" in plain["command"]:
+        raise SystemExit(f"{run} and {mirrored_run} must be runs of the same heads, without and with --mirror")
+    header = (r"| camera from | alone: mean \|yaw error\| | mirror-averaged: mean | median | max | mean \|pitch "
+              r"error\| | image vs mirror apart: on misses | on the rest |")
+    table, lines = {}, [f"Mirror-averaged cameras: `{plain['command']}` and `{mirrored['command']}` (checkpoint "
+                        f"sha256 {plain['checkpoint_sha256']}; {len(by_index)} heads)", "", header,
+                        "|---|---|---|---|---|---|---|---|"]
+    for name in ROWS:
+        pairs = [(h, by_index[h["index"]]) for h in plain["heads"] if name in h["estimates"]]
+        if not pairs or name == "prior mean":
+            continue
+        alone, avg, pitch, apart = [], [], [], []
+        for h, m in pairs:
+            (y1, p1), (y2, p2) = h["estimates"][name], m["estimates"][name]
+            cam = mirror_average({"yaw": y1, "pitch": p1, "confidence": 0.0}, {"yaw": y2, "pitch": p2,
+                                                                                "confidence": 0.0})
+            alone += [abs(y1 - h["yaw"]), abs(y2 - m["yaw"])]
+            avg.append(cam["yaw"] - h["yaw"])
+            pitch.append(cam["pitch"] - h["pitch"])
+            apart.append(cam["mirror_disagreement"])
+        miss = [a for a, e in zip(apart, avg) if abs(e) > WRONG]
+        rest = [a for a, e in zip(apart, avg) if abs(e) <= WRONG]
+        table[name] = {"alone": float(np.mean(alone)), "yaw": _stats(avg), "pitch": _stats(pitch),
+                       "apart_on_misses": miss, "apart_on_rest": rest}
+        y = table[name]["yaw"]
+        lines.append(f"| {name} | {table[name]['alone']:.3f} | {y['mean']:.3f} | {y['median']:.3f} | {y['max']:.3f} "
+                     f"| {table[name]['pitch']['mean']:.3f} | {_mean_text(miss)} | {_mean_text(rest)} |")
+    md = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"runs": [run, mirrored_run], "table": table}, indent=1))
+    print(md + f"wrote {out}/table.md, results.json")
+    return table
 
 
 def _mean_text(values) -> str:

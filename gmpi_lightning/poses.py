@@ -6,8 +6,9 @@
 Each image's camera is estimated by the checkpoint itself, as ``gmpi invert`` does without ``--pose``
 (:mod:`gmpi_lightning.pose_search`: a grid search over the preset's pose prior, then yaw and pitch learned with the
 latent; no pivotal tuning, which does not move the camera); ``--pose-init reader`` searches around the reading of
-the checkpoint's pose reader (:mod:`gmpi_lightning.pose_reader`). ``--out`` gets ``{"file.png": {"yaw", "pitch",
-"confidence"}, ...}`` (radians on the preset's sphere, keyed by the path relative to ``--images``). Next to it,
+the checkpoint's pose reader (:mod:`gmpi_lightning.pose_reader`); ``--mirror`` averages each camera with its
+left-right mirror's. ``--out`` gets ``{"file.png": {"yaw", "pitch", "confidence"}, ...}`` (radians on the preset's
+sphere, keyed by the path relative to ``--images``). Next to it,
 ``<out>.report.json`` holds every estimate with the search's runner-up and loss gap (and ``notes`` on what reading
 changed in the image: resized, grey, alpha dropped), the images whose confidence is under the flag level
 (``--min-confidence``, or 0.05) and which of them ``--min-confidence`` left out of ``--out``, the checkpoint and the
@@ -37,6 +38,7 @@ from .pose_search import SearchSettings
 
 REPORT_FORMAT = "gmpi-lightning/poses-report/v1"
 FLAG_BELOW = 0.05  # confidence under which an image is listed as unsure when no --min-confidence is given
+OPTIONAL = {"mirror": False}  # settings a report may lack: what a report without them was made with
 
 
 _warn = warner("gmpi poses")
@@ -84,10 +86,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, search: SearchSettings | None = None,
                     min_confidence: float | None = None, skip_bad: bool = False, overwrite: bool = False,
-                    device: str = "cpu", warn=_warn, pose_init: str = "search") -> dict:
+                    device: str = "cpu", warn=_warn, pose_init: str = "search", mirror: bool = False) -> dict:
     """``gmpi poses`` as a function: writes ``out`` and its report (module docstring) and returns the report.
     ``pose_init="reader"`` searches each image's camera around the checkpoint's pose reader's reading
-    (:func:`~gmpi_lightning.pose_reader.yaw_window`), as ``gmpi invert --pose-init reader``."""
+    (:func:`~gmpi_lightning.pose_reader.yaw_window`), as ``gmpi invert --pose-init reader``. ``mirror`` estimates
+    each camera on the image and on its left-right mirror too, and keeps the mean (:func:`mirror_average`)."""
     from . import export
     from .inference import load_gmpi, load_image
 
@@ -113,7 +116,7 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
     G, preset = loaded.G, loaded.preset
     meta = {"format": REPORT_FORMAT, "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt),
             "preset": preset.name, "images": str(folder), "settings": asdict(settings), "search": asdict(search),
-            "pose_init": pose_init}
+            "pose_init": pose_init, "mirror": mirror}
     done, digest = _resume(out, meta, overwrite), {n: file_sha256(folder / n) for n in names if n not in bad}
     stale = sorted(n for n in done if done[n].get("sha256") != digest.get(n))
     for name in stale:  # replaced, edited or removed since it was posed: estimated again, or dropped
@@ -131,20 +134,12 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
         for name in todo:
             notes = []  # resized, grey, alpha dropped: kept in the report, counted once at the end
             target = load_image(folder / name, G.img_resolution, crop=False, warn=notes.append).to(device)
-            here, reading = search, None
-            if reader is not None:
-                with torch.no_grad():
-                    reading = [float(v) for v in reader(target * 2 - 1)[0]]
-                here = replace(search, yaw_range=yaw_window(reading[0], preset))
-            inv = invert(G, preset, target, settings=settings, search=here)
-            if inv.interrupted:  # Ctrl-C inside the estimation: this image is not done
+            found = [estimate_camera(G, preset, image, settings, search, reader)
+                     for image in ([target, target.flip(-1)] if mirror else [target])]
+            if any(f is None for f in found):  # Ctrl-C inside the estimation: this image is not done
                 interrupted = True
                 break
-            found = inv.history["pose_search"]
-            done[name] = {"sha256": digest[name], "yaw": inv.yaw, "pitch": inv.pitch, "confidence": found["confidence"],
-                          "loss_gap": found["loss_gap"], "search": [found["best"]["yaw"], found["best"]["pitch"]],
-                          "runner_up": found["runner_up"], "recon_psnr": inv.metrics()["recon_psnr"],
-                          **({"reader": reading} if reading else {}),
+            done[name] = {"sha256": digest[name], **(mirror_average(*found) if mirror else found[0]),
                           **({"notes": [n.removeprefix(f"{folder / name}: ") for n in notes]} if notes else {})}
             _write(out, meta, done, bad, min_confidence, flag, interrupted=False)
             bar.update()
@@ -168,6 +163,35 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
     return report
 
 
+def estimate_camera(G, preset, target, settings: InvertSettings, search: SearchSettings, reader=None) -> dict | None:
+    """One image's camera (the search, then stage 1 of the inversion; around the ``reader``'s reading when given) and
+    what the report keeps of it; None when Ctrl-C stopped it."""
+    reading = None
+    if reader is not None:
+        with torch.no_grad():
+            reading = [float(v) for v in reader(target * 2 - 1)[0]]
+        search = replace(search, yaw_range=yaw_window(reading[0], preset))
+    inv = invert(G, preset, target, settings=settings, search=search)
+    if inv.interrupted:
+        return None
+    found = inv.history["pose_search"]
+    return {"yaw": inv.yaw, "pitch": inv.pitch, "confidence": found["confidence"], "loss_gap": found["loss_gap"],
+            "search": [found["best"]["yaw"], found["best"]["pitch"]], "runner_up": found["runner_up"],
+            "recon_psnr": inv.metrics()["recon_psnr"], **({"reader": reading} if reading else {})}
+
+
+def mirror_average(image: dict, mirrored: dict) -> dict:
+    """One camera from the estimates on an image and on its left-right mirror (whose yaw is the image's negated: yaw
+    0 faces the camera): yaw ``(y - y_mirrored) / 2``, pitch the mean. A bias towards one side cancels, and the two
+    fits' independent errors average. The confidence is the lower of the two (none if either has none);
+    ``mirror_disagreement`` (``|y + y_mirrored|``, radians) is how far apart they were: large where one of them took
+    the wrong side."""
+    confidences = (image["confidence"], mirrored["confidence"])
+    return {**image, "yaw": (image["yaw"] - mirrored["yaw"]) / 2, "pitch": (image["pitch"] + mirrored["pitch"]) / 2,
+            "confidence": None if None in confidences else min(confidences), "image": image, "mirrored": mirrored,
+            "mirror_disagreement": abs(image["yaw"] + mirrored["yaw"])}
+
+
 def _resume(out: Path, meta: dict, overwrite: bool) -> dict:
     """Estimates of an earlier run of the same command (same checkpoint, folder and settings), else {}."""
     rep = report_path(out)
@@ -177,7 +201,7 @@ def _resume(out: Path, meta: dict, overwrite: bool) -> dict:
         old = json.loads(rep.read_text())
     except (OSError, ValueError):
         old = None
-    same = isinstance(old, dict) and all(old.get(k) == v for k, v in meta.items())
+    same = isinstance(old, dict) and all(old.get(k, OPTIONAL.get(k)) == v for k, v in meta.items())
     if not same:
         raise FileExistsError(f"{out} exists from another checkpoint, folder or settings (see {rep}): pass "
                               f"--overwrite to replace it, or choose another --out")

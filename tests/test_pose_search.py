@@ -290,3 +290,40 @@ def test_poses_resume_poses_a_changed_file_again_and_drops_a_removed_one(tiny_ck
         assert gmpi_main([*base[:6], str(bad_out), *base[7:], "--overwrite"]) == 1
         assert "a .json file" in capsys.readouterr().err
     assert iio.imread(folder / "h1.png").shape == (32, 32, 3)  # the image is untouched
+
+
+def test_poses_mirror_averages_the_image_and_its_mirror(tiny_ckpt, heads, tmp_path, monkeypatch, capsys):
+    """--mirror fits the image and its left-right mirror (not an upside-down or the same image) and writes yaw
+    (y - y_mirrored) / 2, pitch the mean, the lower confidence; the report keeps both fits. Rules out a sum for the
+    difference (a yaw near 0), the wrong flip axis, and resuming a run made without --mirror."""
+    from gmpi_lightning import poses
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "h.png").write_bytes((heads / "head2.png").read_bytes())  # CAMERAS[2]: yaw 0.5
+    real, targets = poses.invert, []
+    monkeypatch.setattr(poses, "invert", lambda G, preset, target, **kw: targets.append(target) or
+                        real(G, preset, target, **kw))
+    out = tmp_path / "p.json"
+    base = ["poses", "--ckpt", str(tiny_ckpt), "--images", str(folder), "--out", str(out), "--steps", str(STEPS),
+            "--device", "cpu"]
+    assert gmpi_main([*base, "--mirror"]) == 0
+    assert len(targets) == 2 and torch.equal(targets[1], targets[0].flip(-1))
+    est = json.loads((tmp_path / "p.report.json").read_text())["estimates"]["h.png"]
+    image, mirrored = est["image"], est["mirrored"]
+    assert abs(image["yaw"] - CAMERAS[2][0]) < YAW_TOL  # (the tiny generator is not symmetric: its mirror fit is not)
+    written = json.loads(out.read_text())["h.png"]
+    assert written["yaw"] == pytest.approx((image["yaw"] - mirrored["yaw"]) / 2, abs=1e-12)
+    assert written["pitch"] == pytest.approx((image["pitch"] + mirrored["pitch"]) / 2, abs=1e-12)
+    assert written["confidence"] == min(image["confidence"], mirrored["confidence"])
+    assert est["mirror_disagreement"] == pytest.approx(abs(image["yaw"] + mirrored["yaw"]), abs=1e-12)
+    capsys.readouterr()
+    assert gmpi_main(base) == 1 and "exists from another checkpoint, folder or settings" in capsys.readouterr().err
+    plain = [*base[:6], str(tmp_path / "q.json"), *base[7:]]
+    assert gmpi_main(plain) == 0 and len(targets) == 3
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    del report["mirror"]  # a report written before the setting existed was made without it: it resumes
+    (tmp_path / "q.report.json").write_text(json.dumps(report))
+    assert gmpi_main(plain) == 0 and len(targets) == 3
+    one = {"yaw": 0.3, "pitch": 0.1, "confidence": None}
+    assert poses.mirror_average(one, dict(one, yaw=-0.2, confidence=0.5))["confidence"] is None  # unsure stays so

@@ -89,7 +89,7 @@ def poses(ckpt: str, images: str, out: str, min_confidence: float | None = None,
           overwrite: bool = False, steps: int = _DI.steps, pose_lr: float = _DI.pose_lr, search_grid: str = GRID,
           search_steps: int = _DS.steps, planes: int | None = None, plane_chunk: int | None = None,
           seed: int = _DI.seed, device: str | None = None, threads: int | None = None,
-          pose_init: Literal["search", "reader"] = "search") -> int:
+          pose_init: Literal["search", "reader"] = "search", mirror: bool = False) -> int:
     """Estimate the camera of every image in a folder with a GMPI checkpoint (analysis-by-synthesis) and write the
     poses.json `gmpi data folder` reads, with a per-image confidence and a report.
 
@@ -111,6 +111,8 @@ def poses(ckpt: str, images: str, out: str, min_confidence: float | None = None,
         threads: CPU threads (1 is fastest at 32-64 px next to other jobs).
         pose_init: search (the prior) or reader (the half of the prior's yaw range around the reading of a pose CNN
             trained on the checkpoint's own renders: minutes the first time, then cached next to the checkpoint).
+        mirror: estimate each camera on the image and on its left-right mirror and keep their mean: twice the time,
+            a lower error (docs/INVERSION.md, "Mirror averaging").
     """
     from ..invert_cli import parse_grid
     from ..poses import estimate_folder, report_path
@@ -121,7 +123,7 @@ def poses(ckpt: str, images: str, out: str, min_confidence: float | None = None,
                               seed=seed)
     search = SearchSettings(*parse_grid(search_grid), steps=search_steps, plane_chunk=plane_chunk)
     report = estimate_folder(ckpt, images, out, settings, search, min_confidence, skip_bad, overwrite,
-                             device or default_device(), pose_init=pose_init)
+                             device or default_device(), pose_init=pose_init, mirror=mirror)
     print(f"wrote {report['count']} camera(s) to {out} ({len(report['low_confidence'])} unsure, "
           f"{len(report['left_out'])} left out, {len(report['skipped'])} skipped; report {report_path(out)})")
     if report["interrupted"]:
