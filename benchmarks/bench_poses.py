@@ -85,7 +85,13 @@ def main() -> None:
     add_run_flags(ap, "pose_lr=0.005", "runs/bench/poses")
     args = ap.parse_args()
     if args.average_mirror:
-        return mirror_table(*args.average_mirror, Path(args.out))
+        if args.out == ap.get_default("out") or Path(args.out).resolve() in {Path(d).resolve()
+                                                                            for d in args.average_mirror}:
+            raise SystemExit("--average-mirror writes a new table: pass an --out other than its two runs' folders")
+        mirror_table(*args.average_mirror, Path(args.out))
+        return
+    if args.mirror and args.profile:
+        raise SystemExit("--profile maps the loss of the heads as drawn: it takes no --mirror")
     card, cfg, loaded = setup(args)
     G, preset = loaded.G, loaded.preset
     est_path = Path(args.estimators or Path("runs/estimators") / f"{Path(args.data).name}.pt")
@@ -233,9 +239,11 @@ def mirror_table(run: str, mirrored_run: str, out: Path) -> dict:
     WRONG and on the rest."""
     plain, mirrored = (json.loads((Path(d) / "results.json").read_text()) for d in (run, mirrored_run))
     by_index = {h["index"]: h for h in mirrored["heads"]}
-    if sorted(by_index) != sorted(h["index"] for h in plain["heads"]) or "--mirror" not in mirrored["command"] \
-            or "--mirror" in plain["command"]:
-        raise SystemExit(f"{run} and {mirrored_run} must be runs of the same heads, without and with --mirror")
+    same = all(plain[k] == mirrored[k] for k in ("checkpoint_sha256", "settings", "search"))
+    if not same or mirrored["command"] != plain["command"] + " --mirror" \
+            or sorted(by_index) != sorted(h["index"] for h in plain["heads"]):
+        raise SystemExit(f"{run} and {mirrored_run} must be runs of the same command on the same checkpoint, the "
+                         f"second with --mirror added")
     header = (r"| camera from | alone: mean \|yaw error\| | mirror-averaged: mean | median | max | mean \|pitch "
               r"error\| | image vs mirror apart: on misses | on the rest |")
     table, lines = {}, [f"Mirror-averaged cameras: `{plain['command']}` and `{mirrored['command']}` (checkpoint "

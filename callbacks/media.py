@@ -94,6 +94,8 @@ class MediaCallback(Callback):
                  out_dir: str | None = None):
         if every_n_iters is not None and every_n_iters < 1:
             raise InputError(f"every_n_iters must be a positive number of iterations or None, got {every_n_iters}")
+        if resolution is not None and resolution < 1:  # checked here, not at the first render mid-run
+            raise InputError(f"resolution must be a positive number of pixels or None (the preset's), got {resolution}")
         self.every_n_iters, self.at_end, self.out_dir = every_n_iters, at_end, out_dir
         self.renderer_kwargs = dict(planes=planes, resolution=resolution, truncation_psi=truncation_psi,
                                     plane_chunk=plane_chunk)

@@ -27,8 +27,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-# the reading side of the schema, and the card's names, live in gmpi_lightning.data
-from gmpi_lightning.data import CARD, CARD_FORMAT, PARTIAL_MARKER, file_sha256, is_shard_output, read_card, read_picture  # noqa: F401,E501
+from gmpi_lightning.data import (  # noqa: F401  (the reading side of the schema, and the card's names, live there)
+    CARD,
+    CARD_FORMAT,
+    PARTIAL_MARKER,
+    file_sha256,
+    is_shard_output,
+    read_card,
+    read_picture,
+)
 from gmpi_lightning.errors import InputError
 
 REJECTED = "rejected.jsonl"

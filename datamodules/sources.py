@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from gmpi_lightning.data import IMAGE_EXTS, image_files
+from gmpi_lightning.errors import warner
 
 from .shards import BadSample, decode_image
 
@@ -58,13 +59,18 @@ class ImageSource:
 
     def names(self) -> list[str]:
         if self.path.is_dir():
-            return image_files(self.path)
+            return image_files(self.path, note=warner("gmpi data"))
         with zipfile.ZipFile(self.path) as z:
             return sorted(n for n in z.namelist() if Path(n).suffix.lower() in IMAGE_EXTS)
 
     def read(self, name: str) -> bytes:
         if self.path.is_dir():
-            return (self.path / name).read_bytes()
+            path = self.path / name
+            try:
+                return path.read_bytes()
+            except OSError as e:  # a broken link, a file removed since it was listed, no permission
+                link = "; a broken link" if path.is_symlink() else ""
+                raise BadSample(f"{name}: cannot be read ({e.strerror}{link})") from None
         if self._zip is None:
             self._zip = zipfile.ZipFile(self.path)
         return read_zip_member(self._zip, name)

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import sys
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -73,23 +72,32 @@ def resolve_shards(data: str | Path | Sequence[str]) -> tuple[list[str], dict | 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # the image files gmpi poses and gmpi data read from a folder
 
 
-def image_files(folder: Path) -> list[str]:
-    """The image files under ``folder`` (recursively, through symlinked folders, each real folder once), as sorted
-    POSIX paths relative to it: the names poses files are keyed by. A subfolder written by ``gmpi data`` (its card,
-    or an unfinished ``.partial``) is an output, not input, and is passed over with a note on stderr; a broken link
-    stays listed, so reading it fails with its name."""
-    names, seen = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        here = Path(root)
-        if os.path.realpath(here) in seen:  # a link back up the tree, or a second link to one folder
-            dirs[:] = []
-            continue
-        seen.add(os.path.realpath(here))
-        if here != folder and (is_shard_output(here) or (here / PARTIAL_MARKER).is_file()):
-            print(f"{here}: a `gmpi data` output, not input: its images are not read", file=sys.stderr)
-            dirs[:] = []
-            continue
-        names += [(here / f).relative_to(folder).as_posix() for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
+def image_files(folder: Path, note=None) -> list[str]:
+    """The image files under ``folder`` (recursively), as sorted POSIX paths relative to it: the names poses files
+    are keyed by. Symlinked folders are followed, each real folder read once and under its real path where it is
+    inside ``folder`` (real folders first, then links, each in sorted order: the same names on every machine). A
+    subfolder written by ``gmpi data`` (its card, or an unfinished ``.partial``) is output, not input: passed over,
+    with a ``note``; ``folder`` itself being one is an error. A broken link stays listed, so reading it fails with
+    its name."""
+    if is_shard_output(folder):
+        raise InputError(f"{folder} is a dataset written by `gmpi data` (shards, card, preview), not a folder of "
+                         f"images; pass the folder of the images it was made from")
+    names, seen, links = [], set(), [folder]
+    while links:
+        for root, dirs, files in os.walk(links.pop(0)):  # does not enter links: they are queued below
+            here = Path(root)
+            dirs.sort()
+            if os.path.realpath(here) in seen:  # a second way into a folder already read
+                dirs[:] = []
+                continue
+            seen.add(os.path.realpath(here))
+            if here != folder and (is_shard_output(here) or (here / PARTIAL_MARKER).is_file()):
+                if note:
+                    note(f"{here}: a `gmpi data` output, not input: its images are not read")
+                dirs[:] = []
+                continue
+            links += [here / d for d in dirs if (here / d).is_symlink()]
+            names += [(here / f).relative_to(folder).as_posix() for f in files if Path(f).suffix.lower() in IMAGE_EXTS]
     return sorted(names)
 
 
@@ -119,6 +127,9 @@ def read_picture(source: str | Path | bytes, name: str | Path) -> tuple[np.ndarr
     """One picture from a file or its bytes, decoded whole (a truncated file fails here, not later): H x W x 3 uint8
     (:func:`rgb8`), whether it had transparent pixels, and whether it was grey. A file that is not one decodable
     picture (unreadable, or an animation) is an :class:`InputError` naming ``name``."""
+    if not isinstance(source, bytes) and not os.path.isfile(source):
+        broken = "a broken link" if os.path.islink(source) else "not a file"
+        raise InputError(f"{name}: cannot be read ({broken}); point it at the image, or remove it")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             im.load()

@@ -54,7 +54,7 @@ def list_images(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    names = image_files(folder)
+    names = image_files(folder, note=_warn)
     if not names:
         raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
     return names
@@ -134,9 +134,10 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
         for name in todo:
             notes = []  # resized, grey, alpha dropped: kept in the report, counted once at the end
             target = load_image(folder / name, G.img_resolution, crop=False, warn=notes.append).to(device)
-            found = [estimate_camera(G, preset, image, settings, search, reader)
-                     for image in ([target, target.flip(-1)] if mirror else [target])]
-            if any(f is None for f in found):  # Ctrl-C inside the estimation: this image is not done
+            found = [estimate_camera(G, preset, target, settings, search, reader)]
+            if mirror and found[0] is not None:
+                found.append(estimate_camera(G, preset, target.flip(-1), settings, search, reader))
+            if found[-1] is None:  # Ctrl-C inside the estimation: this image is not done
                 interrupted = True
                 break
             done[name] = {"sha256": digest[name], **(mirror_average(*found) if mirror else found[0]),
@@ -187,9 +188,9 @@ def mirror_average(image: dict, mirrored: dict) -> dict:
     ``mirror_disagreement`` (``|y + y_mirrored|``, radians) is how far apart they were: large where one of them took
     the wrong side."""
     confidences = (image["confidence"], mirrored["confidence"])
-    return {**image, "yaw": (image["yaw"] - mirrored["yaw"]) / 2, "pitch": (image["pitch"] + mirrored["pitch"]) / 2,
-            "confidence": None if None in confidences else min(confidences), "image": image, "mirrored": mirrored,
-            "mirror_disagreement": abs(image["yaw"] + mirrored["yaw"])}
+    return {"yaw": (image["yaw"] - mirrored["yaw"]) / 2, "pitch": (image["pitch"] + mirrored["pitch"]) / 2,
+            "confidence": None if None in confidences else min(confidences),
+            "mirror_disagreement": abs(image["yaw"] + mirrored["yaw"]), "image": image, "mirrored": mirrored}
 
 
 def _resume(out: Path, meta: dict, overwrite: bool) -> dict:

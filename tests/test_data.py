@@ -181,8 +181,9 @@ def test_folder_poses_files_users_write(tmp_path, capsys):
 
 
 def test_folder_layouts_users_have(tmp_path, capsys):
-    """Images behind a symlinked subfolder are read (once, even with a link back up the tree); a broken link is
-    named, not skipped; the output written inside the images folder (shards, card, preview.png) is not read as input
+    """Images behind a symlinked subfolder are read (once, even with a link back up the tree; under the real path
+    whatever the links' names); a broken link stops the conversion with its name, or is listed with --skip-bad; the
+    output written inside the images folder (shards, card, preview.png) is not read as input
     on the next run, so the same command can be run again with --overwrite and gives the same dataset."""
     from gmpi_lightning.data import image_files
 
@@ -194,9 +195,28 @@ def test_folder_layouts_users_have(tmp_path, capsys):
     (imgs / "linked").symlink_to(elsewhere, target_is_directory=True)
     (elsewhere / "up").symlink_to(imgs, target_is_directory=True)  # a loop through the link
     assert image_files(imgs) == ["a.png", "linked/b.png"]
+    (imgs / "people").mkdir()
+    (imgs / "people" / "c.png").write_bytes(_png(3))
+    for alias in ("alias", "faces", "shortcut", "zz"):  # links sorting before and after the real folder
+        (imgs / alias).symlink_to(imgs / "people", target_is_directory=True)
+    assert image_files(imgs) == ["a.png", "linked/b.png", "people/c.png"]  # the real path, whatever the link order
+    for alias in ("alias", "faces", "shortcut", "zz"):
+        (imgs / alias).unlink()
+    (imgs / "people" / "c.png").unlink()
+    (imgs / "people").rmdir()
     (imgs / "gone.png").symlink_to(tmp_path / "deleted.png")
     assert image_files(imgs) == ["a.png", "gone.png", "linked/b.png"]
+    (tmp_path / "p.json").write_text(json.dumps({"a.png": {"yaw": 0.1, "pitch": 0.0}, "gone.png": {"yaw": 0.0,
+                                                 "pitch": 0.0}, "linked/b.png": {"yaw": -0.2, "pitch": 0.05}}))
+    with pytest.raises(BadSample, match=r"gone.png: cannot be read \(No such file or directory; a broken link\)"):
+        cv.convert_folder(imgs, tmp_path / "p.json", tmp_path / "s", workers=0)
+    card = read_card(cv.convert_folder(imgs, tmp_path / "p.json", tmp_path / "s", workers=0, skip_bad=True))
+    assert card["count"] == 2 and "gone.png" in (tmp_path / "s" / "rejected.jsonl").read_text()
     (imgs / "gone.png").unlink()
+    (imgs / "old.partial").mkdir()  # an interrupted run's leftovers: not input either
+    (imgs / "old.partial" / ".gmpi-partial").touch()
+    (imgs / "old.partial" / "preview.png").write_bytes(_png(4))
+    assert image_files(imgs) == ["a.png", "linked/b.png"]
     (tmp_path / "p.json").write_text(json.dumps({"a.png": {"yaw": 0.1, "pitch": 0.0},
                                                  "linked/b.png": {"yaw": -0.2, "pitch": 0.05}}))
     args = ["data", "folder", "--images", str(imgs), "--poses", str(tmp_path / "p.json"), "--out", str(imgs / "ds")]
@@ -209,6 +229,8 @@ def test_folder_layouts_users_have(tmp_path, capsys):
     again = _samples(imgs / "ds")
     assert read_card(imgs / "ds")["rejected"] == 0 and sorted(again) == sorted(first)
     assert all(max_err(again[k][0], first[k][0]) == 0 for k in first)
+    with pytest.raises(InputError, match="is a dataset written by `gmpi data`.*not a folder of images"):
+        image_files(imgs / "ds")  # --images pointed at the output
 
 
 @pytest.mark.parametrize("yaw, pitch", [(30.0, 5.0), (0.1, 2.0), (-4.0, 0.0)])

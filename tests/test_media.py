@@ -120,6 +120,8 @@ def test_schedule_uses_module_iterations_rank0_only(module, tmp_path):
     assert not (tmp_path / "rank1").exists() and cb3.written == []
     with pytest.raises(ValueError, match="every_n_iters"):
         SampleGrid(every_n_iters=0)
+    with pytest.raises(ValueError, match="resolution must be a positive number of pixels"):  # at start, not mid-run
+        SampleGrid(every_n_iters=10, resolution=0)
 
 
 def test_stylegan2_mode_grid_is_one_row_of_2d_images(tmp_path):

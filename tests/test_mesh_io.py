@@ -89,6 +89,10 @@ def test_render_writes_a_glb_with_the_mpi_colours_inside_the_depth_range(tiny_ck
     assert gmpi_main(["render", "--ckpt", str(tiny_ckpt), "--seeds", "0", "--planes", "8", "--yaw", "0",
                       "--mesh-format", "glb", "--out", str(tmp_path / "g"), "--device", "cpu"]) == 0
     assert sorted(p.name for p in (tmp_path / "g").glob("*mesh*")) == ["seed0000_mesh.glb"]  # a format asks for one
+    assert gmpi_main(["invert", "--ckpt", str(tiny_ckpt), "--image", str(out / "seed0000_view00.png"), "--pose", "0,0",
+                      "--steps", "2", "--pti-steps", "0", "--planes", "8", "--mesh-format", "glb", "--out",
+                      str(tmp_path / "i"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "i").glob("mesh*")) == ["mesh.glb"]  # the same rule in gmpi invert
 
 
 def test_formats_and_bad_meshes_are_checked(tmp_path):

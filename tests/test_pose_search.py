@@ -325,5 +325,9 @@ def test_poses_mirror_averages_the_image_and_its_mirror(tiny_ckpt, heads, tmp_pa
     del report["mirror"]  # a report written before the setting existed was made without it: it resumes
     (tmp_path / "q.report.json").write_text(json.dumps(report))
     assert gmpi_main(plain) == 0 and len(targets) == 3
+    calls = []  # Ctrl-C inside the image's fit: the mirror's is not started, and the image is not done
+    monkeypatch.setattr(poses, "invert", lambda *a, **kw: calls.append(1) or type("Stopped", (), {"interrupted": 1})())
+    assert gmpi_main([*base[:6], str(tmp_path / "r.json"), *base[7:], "--mirror"]) == 130
+    assert len(calls) == 1 and json.loads((tmp_path / "r.json").read_text()) == {}
     one = {"yaw": 0.3, "pitch": 0.1, "confidence": None}
     assert poses.mirror_average(one, dict(one, yaw=-0.2, confidence=0.5))["confidence"] is None  # unsure stays so

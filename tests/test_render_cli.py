@@ -100,6 +100,8 @@ def test_render_errors_are_clear(small_ckpt, tmp_path, capsys):
         parse_seeds("0-3,1,3")
     with pytest.raises(ValueError, match="2 listed more than once"):
         parse_seeds([2, 2])
+    with pytest.raises(ValueError, match=r"must be in 0 \.\. 2\*\*32 - 1"):
+        parse_seeds([-1])
     assert parse_seeds("0-2,7") == (0, 1, 2, 7)
 
 

@@ -28,7 +28,8 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
            pose_init: Literal["search", "cnn", "reader", "mean"] | None = None, pose_lr: float = _DI.pose_lr,
            search_grid: str = GRID, search_steps: int = _DS.steps, estimators: str | None = None,
            views: str | None = None, video: bool = False, frames: int = 60, fps: int = 12, mesh: bool = False,
-           mesh_level: float = 0.5, mesh_format: str = "ply", steps: int = _DI.steps, pti_steps: int = _DI.pti_steps,
+           mesh_level: float = 0.5, mesh_format: str | None = None, steps: int = _DI.steps,
+           pti_steps: int = _DI.pti_steps,
            no_w_plus: bool = False, planes: int | None = None, plane_chunk: int | None = None, seed: int = _DI.seed,
            no_crop: bool = False, device: str | None = None, threads: int | None = None) -> int:
     """Invert one image into a GMPI scene (latent + pivotal tuning) and render novel views, depth, a video and a mesh.
@@ -53,7 +54,7 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
         fps: frames per second of the video.
         mesh: marching cubes over the alpha volume.
         mesh_level: iso-level on the smoothed alpha volume.
-        mesh_format: ply, glb (glTF binary, vertex colours) or both: ply,glb.
+        mesh_format: ply, glb (glTF binary, vertex colours) or both: ply,glb (default ply; implies --mesh).
         steps: stage 1 steps (latent: W, then W+).
         pti_steps: stage 2 steps (pivotal tuning; 0: off).
         no_w_plus: stage 1 in W only.
@@ -72,10 +73,11 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
     s = InvertSettings(steps=steps, pti_steps=pti_steps, w_plus_from=1.0 if no_w_plus else _DI.w_plus_from,
                        planes=planes, plane_chunk=plane_chunk, seed=seed, pose_lr=pose_lr)
     search = SearchSettings(*parse_grid(search_grid), steps=search_steps, plane_chunk=plane_chunk)
-    m = invert_image(ckpt, image, out, _pose(pose), parse_views(views) if views is not None else None, video, mesh,
-                     s, estimators, not no_crop, device or default_device(), frames=frames, fps=fps,
-                     mesh_level=mesh_level, pose_init=pose_init, search=search,
-                     mesh_formats=parse_mesh_formats(mesh_format))
+    formats = parse_mesh_formats("ply" if mesh_format is None else mesh_format)
+    m = invert_image(ckpt, image, out, _pose(pose), parse_views(views) if views is not None else None, video,
+                     mesh or mesh_format is not None, s, estimators, not no_crop, device or default_device(),
+                     frames=frames, fps=fps, mesh_level=mesh_level, pose_init=pose_init, search=search,
+                     mesh_formats=formats)
     cam = m["camera"]
     print(f"camera ({cam['source']}{', refined' if cam['refined'] else ''}): yaw {cam['yaw']:.3f}, pitch "
           f"{cam['pitch']:.3f}" + (f", search confidence {cam['confidence']:.3f}" if cam.get("confidence") is not None

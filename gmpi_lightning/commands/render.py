@@ -74,7 +74,7 @@ def render(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | None = 
     """
     from ..mesh_io import parse_mesh_formats, write_mesh
 
-    device, mesh_formats = device or default_device(), parse_mesh_formats(mesh_format or "ply")
+    device, mesh_formats = device or default_device(), parse_mesh_formats("ply" if mesh_format is None else mesh_format)
     mesh = mesh or mesh_format is not None
     loaded = load_generator(ckpt, config, preset, device)
     res = loaded.G.img_resolution if resolution is None else resolution
