@@ -214,6 +214,24 @@ def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: b
 LOW_CONFIDENCE = 0.05  # search confidence under which the camera is reported as unsure (docs/INVERSION.md)
 
 
+def _mirror_camera(G, preset: Preset, target, s: InvertSettings, search: SearchSettings, source: str, reader) -> dict:
+    """The camera search and stage 1 (no tuning) on ``target`` and on its left-right mirror, averaged."""
+    from .poses import estimate_camera, mirror_average
+
+    if source not in ("search", "reader"):
+        raise InputError(f"--mirror averages the camera the generator searches for (--pose-init search or reader); "
+                         f"this camera is {source}")
+    fit = replace(s, pti_steps=0)
+    print(f"--mirror: the camera search and {fit.steps} steps of stage 1 on the image, then on its mirror")
+    fits = [estimate_camera(G, preset, target, fit, search, reader)]
+    if fits[0] is not None:
+        fits.append(estimate_camera(G, preset, target.flip(-1), fit, search, reader))
+    if fits[-1] is None:
+        _warn("interrupted (Ctrl-C) while searching the camera: nothing written")
+        raise SystemExit(130)
+    return mirror_average(*fits)
+
+
 def camera_report(inv: Inversion, source: str, yaw0: float | None, pitch0: float | None) -> dict:
     """metrics.json's ``camera``: the camera used, where it started, whether it was refined, and for a search
     the runner-up, the loss gap and the confidence (:mod:`gmpi_lightning.pose_search`)."""
@@ -231,10 +249,12 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
                  settings: InvertSettings | None = None, estimators=None, crop: bool = True, device: str = "cpu",
                  progress: bool = True, frames: int = 60, fps: int = 12, mesh_level: float = 0.5,
                  pose_init: str | None = None, search: SearchSettings | None = None,
-                 mesh_formats=("ply",)) -> dict:
+                 mesh_formats=("ply",), mirror: bool = False) -> dict:
     """``gmpi invert`` as a function: every file of the command written to ``out``; returns metrics.json's dict.
     ``views`` default to yaw -0.3, 0, 0.3 around the preset's mean pose. Without ``pose`` the camera is estimated
-    (``pose_init``: :func:`resolve_pose`) and refined with the latent (``settings.pose_lr``; 0 keeps it)."""
+    (``pose_init``: :func:`resolve_pose`) and refined with the latent (``settings.pose_lr``; 0 keeps it).
+    ``mirror``: the estimated camera is the mean of the searches on the image and on its mirror
+    (:func:`~gmpi_lightning.poses.mirror_average`), and the image is inverted at it, fixed."""
     t0 = time.perf_counter()
     notes: list[str] = []
 
@@ -251,15 +271,22 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
     yaw, pitch, source = resolve_pose(pose, target, preset, estimators, loaded.training_data, warn=warn,
                                       pose_init=pose_init, reader=lambda: reader_for(ckpt, G, preset, device=device,
                                                                                      progress_bar=progress))
-    reading = None
-    if source == "reader":  # the camera search, on the reader's side of the prior
+    reading, averaged = None, None
+    if mirror:
+        averaged = _mirror_camera(G, preset, target, s, search or SearchSettings(), source,
+                                  reader_for(ckpt, G, preset, device=device) if source == "reader" else None)
+        yaw, pitch, source = averaged["yaw"], averaged["pitch"], f"{source}, mirror-averaged"
+    elif source == "reader":  # the camera search, on the reader's side of the prior
         reading, yaw, pitch = [yaw, pitch], None, None
         search = replace(search or SearchSettings(), yaw_range=yaw_window(reading[0], preset))
-    inv = invert(G, preset, target, yaw, pitch, s, progress=progress, refine_pose=source != "given" and s.pose_lr > 0,
-                 search=search)
+    inv = invert(G, preset, target, yaw, pitch, s, progress=progress,  # a given or averaged camera stays
+                 refine_pose=source != "given" and averaged is None and s.pose_lr > 0, search=search)
     if inv.interrupted:
         warn("interrupted (Ctrl-C): writing the best result so far")
     camera = camera_report(inv, source, yaw, pitch) | ({"reader": reading} if reading else {})
+    if averaged:  # the image fit's runner-up and the lower confidence stand for the search
+        camera |= {"runner_up": averaged["image"]["runner_up"], "confidence": averaged["confidence"],
+                   "mirror": averaged}
     if camera.get("confidence") is not None and camera["confidence"] < LOW_CONFIDENCE:
         warn(f"the camera search is unsure (confidence {camera['confidence']:.3f} < {LOW_CONFIDENCE}): the "
              f"runner-up yaw {camera['runner_up']['yaw']:.3f}, pitch {camera['runner_up']['pitch']:.3f} explains the "

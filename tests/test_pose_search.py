@@ -154,6 +154,34 @@ def test_invert_without_pose_reports_the_camera(tiny_ckpt, heads, tmp_path):
     assert (views["input"]["yaw"], views["input"]["pitch"]) == (cam["yaw"], cam["pitch"])
 
 
+def test_invert_mirror_inverts_at_the_mean_of_both_searches(tiny_ckpt, heads, tmp_path, monkeypatch, capsys):
+    """`gmpi invert --mirror`: the camera searched on the image and on its left-right mirror, averaged, and the
+    image inverted at that camera without moving it. Rules out inverting at one fit's camera, refining the average
+    away, the wrong flip, and --mirror silently ignored where there is no search to repeat."""
+    from gmpi_lightning import invert_cli, poses
+
+    calls = []
+    for module in (poses, invert_cli):
+        real = module.invert
+        monkeypatch.setattr(module, "invert", lambda G, preset, target, *a, _real=real, _m=module.__name__, **kw:
+                            calls.append((_m, target, a, kw)) or _real(G, preset, target, *a, **kw))
+    out = tmp_path / "inv"
+    args = ["invert", "--ckpt", str(tiny_ckpt), "--image", str(heads / "head2.png"), "--steps", "40", "--pti-steps",
+            "0", "--search-grid", "5x3", "--search-steps", "20", "--out", str(out), "--device", "cpu", "--mirror"]
+    assert gmpi_main(args) == 0
+    assert [c[0] for c in calls] == ["gmpi_lightning.poses", "gmpi_lightning.poses", "gmpi_lightning.invert_cli"]
+    assert torch.equal(calls[1][1], calls[0][1].flip(-1)) and torch.equal(calls[2][1], calls[0][1])
+    cam = json.loads((out / "metrics.json").read_text())["camera"]
+    m = cam["mirror"]
+    assert cam["source"] == "search, mirror-averaged" and not cam["refined"]
+    assert cam["yaw"] == pytest.approx((m["image"]["yaw"] - m["mirrored"]["yaw"]) / 2, abs=1e-6)
+    assert cam["pitch"] == pytest.approx((m["image"]["pitch"] + m["mirrored"]["pitch"]) / 2, abs=1e-6)
+    assert calls[2][2][:2] == (cam["yaw"], cam["pitch"]) and calls[2][3]["refine_pose"] is False
+    assert abs(m["image"]["yaw"] - CAMERAS[2][0]) < 0.05  # the image's own fit, as without --mirror
+    assert gmpi_main([*args, "--pose", "0.1,0"]) == 1
+    assert "--mirror averages the camera the generator searches for" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------- gmpi poses
 def _shard_cameras(folder) -> dict:
     from datamodules.posed_images import PosedImageDataModule

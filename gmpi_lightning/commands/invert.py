@@ -31,7 +31,7 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
            mesh_level: float = 0.5, mesh_format: str | None = None, steps: int = _DI.steps,
            pti_steps: int = _DI.pti_steps,
            no_w_plus: bool = False, planes: int | None = None, plane_chunk: int | None = None, seed: int = _DI.seed,
-           no_crop: bool = False, device: str | None = None, threads: int | None = None) -> int:
+           no_crop: bool = False, mirror: bool = False, device: str | None = None, threads: int | None = None) -> int:
     """Invert one image into a GMPI scene (latent + pivotal tuning) and render novel views, depth, a video and a mesh.
 
     Args:
@@ -62,6 +62,8 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
         plane_chunk: planes per chunk (memory at high resolution).
         seed: seed of the optimisation's noise.
         no_crop: refuse a non-square image instead of centre-cropping it.
+        mirror: search the camera on the image and on its left-right mirror and invert at their mean, fixed (with
+            --pose-init search or reader): a lower camera error, three fits' time (docs/INVERSION.md).
         device: cuda or cpu (default: cuda when available).
         threads: CPU threads (1 is fastest at 32-64 px on a machine shared with other jobs).
     """
@@ -77,7 +79,7 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
     m = invert_image(ckpt, image, out, _pose(pose), parse_views(views) if views is not None else None, video,
                      mesh or mesh_format is not None, s, estimators, not no_crop, device or default_device(),
                      frames=frames, fps=fps, mesh_level=mesh_level, pose_init=pose_init, search=search,
-                     mesh_formats=formats)
+                     mesh_formats=formats, mirror=mirror)
     cam = m["camera"]
     print(f"camera ({cam['source']}{', refined' if cam['refined'] else ''}): yaw {cam['yaw']:.3f}, pitch "
           f"{cam['pitch']:.3f}" + (f", search confidence {cam['confidence']:.3f}" if cam.get("confidence") is not None
