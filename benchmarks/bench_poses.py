@@ -67,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add_common_flags(ap, ", if there")
     ap.add_argument("--num", type=int, default=32)
+    ap.add_argument("--skip", type=int, default=0, help="start after this many held-out heads (a fresh set)")
     ap.add_argument("--source", choices=["data", "generator"], default="data",
                     help="heads drawn by the synthetic renderer (default) or by the checkpoint itself")
     ap.add_argument("--steps", type=int, default=InvertSettings.steps, help="stage 1 steps (camera refined)")
@@ -103,7 +104,7 @@ def main() -> None:
     settings = InvertSettings(steps=args.steps, pti_steps=0,
                               **overrides(args.set))
     search = SearchSettings(**overrides(args.search))
-    indices = list(range(card["count"], card["count"] + args.num))
+    indices = list(range(card["count"] + args.skip, card["count"] + args.skip + args.num))
     true_yaw, true_pitch = sample_poses(indices, cfg)
     if args.profile:
         return loss_profile(args, G, preset, cfg, indices, true_yaw.tolist(), true_pitch.tolist(),
@@ -175,6 +176,7 @@ def write_report(args, heads: list[dict], settings: InvertSettings, search: Sear
     seconds = float(np.mean([h["seconds"] for h in heads]))
     cpu = float(np.mean([h["cpu_seconds"] for h in heads]))
     command = (f"python benchmarks/bench_poses.py --ckpt {args.ckpt} --num {args.num}"
+               + (f" --skip {args.skip}" if args.skip else "")
                + (f" --source {args.source}" if args.source != "data" else "")
                + (f" --steps {args.steps}" if args.steps != InvertSettings.steps else "")
                + "".join(f" --set {kv}" for kv in args.set) + "".join(f" --search {kv}" for kv in args.search)
