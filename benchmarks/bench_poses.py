@@ -45,12 +45,12 @@ import torch
 from heads import add_common_flags, add_run_flags, overrides, setup  # benchmarks/heads.py
 
 from datamodules.synthetic import render_heads, sample_poses
+from gmpi_lightning.camera_fit import mirror_average
 from gmpi_lightning.cameras import clamp_to_prior
 from gmpi_lightning.estimators import load_estimators
 from gmpi_lightning.inversion import InvertSettings, invert, latent_stats
 from gmpi_lightning.pose_reader import ReaderSettings, reader_for, yaw_window
 from gmpi_lightning.pose_search import SearchSettings, search_pose
-from gmpi_lightning.poses import mirror_average
 from gmpi_lightning.scene import Scene
 
 ROWS = ("search + refine", "search only", "reader-guided search + refine", "reader", "pose CNN + refine", "pose CNN",

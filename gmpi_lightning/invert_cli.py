@@ -16,6 +16,7 @@ per requested view, ``views.json``, ``metrics.json``, with ``--video`` ``yaw.mp4
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, replace
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .camera_fit import mirror_fit
 from .cameras import clamp_to_prior, pose_range
 from .errors import InputError, warner
 from .inference import load_gmpi, load_image
@@ -214,22 +216,17 @@ def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: b
 LOW_CONFIDENCE = 0.05  # search confidence under which the camera is reported as unsure (docs/INVERSION.md)
 
 
-def _mirror_camera(G, preset: Preset, target, s: InvertSettings, search: SearchSettings, source: str, reader) -> dict:
-    """The camera search and stage 1 (no tuning) on ``target`` and on its left-right mirror, averaged."""
-    from .poses import estimate_camera, mirror_average
-
-    if source not in ("search", "reader"):
-        raise InputError(f"--mirror averages the camera the generator searches for (--pose-init search or reader); "
-                         f"this camera is {source}")
-    fit = replace(s, pti_steps=0)
-    print(f"--mirror: the camera search and {fit.steps} steps of stage 1 on the image, then on its mirror")
-    fits = [estimate_camera(G, preset, target, fit, search, reader)]
-    if fits[0] is not None:
-        fits.append(estimate_camera(G, preset, target.flip(-1), fit, search, reader))
-    if fits[-1] is None:
-        _warn("interrupted (Ctrl-C) while searching the camera: nothing written")
-        raise SystemExit(130)
-    return mirror_average(*fits)
+def _check_mirror(pose, pose_init: str | None, estimators) -> None:
+    """``--mirror`` repeats the generator's camera search on the mirror image: refused, before any work, where the
+    camera is not searched."""
+    if pose is not None:
+        raise InputError("--mirror averages the camera the generator searches for; --pose gives it: drop one of them")
+    if pose_init not in (None, "search", "reader"):
+        raise InputError(f"--mirror averages the camera the generator searches for; --pose-init {pose_init} does not "
+                         f"search: use --pose-init search or reader")
+    if pose_init is None and estimators is not None:
+        raise InputError("--mirror averages the camera the generator searches for, and --estimators makes the pose "
+                         "CNN's reading the start (--pose-init cnn): add --pose-init search or reader")
 
 
 def camera_report(inv: Inversion, source: str, yaw0: float | None, pitch0: float | None) -> dict:
@@ -253,8 +250,9 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
     """``gmpi invert`` as a function: every file of the command written to ``out``; returns metrics.json's dict.
     ``views`` default to yaw -0.3, 0, 0.3 around the preset's mean pose. Without ``pose`` the camera is estimated
     (``pose_init``: :func:`resolve_pose`) and refined with the latent (``settings.pose_lr``; 0 keeps it).
-    ``mirror``: the estimated camera is the mean of the searches on the image and on its mirror
-    (:func:`~gmpi_lightning.poses.mirror_average`), and the image is inverted at it, fixed."""
+    ``mirror``: the camera is the mean of the searches on the image and on its mirror
+    (:func:`~gmpi_lightning.camera_fit.mirror_fit`), and the image is inverted at it, fixed; Ctrl-C during those
+    two fits raises ``KeyboardInterrupt`` (there is no camera to write a result at yet)."""
     t0 = time.perf_counter()
     notes: list[str] = []
 
@@ -263,37 +261,46 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
         _warn(msg)
 
     s = settings or InvertSettings()
+    if mirror:
+        _check_mirror(pose, pose_init, estimators)
     loaded = load_gmpi(ckpt, device)
     preset, G = loaded.preset, loaded.G
     views = views if views is not None else [(preset.yaw_mean + d, preset.pitch_mean) for d in (-0.3, 0.0, 0.3)]
     check_views(Scene.for_generator(G, preset, s.planes or preset.train_planes, device), views)
     target = load_image(image, G.img_resolution, crop=crop, warn=warn).to(device)
-    yaw, pitch, source = resolve_pose(pose, target, preset, estimators, loaded.training_data, warn=warn,
-                                      pose_init=pose_init, reader=lambda: reader_for(ckpt, G, preset, device=device,
-                                                                                     progress_bar=progress))
-    reading, averaged = None, None
-    if mirror:
-        averaged = _mirror_camera(G, preset, target, s, search or SearchSettings(), source,
-                                  reader_for(ckpt, G, preset, device=device) if source == "reader" else None)
+    reader = functools.cache(lambda: reader_for(ckpt, G, preset, device=device, progress_bar=progress))
+    reading, averaged, fits_seconds = None, None, 0.0
+    if mirror:  # both searches and stage 1 fits, then the image inverted at their mean camera, kept fixed
+        source = pose_init or "search"
+        print(f"--mirror: the camera search and {s.steps} steps of stage 1 on the image, then on its mirror")
+        averaged = mirror_fit(G, preset, target, s, search or SearchSettings(), reader() if source == "reader"
+                              else None, progress)
+        if averaged is None:
+            raise KeyboardInterrupt  # Ctrl-C in a fit: no camera yet, nothing written
         yaw, pitch, source = averaged["yaw"], averaged["pitch"], f"{source}, mirror-averaged"
-    elif source == "reader":  # the camera search, on the reader's side of the prior
-        reading, yaw, pitch = [yaw, pitch], None, None
-        search = replace(search or SearchSettings(), yaw_range=yaw_window(reading[0], preset))
+        fits_seconds = averaged["image"]["seconds"] + averaged["mirrored"]["seconds"]
+    else:
+        yaw, pitch, source = resolve_pose(pose, target, preset, estimators, loaded.training_data, warn=warn,
+                                          pose_init=pose_init, reader=reader)
+        if source == "reader":  # the camera search, on the reader's side of the prior
+            reading, yaw, pitch = [yaw, pitch], None, None
+            search = replace(search or SearchSettings(), yaw_range=yaw_window(reading[0], preset))
     inv = invert(G, preset, target, yaw, pitch, s, progress=progress,  # a given or averaged camera stays
                  refine_pose=source != "given" and averaged is None and s.pose_lr > 0, search=search)
     if inv.interrupted:
         warn("interrupted (Ctrl-C): writing the best result so far")
     camera = camera_report(inv, source, yaw, pitch) | ({"reader": reading} if reading else {})
-    if averaged:  # the image fit's runner-up and the lower confidence stand for the search
-        camera |= {"runner_up": averaged["image"]["runner_up"], "confidence": averaged["confidence"],
-                   "mirror": averaged}
+    if averaged:  # the search's fields: the less confident fit's (camera_fit.mirror_average)
+        camera |= {k: averaged[k] for k in ("runner_up", "loss_gap", "confidence")} | {
+            "start": averaged["image"]["search"], "mirror": averaged}
     if camera.get("confidence") is not None and camera["confidence"] < LOW_CONFIDENCE:
         warn(f"the camera search is unsure (confidence {camera['confidence']:.3f} < {LOW_CONFIDENCE}): the "
              f"runner-up yaw {camera['runner_up']['yaw']:.3f}, pitch {camera['runner_up']['pitch']:.3f} explains the "
              f"image almost as well; pass --pose YAW,PITCH if you know it")
     extra = {"image": str(image), "pose_source": source, "camera": camera, "checkpoint": str(ckpt),
              "training_data": loaded.training_data,
-             "device": str(device), "seconds_inversion": sum(h["seconds"] for h in inv.history.values()),
+             "device": str(device),
+             "seconds_inversion": fits_seconds + sum(h["seconds"] for h in inv.history.values()),
              "settings": asdict(s), "warnings": notes}
     metrics = write_outputs(inv, Path(out), views, video, mesh, frames, fps, mesh_level, extra, warn=warn,
                             mesh_formats=mesh_formats)

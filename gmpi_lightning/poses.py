@@ -25,15 +25,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
+from .camera_fit import estimate_camera, mirror_fit
 from .data import IMAGE_EXTS, file_sha256, image_files
 from .errors import InputError, warner
-from .inversion import InvertSettings, invert
-from .pose_reader import reader_for, yaw_window
+from .inversion import InvertSettings
+from .pose_reader import reader_for
 from .pose_search import SearchSettings
 
 REPORT_FORMAT = "gmpi-lightning/poses-report/v1"
@@ -90,7 +89,8 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
     """``gmpi poses`` as a function: writes ``out`` and its report (module docstring) and returns the report.
     ``pose_init="reader"`` searches each image's camera around the checkpoint's pose reader's reading
     (:func:`~gmpi_lightning.pose_reader.yaw_window`), as ``gmpi invert --pose-init reader``. ``mirror`` estimates
-    each camera on the image and on its left-right mirror too, and keeps the mean (:func:`mirror_average`)."""
+    each camera on the image and on its left-right mirror too, and keeps the mean
+    (:func:`~gmpi_lightning.camera_fit.mirror_average`)."""
     from . import export
     from .inference import load_gmpi, load_image
 
@@ -134,13 +134,11 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
         for name in todo:
             notes = []  # resized, grey, alpha dropped: kept in the report, counted once at the end
             target = load_image(folder / name, G.img_resolution, crop=False, warn=notes.append).to(device)
-            found = [estimate_camera(G, preset, target, settings, search, reader)]
-            if mirror and found[0] is not None:
-                found.append(estimate_camera(G, preset, target.flip(-1), settings, search, reader))
-            if found[-1] is None:  # Ctrl-C inside the estimation: this image is not done
+            found = (mirror_fit if mirror else estimate_camera)(G, preset, target, settings, search, reader)
+            if found is None:  # Ctrl-C inside the estimation: this image is not done
                 interrupted = True
                 break
-            done[name] = {"sha256": digest[name], **(mirror_average(*found) if mirror else found[0]),
+            done[name] = {"sha256": digest[name], **found,
                           **({"notes": [n.removeprefix(f"{folder / name}: ") for n in notes]} if notes else {})}
             _write(out, meta, done, bad, min_confidence, flag, interrupted=False)
             bar.update()
@@ -162,35 +160,6 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
              f"an alpha channel dropped), e.g. {changed[0]}: {'; '.join(done[changed[0]]['notes'])}; every note is "
              f"under `estimates` in {report_path(out)}")
     return report
-
-
-def estimate_camera(G, preset, target, settings: InvertSettings, search: SearchSettings, reader=None) -> dict | None:
-    """One image's camera (the search, then stage 1 of the inversion; around the ``reader``'s reading when given) and
-    what the report keeps of it; None when Ctrl-C stopped it."""
-    reading = None
-    if reader is not None:
-        with torch.no_grad():
-            reading = [float(v) for v in reader(target * 2 - 1)[0]]
-        search = replace(search, yaw_range=yaw_window(reading[0], preset))
-    inv = invert(G, preset, target, settings=settings, search=search)
-    if inv.interrupted:
-        return None
-    found = inv.history["pose_search"]
-    return {"yaw": inv.yaw, "pitch": inv.pitch, "confidence": found["confidence"], "loss_gap": found["loss_gap"],
-            "search": [found["best"]["yaw"], found["best"]["pitch"]], "runner_up": found["runner_up"],
-            "recon_psnr": inv.metrics()["recon_psnr"], **({"reader": reading} if reading else {})}
-
-
-def mirror_average(image: dict, mirrored: dict) -> dict:
-    """One camera from the estimates on an image and on its left-right mirror (whose yaw is the image's negated: yaw
-    0 faces the camera): yaw ``(y - y_mirrored) / 2``, pitch the mean. A bias towards one side cancels, and the two
-    fits' independent errors average. The confidence is the lower of the two (none if either has none);
-    ``mirror_disagreement`` (``|y + y_mirrored|``, radians) is how far apart they were: large where one of them took
-    the wrong side."""
-    confidences = (image["confidence"], mirrored["confidence"])
-    return {"yaw": (image["yaw"] - mirrored["yaw"]) / 2, "pitch": (image["pitch"] + mirrored["pitch"]) / 2,
-            "confidence": None if None in confidences else min(confidences),
-            "mirror_disagreement": abs(image["yaw"] + mirrored["yaw"]), "image": image, "mirrored": mirrored}
 
 
 def _resume(out: Path, meta: dict, overwrite: bool) -> dict:

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training and analysis", ("gmpi_lightning.networks", "gmpi_lightning.streams", "gmpi_lightning.training_log",
                                "gmpi_lightning.module", "gmpi_lightning.estimator_training",
                                "gmpi_lightning.evaluation", "gmpi_lightning.pose_search", "gmpi_lightning.pose_reader",
-                               "gmpi_lightning.inversion", "gmpi_lightning.poses")),
+                               "gmpi_lightning.inversion", "gmpi_lightning.camera_fit", "gmpi_lightning.poses")),
     ("data and callbacks", ("datamodules", "callbacks")),
     ("commands", ("gmpi_lightning.commands", "gmpi_lightning.invert_cli", "gmpi_lightning.runs",
                   "gmpi_lightning.sweeps", "gmpi_lightning.ablations", "gmpi_lightning.trainer",

@@ -155,31 +155,45 @@ def test_invert_without_pose_reports_the_camera(tiny_ckpt, heads, tmp_path):
 
 
 def test_invert_mirror_inverts_at_the_mean_of_both_searches(tiny_ckpt, heads, tmp_path, monkeypatch, capsys):
-    """`gmpi invert --mirror`: the camera searched on the image and on its left-right mirror, averaged, and the
-    image inverted at that camera without moving it. Rules out inverting at one fit's camera, refining the average
-    away, the wrong flip, and --mirror silently ignored where there is no search to repeat."""
-    from gmpi_lightning import invert_cli, poses
+    """`gmpi invert --mirror`: the camera searched on the image and on its left-right mirror (each fit with the
+    command's search and no tuning), averaged, and the image inverted and tuned at that camera without moving it.
+    Rules out inverting at one fit's camera, refining the average away, the wrong flip, tuning inside the fits, and
+    --mirror silently ignored, or refused only after work, where there is no search to repeat."""
+    from gmpi_lightning import camera_fit, invert_cli
 
     calls = []
-    for module in (poses, invert_cli):
+    for module in (camera_fit, invert_cli):
         real = module.invert
         monkeypatch.setattr(module, "invert", lambda G, preset, target, *a, _real=real, _m=module.__name__, **kw:
                             calls.append((_m, target, a, kw)) or _real(G, preset, target, *a, **kw))
     out = tmp_path / "inv"
     args = ["invert", "--ckpt", str(tiny_ckpt), "--image", str(heads / "head2.png"), "--steps", "40", "--pti-steps",
-            "0", "--search-grid", "5x3", "--search-steps", "20", "--out", str(out), "--device", "cpu", "--mirror"]
+            "3", "--search-grid", "5x3", "--search-steps", "20", "--out", str(out), "--device", "cpu", "--mirror"]
     assert gmpi_main(args) == 0
-    assert [c[0] for c in calls] == ["gmpi_lightning.poses", "gmpi_lightning.poses", "gmpi_lightning.invert_cli"]
+    assert [c[0].split(".")[-1] for c in calls] == ["camera_fit", "camera_fit", "invert_cli"]
     assert torch.equal(calls[1][1], calls[0][1].flip(-1)) and torch.equal(calls[2][1], calls[0][1])
-    cam = json.loads((out / "metrics.json").read_text())["camera"]
-    m = cam["mirror"]
+    assert [c[3]["settings"].pti_steps for c in calls[:2]] == [0, 0] and calls[2][2][2].pti_steps == 3
+    assert all((c[3]["search"].yaws, c[3]["search"].pitches) == (5, 3) for c in calls[:2])
+    metrics = json.loads((out / "metrics.json").read_text())
+    cam, m = metrics["camera"], metrics["camera"]["mirror"]
     assert cam["source"] == "search, mirror-averaged" and not cam["refined"]
     assert cam["yaw"] == pytest.approx((m["image"]["yaw"] - m["mirrored"]["yaw"]) / 2, abs=1e-6)
     assert cam["pitch"] == pytest.approx((m["image"]["pitch"] + m["mirrored"]["pitch"]) / 2, abs=1e-6)
     assert calls[2][2][:2] == (cam["yaw"], cam["pitch"]) and calls[2][3]["refine_pose"] is False
+    assert cam["confidence"] == min(m["image"]["confidence"], m["mirrored"]["confidence"])
+    assert cam["start"] == m["image"]["search"] and metrics["seconds_inversion"] > m["image"]["seconds"]
+    views = json.loads((out / "views.json").read_text())
+    assert (views["input"]["yaw"], views["input"]["pitch"]) == (cam["yaw"], cam["pitch"])
     assert abs(m["image"]["yaw"] - CAMERAS[2][0]) < 0.05  # the image's own fit, as without --mirror
-    assert gmpi_main([*args, "--pose", "0.1,0"]) == 1
-    assert "--mirror averages the camera the generator searches for" in capsys.readouterr().err
+    calls.clear()
+    for extra, says in [(["--pose", "0.1,0"], "--pose gives it"), (["--pose-init", "mean"], "--pose-init mean does"),
+                        (["--estimators", "none.pt"], "--estimators makes the pose CNN's reading the start")]:
+        fresh = tmp_path / "never"
+        assert gmpi_main([*args[:-4], str(fresh), *args[-3:], *extra]) == 1
+        assert says in capsys.readouterr().err and not fresh.exists() and not calls  # before any work
+    monkeypatch.setattr(camera_fit, "invert", lambda *a, **kw: type("Stop", (), {"interrupted": 1})())
+    assert gmpi_main([*args[:-4], str(tmp_path / "stopped"), *args[-3:]]) == 130  # Ctrl-C in a fit
+    assert "nothing written" in capsys.readouterr().err and not (tmp_path / "stopped").exists()
 
 
 # ------------------------------------------------------------------------------------------------- gmpi poses
@@ -200,9 +214,9 @@ def test_poses_round_trip_through_gmpi_data_folder(tiny_ckpt, heads, tmp_path, m
     out = tmp_path / "poses.json"
     args = ["poses", "--ckpt", str(tiny_ckpt), "--images", str(heads), "--out", str(out), "--steps", str(STEPS),
             "--device", "cpu"]
-    from gmpi_lightning import poses
+    from gmpi_lightning import camera_fit
 
-    real, calls = poses.invert, []
+    real, calls = camera_fit.invert, []
 
     def interrupt_second(*a, **kw):
         calls.append(1)
@@ -210,10 +224,10 @@ def test_poses_round_trip_through_gmpi_data_folder(tiny_ckpt, heads, tmp_path, m
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(poses, "invert", interrupt_second)
+    monkeypatch.setattr(camera_fit, "invert", interrupt_second)
     assert gmpi_main(args) == 130
     assert list(json.loads(out.read_text())) == ["head0.png"]
-    monkeypatch.setattr(poses, "invert", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(camera_fit, "invert", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     calls.clear()
     assert gmpi_main(args) == 0 and len(calls) == 2  # resumed: only head1 and head2
     written = json.loads(out.read_text())
@@ -284,7 +298,7 @@ def test_poses_resume_poses_a_changed_file_again_and_drops_a_removed_one(tiny_ck
     its mirror image) is estimated again, a removed one leaves poses.json, an unchanged one is kept without work.
     A truncated JPEG is caught before any estimation (it decodes only half-way), and --out must be a .json file,
     never a folder or the user's image."""
-    from gmpi_lightning import poses
+    from gmpi_lightning import camera_fit
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -297,8 +311,8 @@ def test_poses_resume_poses_a_changed_file_again_and_drops_a_removed_one(tiny_ck
     first = json.loads((tmp_path / "p.report.json").read_text())["estimates"]
     iio.imwrite(folder / "h0.png", np.ascontiguousarray(iio.imread(heads / "head0.png")[:, ::-1]))
     (folder / "h2.png").unlink()
-    real, calls = poses.invert, []
-    monkeypatch.setattr(poses, "invert", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real, calls = camera_fit.invert, []
+    monkeypatch.setattr(camera_fit, "invert", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     capsys.readouterr()
     assert gmpi_main(base) == 0 and len(calls) == 1  # h0 only
     assert "1 of 2 images already posed" in capsys.readouterr().out
@@ -324,13 +338,13 @@ def test_poses_mirror_averages_the_image_and_its_mirror(tiny_ckpt, heads, tmp_pa
     """--mirror fits the image and its left-right mirror (not an upside-down or the same image) and writes yaw
     (y - y_mirrored) / 2, pitch the mean, the lower confidence; the report keeps both fits. Rules out a sum for the
     difference (a yaw near 0), the wrong flip axis, and resuming a run made without --mirror."""
-    from gmpi_lightning import poses
+    from gmpi_lightning import camera_fit
 
     folder = tmp_path / "imgs"
     folder.mkdir()
     (folder / "h.png").write_bytes((heads / "head2.png").read_bytes())  # CAMERAS[2]: yaw 0.5
-    real, targets = poses.invert, []
-    monkeypatch.setattr(poses, "invert", lambda G, preset, target, **kw: targets.append(target) or
+    real, targets = camera_fit.invert, []
+    monkeypatch.setattr(camera_fit, "invert", lambda G, preset, target, **kw: targets.append(target) or
                         real(G, preset, target, **kw))
     out = tmp_path / "p.json"
     base = ["poses", "--ckpt", str(tiny_ckpt), "--images", str(folder), "--out", str(out), "--steps", str(STEPS),
@@ -354,8 +368,13 @@ def test_poses_mirror_averages_the_image_and_its_mirror(tiny_ckpt, heads, tmp_pa
     (tmp_path / "q.report.json").write_text(json.dumps(report))
     assert gmpi_main(plain) == 0 and len(targets) == 3
     calls = []  # Ctrl-C inside the image's fit: the mirror's is not started, and the image is not done
-    monkeypatch.setattr(poses, "invert", lambda *a, **kw: calls.append(1) or type("Stopped", (), {"interrupted": 1})())
+    stopped = type("Stop", (), {"interrupted": 1})
+    monkeypatch.setattr(camera_fit, "invert", lambda *a, **kw: calls.append(1) or stopped())
     assert gmpi_main([*base[:6], str(tmp_path / "r.json"), *base[7:], "--mirror"]) == 130
     assert len(calls) == 1 and json.loads((tmp_path / "r.json").read_text()) == {}
     one = {"yaw": 0.3, "pitch": 0.1, "confidence": None}
-    assert poses.mirror_average(one, dict(one, yaw=-0.2, confidence=0.5))["confidence"] is None  # unsure stays so
+    assert camera_fit.mirror_average(one, dict(one, yaw=-0.2, confidence=0.5))["confidence"] is None  # unsure stays
+    sure = dict(one, confidence=0.4, loss_gap=0.1, runner_up={"yaw": 0.2, "pitch": 0.0})
+    unsure = dict(sure, yaw=-0.25, confidence=0.1, loss_gap=0.02, runner_up={"yaw": 0.3, "pitch": 0.05})
+    avg = camera_fit.mirror_average(sure, unsure)  # the search's fields: the less confident fit's, in this frame
+    assert (avg["confidence"], avg["loss_gap"], avg["runner_up"]["yaw"]) == (0.1, 0.02, -0.3)

@@ -76,10 +76,14 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
                        planes=planes, plane_chunk=plane_chunk, seed=seed, pose_lr=pose_lr)
     search = SearchSettings(*parse_grid(search_grid), steps=search_steps, plane_chunk=plane_chunk)
     formats = parse_mesh_formats("ply" if mesh_format is None else mesh_format)
-    m = invert_image(ckpt, image, out, _pose(pose), parse_views(views) if views is not None else None, video,
-                     mesh or mesh_format is not None, s, estimators, not no_crop, device or default_device(),
-                     frames=frames, fps=fps, mesh_level=mesh_level, pose_init=pose_init, search=search,
-                     mesh_formats=formats, mirror=mirror)
+    try:
+        m = invert_image(ckpt, image, out, _pose(pose), parse_views(views) if views is not None else None, video,
+                         mesh or mesh_format is not None, s, estimators, not no_crop, device or default_device(),
+                         frames=frames, fps=fps, mesh_level=mesh_level, pose_init=pose_init, search=search,
+                         mesh_formats=formats, mirror=mirror)
+    except KeyboardInterrupt:  # before there was a camera to write a result at (--mirror's fits)
+        print(f"interrupted (Ctrl-C) before the inversion: nothing written to {out}", file=sys.stderr)
+        return 130
     cam = m["camera"]
     print(f"camera ({cam['source']}{', refined' if cam['refined'] else ''}): yaw {cam['yaw']:.3f}, pitch "
           f"{cam['pitch']:.3f}" + (f", search confidence {cam['confidence']:.3f}" if cam.get("confidence") is not None
