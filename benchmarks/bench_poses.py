@@ -45,11 +45,11 @@ import torch
 from heads import add_common_flags, add_run_flags, overrides, setup  # benchmarks/heads.py
 
 from datamodules.synthetic import render_heads, sample_poses
-from gmpi_lightning.camera_fit import mirror_average
+from gmpi_lightning.camera_fit import estimate_camera, mirror_average
 from gmpi_lightning.cameras import clamp_to_prior
 from gmpi_lightning.estimators import load_estimators
 from gmpi_lightning.inversion import InvertSettings, invert, latent_stats
-from gmpi_lightning.pose_reader import ReaderSettings, reader_for, yaw_window
+from gmpi_lightning.pose_reader import ReaderSettings, reader_for
 from gmpi_lightning.pose_search import SearchSettings, search_pose
 from gmpi_lightning.scene import Scene
 
@@ -118,14 +118,11 @@ def main() -> None:
         if args.mirror:
             image, y = image.flip(-1), -y
         wall, cpu = time.perf_counter(), time.process_time()
-        inv = invert(G, preset, image, settings=settings, search=search)
+        found = estimate_camera(G, preset, image, settings, search)  # what gmpi invert and gmpi poses run
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        found = inv.history["pose_search"]
         rec = {"index": idx, "yaw": y, "pitch": p, "seconds": wall, "cpu_seconds": cpu,
-               "confidence": found["confidence"], "loss_gap": found["loss_gap"],
-               "runner_up": found["runner_up"], "recon_psnr": inv.metrics()["recon_psnr"],
-               "estimates": {"search + refine": [inv.yaw, inv.pitch],
-                             "search only": [found["best"]["yaw"], found["best"]["pitch"]],
+               **{k: found[k] for k in ("confidence", "loss_gap", "runner_up", "recon_psnr")},
+               "estimates": {"search + refine": [found["yaw"], found["pitch"]], "search only": found["search"],
                              "prior mean": [preset.yaw_mean, preset.pitch_mean]}}
         if pose_cnn is not None:
             with torch.no_grad():
@@ -134,17 +131,14 @@ def main() -> None:
             refined = invert(G, preset, image, *start, settings=settings, refine_pose=True)
             rec["estimates"]["pose CNN"] = read
             rec["estimates"]["pose CNN + refine"] = [refined.yaw, refined.pitch]
-        if reader is not None:
-            with torch.no_grad():
-                read = [float(v) for v in reader(image * 2 - 1)[0]]
-            guided = invert(G, preset, image, settings=settings,
-                            search=replace(search, yaw_range=yaw_window(read[0], preset)))
-            rec["estimates"]["reader"] = read
-            rec["estimates"]["reader-guided search + refine"] = [guided.yaw, guided.pitch]
+        if reader is not None:  # the search around the reader's reading (--pose-init reader)
+            guided = estimate_camera(G, preset, image, settings, search, reader)
+            rec["estimates"]["reader"] = guided["reader"]
+            rec["estimates"]["reader-guided search + refine"] = [guided["yaw"], guided["pitch"]]
         heads.append(rec)
         ours = rec["estimates"]["search + refine"]
         print(f"[{n + 1}/{len(indices)}] head {idx} truth {y:+.3f} {p:+.3f}: estimated {ours[0]:+.3f} {ours[1]:+.3f} "
-              f"(search {found['best']['yaw']:+.3f} {found['best']['pitch']:+.3f}, confidence "
+              f"(search {found['search'][0]:+.3f} {found['search'][1]:+.3f}, confidence "
               f"{found['confidence']:.3f}), recon {rec['recon_psnr']:.1f} dB, {wall:.1f} s ({cpu:.1f} CPU s)")
     write_report(args, heads, settings, search)
 

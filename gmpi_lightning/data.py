@@ -85,12 +85,12 @@ def image_files(folder: Path, note=None) -> list[str]:
     names, seen, links = [], set(), [folder]
     while links:
         for root, dirs, files in os.walk(links.pop(0)):  # does not enter links: they are queued below
-            here = Path(root)
+            here, real = Path(root), os.path.realpath(root)
             dirs.sort()
-            if os.path.realpath(here) in seen:  # a second way into a folder already read
+            if real in seen:  # a second way into a folder already read
                 dirs[:] = []
                 continue
-            seen.add(os.path.realpath(here))
+            seen.add(real)
             if here != folder and (is_shard_output(here) or (here / PARTIAL_MARKER).is_file()):
                 if note:
                     note(f"{here}: a `gmpi data` output, not input: its images are not read")
