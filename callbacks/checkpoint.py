@@ -1,14 +1,8 @@
-"""Checkpoints on the GMPI iteration counter.
-
-Lightning's ``ModelCheckpoint(every_n_train_steps=N)`` counts optimiser steps: two per GMPI iteration (one D step,
-one G step), and none for a step skipped as non-finite, so ``every_n_train_steps: 400`` saves every 200 iterations
-or at drifting ones. :class:`IterationCheckpoint` counts the module's own ``iteration``::
+"""Checkpoints on the GMPI iteration counter (docs/TRAINING.md). Lightning's ``every_n_train_steps`` counts optimiser
+steps: two per iteration (D and G) and none for a step skipped as non-finite, so saves would drift.
 
     - class_path: callbacks.checkpoint.IterationCheckpoint
       init_args: {dirpath: runs/x/checkpoints, every_n_iters: 400, save_last: true, save_top_k: -1}
-
-It saves after every ``every_n_iters``-th iteration and after the last one (``max_iters``), as
-``it<iteration, 6 digits>.ckpt`` (plus ``last.ckpt`` with ``save_last``). Every other ModelCheckpoint option applies.
 """
 
 from __future__ import annotations
@@ -20,6 +14,9 @@ from gmpi_lightning.errors import InputError
 
 
 class IterationCheckpoint(ModelCheckpoint):
+    """Saves after every ``every_n_iters``-th iteration of the module's ``iteration`` and after the last (``max_iters``)
+    as ``it<iteration, 6 digits>.ckpt`` (plus ``last.ckpt`` with ``save_last``); other ModelCheckpoint options apply."""
+
     def __init__(self, every_n_iters: int | None = None, filename: str | None = "it{iteration:06d}",
                  auto_insert_metric_name: bool = False, **kwargs):
         if every_n_iters is not None and every_n_iters < 1:
@@ -40,10 +37,8 @@ class IterationCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         it = int(pl_module.iteration)
-        if self._should_skip_saving_checkpoint(trainer) or it == self._last_iteration_saved or it == 0:
-            return
-        final = it >= pl_module.hparams.max_iters
-        if not final and not (self.every_n_iters and it % self.every_n_iters == 0):
+        due = it >= pl_module.hparams.max_iters or (self.every_n_iters and it % self.every_n_iters == 0)
+        if not due or it == 0 or it == self._last_iteration_saved or self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)

@@ -1,39 +1,15 @@
-"""Media during training: a fixed-seed sample grid, a camera-sweep video and a mesh, from the EMA generator.
+"""Media during training (docs/TRAINING.md "Media during training"): a fixed-seed sample grid, a camera-sweep video,
+a mesh and the WebGL viewer page, from the EMA generator. Add them under ``trainer.callbacks``::
 
-Add them under ``trainer.callbacks`` of an experiment YAML::
-
-    - class_path: callbacks.media.SampleGrid
+    - class_path: callbacks.media.SampleGrid      # also SweepVideo, MeshExport, WebViewer
       init_args: {every_n_iters: 200, seeds: [0, 1, 2, 3], yaws: [-0.3, 0.0, 0.3]}
-    - class_path: callbacks.media.SweepVideo
-      init_args: {frames: 48, fps: 12}
-    - class_path: callbacks.media.MeshExport
-      init_args: {seeds: [0]}
-    - class_path: callbacks.media.WebViewer
-      init_args: {seeds: [0, 1, 2, 3]}
 
-Schedule: every ``every_n_iters`` of the module's own ``iteration`` counter (one D step + one G step; Lightning's
-``global_step`` counts both optimisers, i.e. 2 per iteration) and once more at the end of training (``at_end``),
-unless that iteration was just rendered. Only global rank 0 renders; the other ranks do nothing (no collectives,
-so DDP cannot hang here: they simply wait at the next gradient all-reduce).
-
-Reproducible: seed ``s`` is always ``z = RandomState(s).randn(1, z_dim)`` (NVlabs' convention, as ``gmpi render``),
-noise is constant, cameras are fixed angles, and the global RNG streams are left untouched (``fork_rng``), so
-adding these callbacks does not change the training run.
-
-Files go to ``<run>/media/`` where ``<run>`` is ``trainer.log_dir`` (the first logger's folder, e.g.
-``runs/synthetic/csv/version_0``; ``default_root_dir`` without a logger), or ``out_dir`` when given. Names are
-``<kind>_it<iteration, 6 digits>[_seed<seed, 4 digits>].<ext>``:
-
-    samples_it000200.png               seeds (rows) x [RGB at each pose | colour-mapped depth at each pose]
-    planes_it000200_seed0000.png       RGBA strip of up to 8 planes of the first seed, near to far
-    sweep_yaw_it000800_seed0000.mp4    camera sweep, RGB | depth side by side
-    mesh_it000800_seed0000.ply, .glb   marching cubes over the alpha volume (glb: glTF binary, vertex colours)
-    web_it000800/index.html            the WebGL viewer page of the seeds (gmpi export-web; opens from disk)
-
-With a ``WandbLogger`` among the loggers the same media are logged under ``media/samples``, ``media/planes``,
-``media/sweep``, ``media/mesh`` (the glb mesh as ``wandb.Object3D``, which reads glTF but no PLY) and
-``media/web`` (the viewer page as one ``wandb.Html`` file: orbit the samples in the dashboard),
-at ``trainer/global_step`` (the x-axis of every metric); captions carry the iteration.
+They run every ``every_n_iters`` of the module's ``iteration`` (not ``global_step``: 2 per iteration) and at the end
+(``at_end``) unless that iteration was just rendered, on global rank 0 only (no collectives: DDP cannot hang here).
+Seed ``s`` is ``z = RandomState(s).randn(1, z_dim)``, noise constant, cameras fixed and the global RNG untouched
+(``fork_rng``): the callbacks do not change the run. Files go to ``<run>/media/`` (:func:`run_dir`) or ``out_dir`` as
+``<kind>_it<iteration:06d>[_seed<seed:04d>].<ext>``; a ``WandbLogger`` gets them under ``media/samples``, ``/planes``,
+``/sweep``, ``/mesh`` and ``/web`` at ``trainer/global_step``, captions carrying the iteration.
 """
 
 from __future__ import annotations
@@ -55,15 +31,12 @@ WANDB_MAX_POINTS = 50_000  # mesh vertices sent to wandb as a point cloud (the P
 
 # ------------------------------------------------------------------------------------------ shared helpers
 def run_dir(trainer) -> Path:
-    """``trainer.log_dir`` without its broadcast: that property is a collective and would hang DDP when only rank 0
-    asks. On rank 0 the local answer is the one Lightning would broadcast."""
+    """``trainer.log_dir`` (the first logger's folder, e.g. ``runs/synthetic/csv/version_0``; ``default_root_dir``
+    without a logger) without its broadcast: that property is a collective and would hang DDP when only rank 0 asks."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    loggers = list(getattr(trainer, "loggers", None) or [])
-    path = None
-    if loggers:
-        first = loggers[0]
-        path = first.log_dir if isinstance(first, (CSVLogger, TensorBoardLogger)) else first.save_dir
+    first = next(iter(getattr(trainer, "loggers", None) or []), None)
+    path = first.log_dir if isinstance(first, (CSVLogger, TensorBoardLogger)) else getattr(first, "save_dir", None)
     return Path(path or trainer.default_root_dir)
 
 
@@ -78,16 +51,17 @@ def module_sampler(pl_module, planes: int | None = None, resolution: int | None 
     """The EMA generator of a training module as a :class:`~gmpi_lightning.sampling.Sampler`: its preset, its training
     planes unless ``planes`` says otherwise, constant noise, and rays outside the planes' volume rendered transparent (a
     preview never stops training). A 2D (``stylegan2``) module's sampler has no planes (:meth:`image_2d` only)."""
-    G = pl_module.G_ema
     is_2d = getattr(pl_module, "mode", "gmpi") == "stylegan2"
-    device = next(iter(list(G.parameters()) + list(G.buffers()))).device
-    scene = None if is_2d else (pl_module.scene.to(device) if planes is None else planes)
-    return Sampler(G, pl_module.preset, scene, device, resolution, truncation_psi, "const", plane_chunk,
+    scene = None if is_2d else (pl_module.scene if planes is None else planes)  # the Sampler moves it to G's device
+    return Sampler(pl_module.G_ema, pl_module.preset, scene, None, resolution, truncation_psi, "const", plane_chunk,
                    check_inside=False)
 
 
 class MediaCallback(Callback):
-    """Schedule, rank-0 gating and output for the media callbacks; subclasses implement :meth:`make`."""
+    """Schedule, rank-0 gating and output for the media callbacks; subclasses implement :meth:`make`. ``skip_2d``: why
+    a subclass makes nothing for a 2D (stylegan2) generator (None: it does)."""
+
+    skip_2d: str | None = None
 
     def __init__(self, every_n_iters: int | None = None, at_end: bool = True, planes: int | None = None,
                  resolution: int | None = None, truncation_psi: float = 1.0, plane_chunk: int | None = None,
@@ -118,6 +92,9 @@ class MediaCallback(Callback):
             return []
         self.last_iteration = it
         sampler = module_sampler(pl_module, **self.renderer_kwargs)
+        if sampler.scene is None and self.skip_2d:
+            rank_zero_info(f"{type(self).__name__}: {self.skip_2d}")
+            return []
         out = Path(self.out_dir) if self.out_dir else run_dir(trainer) / "media"
         with sampler.sampling():
             files = self.make(sampler, out, it, trainer)
@@ -158,33 +135,32 @@ class SampleGrid(MediaCallback):
                  resolution: int | None = None, truncation_psi: float = 1.0, at_end: bool = True,
                  plane_chunk: int | None = None, out_dir: str | None = None, min_tile: int = 128):
         super().__init__(every_n_iters, at_end, planes, resolution, truncation_psi, plane_chunk, out_dir)
-        self.seeds = _seeds(seeds, 4)
-        self.min_tile, self.layout = min_tile, None
+        self.seeds, self.min_tile, self.layout = _seeds(seeds, 4), min_tile, None
         self.poses = [(float(y), float(p)) for p in pitches for y in yaws]
         if not self.poses:
             raise InputError("need at least one yaw and one pitch")
 
     def make(self, sampler, out, iteration, trainer):
+        grid_path = out / f"samples_it{iteration:06d}.png"
         if sampler.scene is None:
             grid, self.layout = export.labeled_grid([[sampler.image_2d(s) for s in self.seeds]], [""],
                                                     [f"seed {s}" for s in self.seeds], self.min_tile)
-            path = export.save_png(out / f"samples_it{iteration:06d}.png", grid)
-            _log_images(trainer, "media/samples", [path], [f"iteration {iteration}, seeds {self.seeds}"])
-            return [path]
+            export.save_png(grid_path, grid)
+            _log_images(trainer, "media/samples", [grid_path], [f"iteration {iteration}, seeds {self.seeds}"])
+            return [grid_path]
         rows, planes = [], None
         for seed in self.seeds:
             mpi = sampler.mpi(seed)
-            if planes is None:
-                planes = export.plane_tiles(mpi[0])
-            views = [sampler.view(mpi, yaw, pitch) for yaw, pitch in self.poses]
-            rows.append([v[0] for v in views] + [v[1] for v in views])
+            planes = planes or export.plane_tiles(mpi[0])
+            rgbs, depths = zip(*(sampler.view(mpi, yaw, pitch) for yaw, pitch in self.poses))
+            rows.append([*rgbs, *depths])
         cams = [f"{y:+.2f},{p:+.2f}" if len(set(p for _, p in self.poses)) > 1 else f"yaw {y:+.2f}"
                 for y, p in self.poses]
         grid, self.layout = export.labeled_grid(rows, [f"seed {s}" for s in self.seeds],
                                                 [f"RGB {c}" for c in cams] + [f"depth {c}" for c in cams],
                                                 self.min_tile)
         strip, _ = export.labeled_grid([planes[1]], [""], [f"plane {i}" for i in planes[0]], self.min_tile)
-        grid_path = export.save_png(out / f"samples_it{iteration:06d}.png", grid)
+        export.save_png(grid_path, grid)
         strip_path = export.save_png(out / f"planes_it{iteration:06d}_seed{self.seeds[0]:04d}.png", strip)
         poses = ", ".join(f"({y:+.2f}, {p:+.2f})" for y, p in self.poses)
         _log_images(trainer, "media/samples", [grid_path],
@@ -199,6 +175,8 @@ class SweepVideo(MediaCallback):
     ``every_n_iters`` when set). Trajectories as ``gmpi render --video``: ``yaw``, ``pitch`` or ``circle``, about
     the preset's mean pose. Nothing in ``stylegan2`` mode (no 3D)."""
 
+    skip_2d = "nothing to sweep for a 2D (stylegan2) generator"
+
     def __init__(self, frames: int = 48, fps: int = 12, trajectory: str = "yaw", seeds: list[int] | None = None,
                  at_end: bool = True, every_n_iters: int | None = None, planes: int | None = None,
                  resolution: int | None = None, truncation_psi: float = 1.0, plane_chunk: int | None = None,
@@ -210,9 +188,6 @@ class SweepVideo(MediaCallback):
         self.frames, self.fps, self.trajectory, self.seeds = frames, fps, trajectory, _seeds(seeds, 1)
 
     def make(self, sampler, out, iteration, trainer):
-        if sampler.scene is None:
-            rank_zero_info("SweepVideo: nothing to sweep for a 2D (stylegan2) generator")
-            return []
         paths = [export.write_video(out / f"sweep_{self.trajectory}_it{iteration:06d}_seed{seed:04d}.mp4",
                                     sampler.sweep(sampler.mpi(seed), self.trajectory, self.frames), fps=self.fps)
                  for seed in self.seeds]
@@ -230,6 +205,8 @@ class MeshExport(MediaCallback):
     (a point cloud of the vertices when only PLY is written). An alpha volume that never crosses the level gives a
     warning, not a crash. Nothing in ``stylegan2`` mode."""
 
+    skip_2d = "no alpha volume in a 2D (stylegan2) generator"
+
     def __init__(self, seeds: list[int] | None = None, grid: int | None = None, level: float = 0.5,
                  at_end: bool = True, every_n_iters: int | None = None, truncation_psi: float = 1.0,
                  out_dir: str | None = None, formats: list[str] | None = None):
@@ -242,9 +219,6 @@ class MeshExport(MediaCallback):
     def make(self, sampler, out, iteration, trainer):
         from gmpi_lightning.mesh_io import write_mesh
 
-        if sampler.scene is None:
-            rank_zero_info("MeshExport: no alpha volume in a 2D (stylegan2) generator")
-            return []
         if fixed_planes(sampler.G):
             rank_zero_warn("MeshExport: the vanilla alpha branch only makes its training planes, not the dense "
                            "uniform volume a mesh needs; skipped")
@@ -261,11 +235,12 @@ class MeshExport(MediaCallback):
             written = write_mesh(out / f"mesh_it{iteration:06d}_seed{seed:04d}", verts, faces, colors, self.formats)
             paths += written
             caption = f"iteration {iteration}, seed {seed}: {len(verts)} vertices, {len(faces)} faces"
-            glb = [p for p in written if p.suffix == ".glb"]
-            if glb:
-                _log_mesh_file(trainer, "media/mesh", glb[0], caption)
+            glb = [str(p) for p in written if p.suffix == ".glb"]
+            if glb:  # wandb's Object3D reads glTF binary (the coloured mesh), not PLY: else the vertices as points
+                _log_object3d(trainer, glb[0], caption)
             else:
-                _log_point_cloud(trainer, "media/mesh", verts, colors, caption)
+                keep = np.linspace(0, len(verts) - 1, min(len(verts), WANDB_MAX_POINTS)).astype(int)
+                _log_object3d(trainer, np.concatenate([verts[keep], colors[keep].astype(np.float32)], axis=1), caption)
         return paths
 
 
@@ -273,6 +248,8 @@ class WebViewer(MediaCallback):
     """The interactive WebGL page of the seeds' MPIs (:mod:`gmpi_lightning.web`, as ``gmpi export-web``) at the end
     of training (and every ``every_n_iters`` when set): ``<run>/media/web_it<iteration>/index.html``, which opens from
     disk; with a ``WandbLogger`` also logged as ``wandb.Html`` under ``media/web``. Nothing in ``stylegan2`` mode."""
+
+    skip_2d = "no MPI to show for a 2D (stylegan2) generator"
 
     def __init__(self, seeds: list[int] | None = None, at_end: bool = True, every_n_iters: int | None = None,
                  planes: int | None = None, resolution: int | None = None, truncation_psi: float = 1.0,
@@ -283,9 +260,6 @@ class WebViewer(MediaCallback):
     def make(self, sampler, out, iteration, trainer):
         from gmpi_lightning.web import ViewerWriter, wandb_html
 
-        if sampler.scene is None:
-            rank_zero_info("WebViewer: no MPI to show for a 2D (stylegan2) generator")
-            return []
         info = {"iteration": iteration, "truncation_psi": sampler.truncation_psi, "noise_mode": "const"}
         with ViewerWriter(out / f"web_it{iteration:06d}", sampler.preset, sampler.scene.planes, sampler.resolution,
                           sampler.G.img_resolution, self.seeds, info, self.force, verbose=False) as page:
@@ -302,25 +276,12 @@ def _log_images(trainer, key: str, paths: list[Path], captions: list[str]) -> No
         lg.log_image(key=key, images=[str(p) for p in paths], step=trainer.global_step, caption=captions)
 
 
-def _log_mesh_file(trainer, key: str, path: Path, caption: str) -> None:
-    """The coloured mesh itself: wandb's Object3D reads glTF binary."""
+def _log_object3d(trainer, data, caption: str) -> None:
+    """``wandb.Object3D`` of a glb file or of N x 6 (xyz rgb) points under ``media/mesh``."""
     loggers = wandb_loggers(trainer)
     if not loggers:
         return
     import wandb
 
     for lg in loggers:
-        lg.log_metrics({key: wandb.Object3D(str(path), caption=caption)}, step=trainer.global_step)
-
-
-def _log_point_cloud(trainer, key: str, verts: np.ndarray, colors: np.ndarray, caption: str) -> None:
-    """wandb's Object3D takes obj/gltf/glb/stl files or N x 6 (xyz rgb) arrays, not PLY: send the vertices."""
-    loggers = wandb_loggers(trainer)
-    if not loggers:
-        return
-    import wandb
-
-    keep = np.linspace(0, len(verts) - 1, min(len(verts), WANDB_MAX_POINTS)).astype(int)
-    points = np.concatenate([verts[keep], colors[keep].astype(np.float32)], axis=1)
-    for lg in loggers:
-        lg.log_metrics({key: wandb.Object3D(points, caption=caption)}, step=trainer.global_step)
+        lg.log_metrics({"media/mesh": wandb.Object3D(data, caption=caption)}, step=trainer.global_step)

@@ -1,19 +1,15 @@
-"""Periodic evaluation during training: the same code as ``gmpi evaluate`` on a small sample count, with
-constant noise (``gmpi evaluate`` defaults to random noise seeded per fake, as the paper's protocol) and the
-training plane count unless ``planes`` is given.
+"""Periodic evaluation during training (docs/EVALUATION.md): ``gmpi evaluate``'s code on a few fakes of the EMA
+generator, with constant noise (``gmpi evaluate``: random, seeded per fake) and the training planes unless ``planes``.
 
     trainer:
       callbacks:
         - class_path: callbacks.metrics.EvaluationCallback
           init_args: {every_n_iters: 200, metrics: [consistency, depth_fd], num_samples: 64}
 
-Runs every ``every_n_iters`` GMPI iterations (the module's own counter, not ``global_step``, which counts two
-optimiser steps per iteration) and at the end of training, on the EMA generator. Under DDP every rank renders
-its share of the seeds and the results are gathered once; rank 0 logs ``eval/<metric>`` to every logger and
-appends a line to ``<log dir>/eval.jsonl``. FID, KID, precision/recall (``pr``: ``eval/precision``,
-``eval/recall``) and the Inception Score (``is``: ``eval/is``) need the Inception weights file (see
-:mod:`gmpi_lightning.evaluation.inception`); a missing file is an error when the callback is made, so ``gmpi fit``
-stops before any logger has started (no empty W&B run), not after hours.
+Runs every ``every_n_iters`` GMPI iterations (the module's counter, not ``global_step``) and at the end of training.
+Under DDP every rank renders its share and the results are gathered once; rank 0 logs ``eval/<metric>`` to every
+logger and appends a line to ``<run>/eval.jsonl``. Inception metrics (fid, kid, pr, is) need the weights file: a
+missing one is an error when the callback is made, so ``gmpi fit`` stops before any logger starts.
 """
 
 from __future__ import annotations
@@ -38,6 +34,8 @@ from gmpi_lightning.evaluation.fakes import IMAGE_METRICS, FakeSettings, iter_im
 
 
 class EvaluationCallback(pl.Callback):
+    """Evaluates the EMA generator on a schedule (see the module docstring)."""
+
     def __init__(self, every_n_iters: int = 1000, metrics: list[str] | str = "consistency", num_samples: int = 64,
                  planes: int | None = None, truncation: float = 1.0, batch_size: int = 4, data: str | None = None,
                  num_real: int | None = None, inception: str | None = None, estimators: str | None = None,
@@ -73,9 +71,8 @@ class EvaluationCallback(pl.Callback):
         return getattr(pl_module, "mode", "gmpi") == "stylegan2"
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        hp = pl_module.hparams
-        settings = FakeSettings(planes=self.planes or getattr(hp, "train_planes", 32), truncation=self.truncation,
-                                batch_size=self.batch_size, noise_mode="const")
+        settings = FakeSettings(planes=self.planes or getattr(pl_module.hparams, "train_planes", 32),
+                                truncation=self.truncation, batch_size=self.batch_size, noise_mode="const")
         was_training = pl_module.G_ema.training
         pl_module.G_ema.eval()
         G, source = pl_module.G_ema, None

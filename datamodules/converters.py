@@ -1,20 +1,12 @@
-"""Converters from the real dataset formats to posed-image shards (``gmpi data ...``).
+"""Converters from the real dataset formats to posed-image shards (``gmpi data ...``; docs/DATA.md): FFHQ/MetFaces
+(a StyleGAN2 dataset-tool zip or folder + one Deep3DFaceRecon ``.mat`` per image, w2c as docs/METHOD.md §1.5),
+EG3D (AFHQv2-Cat: ``dataset.json`` labels [file, 25 numbers], the first 16 a cam2world in EG3D's y-up world, OpenCV
+camera) and any folder with ``poses.json`` / ``poses.csv`` (yaw/pitch in radians, or a 4x4 c2w in the GMPI world).
 
-* FFHQ / MetFaces: StyleGAN2 dataset-tool zip (or a folder) + one Deep3DFaceRecon ``.mat`` per image
-  (``angle``, ``trans``) -> w2c as docs/METHOD.md §1.5 (camera distance 10, axis flips, camera put back on
-  the sphere). ``--xflip`` adds mirrored copies with mirrored poses (MetFaces).
-* EG3D (AFHQv2-Cat): a folder or zip with ``dataset.json`` (``labels``: [file, 25 numbers], the first 16
-  a cam2world in EG3D's y-up world, OpenCV camera).
-* Any folder: ``poses.json`` / ``poses.csv`` with yaw/pitch (radians, our sphere convention) or a 4x4
-  c2w in the GMPI world frame per file.
-
-Every input is checked (decodable, square, expected resolution, pose present, finite and rigid, keys
-unique). By default the first bad input stops the conversion with an error naming the file;
-``skip_bad`` records it in ``rejected.jsonl`` and counts it in ``dataset.json``. Workers decode and
-encode in parallel on bounded blocks, so memory stays constant whatever the dataset size.
-
-Inputs are untrusted (:mod:`datamodules.sources`): bounded zip reads, and a member name with ``..`` or an absolute
-path never selects a pose file outside the pose folder.
+Every input is checked; the first bad one stops the conversion naming the file, or (``skip_bad``) is recorded in
+``rejected.jsonl``. Workers decode and encode bounded blocks, so memory stays constant. Inputs are untrusted
+(:mod:`datamodules.sources`): a member name with ``..`` or an absolute path never selects a pose file outside the
+pose folder.
 """
 
 from __future__ import annotations
@@ -23,7 +15,7 @@ import csv
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -67,55 +59,55 @@ def read_deep3dface_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
-@dataclass
-class Job:
-    """One image to convert: worker-side work is read + check + pose + encode."""
-
-    name: str
-    key: str
-    pose: Callable[[], dict]  # -> {'w2c', 'yaw', 'pitch', 'extra'}; may raise BadSample
+def _reject(message: str):
+    """A pose that rejects its image (bound with functools.partial: picklable for the workers)."""
+    raise BadSample(message)
 
 
 def _process(args) -> tuple[str, list[tuple] | None, str | None]:
-    source, job, resolution, xflip = args
+    """One image in a worker: read, check, pose (may raise BadSample), encode; and its mirror with ``xflip``."""
+    source, name, pose_fn, resolution, xflip = args
     try:
-        img = decode_image(source.read(job.name), job.name, resolution)
-        pose = job.pose()
-        out = [(job.key, encode_png(img), pose["w2c"], pose["yaw"], pose["pitch"], pose.get("extra"))]
+        img = decode_image(source.read(name), name, resolution)
+        pose = pose_fn()
+        key, extra = make_key(name), pose.get("extra")
+        out = [(key, encode_png(img), pose["w2c"], pose["yaw"], pose["pitch"], extra)]
         if xflip:
-            out.append((job.key + "_xflip", encode_png(np.ascontiguousarray(img[:, ::-1])), mirror_w2c(pose["w2c"]),
-                        -pose["yaw"], pose["pitch"], dict(pose.get("extra") or {}, xflip=True)))
-        return job.name, out, None
+            out.append((key + "_xflip", encode_png(np.ascontiguousarray(img[:, ::-1])), mirror_w2c(pose["w2c"]),
+                        -pose["yaw"], pose["pitch"], dict(extra or {}, xflip=True)))
+        return name, out, None
     except BadSample as e:
-        return job.name, None, str(e)
+        return name, None, str(e)
 
 
-def run_conversion(source: ImageSource, jobs: list[Job], out: str | Path, preset_name: str, source_tag: str,
-                   resolution: int | None = None, xflip: bool = False, skip_bad: bool = False,
+def run_conversion(source: ImageSource, jobs: dict[str, Callable[[], dict]], out: str | Path, preset_name: str,
+                   source_tag: str, resolution: int | None = None, xflip: bool = False, skip_bad: bool = False,
                    overwrite: bool = False, workers: int = 2, samples_per_shard: int = 1000,
                    extra_card: dict | None = None) -> Path:
+    """Shards of the images ``jobs`` names, each posed by its callable (-> {'w2c', 'yaw', 'pitch', 'extra'?}; may
+    raise BadSample); picklable callables, as workers run them."""
     preset = get_preset(preset_name)
     if not jobs:
         raise BadSample(f"no images found in {source.path}")
     if resolution is None:  # the most common square size decides, then every image must match
-        resolution = common_size(source, [job.name for job in jobs])
+        resolution = common_size(source, list(jobs))
     seen: dict[str, str] = {}
     with ShardSetWriter(out, preset.name, resolution, source_tag, samples_per_shard, overwrite, skip_bad,
                         extra=extra_card) as writer:
         unique = []
-        for job in jobs:  # duplicate keys are an input error (two files would become one sample)
-            if job.key in seen:
-                writer.reject(job.name, BadSample(f"{job.name}: same sample key '{job.key}' as {seen[job.key]}"))
+        for name, pose in jobs.items():  # duplicate keys are an input error (two files would become one sample)
+            key = make_key(name)
+            if key in seen:
+                writer.reject(name, BadSample(f"{name}: same sample key '{key}' as {seen[key]}"))
                 continue
-            seen[job.key] = job.name
-            unique.append(job)
-        ctx = get_context("fork") if workers > 0 else None
-        pool = ctx.Pool(workers) if ctx else None
+            seen[key] = name
+            unique.append((source, name, pose, resolution, xflip))
+        pool = get_context("fork").Pool(workers) if workers > 0 else None
         bar = progress(total=len(unique), unit="img", desc=f"gmpi data {source_tag}")
         try:
             block = 64 * max(1, workers)
             for i in range(0, len(unique), block):
-                args = [(source, job, resolution, xflip) for job in unique[i:i + block]]
+                args = unique[i:i + block]
                 results = pool.imap(_process, args, chunksize=8) if pool else map(_process, args)
                 for name, samples, error in results:
                     if error is not None:
@@ -133,40 +125,18 @@ def run_conversion(source: ImageSource, jobs: list[Job], out: str | Path, preset
 
 
 # ----------------------------------------------------------------------------------------- datasets
-class _Deep3DPose:
-    def __init__(self, mat: Path, c: float, r: float):
-        self.mat, self.c, self.r = mat, c, r
-
-    def __call__(self) -> dict:
-        angle, trans = read_deep3dface_mat(self.mat)
-        w2c = cameras.w2c_from_deep3dface(angle, trans, self.c, self.r)
-        yaw, pitch = cameras.yaw_pitch_from_w2c(w2c, self.c)
-        return {"w2c": w2c[0].numpy(), "yaw": float(yaw[0]), "pitch": float(pitch[0]),
-                "extra": {"angle": angle.tolist(), "trans": trans.tolist()}}
+def _pose_of_w2c(w2c: torch.Tensor, c: float, **extra) -> dict:
+    yaw, pitch = cameras.yaw_pitch_from_w2c(w2c, c)
+    return {"w2c": w2c[0].float().numpy(), "yaw": float(yaw[0]), "pitch": float(pitch[0]), **extra}
 
 
-def _find_mat(poses: Path, name: str) -> Path:
-    """The pose file of image ``name`` (a name already checked by :func:`is_inside_name`): same relative path, or
-    the same stem at the top of the pose folder."""
+def _deep3d_pose(poses: Path, name: str, c: float, r: float) -> dict:
+    """The pose of image ``name`` (already checked by :func:`is_inside_name`) from its .mat in ``poses``: same
+    relative path, or the same stem at the top of the pose folder."""
     nested = poses / Path(name).with_suffix(".mat")
-    return nested if nested.is_file() else poses / (Path(name).stem + ".mat")
-
-
-class _bad_pose:  # noqa: N801 (a picklable callable that rejects the image with a reason)
-    def __init__(self, message: str):
-        self.message = message
-
-    def __call__(self):
-        raise BadSample(self.message)
-
-
-def read_fail_list(path: str | Path | None) -> set[str]:
-    if path is None:
-        return set()
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"fail list not found: {p}")
-    return {Path(line.strip()).stem for line in p.read_text().splitlines() if line.strip()}
+    angle, trans = read_deep3dface_mat(nested if nested.is_file() else poses / (Path(name).stem + ".mat"))
+    return _pose_of_w2c(cameras.w2c_from_deep3dface(angle, trans, c, r), c,
+                        extra={"angle": angle.tolist(), "trans": trans.tolist()})
 
 
 def convert_ffhq(images: str | Path, poses: str | Path, out: str | Path, preset: str = "FFHQ256",
@@ -176,30 +146,39 @@ def convert_ffhq(images: str | Path, poses: str | Path, out: str | Path, preset:
     if not poses.is_dir():
         raise FileNotFoundError(f"pose folder not found: {poses} (one Deep3DFaceRecon .mat per image)")
     p = get_preset(preset)
-    failed = read_fail_list(fail_list)
+    failed = set()  # the image stems fail_list.txt names
+    if fail_list is not None:
+        if not Path(fail_list).is_file():
+            raise FileNotFoundError(f"fail list not found: {Path(fail_list)}")
+        failed = {Path(line.strip()).stem for line in Path(fail_list).read_text().splitlines() if line.strip()}
     names = source.names()
-    kept = [n for n in names if Path(n).stem not in failed]
-    jobs = [Job(n, make_key(n), _Deep3DPose(_find_mat(poses, n), p.sphere_center_z, p.sphere_r)
-                if is_inside_name(n) else
-                _bad_pose(f"{n}: member name leaves the archive root ('..' or an absolute path); its pose is not "
-                          f"looked up")) for n in kept]
-    extra = {"excluded_by_fail_list": len(names) - len(kept), "fail_list": str(fail_list) if fail_list else None}
+    jobs = {n: partial(_deep3d_pose, poses, n, p.sphere_center_z, p.sphere_r) if is_inside_name(n) else
+            partial(_reject, f"{n}: member name leaves the archive root ('..' or an absolute path); its pose is not "
+                             f"looked up") for n in names if Path(n).stem not in failed}
+    extra = {"excluded_by_fail_list": len(names) - len(jobs), "fail_list": str(fail_list) if fail_list else None}
     return run_conversion(source, jobs, out, p.name, "deep3dface", extra_card=extra, **kw)
 
 
-class _EG3DPose:
-    def __init__(self, label, c: float, r: float, name: str):
-        self.label, self.c, self.r, self.name = label, c, r, name
+def _eg3d_pose(label, c: float, r: float, name: str) -> dict:
+    lab = np.asarray(label, dtype=np.float64).reshape(-1)
+    if lab.size not in (16, 25):
+        raise BadSample(f"{name}: EG3D label has {lab.size} numbers, expected 25 (16 cam2world + 9)")
+    if not np.isfinite(lab).all():
+        raise BadSample(f"{name}: EG3D label contains NaN or Inf")
+    return _pose_of_w2c(cameras.w2c_from_eg3d_label(lab[None], c, r), c)
 
-    def __call__(self) -> dict:
-        lab = np.asarray(self.label, dtype=np.float64).reshape(-1)
-        if lab.size not in (16, 25):
-            raise BadSample(f"{self.name}: EG3D label has {lab.size} numbers, expected 25 (16 cam2world + 9)")
-        if not np.isfinite(lab).all():
-            raise BadSample(f"{self.name}: EG3D label contains NaN or Inf")
-        w2c = cameras.w2c_from_eg3d_label(lab[None], self.c, self.r)
-        yaw, pitch = cameras.yaw_pitch_from_w2c(w2c, self.c)
-        return {"w2c": w2c[0].numpy(), "yaw": float(yaw[0]), "pitch": float(pitch[0])}
+
+def _posed_jobs(source: ImageSource, records: dict, pose_fn, p, by_file_name: bool = False) -> dict:
+    """{image: pose callable} of ``source``'s images, each taking the record its name (or, ``by_file_name``, its
+    file name) pops from ``records``; an image without one is rejected."""
+    jobs = {}
+    for n in source.names():
+        rec = records.pop(n, None)
+        if rec is None and by_file_name:
+            rec = records.pop(Path(n).name, None)
+        jobs[n] = (partial(pose_fn, rec, p.sphere_center_z, p.sphere_r, n) if rec is not None else
+                   partial(_reject, f"{n}: no pose for this image"))
+    return jobs
 
 
 def convert_eg3d(root: str | Path, out: str | Path, preset: str = "AFHQCat", **kw) -> Path:
@@ -211,47 +190,28 @@ def convert_eg3d(root: str | Path, out: str | Path, preset: str = "AFHQCat", **k
         raise BadSample(f"{root}: needs a dataset.json with 'labels': [[file, [25 numbers]], ...] ({e})") from None
     p = get_preset(preset)
     by_name = {str(name): lab for name, lab in labels}
-    jobs = []
-    for n in source.names():
-        lab = by_name.pop(n, None)
-        pose = _EG3DPose(lab, p.sphere_center_z, p.sphere_r, n) if lab is not None else _missing_pose(n)
-        jobs.append(Job(n, make_key(n), pose))
+    jobs = _posed_jobs(source, by_name, _eg3d_pose, p)
     return run_conversion(source, jobs, out, p.name, "eg3d", extra_card={"labels_without_image": len(by_name)},
                           **kw)
 
 
-class _missing_pose:  # noqa: N801 (a picklable callable that reports the missing pose)
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self):
-        raise BadSample(f"{self.name}: no pose for this image")
-
-
-class _FolderPose:
-    def __init__(self, record: dict, c: float, r: float, name: str):
-        self.record, self.c, self.r, self.name = record, c, r, name
-
-    def __call__(self) -> dict:
-        rec = self.record
-        try:
-            if "c2w" in rec:
-                c2w = np.asarray(rec["c2w"], dtype=np.float64).reshape(4, 4)
-                if not np.isfinite(c2w).all():
-                    raise BadSample(f"{self.name}: c2w contains NaN or Inf")
-                w2c = cameras.invert_rigid(torch.from_numpy(c2w))
-                yaw, pitch = cameras.yaw_pitch_from_w2c(w2c, self.c)
-                return {"w2c": w2c[0].float().numpy(), "yaw": float(yaw[0]), "pitch": float(pitch[0])}
-            yaw, pitch = float(rec["yaw"]), float(rec["pitch"])
-        except (KeyError, ValueError, TypeError) as e:
-            raise BadSample(f"{self.name}: malformed pose record {rec} ({e}); need yaw+pitch or c2w") from None
-        if not (np.isfinite(yaw) and np.isfinite(pitch)):
-            raise BadSample(f"{self.name}: yaw/pitch not finite ({yaw}, {pitch})")
-        if abs(yaw) > math.pi or abs(pitch) > math.pi / 2:
-            raise BadSample(f"{self.name}: yaw {yaw}, pitch {pitch} are not radians (|yaw| <= pi, |pitch| <= pi/2); "
-                            f"degrees? write math.radians of them")
-        w2c = cameras.invert_rigid(cameras.sphere_c2w(yaw, pitch, self.c, self.r, dtype=torch.float64))
-        return {"w2c": w2c[0].float().numpy(), "yaw": yaw, "pitch": pitch}
+def _folder_pose(rec: dict, c: float, r: float, name: str) -> dict:
+    try:
+        if "c2w" in rec:
+            c2w = np.asarray(rec["c2w"], dtype=np.float64).reshape(4, 4)
+            if not np.isfinite(c2w).all():
+                raise BadSample(f"{name}: c2w contains NaN or Inf")
+            return _pose_of_w2c(cameras.invert_rigid(torch.from_numpy(c2w)), c)
+        yaw, pitch = float(rec["yaw"]), float(rec["pitch"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise BadSample(f"{name}: malformed pose record {rec} ({e}); need yaw+pitch or c2w") from None
+    if not (np.isfinite(yaw) and np.isfinite(pitch)):
+        raise BadSample(f"{name}: yaw/pitch not finite ({yaw}, {pitch})")
+    if abs(yaw) > math.pi or abs(pitch) > math.pi / 2:
+        raise BadSample(f"{name}: yaw {yaw}, pitch {pitch} are not radians (|yaw| <= pi, |pitch| <= pi/2); "
+                        f"degrees? write math.radians of them")
+    w2c = cameras.invert_rigid(cameras.sphere_c2w(yaw, pitch, c, r, dtype=torch.float64))
+    return {"w2c": w2c[0].float().numpy(), "yaw": yaw, "pitch": pitch}
 
 
 def read_folder_poses(path: str | Path) -> dict[str, dict]:
@@ -285,15 +245,10 @@ def read_folder_poses(path: str | Path) -> dict[str, dict]:
 
 
 def convert_folder(images: str | Path, poses: str | Path, out: str | Path, preset: str = "FFHQ256", **kw) -> Path:
+    """Any image folder + poses.json/csv (:func:`read_folder_poses`), matched by relative path or file name."""
     source, records = ImageSource(images), read_folder_poses(poses)
     p = get_preset(preset)
-    jobs = []
-    for n in source.names():
-        rec = records.pop(n, None)
-        if rec is None:
-            rec = records.pop(Path(n).name, None)
-        pose = _FolderPose(rec, p.sphere_center_z, p.sphere_r, n) if rec is not None else _missing_pose(n)
-        jobs.append(Job(n, make_key(n), pose))
+    jobs = _posed_jobs(source, records, _folder_pose, p, by_file_name=True)
     if records:
         other = sorted({Path(n).suffix.lower() for n in records} - set(IMAGE_EXTS))
         _warn(f"{poses}: {len(records)} pose(s) name no image in {images} (e.g. {', '.join(sorted(records)[:3])})"

@@ -1,13 +1,5 @@
-"""``PosedImageDataModule``: WebDataset shards of posed images for training and evaluation.
-
-Training: a resampled stream per rank (disjoint shards or samples per rank, shards drawn with replacement,
-per-worker streams), shuffled, decoded and batched in the workers, resumable at the batch; every rank yields
-exactly ``batches_per_epoch`` batches per epoch, so DDP never hangs on uneven data. Evaluation: a finite pass
-that reads every sample exactly once across ranks and workers (shards split by node, then worker).
-
-A batch is a dict: ``image`` float32 B x 3 x R x R in [-1, 1], ``w2c`` B x 16 (flattened row-major,
-the discriminator's pose condition), ``yaw``/``pitch`` B, ``key`` (list), plus ``depth`` B x 1 x R x R and
-``mask`` B x 1 x R x R when the shards carry ground truth.
+"""``PosedImageDataModule``: WebDataset shards of posed images for training (:class:`TrainStream`) and evaluation
+(a finite pass reading every sample exactly once across ranks and workers). Batches: see :mod:`gmpi_lightning.data`.
 """
 
 from __future__ import annotations
@@ -35,22 +27,18 @@ def mirror_w2c(w2c: np.ndarray) -> np.ndarray:
 
 def xflip(s: dict) -> dict:
     """The sample mirrored: image (and depth, mask) flipped left-right, pose mirrored (yaw -> -yaw)."""
-    s = dict(s, image=s["image"][:, ::-1].copy(), w2c=mirror_w2c(s["w2c"]), yaw=-s["yaw"])
-    for k in ("depth", "mask"):
-        if k in s:
-            s[k] = s[k][:, ::-1].copy()
-    return s
+    flipped = {k: s[k][:, ::-1].copy() for k in ("image", "depth", "mask") if k in s}
+    return dict(s, **flipped, w2c=mirror_w2c(s["w2c"]), yaw=-s["yaw"])
 
 
 class TrainStream(torch.utils.data.IterableDataset):
-    """One rank's training stream: epochs of ``batches_per_epoch`` batches of ``batch_size`` from the rank's own
-    shards (or, with fewer shards than ranks, its own share of the samples: ranks never share a real), resampled
-    with replacement, shuffled, optionally x-flipped (p = 0.5). Every rank yields the same number of batches per
-    epoch, so DDP never waits on uneven data.
+    """One rank's training stream: epochs of ``batches_per_epoch`` batches (the same on every rank, so DDP never waits
+    on uneven data) from the rank's own shards (with fewer shards than ranks, its own share of the samples: ranks
+    never share a real), resampled with replacement, shuffled, optionally x-flipped (p = 0.5).
 
-    Every random choice is a function of (seed, rank, worker, epoch), and ``start_batch`` skips the batches a run
-    already used before decoding them, so a resumed run sees exactly the batches the uninterrupted one would. Batch
-    j of a rank comes from loader worker j % num_workers (the DataLoader's in-order round robin).
+    Every random choice is a function of (seed, rank, worker, epoch); ``start_batch`` skips the batches a run already
+    used, undecoded, so a resumed run sees exactly the uninterrupted run's batches. Batch j of a rank comes from
+    loader worker j % num_workers (the DataLoader's in-order round robin).
     """
 
     def __init__(self, urls: list[str], batch_size: int, batches_per_epoch: int, shuffle_buffer: int, xflip: bool,
@@ -112,28 +100,25 @@ class PosedImageDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.urls, self.card = resolve_shards(data)
         self.resolution = self.card["resolution"] if self.card else None
-        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
-        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
-        self.xflip, self.seed = xflip, seed
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.train_batches_used = 0
+        self.batch_size, self.batches_per_epoch, self.num_workers = batch_size, batches_per_epoch, num_workers
+        self.shuffle_buffer, self.xflip, self.seed = shuffle_buffer, xflip, seed
+        self.eval_batch_size, self.train_batches_used = eval_batch_size or batch_size, 0
 
-    def _export_rank(self) -> None:
-        """ddp_spawn workers see neither torch.distributed nor RANK: give WebDataset the rank explicitly."""
+    def _export_rank(self) -> tuple[int, int]:
+        """(rank, world size), exported for WebDataset: ddp_spawn workers see neither torch.distributed nor RANK."""
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:
+        if trainer is None:
+            return 0, 1
+        if trainer.world_size > 1:
             os.environ["RANK"], os.environ["WORLD_SIZE"] = str(trainer.global_rank), str(trainer.world_size)
-
-    def train_dataset(self, rank: int = 0, world: int = 1, start_batch: int = 0) -> TrainStream:
-        return TrainStream(self.urls, self.batch_size, self.batches_per_epoch, self.shuffle_buffer, self.xflip,
-                           self.seed, rank, world, start_batch)
+        return trainer.global_rank, trainer.world_size
 
     def train_dataloader(self):
-        self._export_rank()
-        trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return wds.WebLoader(self.train_dataset(rank, world, self.train_batches_used), batch_size=None,
-                             num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        rank, world = self._export_rank()
+        stream = TrainStream(self.urls, self.batch_size, self.batches_per_epoch, self.shuffle_buffer, self.xflip,
+                             self.seed, rank, world, start_batch=self.train_batches_used)
+        return wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers,
+                             persistent_workers=self.num_workers > 0)
 
     # The position in the training stream, saved in checkpoints so that a resumed run continues it.
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -149,14 +134,11 @@ class PosedImageDataModule(pl.LightningDataModule):
         self.train_batches_used = int(state.get("train_batches_used", 0))
 
     def eval_dataloader(self):
+        """Every sample once; limit with Trainer(limit_val_batches=N): the pass is finite and has no length."""
         self._export_rank()
         return eval_loader(self.urls, self.eval_batch_size, self.num_workers)
 
-    def val_dataloader(self):  # limit with Trainer(limit_val_batches=N): the pass is finite and has no length
-        return self.eval_dataloader()
-
-    def test_dataloader(self):
-        return self.eval_dataloader()
+    val_dataloader = test_dataloader = eval_dataloader
 
 
 def write_preview(folder: str | Path, n: int = 8, path: str | Path | None = None) -> Path:
@@ -173,8 +155,6 @@ def write_preview(folder: str | Path, n: int = 8, path: str | Path | None = None
         if "depth" in batch and preset is not None:
             rgb = np.concatenate([rgb, depth_to_color(batch["depth"][i], preset.near, preset.far)], axis=1)
         tiles.append(rgb)
-    cols = 4
-    while len(tiles) % cols:
-        tiles.append(np.zeros_like(tiles[0]))
-    rows = [np.concatenate(tiles[r:r + cols], axis=1) for r in range(0, len(tiles), cols)]
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % 4)  # rows of 4
+    rows = [np.concatenate(tiles[r:r + 4], axis=1) for r in range(0, len(tiles), 4)]
     return save_png(path or Path(folder) / "preview.png", np.concatenate(rows, axis=0))

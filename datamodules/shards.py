@@ -1,15 +1,14 @@
-"""The shard schema and the writer every converter uses (DESIGN.md "Shard schema").
+"""The shard schema and the writer every converter uses (docs/DATA.md).
 
-One sample: ``<key>.png`` (uint8 RGB, square), ``<key>.pose.json`` (yaw, pitch in radians, fov_deg,
-source), ``<key>.w2c.npy`` (float32 4 x 4, GMPI world frame, OpenCV camera), and where ground truth
-exists ``<key>.depth.npy`` (float32 z-depth) and ``<key>.mask.png``. Keys contain no dots (WebDataset
-groups files at the first dot). A ``dataset.json`` card beside the shards records preset, resolution,
-count, shards with sizes and sha256, pose statistics, rejected inputs and the command that wrote it.
+One sample: ``<key>.png`` (uint8 RGB, square), ``<key>.pose.json`` (yaw, pitch in radians, fov_deg, source),
+``<key>.w2c.npy`` (float32 4 x 4, GMPI world frame, OpenCV camera), and where ground truth exists ``<key>.depth.npy``
+(float32 z-depth) and ``<key>.mask.png``. Keys contain no dots (WebDataset groups files at the first dot). The
+``dataset.json`` card beside the shards records preset, resolution, count, shards with sizes and sha256, pose
+statistics, rejected inputs and the command that wrote it.
 
-The writer streams (constant memory), writes into ``<out>.partial`` and renames at the end, so an
-interrupted conversion never leaves a folder that looks complete (a stopped one removes its ``.partial``). It
-replaces (``overwrite``) only a folder that is empty or holds a card it wrote (``"format": CARD_FORMAT``):
-``make data DATA=~/photos`` cannot delete photos.
+The writer streams into ``<out>.partial`` and renames it at the end (a stopped one removes it), and replaces
+(``overwrite``) only an empty folder or one holding a card it wrote (``"format": CARD_FORMAT``): ``make data
+DATA=~/photos`` cannot delete photos.
 """
 
 from __future__ import annotations
@@ -21,21 +20,14 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 
-from gmpi_lightning.data import (  # noqa: F401  (the reading side of the schema, and the card's names, live there)
-    CARD,
-    CARD_FORMAT,
-    PARTIAL_MARKER,
-    file_sha256,
-    is_shard_output,
-    read_card,
-    read_picture,
-)
+from gmpi_lightning.data import CARD, CARD_FORMAT, PARTIAL_MARKER, file_sha256, is_shard_output, read_picture
+from gmpi_lightning.data import read_card as read_card  # re-exported: the reading side of the schema lives there
 from gmpi_lightning.errors import InputError
 
 REJECTED = "rejected.jsonl"
@@ -49,8 +41,7 @@ class BadSample(InputError):
 
 def make_key(name: str) -> str:
     """A dot-free, slash-free sample key from a relative file name ('00000/img00000001.png' -> '00000_img00000001')."""
-    stem = re.sub(r"\.[^./]+$", "", name)
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", stem)
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", re.sub(r"\.[^./]+$", "", name))  # the extension dropped first
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -94,37 +85,13 @@ def check_pose(w2c: np.ndarray, name: str) -> np.ndarray:
     return w2c
 
 
-@dataclass
-class _Stats:
-    n: int = 0
-    sums: dict = field(default_factory=lambda: {"yaw": [0.0, 0.0], "pitch": [0.0, 0.0]})
-
-    def add(self, yaw: float, pitch: float) -> None:
-        self.n += 1
-        for k, v in (("yaw", yaw), ("pitch", pitch)):
-            self.sums[k][0] += v
-            self.sums[k][1] += v * v
-
-    def summary(self) -> dict:
-        out = {}
-        for k, (s, ss) in self.sums.items():
-            mean = s / max(self.n, 1)
-            out[k] = {"mean": mean, "std": math.sqrt(max(ss / max(self.n, 1) - mean * mean, 0.0))}
-        return out
-
-
 class ShardSetWriter:
-    """Writes samples into tar shards + dataset.json; use as a context manager.
-
-    ``skip_bad``: record rejected inputs in rejected.jsonl instead of stopping at the first one.
-    """
+    """Writes samples into tar shards + dataset.json; use as a context manager. ``skip_bad``: record rejected inputs
+    in rejected.jsonl instead of stopping at the first one."""
 
     def __init__(self, out_dir: str | Path, preset: str, resolution: int, source: str, samples_per_shard: int = 1000,
                  overwrite: bool = False, skip_bad: bool = False, extra: dict | None = None):
-        import webdataset as wds
-
-        self.out = Path(out_dir)
-        self.overwrite = overwrite
+        self.out, self.overwrite, self.skip_bad = Path(out_dir), overwrite, skip_bad
         check_replaceable(self.out, overwrite)
         self.tmp = self.out.with_name(self.out.name + ".partial")
         if self.tmp.exists():
@@ -135,11 +102,10 @@ class ShardSetWriter:
         self.tmp.mkdir(parents=True)
         (self.tmp / PARTIAL_MARKER).touch()
         self.preset, self.resolution, self.source, self.extra = preset, resolution, source, extra or {}
-        self.skip_bad = skip_bad
         self._keys: set[str] = set()
         self._rejected = open(self.tmp / REJECTED, "w")
-        self.n_rejected = 0
-        self._stats = _Stats()
+        self.n_rejected = self.count = 0  # count: samples written
+        self._sums = {"yaw": [0.0, 0.0], "pitch": [0.0, 0.0]}  # sum and sum of squares: the card's pose_stats
         self._sink = wds.ShardWriter(str(self.tmp / SHARD_PATTERN), maxcount=samples_per_shard, verbose=0)
         self._t0 = time.time()
 
@@ -182,11 +148,10 @@ class ShardSetWriter:
         if mask is not None:
             sample["mask.png"] = encode_png(mask.astype(np.uint8) * 255)
         self._sink.write(sample)
-        self._stats.add(yaw, pitch)
-
-    @property
-    def count(self) -> int:
-        return self._stats.n
+        self.count += 1
+        for k, v in (("yaw", yaw), ("pitch", pitch)):
+            self._sums[k][0] += v
+            self._sums[k][1] += v * v
 
     def close(self, success: bool = True) -> Path | None:
         if self._sink is None:
@@ -197,14 +162,16 @@ class ShardSetWriter:
         if not success:  # stopped by a bad input, an error or Ctrl-C: nothing half-written stays behind
             shutil.rmtree(self.tmp, ignore_errors=True)
             return None
-        if self._stats.n == 0:
+        if self.count == 0:
             raise BadSample(f"no valid sample was written ({self.n_rejected} rejected; see {self.tmp / REJECTED})")
-        shards = []
-        for p in sorted(self.tmp.glob("shard-*.tar")):
-            shards.append({"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)})
+        shards = [{"name": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                  for p in sorted(self.tmp.glob("shard-*.tar"))]
+        stats = {}
+        for k, (s, ss) in self._sums.items():
+            mean = s / self.count
+            stats[k] = {"mean": mean, "std": math.sqrt(max(ss / self.count - mean * mean, 0.0))}
         card = {"format": CARD_FORMAT, "preset": self.preset, "resolution": self.resolution, "source": self.source,
-                "count": self._stats.n, "rejected": self.n_rejected, "shards": shards,
-                "pose_stats": self._stats.summary(),
+                "count": self.count, "rejected": self.n_rejected, "shards": shards, "pose_stats": stats,
                 "schema": ["png", "pose.json", "w2c.npy", "depth.npy?", "mask.png?"],
                 "conventions": "world +X right, +Y down, +Z forward; OpenCV cameras; w2c maps world to camera",
                 "command": " ".join(sys.argv), "seconds": round(time.time() - self._t0, 2), **self.extra}

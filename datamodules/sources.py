@@ -19,10 +19,9 @@ from .shards import BadSample, decode_image
 MAX_MEMBER_BYTES = 128 << 20  # one zip member (an image, dataset.json): a 4096 px PNG is well under it
 
 
-def read_zip_member(z: zipfile.ZipFile, name: str, cap: int | None = None) -> bytes:
+def read_zip_member(z: zipfile.ZipFile, name: str, cap: int = MAX_MEMBER_BYTES) -> bytes:
     """A member's bytes, refusing one that declares (or inflates to) more than ``cap`` bytes: a zip bomb is
     refused before it is decompressed, and a header that under-declares is caught by the bounded read."""
-    cap = MAX_MEMBER_BYTES if cap is None else cap
     where = f"{z.filename}:{name}"
     try:
         info = z.getinfo(name)

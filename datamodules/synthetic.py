@@ -1,30 +1,19 @@
-"""Procedural "synthetic heads": a fast, deterministic renderer of head-like objects with exact ground truth.
+"""Procedural "synthetic heads": a fast, deterministic renderer of head-like objects with exact ground truth, the
+default training data (real face data cannot ship) and the ground truth of the 3D metrics.
 
-The project's default training data (real face data cannot ship) and the ground truth for 3D metrics. Each
-sample is a small scene in GMPI's world frame (+X right, +Y down, +Z forward; see ``gmpi_lightning.cameras``):
+A sample is a scene in GMPI's world frame (+X right, +Y down, +Z forward; ``gmpi_lightning.cameras``): a head
+ellipsoid near (0, 0, 1) whose face front is at z ~ 0.95 (the preset's near plane), nose, eyes (sclera / iris /
+pupil by normal), eyebrows, mouth, ears, neck and a two-sided hair "sheet" (a larger cap ellipsoid kept where a
+hairline function says hair), before the background plane z = ``far`` with a random colour gradient. Albedos,
+sinusoidal skin modulation and hair streaks are random; shading is Lambertian under a light fixed in the *world*, so
+multi-view renders of a sample are consistent. Every primitive is an axis-aligned ellipsoid intersected in closed
+form, and only against the rays of a conservative pixel window around its bounding sphere (exact, and cheap for the
+small features). Poses come from the preset's prior. Throughput: ``benchmarks/bench_synthetic.py``.
 
-* a head ellipsoid near (0, 0, 1) whose face front is at z ~ 0.95 (the preset's near plane), a nose, two eyes
-  (sclera / iris / pupil by normal), eyebrows, a mouth, two ears, a neck, and a hair "sheet": a slightly larger cap
-  ellipsoid kept only where a hairline function of the position says hair (two-sided: entry and exit roots count);
-* the background plane z = ``far`` (1.12 for the FFHQ-like presets) with a random linear colour gradient;
-* random skin / hair / iris / lip albedos, a low-frequency sinusoidal albedo modulation, hair streaks and
-  Lambertian shading (ambient + diffuse) under a light fixed in the *world* (near the canonical camera direction),
-  so the colours of a surface point do not depend on the view: multi-view renders of a sample are consistent.
-
-Every primitive is an axis-aligned ellipsoid, intersected in closed form (a quadratic in the ray distance); the
-visible surface is the nearest hit. For speed each primitive is only tested against the rays of a conservative pixel
-window around its projected bounding sphere (exact: the other rays cannot hit it), so the small features cost
-little. Camera poses come from the preset's prior (``sample_preset_pose``, ``sphere_c2w``).
-Throughput on 2 CPU cores: see ``benchmarks/bench_synthetic.py``.
-
-Randomness: sample ``i`` draws its pose and then a fixed-length vector of uniforms from its own
-``torch.Generator`` seeded by a hash of (``cfg.seed``, ``i``), and is rendered by itself (a loop over samples,
-identical tensor shapes), so its outputs are bit-identical whatever batch it is rendered in (for a given torch
-build and thread count).
-
-Anti-aliasing: RGB averages ``supersample``^2 sub-pixel rays per pixel. Depth and mask come from the single
-*pixel-centre* ray (the ray ``pixel_rays`` gives for pixel (u, v)), so they are exact point samples of the scene
-(not blends of fore- and background) and can be unprojected exactly.
+Randomness: sample ``i`` draws its pose, then a fixed-length vector of uniforms, from its own ``torch.Generator``
+(seeded by a hash of (``cfg.seed``, ``i``)) and is rendered alone, so its outputs are bit-identical whatever batch
+it is in (for a given torch build and thread count). RGB averages ``supersample``^2 sub-pixel rays per pixel; depth
+and mask come from the single pixel-centre ray (``pixel_rays``), exact point samples that unproject exactly.
 """
 
 from __future__ import annotations
@@ -78,9 +67,7 @@ def sample_poses(indices: Sequence[int] | torch.Tensor, cfg: SyntheticConfig) ->
     """(yaw, pitch), float32 each of length B: the poses ``render_heads`` uses for these samples (cheap)."""
     preset = get_preset(cfg.preset)
     poses = [sample_preset_pose(1, preset, generator=_generator(cfg.seed, i)) for i in _as_list(indices)]
-    if not poses:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat([p[0] for p in poses]).float(), torch.cat([p[1] for p in poses]).float()
+    return tuple(torch.cat([p[k] for p in poses] or [torch.zeros(0)]).float() for k in (0, 1))
 
 
 def _scene(g: torch.Generator) -> dict:
@@ -153,11 +140,9 @@ def _hair_region(q: list[torch.Tensor], sc: dict) -> torch.Tensor:
 
 
 def _rects(sc: dict, w2c: torch.Tensor, f: float, n: int) -> list[tuple[int, int, int, int]]:
-    """Per primitive, a conservative (y0, y1, x0, x1) pixel window of an n x n grid (focal f) holding its image.
-
-    The bounding sphere (centre c, radius R) lies in the box c +- R, so x/z over it is bounded by the box corners.
-    A 1-2 pixel margin absorbs float rounding, so skipping the rays outside never changes a result.
-    """
+    """Per primitive, a conservative (y0, y1, x0, x1) pixel window of an n x n grid (focal f) holding its image: x/z
+    over the bounding sphere's box c +- R is bounded by the box corners, and a 1-2 pixel margin absorbs float
+    rounding, so skipping the rays outside never changes a result."""
     cam = sc["centres"].double() @ w2c[:3, :3].double().T + w2c[:3, 3].double()
     r = sc["radius_max"].double()[:, None] * 1.001 + 1e-4
     if bool((cam[:, 2] - r[:, 0] <= 1e-3).any()):
@@ -256,9 +241,7 @@ def _render_one(sc: dict, c2w: torch.Tensor, w2c: torch.Tensor, res: int, ss: in
 
 
 def _as_list(indices) -> list[int]:
-    if isinstance(indices, torch.Tensor):
-        return [int(i) for i in indices.reshape(-1).tolist()]
-    return [int(i) for i in indices]
+    return [int(i) for i in (indices.reshape(-1).tolist() if isinstance(indices, torch.Tensor) else indices)]
 
 
 def render_heads(indices: Sequence[int] | torch.Tensor, cfg: SyntheticConfig, yaw=None, pitch=None
@@ -280,7 +263,7 @@ def render_heads(indices: Sequence[int] | torch.Tensor, cfg: SyntheticConfig, ya
     for v in overrides:
         if v is not None and v.numel() != len(idx):
             raise InputError(f"pose overrides need one value per sample ({len(idx)}), got {v.numel()}")
-    outs = {key: [] for key in KEYS}
+    outs = []
     for j, i in enumerate(idx):
         g = _generator(cfg.seed, i)
         y, p = sample_preset_pose(1, preset, generator=g)     # always drawn: the scene stream follows it
@@ -289,15 +272,13 @@ def render_heads(indices: Sequence[int] | torch.Tensor, cfg: SyntheticConfig, ya
         c2w = sphere_c2w(y, p, preset.sphere_center_z, preset.sphere_r)[0]
         w2c = invert_rigid(c2w)[0]
         one = _render_one(_scene(g), c2w, w2c, res, ss, preset.fov_deg, preset.far)
-        one.update(yaw=y[0], pitch=p[0], c2w=c2w, w2c=w2c)
-        for key in KEYS:
-            outs[key].append(one[key])
+        outs.append(dict(one, yaw=y[0], pitch=p[0], c2w=c2w, w2c=w2c))
     if not idx:
         shapes = dict(image=(0, res, res, 3), depth=(0, res, res), mask=(0, res, res), yaw=(0,), pitch=(0,),
                       c2w=(0, 4, 4), w2c=(0, 4, 4))
         dtypes = dict(image=torch.uint8, mask=torch.bool)
         return {key: torch.zeros(shapes[key], dtype=dtypes.get(key, torch.float32)) for key in KEYS}
-    return {key: torch.stack(v) for key, v in outs.items()}
+    return {key: torch.stack([one[key] for one in outs]) for key in KEYS}
 
 
 def iter_synthetic(num: int, cfg: SyntheticConfig, batch_size: int = 64) -> Iterator[dict]:

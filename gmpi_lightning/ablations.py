@@ -1,11 +1,9 @@
 """The paper's ablation axes as one command: ``gmpi ablations --data synthetic`` (``make ablations``).
 
-Row ``experiments/ablations/<row>.yaml`` holds only the ``model:`` keys it changes: an overlay, resolved as ``gmpi
-fit --config experiments/<data>.yaml --config <row>.yaml`` and trained by :mod:`gmpi_lightning.runs` in OUT/<row>/
-(config.yaml, train.log, checkpoints, gmpi.pt, done.json; resumed from last.ckpt). A row whose resolved model/data
-settings equal an earlier row's is trained once ("same as <row>"). Every generator is evaluated alike
-(:mod:`gmpi_lightning.evaluation.compare`, settings checked before any training) into OUT/results.{csv,md} and
-OUT/samples.png.
+Row ``experiments/ablations/<row>.yaml`` is an overlay of the ``model:`` keys it changes on experiments/<data>.yaml,
+trained by :mod:`gmpi_lightning.runs` in OUT/<row>/ (resumed from last.ckpt); a row whose resolved settings equal an
+earlier row's is trained once ("same as <row>"). Every generator is evaluated alike (:mod:`.evaluation.compare`,
+settings checked before any training) into OUT/results.{csv,md} and OUT/samples.png (docs/ABLATIONS.md).
 """
 
 import json
@@ -100,8 +98,7 @@ def evaluate_rows(planned: list[runs.Run], metrics: list[str], num_samples: int,
                                        inception, estimators, device)
         lines = (ROWS / f"{r.name}.yaml").read_text().splitlines()
         setting = re.split(r"[:.(]", next((ln.lstrip("# ") for ln in lines if ln.startswith("#")), r.name))[0]
-        table.append({"row": r.name, "setting": setting.strip(), "same_as": r.same_as or "",
-                      **compare.table_row(blob)})
+        table.append({"row": r.name, "setting": setting.strip(), "same_as": r.same_as or "", **compare.table_row(blob)})
     return table
 
 

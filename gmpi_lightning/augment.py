@@ -1,26 +1,12 @@
-"""Pose-safe adaptive augmentation of what the discriminator sees: StyleGAN2-ADA's method under GMPI's constraint.
+"""Pose-safe adaptive augmentation of what the discriminator sees: StyleGAN2-ADA's method under GMPI's constraint
+(docs/SMALL_DATA.md: the transforms, why each keeps the camera label true, why the others are refused).
 
-GMPI's D is conditioned on the camera (the flattened w2c), so an augmentation may only use transforms after which the
-camera label is still true of the picture. :class:`PoseSafeAugment` applies, to each image independently with
-probability ``p``:
-
-    translate   a whole-pixel shift of up to ``translate`` x the image side, reflect padding. Shifting the picture by
-                whole pixels is shifting the principal point: the camera's position and orientation (the w2c D reads)
-                are those of the original picture, only where its optical axis meets the sensor moves
-                (``tests/test_augment.py`` renders both and compares).
-    brightness  add N(0, 0.2^2) to every channel ([-1, 1] units)
-    contrast    multiply by 2^N(0, 0.5^2) about mid-grey (0)
-    cutout      fill a square of half the image side, centred uniformly in the image, with mid-grey
-
-Colour and cutout move no geometry. Left out because each changes which camera took the picture: x-flip (mirrors the
-head, so the pose would have to be mirrored too; the data's ``xflip`` option mirrors image and pose together),
-rotation, scaling, anisotropic and fractional-pixel geometry.
-
-Every parameter is drawn from the caller's ``torch.Generator`` (the training module's per-rank stream), the same
-number of draws whatever ``p`` is; an image not augmented by a transform gets that transform's identity parameters.
-kornia's modules apply the parameters (left to themselves they would draw from torch's global generator).
-
-:class:`AdaptiveP` is StyleGAN2-ADA's controller of ``p`` from the sign of D's logits on the reals.
+D is conditioned on the camera, so :class:`PoseSafeAugment` only uses transforms after which the label is still true
+of the picture (:data:`OPS`: a whole-pixel translate, which only moves the principal point; brightness; contrast;
+cutout), each applied to each image independently with probability ``p``. Every parameter is drawn from the caller's
+``torch.Generator`` (the training module's per-rank stream), the same number of draws whatever ``p`` is; an image
+not augmented by a transform gets its identity parameters. kornia's modules only apply the parameters (left to
+themselves they would draw from torch's global generator). :class:`AdaptiveP` is StyleGAN2-ADA's controller of ``p``.
 """
 
 from __future__ import annotations
@@ -130,15 +116,12 @@ class PoseSafeAugment(nn.Module):
 
 
 class AdaptiveP(nn.Module):
-    """StyleGAN2-ADA's controller of the augmentation probability ``p``.
+    """StyleGAN2-ADA's controller of the augmentation probability ``p`` from r_t = E[sign(D(real))] over the reals
+    since the last update (0: D's logits on them as often negative as positive, 1: all positive, memorised). Each
+    update moves p by ``sign(r_t - target) * N / (kimg * 1000)`` (N: reals counted over all ranks, through
+    ``reduce``), within [0, 1]; ``adaptive=False`` keeps p where it started.
 
-    The overfitting heuristic r_t = E[sign(D(real))] over the reals D saw since the last update is 0 when D's
-    logits on its training images are as often negative as positive and 1 when all are positive (D has memorised
-    them). Every update moves p by ``sign(r_t - target) * N / (kimg * 1000)``, N the reals counted (over all ranks,
-    through ``reduce``), so that p can go from 0 to 1 in ``kimg`` thousand images; p stays in [0, 1].
-    ``adaptive=False`` keeps p where it started (augmentation with a fixed p).
-
-    State: ``p`` (the same on every rank) and ``signs`` = (sum of signs, count) since the last update (per rank);
+    State: ``p`` (the same on every rank) and ``signs`` = (sum of signs, count) since the last update (per rank):
     non-persistent buffers, so they follow the module's device; the training module checkpoints them.
     """
 

@@ -4,9 +4,8 @@
     fit = estimate_camera(G, preset, target, settings, search, reader)   # dict, or None after Ctrl-C
     fit = mirror_fit(G, preset, target, settings, search, reader)        # the same, averaged with the mirror's
 
-A fit is the camera search (:mod:`.pose_search`, around the ``reader``'s reading when one is given:
-:func:`~gmpi_lightning.pose_reader.yaw_window`) and stage 1 of the inversion with the camera learned
-(:func:`~gmpi_lightning.inversion.invert`); no pivotal tuning, which does not move the camera.
+A fit is the camera search (:mod:`.pose_search`; around the ``reader``'s reading when given) and stage 1 of
+:func:`~gmpi_lightning.inversion.invert` with the camera learned; no pivotal tuning (it does not move the camera).
 """
 
 from __future__ import annotations
@@ -42,12 +41,10 @@ def estimate_camera(G, preset, target, settings: InvertSettings, search: SearchS
 
 
 def mirror_average(image: dict, mirrored: dict, preset=None) -> dict:
-    """One camera from the fits on a picture and on its left-right mirror, whose yaw is the picture's negated (yaw 0
-    faces the camera): yaw ``(y - y_mirrored) / 2``, pitch the mean (inside ``preset``'s prior when given). A lean
-    towards one side cancels, and the two fits' independent errors average. The confidence, loss gap and runner-up
-    are the less confident fit's (a mirrored runner-up's yaw negated: in the picture's frame; none if either fit has
-    no confidence); ``mirror_disagreement`` (``|y + y_mirrored|``, radians) is how far apart the fits were: large
-    where one of them took the wrong side."""
+    """One camera from the fits on a picture and on its left-right mirror (whose yaw is the picture's negated): yaw
+    ``(y - y_mirrored) / 2``, pitch the mean (inside ``preset``'s prior when given), so a lean to one side cancels.
+    Confidence, loss gap, runner-up: the less confident fit's (a mirrored runner-up's yaw negated; none if a fit has
+    no confidence); ``mirror_disagreement`` = ``|y + y_mirrored|`` (radians), large where a fit took the wrong side."""
     yaw, pitch = (image["yaw"] - mirrored["yaw"]) / 2, (image["pitch"] + mirrored["pitch"]) / 2
     if preset is not None:
         yaw, pitch = clamp_to_prior(yaw, pitch, preset)

@@ -1,11 +1,8 @@
 """Cameras in GMPI's conventions (docs/METHOD.md §1). Pure functions of tensors.
 
-* World (MPI) frame: +X right, +Y down, +Z forward. Cameras: OpenCV (x right, y down, z forward);
-  ``c2w`` columns are the camera axes and centre in world coordinates.
-* Poses live on a sphere centred at (0, 0, c) with radius r; yaw = pitch = 0 is the canonical camera
-  at the world origin (c = r) with identity rotation. Positive yaw moves the camera to +X, positive
-  pitch moves it up (-Y); the camera always looks at the sphere centre, without roll.
-* The discriminator is conditioned on the world-to-camera matrix flattened row-major (16 numbers).
+World frame +X right, +Y down, +Z forward; OpenCV cameras, ``c2w`` columns = camera axes and centre. Poses sit on a
+sphere (centre (0, 0, c), radius r) looking at its centre without roll; yaw = pitch = 0 is the canonical camera at the
+origin (c = r) with identity rotation; +yaw moves it to +X, +pitch up (-Y). D's condition: w2c flattened row-major.
 """
 
 from __future__ import annotations
@@ -32,11 +29,8 @@ def intrinsics(fov_deg: float, height: int, width: int, dtype=torch.float32) -> 
 
 def pixel_rays(c2w: torch.Tensor, fov_deg: float, height: int, width: int,
                pixel_centres: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit ray directions in world coordinates, B x H x W x 3, and ray origins B x 3.
-
-    Pixel (u, v) goes through (u + 0.5, v + 0.5) when ``pixel_centres`` (the renderer), or through
-    the exact corner grid point (u, v) otherwise (used to size the planes).
-    """
+    """Unit ray directions in world coordinates, B x H x W x 3, and ray origins B x 3. Pixel (u, v) goes through
+    (u + 0.5, v + 0.5) when ``pixel_centres`` (the renderer), else through the corner grid point (u, v)."""
     c2w = _as_batch(c2w)
     dtype, device = c2w.dtype, c2w.device
     f = focal_from_fov(fov_deg, width)
@@ -65,10 +59,8 @@ def _axis(i: int, value: float, device) -> torch.Tensor:
 
 
 def sphere_c2w(yaw, pitch, sphere_center_z: float, sphere_r: float, dtype=torch.float32) -> torch.Tensor:
-    """Camera-to-world matrices (B x 4 x 4) for cameras on the sphere looking at its centre.
-
-    Computed in float64 and cast, like the official code (numpy/scipy float64, then float32).
-    """
+    """Camera-to-world matrices (B x 4 x 4) for cameras on the sphere looking at its centre. Computed in float64 and
+    cast, like the official code (numpy/scipy float64, then float32)."""
     yaw = torch.as_tensor(yaw, dtype=torch.float64).reshape(-1)
     device = yaw.device  # computed where the angles live (no host round trip for device-sampled poses)
     pitch = torch.as_tensor(pitch, dtype=torch.float64, device=device).reshape(-1)
@@ -205,12 +197,8 @@ DEEP3DFACE_CAMERA_DISTANCE = 10.0
 
 def w2c_from_deep3dface(angle, trans, sphere_center_z: float, sphere_r: float,
                         normalize_trans: bool = True) -> torch.Tensor:
-    """Deep3DFaceRecon coefficients (angle = (x, y, z) radians, trans 3-vector) -> GMPI w2c, B x 4 x 4.
-
-    ``w2c = F . T(0,0,-10) . [R|t] . F . T(0,0,-c)`` with ``R = Rz Ry Rx`` and ``F = diag(1,-1,-1,1)``:
-    move the MPI centre to the origin, flip into Deep3DFace's y-up world, apply the face pose, move
-    into its camera (distance 10) and flip back to OpenCV axes; then put the camera on the sphere.
-    """
+    """Deep3DFaceRecon coefficients (angle = (x, y, z) radians, trans 3-vector) -> GMPI w2c, B x 4 x 4:
+    ``w2c = F . T(0,0,-10) . [R|t] . F . T(0,0,-c)``, ``R = Rz Ry Rx``, ``F = diag(1,-1,-1,1)``; then on the sphere."""
     angle = torch.as_tensor(angle, dtype=torch.float64).reshape(-1, 3)
     trans = torch.as_tensor(trans, dtype=torch.float64).reshape(-1, 3)
     if angle.shape[0] != trans.shape[0]:

@@ -1,16 +1,5 @@
-"""The ``gmpi`` command: one typed function per command, its parser built from the signature and docstring.
-
-    gmpi fit|validate|test --config experiments/NAME.yaml [--model.key=value ...]   (LightningCLI)
-    gmpi import-stylegan2 IN.pkl OUT.pt     NVlabs pickle -> plain weights_only file (no code executed)
-    gmpi render --ckpt CKPT --seeds 0-3 --planes 96 --out DIR [--video] [--mesh] [--web]
-    gmpi export-web --ckpt CKPT --seeds 0-3 --planes 32 --out DIR   WebGL viewer page: open from disk, orbit, depth
-    gmpi data synthetic|ffhq|eg3d|folder ...  posed-image shards + dataset.json + preview.png
-    gmpi evaluate --ckpt CKPT --data DATA --metrics fid,kid,consistency,depth_fd,pose,depth --out r.json
-    gmpi estimators train|eval ...          pose/depth CNNs for the geometry metrics
-    gmpi sweep-local experiments/sweeps/NAME.yaml [--parallel N] [--seeds 0-2]   a W&B sweep file, without a server
-    gmpi ablations --data synthetic         train + evaluate experiments/ablations/* into one table
-    gmpi invert --ckpt CKPT --image IMG --out DIR [--pose Y,P] [--views "Y,P;..."] [--video] [--mesh]
-    gmpi poses --ckpt CKPT --images DIR --out poses.json [--min-confidence C]   cameras of your own images
+"""The ``gmpi`` command (``gmpi --help`` lists them, :data:`HELP`): one typed function per command, its parser built
+from the signature and docstring; ``gmpi fit|validate|test`` is LightningCLI (:mod:`.trainer`).
 
 Flags are the functions' parameter names with dashes (``--noise-mode``; the underscore spelling works too), types and
 defaults come from the annotations, help from the docstrings' ``Args:``; a parameter typed as a dataclass contributes
@@ -85,15 +74,12 @@ def run(func: Callable, argv: list[str], prog: str, positional: bool = False):
 
 def _join_negative_values(argv: list[str]) -> list[str]:
     """``--pose -0.2,0`` -> ``--pose=-0.2,0``: argparse reads a value that starts with '-' as an option."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and \
-                re.match(r"-[\d.]", argv[i + 1]):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
+    out = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-[\d.]", a):
+            out[-1] = f"{out[-1]}={a}"
         else:
-            out.append(argv[i])
-            i += 1
+            out.append(a)
     return out
 
 
@@ -106,7 +92,7 @@ def _lightning(subcommand: str) -> Callable[[list[str]], None]:
 
 
 def _commands() -> dict:
-    """name -> (function, help, positional) or name -> {subcommand: ...}; ``fit``-like entries take raw argv."""
+    """name -> (function, positional) or name -> {subcommand: ...}; ``fit``-like entries take raw argv."""
     import datamodules.synthetic  # noqa: F401  (registers the synthetic heads' ground truth for --reference rows)
     from datamodules import cli as data_cli
 
@@ -116,18 +102,15 @@ def _commands() -> dict:
 
     return {
         "import-stylegan2": (render_commands.import_stylegan2, True),
-        "render": (render_commands.render, False),
-        "export-web": (render_commands.export_web, False),
+        "render": (render_commands.render, False), "export-web": (render_commands.export_web, False),
         "fit": _lightning("fit"), "validate": _lightning("validate"), "test": _lightning("test"),
         "sweep-local": (sweeps.sweep_local, True),
         "data": {"synthetic": (data_cli.synthetic, False), "ffhq": (data_cli.ffhq, False),
                  "eg3d": (data_cli.eg3d, False), "folder": (data_cli.folder, False)},
         "estimators": {"train": (estimator_training.train_command, False),
                        "eval": (estimator_training.eval_command, False)},
-        "evaluate": (evaluate_cmd.evaluate_command, False),
-        "ablations": (ablations.ablations, False),
-        "invert": (invert_cmd.invert, False),
-        "poses": (invert_cmd.poses, False),
+        "evaluate": (evaluate_cmd.evaluate_command, False), "ablations": (ablations.ablations, False),
+        "invert": (invert_cmd.invert, False), "poses": (invert_cmd.poses, False),
     }
 
 
@@ -147,17 +130,12 @@ HELP = {
 }
 
 
-def _usage(names, prefix: str = PROG) -> str:
-    return f"usage: {prefix} COMMAND [ARGS]\n\ncommands:\n" + "\n".join(f"  {n:18s} {HELP.get(n, '')}"
-                                                                         for n in names)
-
-
 def dispatch(argv: list[str]) -> int:
-    table = _commands()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in table:
-        print(_usage(HELP) if not argv or argv[0] in ("-h", "--help") else
-              f"{PROG}: unknown command {argv[0]!r}\n" + _usage(HELP))
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    table, asked = _commands(), not argv or argv[0] in ("-h", "--help")
+    if asked or argv[0] not in table:
+        usage = f"usage: {PROG} COMMAND [ARGS]\n\ncommands:\n" + "\n".join(f"  {n:18s} {h}" for n, h in HELP.items())
+        print(usage if asked else f"{PROG}: unknown command {argv[0]!r}\n" + usage)
+        return 0 if asked else 2
     entry, prog, rest = table[argv[0]], f"{PROG} {argv[0]}", argv[1:]
     if isinstance(entry, dict):
         if not rest or rest[0] not in entry:

@@ -1,6 +1,6 @@
-"""Reading posed-image shards (DESIGN.md "Shard schema"): the dataset card, the shard list, one decoded sample, a
-batch, and the one finite pass over a shard set that evaluation, the estimators and the datamodule's validation
-share. Writing shards (and the training stream) is ``datamodules/``, which builds on this module.
+"""Reading posed-image shards (schema: ``datamodules/shards.py``): the dataset card, the shard list, one decoded
+sample, a batch, and the one finite pass over a shard set that evaluation, the estimators and the datamodule's
+validation share. Writing shards (and the training stream) is ``datamodules/``, which builds on this module.
 
 A batch is a dict: ``image`` float32 B x 3 x R x R in [-1, 1], ``w2c`` B x 16 (flattened row-major, the
 discriminator's pose condition), ``yaw``/``pitch`` B, ``key`` (list), plus ``depth`` B x 1 x R x R and ``mask``
@@ -73,12 +73,10 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # the image files gmpi poses an
 
 
 def image_files(folder: Path, note=None) -> list[str]:
-    """The image files under ``folder`` (recursively), as sorted POSIX paths relative to it: the names poses files
-    are keyed by. Symlinked folders are followed, each real folder read once and under its real path where it is
-    inside ``folder`` (real folders first, then links, each in sorted order: the same names on every machine). A
-    subfolder written by ``gmpi data`` (its card, or an unfinished ``.partial``) is output, not input: passed over,
-    with a ``note``; ``folder`` itself being one is an error. A broken link stays listed, so reading it fails with
-    its name."""
+    """The image files under ``folder`` (recursively) as sorted POSIX paths relative to it (what poses files are keyed
+    by). Symlinked folders are followed, each real folder once, under its real path where that is inside ``folder``
+    (real folders first, then links: the same names on every machine). A ``gmpi data`` output below (card or
+    ``.partial``) is passed over with a ``note``; ``folder`` being one is an error. Broken links stay listed."""
     if is_shard_output(folder):
         raise InputError(f"{folder} is a dataset written by `gmpi data` (shards, card, preview), not a folder of "
                          f"images; pass the folder of the images it was made from")
@@ -110,10 +108,9 @@ def is_shard_output(folder: Path) -> bool:
 
 
 def rgb8(im: Image.Image) -> tuple[np.ndarray, bool]:
-    """A decoded picture as H x W x 3 uint8 whatever its mode, and whether it has transparent pixels (its alpha is
-    dropped; an opaque alpha channel loses nothing). Pillow's own ``convert("RGB")`` clips 16-bit grey to white; here
-    it is scaled. CMYK and palette images are converted to their colours, never read channel by channel. An EXIF
-    orientation (a phone's portrait photo) is applied, so the picture is upright as every viewer shows it."""
+    """A decoded picture as H x W x 3 uint8 whatever its mode (16-bit grey scaled, not clipped to white as Pillow's
+    ``convert("RGB")`` does; CMYK and palette as their colours; EXIF orientation applied), and whether it has
+    transparent pixels (the alpha is dropped)."""
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I"):  # 16-bit grey PNG (I;16, or I holding 0..65535): scale, do not clip
         grey = np.clip(np.asarray(im, dtype=np.float64) / 257.0 + 0.5, 0, 255).astype(np.uint8)

@@ -20,7 +20,4 @@ USER_ERRORS = (InputError, FileNotFoundError, FileExistsError, RunFolderBusy)
 
 def warner(prog: str) -> Callable[[str], None]:
     """A ``warn(msg)`` that prints ``PROG: warning: MSG`` to stderr (the commands' non-fatal notices)."""
-    def warn(msg: str) -> None:
-        print(f"{prog}: warning: {msg}", file=sys.stderr)
-
-    return warn
+    return lambda msg: print(f"{prog}: warning: {msg}", file=sys.stderr)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from json import dumps as json_dumps
 from pathlib import Path
@@ -89,53 +90,42 @@ def depth_target(depth: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> 
 @torch.no_grad()
 def evaluate_arrays(pose_model, depth_model, arrays: dict, batch_size: int = 256, device: str = "cpu",
                     pose_reference: torch.Tensor | None = None, depth_template: torch.Tensor | None = None) -> dict:
-    """Validation metrics on in-memory ground truth (see :func:`load_arrays`).
-
-    Returns summaries of: ``pose_error`` (the estimator), ``pose_error_mean_baseline`` (predicting
-    ``pose_reference``, default the mean of these poses), ``depth_error`` (estimated depth vs ground truth over the
-    estimator's mask, as the metric is used), ``depth_error_gt_mask`` (over the whole ground-truth mask, silhouette
-    included), ``depth_error_flat_baseline`` (a constant map over the estimator's mask: 1.0),
-    ``depth_error_template_baseline`` (one fixed map for all images, the mean training target, over the estimator's
-    mask; if ``depth_template`` is given), ``mask_precision`` (fraction of the predicted foreground that is true
-    foreground: spill onto the background is what hurts the metric), ``mask_coverage`` (fraction of the true
-    foreground predicted); plus ``pose_error_yaw_rmse``/``pitch_rmse`` (radians).
-    """
+    """Validation metrics on in-memory ground truth (see :func:`load_arrays`): summaries of the estimators' errors
+    and of baselines (predicting ``pose_reference``, default the mean of these poses; a flat depth map; the one map
+    ``depth_template`` for all images, if given), the depth error over the whole ground-truth mask (silhouette
+    included), mask precision (share of the predicted foreground that is true: spill onto the background is what
+    hurts the metric) and coverage (share of the true foreground predicted), and the yaw/pitch rmse (radians)."""
     pose_model.eval()
     depth_model.eval()
     n = arrays["image"].shape[0]
     true = arrays["yaw_pitch"]
     ref = (true.mean(0) if pose_reference is None else torch.as_tensor(pose_reference)).reshape(1, 2)
-    pe, pb, de, dg, df, dt, prec, cov, preds = [], [], [], [], [], [], [], [], []
+    acc: dict[str, list[torch.Tensor]] = defaultdict(list)
     for i in range(0, n, batch_size):
         img = _to_input(arrays["image"][i:i + batch_size]).to(device)
         gt_d, gt_m = arrays["depth"][i:i + batch_size], arrays["mask"][i:i + batch_size].float()
         yp = true[i:i + batch_size]
         pred = pose_model(img).cpu()
-        preds.append(pred)
-        pe.append(pose_error(pred, yp))
-        pb.append(pose_error(ref.expand_as(yp), yp))
         out = depth_model(img)
         est, est_m = out["depth"].cpu(), out["mask"].cpu()
-        de.append(depth_error(est, gt_d, est_m))
-        dg.append(depth_error(est, gt_d, gt_m))
-        df.append(depth_error(torch.zeros_like(gt_d), gt_d, est_m))
-        if depth_template is not None:
-            dt.append(depth_error(depth_template.expand_as(gt_d), gt_d, est_m))
         hard, true_m = (est_m > 0.5).flatten(1), (gt_m > 0.5).flatten(1)
         inter = (hard & true_m).sum(1).double()
         nan = torch.full_like(inter, math.nan)
-        prec.append(torch.where(hard.any(1), inter / hard.sum(1).clamp_min(1), nan))
-        cov.append(torch.where(true_m.any(1), inter / true_m.sum(1).clamp_min(1), nan))
-    pred = torch.cat(preds)
-    out = {"n_images": n, "pose_error": summarize(torch.cat(pe)), "pose_error_mean_baseline": summarize(torch.cat(pb)),
-           "pose_error_yaw_rmse": float(((pred[:, 0] - true[:, 0]) ** 2).mean().sqrt()),
-           "pose_error_pitch_rmse": float(((pred[:, 1] - true[:, 1]) ** 2).mean().sqrt()),
-           "depth_error": summarize(torch.cat(de)), "depth_error_gt_mask": summarize(torch.cat(dg)),
-           "depth_error_flat_baseline": summarize(torch.cat(df)), "mask_precision": summarize(torch.cat(prec)),
-           "mask_coverage": summarize(torch.cat(cov))}
-    if dt:
-        out["depth_error_template_baseline"] = summarize(torch.cat(dt))
-    return out
+        for k, v in {"pred": pred, "pose_error": pose_error(pred, yp),
+                     "pose_error_mean_baseline": pose_error(ref.expand_as(yp), yp),
+                     "depth_error": depth_error(est, gt_d, est_m), "depth_error_gt_mask": depth_error(est, gt_d, gt_m),
+                     "depth_error_flat_baseline": depth_error(torch.zeros_like(gt_d), gt_d, est_m),
+                     "mask_precision": torch.where(hard.any(1), inter / hard.sum(1).clamp_min(1), nan),
+                     "mask_coverage": torch.where(true_m.any(1), inter / true_m.sum(1).clamp_min(1), nan)}.items():
+            acc[k].append(v)
+        if depth_template is not None:
+            acc["depth_error_template_baseline"].append(depth_error(depth_template.expand_as(gt_d), gt_d, est_m))
+    pred = torch.cat(acc.pop("pred"))
+    s = {k: summarize(torch.cat(v)) for k, v in acc.items()}
+    rmse = {f"pose_error_{a}_rmse": float(((pred[:, j] - true[:, j]) ** 2).mean().sqrt())
+            for j, a in enumerate(("yaw", "pitch"))}
+    return {"n_images": n, "pose_error": s.pop("pose_error"), "pose_error_mean_baseline":
+            s.pop("pose_error_mean_baseline"), **rmse, **s}
 
 
 def format_metrics(m: dict, label: str = "validation images") -> str:
@@ -156,13 +146,10 @@ def format_metrics(m: dict, label: str = "validation images") -> str:
 # ===================================================================================== training
 def _card_info(data, card: dict | None, urls: list[str]) -> dict:
     """The training data's identity: the card's command and *all* its shards' checksums, and the shards trained on."""
-    names = [Path(u).name for u in urls]
-    if card is None:
-        return {"data": str(data), "train_shards": names}
-    return {"data": str(data), "preset": card.get("preset"), "resolution": card.get("resolution"),
-            "count": card.get("count"), "command": card.get("command"),
-            "shards": [{"name": s["name"], "sha256": s.get("sha256")} for s in card.get("shards", [])],
-            "train_shards": names}
+    ident = {} if card is None else {**{k: card.get(k) for k in ("preset", "resolution", "count", "command")},
+                                     "shards": [{"name": s["name"], "sha256": s.get("sha256")} for s in
+                                                card.get("shards", [])]}
+    return {"data": str(data), **ident, "train_shards": [Path(u).name for u in urls]}
 
 
 def train_estimators(data: str | Path, out: str | Path | None = None, steps: int = 2000, batch_size: int = 64,
@@ -172,17 +159,13 @@ def train_estimators(data: str | Path, out: str | Path | None = None, steps: int
                      bg_weight: float = 0.1, mask_erode: int = 1, progress_bar: bool = True) -> dict:
     """Train :class:`PoseCNN` and :class:`DepthCNN` on the ground truth of posed-image shards.
 
-    Training data: every shard of ``data`` except the last ``val_shards`` (held out for validation), unless
-    ``val_data`` names separate validation shards (then all of ``data`` trains). Losses: pose MSE on
-    normalised yaw/pitch; depth MSE against the ground-truth depth z-scored with its foreground's mean/std
-    (foreground pixels weight 1, background ``bg_weight``, so that a mask spilling over the silhouette still
-    predicts the far background there), plus BCE of the mask logit against the ground-truth mask *eroded* by
-    ``mask_erode`` pixels (at ``input_size``). The estimator's mask is thus conservative, like Deep3DFace's face
-    mask: the metric then scores the interior, not the depth discontinuity at the silhouette, which a small CNN
-    blurs (one predicted pixel on the far background costs ~(5 sigma)^2 / n_pixels). Adam with cosine decay;
-    batches drawn with replacement from memory (seeded).
-
-    Writes ``out`` (if given; see :func:`load_estimators`) and returns the saved dict (``info`` included).
+    Trains on every shard of ``data`` but the last ``val_shards`` (validation), or on all of it with ``val_data``.
+    Losses: pose MSE on normalised yaw/pitch; depth MSE against :func:`depth_target` (foreground weight 1,
+    background ``bg_weight``, so a mask spilling over the silhouette still predicts the far background there); BCE of
+    the mask logit against the ground-truth mask eroded by ``mask_erode`` pixels. The mask is thus conservative like
+    Deep3DFace's: the metric scores the interior, not the depth jump at the silhouette that a small CNN blurs (one
+    pixel on the far background costs ~(5 sigma)^2 / n_pixels). Adam, cosine decay, seeded batches drawn with
+    replacement. Writes ``out`` (if given; :func:`load_estimators` reads it) and returns the saved dict.
     """
     from .export import progress
 
@@ -193,9 +176,8 @@ def train_estimators(data: str | Path, out: str | Path | None = None, steps: int
         val_urls, _ = resolve_shards(val_data)
     else:
         train_urls, val_urls, card = _split_shards(data, val_shards)
-    if input_size is None:
-        res = int(card["resolution"]) if card and card.get("resolution") else 64
-        input_size = min(res, 64)
+    if input_size is None:  # the data's resolution, at most 64
+        input_size = min(int(card["resolution"]) if card and card.get("resolution") else 64, 64)
     train = load_arrays(train_urls, input_size, max_train_samples, desc="load train", progress_bar=progress_bar)
     val = load_arrays(val_urls, input_size, max_val_samples, desc="load val", progress_bar=progress_bar)
     n = train["image"].shape[0]
@@ -208,8 +190,7 @@ def train_estimators(data: str | Path, out: str | Path | None = None, steps: int
     pose_model.pose_std.copy_(std)
     target_all = depth_target(train["depth"], train["mask"])
     mask_target = erode(train["mask"].float(), mask_erode)
-    params = list(pose_model.parameters()) + list(depth_model.parameters())
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam([*pose_model.parameters(), *depth_model.parameters()], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     gen = torch.Generator().manual_seed(seed)
     pose_model.train()
@@ -220,8 +201,7 @@ def train_estimators(data: str | Path, out: str | Path | None = None, steps: int
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         img = _to_input(train["image"][idx]).to(device)
         yp = ((train["yaw_pitch"][idx] - mean) / std).to(device)
-        tgt, m = target_all[idx].to(device), train["mask"][idx].float().to(device)
-        m_target = mask_target[idx].to(device)
+        tgt, m, m_target = (t[idx].float().to(device) for t in (target_all, train["mask"], mask_target))
         wgt = (m + bg_weight * (1 - m)) * (train["depth"][idx] > 1e-8).float().to(device)
         loss_pose = F.mse_loss(pose_model.forward_normalized(img), yp)
         raw = depth_model.forward_raw(img)
@@ -239,17 +219,14 @@ def train_estimators(data: str | Path, out: str | Path | None = None, steps: int
     t_train = time.time() - t0 - t_load
 
     template = (target_all * train["mask"]).sum(0, keepdim=True) / train["mask"].sum(0, keepdim=True).clamp_min(1)
-    pose_model.cpu()
-    depth_model.cpu()
-    metrics = evaluate_arrays(pose_model, depth_model, val, pose_reference=mean, depth_template=template)
+    metrics = evaluate_arrays(pose_model.cpu(), depth_model.cpu(), val, pose_reference=mean, depth_template=template)
     info = {"format": FORMAT, "input_size": input_size, "train_data": _card_info(data, card, train_urls),
             "val_data": {"data": str(val_data or data), "shards": [Path(u).name for u in val_urls],
                          "n_images": metrics["n_images"]},
             "n_train": n, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "device": str(device),
             "seconds": {"load": round(t_load, 1), "train": round(t_train, 1), "total": round(time.time() - t0, 1),
                         "cpu_total": round(time.process_time() - c0, 1), "threads": torch.get_num_threads()},
-            "bg_weight": bg_weight, "mask_erode": mask_erode,
-            "torch": torch.__version__, "val_metrics": metrics}
+            "bg_weight": bg_weight, "mask_erode": mask_erode, "torch": torch.__version__, "val_metrics": metrics}
     saved = {"format": FORMAT, "pose": {"kwargs": pose_model.kwargs(), "state_dict": pose_model.state_dict()},
              "depth": {"kwargs": depth_model.kwargs(), "state_dict": depth_model.state_dict()},
              "input_size": input_size, "info": json.loads(json.dumps(info))}
@@ -297,9 +274,8 @@ def train_command(data: str, out: str, steps: int = 2000, batch_size: int = 64, 
         pose_width: PoseCNN base channels.
         depth_width: DepthCNN base channels.
         mask_erode: erode the mask target by this many pixels (a conservative estimator mask).
-        threads: torch CPU threads (0: torch's default). 1 by default: these small convolutions gain little from
-            more threads, and on a busy machine OpenMP's spin-waiting made 2 threads 27x slower (measured 3.5 s vs
-            0.13 s per step on 2 shared cores).
+        threads: torch CPU threads (0: torch's default); 1 by default: on a busy machine OpenMP's spin-waiting made
+            2 threads 27x slower (3.5 s vs 0.13 s per step on 2 shared cores).
     """
     if steps < 1 or batch_size < 1:
         raise InputError("--steps and --batch-size must be >= 1")

@@ -1,10 +1,9 @@
-"""Pictures, videos and meshes from MPIs: colour-mapped depth, RGBA plane strips, camera sweeps, PLY.
-
-Shared by ``gmpi render`` and the logging callbacks. Images are uint8 H x W x C numpy arrays.
-"""
+"""Pictures, videos and meshes from MPIs (colour-mapped depth, RGBA plane strips, camera sweeps, PLY), shared by
+``gmpi render`` and the logging callbacks. Images are uint8 H x W x C numpy arrays."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +17,6 @@ from .planes import make_plane_depths, normalize_depths
 
 def progress(iterable=None, **kwargs):
     """tqdm that redraws often on a terminal and rarely (every 30 s) into logs and CI output."""
-    import sys
-
     from tqdm import tqdm
 
     kwargs.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 30.0)
@@ -33,8 +30,7 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
 
 def depth_to_color(depth: torch.Tensor, near: float, far: float, coverage: torch.Tensor | None = None,
                    cmap: str = "turbo") -> np.ndarray:
-    """1 x H x W z-depth -> H x W x 3 uint8 (near = one end of the colour map, far = the other;
-    pixels without coverage are black)."""
+    """1 x H x W z-depth -> H x W x 3 uint8 (near and far at the colour map's ends; uncovered pixels black)."""
     import matplotlib
 
     d = ((depth.detach().float()[0] - near) / (far - near)).clamp(0, 1).cpu().numpy()
@@ -85,11 +81,9 @@ def labeled_grid(tiles: list[list[np.ndarray]], row_labels: list[str], col_label
     font_h, char_w = 12, 6  # PIL's built-in bitmap font: no font file needed
     left = 8 + char_w * max(len(t) for t in row_labels) if any(row_labels) else 0
     top = font_h + 6 if col_labels else 0
-    canvas = np.full((top + len(tiles) * size, left + len(tiles[0]) * w * scale, c), 255, np.uint8)
-    for r, row in enumerate(tiles):
-        for k, tile in enumerate(row):
-            canvas[top + r * size:top + (r + 1) * size, left + k * w * scale:left + (k + 1) * w * scale] = \
-                tile.repeat(scale, axis=0).repeat(scale, axis=1)
+    body = np.concatenate([np.concatenate(row, axis=1) for row in tiles]).repeat(scale, axis=0).repeat(scale, axis=1)
+    canvas = np.full((top + body.shape[0], left + body.shape[1], c), 255, np.uint8)
+    canvas[top:, left:] = body
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
     ink = (0, 0, 0, 255)[:c]  # black (opaque for RGBA)
@@ -169,38 +163,35 @@ def extract_mesh(G, z: torch.Tensor, preset, extents_hw, grid: int | None = None
     if not alpha.min() < level < alpha.max():
         raise InputError(f"the alpha volume never crosses the iso-level {level} (range {alpha.min():.3f}..."
                          f"{alpha.max():.3f}): nothing to mesh")
-    h, w = float(extents_hw[0]), float(extents_hw[1])
-    res = alpha.shape[-1]
+    h, w, res = float(extents_hw[0]), float(extents_hw[1]), alpha.shape[-1]
     dz = float(depths[1] - depths[0])
     verts, faces, _, _ = marching_cubes(alpha, level=level, spacing=(dz, h / (res - 1), w / (res - 1)))
     xyz = np.stack([verts[:, 2] - w / 2, verts[:, 1] - h / 2, verts[:, 0] + float(depths[0])], axis=1)
     rgb = to_uint8(mpi[0, :3])  # the shared foreground colour, sampled at the vertex's texel
-    rows = np.clip(np.round(verts[:, 1] / (h / (res - 1))).astype(int), 0, res - 1)
-    cols = np.clip(np.round(verts[:, 2] / (w / (res - 1))).astype(int), 0, res - 1)
+    rows, cols = (np.clip(np.round(verts[:, k] / (s / (res - 1))).astype(int), 0, res - 1) for k, s in ((1, h), (2, w)))
     return xyz.astype(np.float32), faces.astype(np.int32), rgb[rows, cols]
+
+
+_PLY_VERTEX = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+_PLY_RGB = [("r", "u1"), ("g", "u1"), ("b", "u1")]
+_PLY_FACE = [("n", "u1"), ("i", "<i4", (3,))]
 
 
 def write_ply(path: str | Path, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> Path:
     """Binary little-endian PLY with optional per-vertex RGB."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = colors is not None
+    props = ["float x", "float y", "float z"] + ["uchar red", "uchar green", "uchar blue"] * rgb
     header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(verts)}",
-              "property float x", "property float y", "property float z"]
-    vdtype = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
-    if colors is not None:
-        header += ["property uchar red", "property uchar green", "property uchar blue"]
-        vdtype += [("r", "u1"), ("g", "u1"), ("b", "u1")]
-    header += [f"element face {len(faces)}", "property list uchar int vertex_indices", "end_header"]
-    v = np.empty(len(verts), dtype=vdtype)
-    v["x"], v["y"], v["z"] = verts[:, 0], verts[:, 1], verts[:, 2]
-    if colors is not None:
-        v["r"], v["g"], v["b"] = colors[:, 0], colors[:, 1], colors[:, 2]
-    f = np.empty(len(faces), dtype=[("n", "u1"), ("i", "<i4", (3,))])
+              *(f"property {p}" for p in props), f"element face {len(faces)}",
+              "property list uchar int vertex_indices", "end_header"]
+    v = np.empty(len(verts), dtype=_PLY_VERTEX + _PLY_RGB * rgb)
+    for k, (name, _) in enumerate(v.dtype.descr):
+        v[name] = (verts if k < 3 else colors)[:, k % 3]
+    f = np.empty(len(faces), dtype=_PLY_FACE)
     f["n"], f["i"] = 3, faces
-    with open(path, "wb") as fh:
-        fh.write(("\n".join(header) + "\n").encode("ascii"))
-        fh.write(v.tobytes())
-        fh.write(f.tobytes())
+    path.write_bytes(("\n".join(header) + "\n").encode("ascii") + v.tobytes() + f.tobytes())
     return path
 
 
@@ -211,8 +202,6 @@ def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     header = data[:end].decode("ascii").splitlines()
     nv = int(next(h for h in header if h.startswith("element vertex")).split()[-1])
     nf = int(next(h for h in header if h.startswith("element face")).split()[-1])
-    has_rgb = any("red" in h for h in header)
-    vdtype = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")] + ([("r", "u1"), ("g", "u1"), ("b", "u1")] if has_rgb else [])
-    v = np.frombuffer(data, dtype=vdtype, count=nv, offset=end)
-    f = np.frombuffer(data, dtype=[("n", "u1"), ("i", "<i4", (3,))], count=nf, offset=end + v.nbytes)
+    v = np.frombuffer(data, dtype=_PLY_VERTEX + _PLY_RGB * any("red" in h for h in header), count=nv, offset=end)
+    f = np.frombuffer(data, dtype=_PLY_FACE, count=nf, offset=end + v.nbytes)
     return np.stack([v["x"], v["y"], v["z"]], 1), f["i"]

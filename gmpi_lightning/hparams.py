@@ -79,11 +79,10 @@ class EMA:
     """The exponential moving average of G that is exported.
 
     Args:
-        kind: ``stylegan2`` (half-life ``kimg`` thousand images, ramped up over the first ``rampup`` of training) or
-            ``torch_ema`` (official GMPI: ``decay`` with warm-up).
+        kind: ``stylegan2`` (half-life ``kimg``, ramped up over ``rampup``) or ``torch_ema`` (official: ``decay``).
         kimg: StyleGAN2's half-life in thousands of images.
-        rampup: StyleGAN2's ramp-up (None: none).
-        decay: torch_ema's decay.
+        rampup: StyleGAN2's ramp-up, a fraction of the images seen (None: none).
+        decay: torch_ema's decay (with warm-up).
     """
     kind: str = "stylegan2"
     kimg: float = 10.0
@@ -120,8 +119,7 @@ class Augmentation:
 
 @dataclass(frozen=True)
 class Alpha:
-    """GMPI's alpha branch (:mod:`.nn.alpha`) and how it starts (official: gain 1, logit 0, no ramp;
-    docs/METHOD.md §3.4).
+    """GMPI's alpha branch (:mod:`.nn.alpha`) and its start (official: gain 1, logit 0, no ramp; docs/METHOD.md §3.4).
 
     Args:
         mode: the branch (``normalize_add_z``: GMPI's depth-conditioned alpha with feature normalisation).
@@ -197,11 +195,8 @@ _warn = warner("gmpi")
 GROUPS = {"arch": Architecture, "optim": Optimisation, "ema": EMA, "augment": Augmentation, "alpha": Alpha,
           "discriminator": PoseDiscriminator, "views": Views, "shading": Shading}
 
-# old flat model option -> its nested name
-FLAT_NAMES = {
-    **{k: f"arch.{k}" for k in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max")},
-    **{k: f"optim.{k}" for k in ("lr", "betas", "train_mapping", "r1_gamma", "r1_every", "grad_clip",
-                                 "batch_split")},
+FLAT_NAMES = {  # old flat model option -> its nested name
+    **{f.name: f"{g}.{f.name}" for g in ("arch", "optim") for f in dataclasses.fields(GROUPS[g])},
     "ema": "ema.kind", "ema_kimg": "ema.kimg", "ema_rampup": "ema.rampup", "ema_decay": "ema.decay",
     "augment": "augment.mode", "augment_p": "augment.p", "augment_ops": "augment.ops", "ada_target": "augment.target",
     "ada_interval": "augment.interval", "ada_kimg": "augment.kimg",
@@ -226,6 +221,11 @@ def group(cls: type, value, name: str):
     if set(value) - fields:
         raise InputError(f"model.{name}: unknown {sorted(set(value) - fields)}; its fields are {sorted(fields)}")
     return cls(**value)
+
+
+def typed(hparams: dict) -> dict:
+    """``hparams`` with every group of :data:`GROUPS` as its dataclass (:func:`group`)."""
+    return {k: group(GROUPS[k], v, k) if k in GROUPS else v for k, v in hparams.items()}
 
 
 def plain(value):
@@ -282,8 +282,7 @@ def migrate_argv(argv: list[str], warn=None) -> list[str]:
         if not eq and rest and isinstance(rest[0], str) and not rest[0].startswith("--"):
             value, eq = rest.pop(0), "="
         if name == "config":
-            text = _migrated_config(value, warn)
-            out.append(f"--config={value if text is None else text}")
+            out.append(f"--config={_migrated_config(value, warn) or value}")
             continue
         new = renamed[name] = nested_option(name)
         field = re.fullmatch(rf"model\.(?:init_args\.)?({'|'.join(GROUPS)})\.(\w+)", new)

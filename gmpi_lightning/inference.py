@@ -35,30 +35,23 @@ class LoadedGenerator:
 
 
 def _preset_for(name: str | None, resolution: int, stored: dict | None = None) -> Preset:
-    if name:
-        preset = get_preset(name)
-    elif stored:
-        known = {k: v for k, v in stored.items() if k in Preset.__dataclass_fields__}
-        return Preset(**known)
-    else:  # an FFHQ preset of the same resolution, else FFHQ geometry at this resolution
-        preset = next((p for p in PRESETS.values() if p.name.startswith("FFHQ") and p.resolution == resolution),
-                      get_preset("FFHQ256"))
+    if stored and not name:
+        return Preset(**{k: v for k, v in stored.items() if k in Preset.__dataclass_fields__})
+    # the named preset, else an FFHQ preset of the same resolution, else FFHQ geometry at this resolution
+    ffhq = (p for p in PRESETS.values() if p.name.startswith("FFHQ") and p.resolution == resolution)
+    preset = get_preset(name) if name else next(ffhq, get_preset("FFHQ256"))
     return preset if preset.resolution == resolution else get_preset(preset.name, resolution=resolution)
 
 
 def _file_kind(path: Path) -> str:
     with open(path, "rb") as f:
-        head = f.read(4)
-    if not head.startswith(b"PK"):
-        return "pickle"
+        if not f.read(4).startswith(b"PK"):
+            return "pickle"
     blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if isinstance(blob, dict) and blob.get("format") == GMPI_FORMAT:
-        return "gmpi"
-    if isinstance(blob, dict) and blob.get("format") == SG2_FORMAT:
-        return "stylegan2"
-    if isinstance(blob, dict) and "state_dict" in blob and "hyper_parameters" in blob:
-        return "lightning"
-    return "official"
+    blob = blob if isinstance(blob, dict) else {}
+    if blob.get("format") in (GMPI_FORMAT, SG2_FORMAT):
+        return "gmpi" if blob["format"] == GMPI_FORMAT else "stylegan2"
+    return "lightning" if "state_dict" in blob and "hyper_parameters" in blob else "official"
 
 
 def load_training_checkpoint(path: Path) -> tuple[nn.Module, Preset, str, str | None]:
@@ -98,31 +91,27 @@ def _run_config_data(run_config) -> str | None:
 
 def load_generator(ckpt: str | Path, config: str | Path | None = None, preset: str | None = None,
                    device: str | torch.device = "cpu") -> LoadedGenerator:
+    """A checkpoint of any kind (module docstring) as an MPI generator on ``device``, with its preset."""
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}. Nothing is downloaded; pass a local file "
                                 f"(our .pt, an official generator.pth/ema.pth, or a StyleGAN2 .pkl).")
-    kind = _file_kind(path)
+    kind, stored, data = _file_kind(path), None, None
     if kind == "gmpi":
         blob = load_gmpi_checkpoint(path)
-        G, stored = blob["G"], blob["preset"]
-        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored), "gmpi", path,
-                              (blob["extra"] or {}).get("data"))
+        G, stored, data = blob["G"], blob["preset"], (blob["extra"] or {}).get("data")
     elif kind == "lightning":
         G, stored, kind, data = load_training_checkpoint(path)
-        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution, stored.to_dict()), kind, path, data)
+        stored = stored.to_dict()
     elif kind == "official":
         G = load_official_gmpi(path, config)
-        out = LoadedGenerator(G, _preset_for(preset, G.img_resolution), "official", path)
     else:
         nets = load_stylegan2_pkl(path)
         sg2 = nets.get("G_ema") or nets.get("G")
         if sg2 is None:
             raise InputError(f"{path}: holds no generator (G_ema or G)")
-        out = LoadedGenerator(FlatMPIGenerator(sg2).eval(), _preset_for(preset, sg2.img_resolution),
-                              "stylegan2-flat", path)
-    out.G.to(device)
-    return out
+        G, kind = FlatMPIGenerator(sg2).eval(), "stylegan2-flat"
+    return LoadedGenerator(G.to(device), _preset_for(preset, G.img_resolution, stored), kind, path, data)
 
 
 _warn = warner("gmpi")

@@ -3,15 +3,9 @@
     gmpi invert --ckpt runs/synthetic/gmpi.pt --image head.png --out runs/invert/head \\
         [--pose YAW,PITCH] [--views "-0.3,0;0.3,0"] [--video] [--mesh] [--steps 300] [--pti-steps 150]
 
-Without ``--pose`` the camera is found by the generator itself (:mod:`gmpi_lightning.pose_search`: a grid over the
-pose prior, then yaw and pitch learned with the latent) and reported in metrics.json's ``camera`` with the search's
-runner-up and confidence.
-
-The same from Python: :func:`invert_image` (files) or :func:`gmpi_lightning.inversion.invert` (tensors).
-Files in ``--out``: ``input.png`` (the image as used), ``recon.png`` (rendered at the input camera), ``latent.pt``,
-``generator.pt`` (when stage 2 tuned it; ``gmpi render --ckpt`` loads it), ``view_NN.png`` + ``view_NN_depth.png``
-per requested view, ``views.json``, ``metrics.json``, with ``--video`` ``yaw.mp4`` (RGB | depth), with ``--mesh``
-``mesh.ply`` (``--mesh-format glb``: ``mesh.glb``).
+Without ``--pose`` the camera is found by the generator itself (:mod:`gmpi_lightning.pose_search`) and reported in
+metrics.json's ``camera`` with the search's runner-up and confidence. From Python: :func:`invert_image` (files) or
+:func:`gmpi_lightning.inversion.invert` (tensors). The files in ``--out`` (:data:`OWN_FILES`): docs/INVERSION.md.
 """
 
 from __future__ import annotations
@@ -25,19 +19,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import export
 from .camera_fit import mirror_fit
 from .cameras import clamp_to_prior, pose_range
 from .errors import InputError, warner
+from .estimators import load_estimators
+from .evaluation.evaluate import default_inputs
 from .inference import load_gmpi, load_image
 from .inversion import Inversion, InvertSettings, PinnedLatent, invert
+from .io import save_gmpi_checkpoint
+from .mesh_io import write_mesh
 from .pose_reader import reader_for, yaw_window
 from .pose_search import SearchSettings
 from .presets import Preset
 from .scene import Scene
 
 LATENT_FORMAT = "gmpi-lightning/latent/v1"
-
-
 _warn = warner("gmpi invert")
 
 
@@ -85,11 +82,10 @@ POSE_INIT = ("search", "cnn", "reader", "mean")
 def resolve_pose(pose, target: torch.Tensor, preset: Preset, estimators, training_data, warn=_warn,
                  pose_init: str | None = None, reader=None) -> tuple[float | None, float | None, str]:
     """(yaw, pitch, source) of the camera inversion starts from: ``pose`` as given (checked); else by ``pose_init``
-    (default ``cnn`` when ``estimators`` is given, else ``search``): ``search`` returns (None, None, 'search') and
-    :func:`~gmpi_lightning.inversion.invert` searches the prior; ``cnn`` is the pose estimator's reading (clamped
-    into the prior's range; ``estimators`` or the checkpoint data's ``runs/estimators/<data>.pt``); ``reader`` the
-    reading of the checkpoint's own pose reader (:mod:`.pose_reader`; ``reader()`` returns it), clamped the same
-    way (:func:`invert_image` then searches the prior's part around it); ``mean`` the preset's mean pose."""
+    (default ``cnn`` with ``estimators``, else ``search``): ``search`` -> (None, None, 'search'), for
+    :func:`~gmpi_lightning.inversion.invert` to search; ``cnn`` the pose estimator's reading (``estimators`` or
+    ``runs/estimators/<data>.pt``), ``reader`` the checkpoint's own pose reader's (``reader()`` returns it;
+    :func:`invert_image` then searches around it), both clamped into the prior; ``mean`` the preset's mean pose."""
     if pose is not None:
         yaw, pitch = pose
         check_pose(yaw, pitch, preset)
@@ -104,37 +100,28 @@ def resolve_pose(pose, target: torch.Tensor, preset: Preset, estimators, trainin
     if method == "reader":
         if reader is None:
             raise InputError("--pose-init reader needs the checkpoint's pose reader (gmpi invert makes it)")
-        return _read_pose(reader().to(target.device), target, preset, "the checkpoint's pose reader", warn) + (
-            "reader",)
-    if estimators is None and training_data:  # as `gmpi evaluate`: runs/estimators/<data>.pt when it is there
-        from .evaluation.evaluate import default_inputs
-
-        estimators = default_inputs(["pose"], None, None, training_data)[1]
-    if estimators is None:
-        raise FileNotFoundError("--pose-init cnn needs a pose estimator and this checkpoint's data has none: pass "
-                                "--estimators FILE (`make estimators` writes runs/estimators/<data>.pt), or leave "
-                                "--pose-init out to search the camera with the generator itself")
-    from .estimators import load_estimators
-
-    pose_model = load_estimators(estimators, map_location=target.device)[0]
-    return _read_pose(pose_model, target, preset, estimators, warn) + (f"estimated ({estimators})",)
-
-
-def _read_pose(pose_model, target: torch.Tensor, preset: Preset, name, warn) -> tuple[float, float]:
-    """A pose CNN's reading of ``target`` (B x 3 x H x W in [0, 1]), clamped into the prior's range (with a warning)."""
-    with torch.no_grad():
-        yaw, pitch = (float(v) for v in pose_model(target * 2 - 1)[0])
+        model, name, source = reader().to(target.device), "the checkpoint's pose reader", "reader"
+    else:  # cnn
+        if estimators is None and training_data:  # as `gmpi evaluate`: runs/estimators/<data>.pt when it is there
+            estimators = default_inputs(["pose"], None, None, training_data)[1]
+        if estimators is None:
+            raise FileNotFoundError("--pose-init cnn needs a pose estimator and this checkpoint's data has none: pass "
+                                    "--estimators FILE (`make estimators` writes runs/estimators/<data>.pt), or leave "
+                                    "--pose-init out to search the camera with the generator itself")
+        model, name = load_estimators(estimators, map_location=target.device)[0], estimators
+        source = f"estimated ({estimators})"
+    with torch.no_grad():  # the CNN's reading, clamped into the prior's range (with a warning)
+        yaw, pitch = (float(v) for v in model(target * 2 - 1)[0])
     cy, cp = clamp_to_prior(yaw, pitch, preset)
     if (cy, cp) != (yaw, pitch):
         warn(f"estimated pose {yaw:.3f},{pitch:.3f} clamped into the preset's range ({_range_text(preset)})")
     print(f"pose estimated by {name}: yaw {cy:.3f}, pitch {cp:.3f}")
-    return cy, cp
+    return cy, cp, source
 
 
 def check_views(scene: Scene, views: list[tuple[float, float]]) -> None:
     """Every requested view must see only the MPI (rays inside the background plane): checked before optimising."""
-    r = 4
-    mpi = torch.zeros(1, len(scene.planes), 4, r, r, device=scene.device)
+    mpi = torch.zeros(1, len(scene.planes), 4, 4, 4, device=scene.device)
     mpi[:, -1, 3] = 1
     for i, (yaw, pitch) in enumerate(views):
         try:
@@ -146,58 +133,44 @@ def check_views(scene: Scene, views: list[tuple[float, float]]) -> None:
 
 
 # ============================================================================================= outputs
-def _save_view(out: Path, stem: str, r: dict, preset: Preset) -> tuple[str, str]:
-    from . import export
-
-    export.save_png(out / f"{stem}.png", export.to_uint8(r["rgb"][0]))
-    export.save_png(out / f"{stem}_depth.png", export.depth_to_color(r["depth"][0], preset.near, preset.far,
-                                                                      r["alpha"][0]))
-    return f"{stem}.png", f"{stem}_depth.png"
-
-
 OWN_FILES = ("input.png", "recon.png", "latent.pt", "generator.pt", "view_[0-9][0-9].png", "view_[0-9][0-9]_depth.png",
              "views.json", "yaw.mp4", "mesh.ply", "mesh.glb", "metrics.json")  # what gmpi invert writes in --out
 
 
 def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: bool = False, frames: int = 60,
-                  fps: int = 12, mesh_level: float = 0.5, extra: dict | None = None, warn=_warn,
+                  fps: int = 12, mesh_level: float = 0.5, extra: dict | None = None,
                   mesh_formats=("ply",)) -> dict:
-    """The files of ``gmpi invert`` (module docstring); returns the metrics written to metrics.json."""
-    from . import export
-    from .io import save_gmpi_checkpoint
-    from .mesh_io import write_mesh
-
+    """The files of ``gmpi invert`` (docs/INVERSION.md); returns the metrics written to metrics.json (a mesh that
+    cannot be made is a warning there and on stderr)."""
     out.mkdir(parents=True, exist_ok=True)
     for old in (p for pattern in OWN_FILES for p in out.glob(pattern)):  # an earlier inversion's files go first,
         old.unlink()  # so no generator.pt, view or mesh of another image is left beside this one's latent
-    preset, chunk = inv.scene.preset, (extra or {}).get("settings", {}).get("plane_chunk")
+    extra, preset = extra or {}, inv.scene.preset
+    chunk, rgb = extra.get("settings", {}).get("plane_chunk"), lambda r: export.to_uint8(r["rgb"][0])
+    depth = lambda r: export.depth_to_color(r["depth"][0], preset.near, preset.far, r["alpha"][0])
     export.save_png(out / "input.png", export.to_uint8(inv.target[0]))
-    export.save_png(out / "recon.png", export.to_uint8(inv.reconstruction()["rgb"][0]))
+    export.save_png(out / "recon.png", rgb(inv.reconstruction()))
     torch.save({"format": LATENT_FORMAT, "ws": inv.ws.detach().cpu(), "yaw": inv.yaw, "pitch": inv.pitch,
                 "planes": len(inv.scene.planes), "preset": preset.name,
-                "generator": "generator.pt" if inv.tuned else str((extra or {}).get("checkpoint"))}, out / "latent.pt")
+                "generator": "generator.pt" if inv.tuned else str(extra.get("checkpoint"))}, out / "latent.pt")
     if inv.tuned:
-        save_gmpi_checkpoint(out / "generator.pt", inv.G, preset.to_dict(),
-                             extra={"data": (extra or {}).get("training_data"), "latent": "latent.pt",
-                                    "inverted_image": str(out / "input.png")})
+        save_gmpi_checkpoint(out / "generator.pt", inv.G, preset.to_dict(), extra={
+            "data": extra.get("training_data"), "latent": "latent.pt", "inverted_image": str(out / "input.png")})
     listed = []
     for i, (yaw, pitch) in enumerate(views):
-        rgb, depth = _save_view(out, f"view_{i:02d}", inv.render(yaw, pitch, plane_chunk=chunk), preset)
-        listed.append({"index": i, "yaw": yaw, "pitch": pitch, "image": rgb, "depth": depth})
+        r, files = inv.render(yaw, pitch, plane_chunk=chunk), (f"view_{i:02d}.png", f"view_{i:02d}_depth.png")
+        export.save_png(out / files[0], rgb(r))
+        export.save_png(out / files[1], depth(r))
+        listed.append({"index": i, "yaw": yaw, "pitch": pitch, "image": files[0], "depth": files[1]})
     (out / "views.json").write_text(json.dumps({"input": {"yaw": inv.yaw, "pitch": inv.pitch,
                                                           "image": "input.png", "recon": "recon.png"},
                                                 "views": listed}, indent=1))
     if video:
         (y0, y1), _ = pose_range(preset)
         sweep = export.sweep_poses("yaw", frames, (y0 + y1) / 2, inv.pitch, yaw_range=(y1 - y0) / 2)
-        clips = []
-        for yaw, pitch in sweep:
-            r = inv.render(yaw, pitch, plane_chunk=chunk)
-            clips.append(np.concatenate([export.to_uint8(r["rgb"][0]), export.depth_to_color(
-                r["depth"][0], preset.near, preset.far, r["alpha"][0])], axis=1))
-        export.write_video(out / "yaw.mp4", clips, fps=fps)
-    metrics = {**inv.metrics(), "tuned": inv.tuned, "interrupted": inv.interrupted, "stages": inv.history,
-               **(extra or {})}
+        renders = (inv.render(yaw, pitch, plane_chunk=chunk) for yaw, pitch in sweep)
+        export.write_video(out / "yaw.mp4", [np.concatenate([rgb(r), depth(r)], axis=1) for r in renders], fps=fps)
+    metrics = {**inv.metrics(), "tuned": inv.tuned, "interrupted": inv.interrupted, "stages": inv.history, **extra}
     if mesh:
         try:
             verts, faces, colors = export.extract_mesh(PinnedLatent(inv.G, inv.ws), inv.ws.new_zeros(1, 1), preset,
@@ -206,8 +179,8 @@ def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: b
             metrics["mesh"] = {"file": files[0].name, "files": [f.name for f in files], "vertices": len(verts),
                                "faces": len(faces)}
         except ValueError as e:
-            warn(f"no mesh: {e}")
-            metrics.setdefault("warnings", []).append(f"no mesh: {e}")
+            _warn(f"no mesh: {e}")
+            metrics["warnings"] = [*metrics.get("warnings", []), f"no mesh: {e}"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     return metrics
 
@@ -249,18 +222,12 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
                  mesh_formats=("ply",), mirror: bool = False) -> dict:
     """``gmpi invert`` as a function: every file of the command written to ``out``; returns metrics.json's dict.
     ``views`` default to yaw -0.3, 0, 0.3 around the preset's mean pose. Without ``pose`` the camera is estimated
-    (``pose_init``: :func:`resolve_pose`) and refined with the latent (``settings.pose_lr``; 0 keeps it).
-    ``mirror``: the camera is the mean of the searches on the image and on its mirror
-    (:func:`~gmpi_lightning.camera_fit.mirror_fit`), and the image is inverted at it, fixed; Ctrl-C during those
-    two fits raises ``KeyboardInterrupt`` (there is no camera to write a result at yet)."""
-    t0 = time.perf_counter()
-    notes: list[str] = []
-
-    def warn(msg):
-        notes.append(msg)
-        _warn(msg)
-
-    s = settings or InvertSettings()
+    (``pose_init``: :func:`resolve_pose`) and refined with the latent (``settings.pose_lr``; 0 keeps it). ``mirror``:
+    inverted at the mean camera of fits on the image and its mirror (:func:`~gmpi_lightning.camera_fit.mirror_fit`),
+    kept fixed; Ctrl-C in those fits raises ``KeyboardInterrupt`` (no camera to write a result at yet)."""
+    t0, notes = time.perf_counter(), []
+    warn = lambda msg: notes.append(msg) or _warn(msg)  # on stderr and in metrics.json
+    s, search = settings or InvertSettings(), search or SearchSettings()
     if mirror:
         _check_mirror(pose, pose_init, estimators)
     loaded = load_gmpi(ckpt, device)
@@ -273,8 +240,7 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
     if mirror:  # both searches and stage 1 fits, then the image inverted at their mean camera, kept fixed
         source = pose_init or "search"
         print(f"--mirror: the camera search and {s.steps} steps of stage 1 on the image, then on its mirror")
-        averaged = mirror_fit(G, preset, target, s, search or SearchSettings(), reader() if source == "reader"
-                              else None, progress)
+        averaged = mirror_fit(G, preset, target, s, search, reader() if source == "reader" else None, progress)
         if averaged is None:
             raise KeyboardInterrupt  # Ctrl-C in a fit: no camera yet, nothing written
         yaw, pitch, source = averaged["yaw"], averaged["pitch"], f"{source}, mirror-averaged"
@@ -284,7 +250,7 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
                                           pose_init=pose_init, reader=reader)
         if source == "reader":  # the camera search, on the reader's side of the prior
             reading, yaw, pitch = [yaw, pitch], None, None
-            search = replace(search or SearchSettings(), yaw_range=yaw_window(reading[0], preset))
+            search = replace(search, yaw_range=yaw_window(reading[0], preset))
     inv = invert(G, preset, target, yaw, pitch, s, progress=progress,  # a given or averaged camera stays
                  refine_pose=source != "given" and averaged is None and s.pose_lr > 0, search=search)
     if inv.interrupted:
@@ -298,11 +264,10 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
              f"runner-up yaw {camera['runner_up']['yaw']:.3f}, pitch {camera['runner_up']['pitch']:.3f} explains the "
              f"image almost as well; pass --pose YAW,PITCH if you know it")
     extra = {"image": str(image), "pose_source": source, "camera": camera, "checkpoint": str(ckpt),
-             "training_data": loaded.training_data,
-             "device": str(device),
+             "training_data": loaded.training_data, "device": str(device),
              "seconds_inversion": fits_seconds + sum(h["seconds"] for h in inv.history.values()),
              "settings": asdict(s), "warnings": notes}
-    metrics = write_outputs(inv, Path(out), views, video, mesh, frames, fps, mesh_level, extra, warn=warn,
+    metrics = write_outputs(inv, Path(out), views, video, mesh, frames, fps, mesh_level, extra,
                             mesh_formats=mesh_formats)
     metrics["seconds_total"] = time.perf_counter() - t0
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))

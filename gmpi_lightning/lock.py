@@ -1,11 +1,10 @@
 """One live training run per run folder: ``<default_root_dir>/.run.lock`` holds the holder's pid, host, start time
 and command while ``gmpi fit`` runs, so a second run started into the same folder (two ``make`` targets that both
-train the 2D prior, a sweep started twice) stops at once with a message that names the holder, instead of writing
-checkpoints and logs over the first.
+train the 2D prior, a sweep started twice) stops at once naming the holder, instead of writing over the first.
 
-A lock whose process is gone (same host, pid not alive), or one left by an earlier attempt of the same SLURM job (a
-requeued job restarts with a new pid, possibly on another node), is taken over with a note. Under DDP only the
-global rank 0 process holds it; the other ranks are the same run.
+A lock whose process is gone (same host, pid not alive), or left by an earlier attempt of the same SLURM job (a
+requeued job restarts with a new pid, possibly on another node), is taken over with a note. Under DDP only global
+rank 0 holds it; the other ranks are the same run.
 """
 
 from __future__ import annotations
@@ -21,16 +20,6 @@ from pathlib import Path
 from .errors import RunFolderBusy
 
 LOCK_NAME = ".run.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _global_rank() -> int:
@@ -56,8 +45,13 @@ def _stale(record: dict) -> str | None:
     job = os.environ.get("SLURM_JOB_ID")
     if job and record.get("slurm_job_id") == job:
         return f"an earlier attempt of SLURM job {job}"
-    if record.get("host") == socket.gethostname() and not _alive(int(record.get("pid", -1))):
-        return f"process {record.get('pid')} is gone"
+    if record.get("host") == socket.gethostname():
+        try:
+            os.kill(int(record.get("pid", -1)), 0)  # signal 0: only whether the process exists
+        except ProcessLookupError:
+            return f"process {record.get('pid')} is gone"
+        except PermissionError:  # it exists, owned by someone else
+            pass
     return None
 
 

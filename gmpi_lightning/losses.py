@@ -42,8 +42,6 @@ def torch_ema_beta(num_updates: int, decay: float = 0.999) -> float:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, live: torch.nn.Module, beta: float) -> None:
     """p_ema <- beta * p_ema + (1 - beta) * p for parameters; buffers copied as they are."""
-    ema_params = [p for p in ema.parameters()]
-    live_params = [p.detach() for p in live.parameters()]
-    torch._foreach_lerp_(ema_params, live_params, 1.0 - beta)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in live.parameters()], 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), live.buffers()):
         b_ema.copy_(b)

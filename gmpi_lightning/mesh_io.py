@@ -2,12 +2,11 @@
 
     paths = write_mesh("out/seed0000_mesh", verts, faces, colors, ["ply", "glb"])   # -> .ply and .glb
 
-* ``ply``: binary little-endian PLY in the GMPI world frame (+X right, +Y down, +Z forward, units of the preset),
-  with 8-bit vertex colours (:func:`~gmpi_lightning.export.write_ply`); MeshLab, Open3D and Blender read it.
-* ``glb``: glTF 2.0 binary, written by trimesh, with the same vertices and faces and the MPI's colours as the
-  ``COLOR_0`` vertex attribute. glTF is +Y up with the viewer on +Z, so vertices are stored as (x, -y, -z) of the
-  world frame (a rotation by 180 degrees about X, no mirror): the face looks towards +Z, upright, where glTF viewers
-  (three.js, Blender, W&B's Object3D) put their camera; its depth spans z in [-far, -near].
+* ``ply``: binary little-endian PLY in the GMPI world frame (+X right, +Y down, +Z forward, preset units), 8-bit
+  vertex colours (:func:`~gmpi_lightning.export.write_ply`).
+* ``glb``: glTF 2.0 binary (trimesh), colours as ``COLOR_0``. glTF is +Y up with the viewer on +Z, so vertices are
+  stored as (x, -y, -z) of the world frame (180 degrees about X, no mirror): the face looks upright towards +Z, where
+  glTF viewers (three.js, Blender, W&B's Object3D) put their camera; depth spans z in [-far, -near].
 """
 
 from __future__ import annotations
@@ -61,6 +60,5 @@ def write_mesh(stem: str | Path, verts: np.ndarray, faces: np.ndarray, colors: n
     """The mesh as ``stem.<format>`` for each of ``formats`` (``ply``, ``glb``); returns the paths in that order."""
     from .export import write_ply
 
-    writers = {"ply": write_ply, "glb": write_glb}
-    stem = Path(stem)
+    writers, stem = {"ply": write_ply, "glb": write_glb}, Path(stem)
     return [writers[f](stem.with_name(f"{stem.name}.{f}"), verts, faces, colors) for f in parse_mesh_formats(formats)]

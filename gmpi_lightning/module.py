@@ -1,22 +1,17 @@
 """Training modules: the GAN recipe (:class:`GANModule`), plain 2D StyleGAN2 (:class:`StyleGAN2Module`) and GMPI
-(:class:`GMPIModule`). One iteration (docs/METHOD.md §6):
+(:class:`GMPIModule`). One iteration: a D step (R1 every ``optim.r1_every``), a G step (GMPI: at the prior camera
+of ``views.per_z`` that D scores lowest, in ``optim.batch_split`` chunks) and an EMA update of G (docs/METHOD.md §6).
 
-    D step: fakes for fresh z, made for one sampled condition each (GMPI: a prior camera; shaded after
-            shading.start); reals with their condition; loss = softplus(-D(real)) + softplus(D(fake)), plus
-            k * R1 (gamma/2 ||grad_x D(real)||^2) every k = optim.r1_every iterations; clip; Adam step.
-    G step: fresh z; the G step's condition (GMPI: of views.per_z prior cameras, the one the current D scores
-            lowest); loss = softplus(-D(fake)) over optim.batch_split chunks; clip; Adam step; EMA update of G.
-
-What a GAN's fakes are and how D is conditioned lives in ``self.fakes`` (:mod:`.views`); the random streams in
-:mod:`.streams`; the networks it starts from in :mod:`.networks`; logging in :mod:`.training_log`. Every random draw
-of an iteration comes from this rank's stream (``self.rng``), so N GPUs draw N different batches of fakes and a
-resumed run continues bit-identically. An iteration reads one value back from the device per optimiser step (whether
-the total gradient norm, which clipping computes anyway, and the loss are finite), plus the logged scalars every
-``log_every_n_steps`` iterations.
+Fakes and D's condition live in ``self.fakes`` (:mod:`.views`), the random streams in :mod:`.streams`, the starting
+networks in :mod:`.networks`, logging in :mod:`.training_log`. Every random draw of an iteration comes from this rank's
+stream (``self.rng``): N GPUs draw N different batches of fakes, a resumed run continues bit-identically. An iteration
+reads one value back from the device per optimiser step (gradient norm + loss, checked finite), plus the logged
+scalars every ``log_every_n_steps`` iterations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -24,21 +19,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import AttributeDict, rank_zero_info
 
+from . import hparams
 from .augment import AdaptiveP, PoseSafeAugment
 from .errors import InputError
-from .hparams import (
-    EMA,
-    GROUPS,
-    Alpha,
-    Architecture,
-    Augmentation,
-    Optimisation,
-    PoseDiscriminator,
-    Shading,
-    Views,
-    group,
-    plain,
-)
+from .hparams import EMA, Alpha, Architecture, Augmentation, Optimisation, PoseDiscriminator, Shading, Views
 from .losses import d_logistic_loss, ema_update, g_nonsaturating_loss, r1_penalty, stylegan2_ema_beta, torch_ema_beta
 from .networks import gmpi_networks, load_checkpoint_weights, stylegan2_backbone
 from .presets import get_preset
@@ -49,8 +33,7 @@ from .views import Images2D, PosedViews
 
 
 class GANModule(pl.LightningModule):
-    """The phases every GAN here shares, with manual optimisation; ``build_networks`` and ``make_fakes`` say what
-    differs.
+    """The phases every GAN here shares (manual optimisation); ``build_networks`` and ``make_fakes`` say what differs.
 
     Args (the groups are typed dataclasses in :mod:`.hparams`, nested on the command line: ``--model.optim.lr``):
         preset, resolution: camera/plane/architecture constants (``gmpi_lightning.presets``); ``resolution``
@@ -60,10 +43,8 @@ class GANModule(pl.LightningModule):
         arch: the backbone's architecture when not initialised from a file.
         optim: Adam, R1, clipping and the G step's chunks.
         ema: the exported average of G.
-        augment: pose-safe augmentation of every image D trains on. R1 is the gradient with respect to the reals
-            before augmentation; the worst-view scoring sees renders as they are.
-        max_iters: stop after this many iterations (one D step + one G step; Lightning's global_step counts
-            optimiser steps).
+        augment: pose-safe augmentation of every image D trains on (docs/SMALL_DATA.md; R1 is taken before it).
+        max_iters: stop after this many iterations (one D + one G step; Lightning's global_step counts both).
         max_nonfinite: stop with an error after this many consecutive non-finite steps (each is skipped).
         export_path: at the end of fit, write the inference file there (``gmpi render`` reads it).
     """
@@ -77,20 +58,17 @@ class GANModule(pl.LightningModule):
                  export_path: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        for name in GROUPS.keys() & self.hparams.keys():  # mappings (a checkpoint's, a YAML's) as typed groups
-            self.hparams[name] = group(GROUPS[name], self.hparams[name], name)
-        augment = self.hparams.augment
+        self.hparams.update(hparams.typed(self.hparams))  # mappings (a checkpoint's, a YAML's) as typed groups
+        aug = self.hparams.augment
         self.automatic_optimization = False
         self.preset = get_preset(preset, **({"resolution": resolution} if resolution else {}))
         backbone = stylegan2_backbone(init_from, self.preset, self.hparams.arch)
         self.G, self.D = (net.train().requires_grad_(True) for net in self.build_networks(*backbone))
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self._fakes = self.make_fakes()
-        self.d_augment = PoseSafeAugment(augment.ops) if augment.mode != "none" else None
-        self.ada = AdaptiveP(augment.p, augment.target, augment.kimg, adaptive=augment.mode == "ada") \
-            if self.d_augment else None
-        self.iteration, self.nimg, self.ema_updates = 0, 0, 0  # counters, checkpointed
-        self.nonfinite_in_row, self.nonfinite_total = 0, 0
+        self.d_augment = PoseSafeAugment(aug.ops) if aug.mode != "none" else None
+        self.ada = AdaptiveP(aug.p, aug.target, aug.kimg, adaptive=aug.mode == "ada") if self.d_augment else None
+        self.iteration = self.nimg = self.ema_updates = self.nonfinite_in_row = self.nonfinite_total = 0  # counters
         self.streams, self.log_iteration = RankStreams(), IterationLog()
         self._signs_since_log: torch.Tensor | None = None  # (sum of sign(D(real)), count) for the logged r_t
 
@@ -145,7 +123,7 @@ class GANModule(pl.LightningModule):
         f, z = self.fakes, self.sample_z(b)
         cond = f.g_step_condition(self.G, self.D, z, self.rng)
         chunks = max(1, min(self.hparams.optim.batch_split, b))
-        block_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+        block_sync = getattr(self.trainer.strategy, "block_backward_sync", None)  # DDP: one all-reduce, at the end
         with self.toggled_optimizer(opt):
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device=self.device)
@@ -154,10 +132,7 @@ class GANModule(pl.LightningModule):
                 c = None if cond is None else cond[lo:hi]
                 fake = f.images(self.G, z[lo:hi], c, self.rng, shade_at=self.iteration)
                 loss = g_nonsaturating_loss(self.D(self.d_view(fake), f.condition(c))) / chunks
-                if i < chunks - 1 and block_sync is not None:  # accumulate without an all-reduce per chunk (DDP)
-                    with block_sync():
-                        self.manual_backward(loss)
-                else:
+                with block_sync() if block_sync is not None and i < chunks - 1 else contextlib.nullcontext():
                     self.manual_backward(loss)
                 total = total + loss.detach()
             self.finish_step(opt, total, self.G)
@@ -193,9 +168,8 @@ class GANModule(pl.LightningModule):
 
     @torch.no_grad()
     def observe_real_logits(self, real_logits: torch.Tensor) -> dict:
-        """StyleGAN2-ADA's overfitting heuristic r_t = E[sign(D(real))] since the last log (``ada_rt``, logged with or
-        without augmentation) and, with ``augment.mode: ada``, p's update every ``augment.interval`` iterations from
-        every rank's signs."""
+        """StyleGAN2-ADA's r_t = E[sign(D(real))] since the last log (``ada_rt``, logged with or without augmentation)
+        and, with augmentation, p's update every ``augment.interval`` iterations from every rank's signs."""
         s = real_logits.detach().float().sign()
         signs = torch.stack([s.sum(), torch.ones_like(s).sum()])
         self._signs_since_log = signs if self._signs_since_log is None else self._signs_since_log + signs
@@ -246,8 +220,8 @@ class GANModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams.optim
         g_params = [p for n, p in self.G.named_parameters() if hp.train_mapping or not n.startswith("mapping.")]
-        return [torch.optim.Adam(g_params, lr=hp.lr, betas=tuple(hp.betas), eps=1e-8),
-                torch.optim.Adam(self.D.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=1e-8)]
+        return [torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas), eps=1e-8)
+                for params in (g_params, self.D.parameters())]
 
     # --------------------------------------------------------------------------------- Lightning's hooks
     def on_fit_start(self) -> None:
@@ -283,13 +257,12 @@ class GANModule(pl.LightningModule):
         checkpoint["gmpi_state"] = state
         key = self.CHECKPOINT_HYPER_PARAMS_KEY
         if key in checkpoint:  # plain data, so that the checkpoint loads with weights_only
-            checkpoint[key] = plain(checkpoint[key])
+            checkpoint[key] = hparams.plain(checkpoint[key])
 
     @property
     def hparams_initial(self) -> AttributeDict:
         """The hyper-parameters as loggers record them: every group whole, as a plain dict."""
-        return AttributeDict(plain({k: group(GROUPS[k], v, k) if k in GROUPS else v
-                                    for k, v in super().hparams_initial.items()}))
+        return AttributeDict(hparams.plain(hparams.typed(super().hparams_initial)))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         s = checkpoint.get("gmpi_state", {})
@@ -316,9 +289,8 @@ class StyleGAN2Module(GANModule):
     def export(self, path: str | Path) -> Path:
         from .io import save_converted
 
-        nets = {"G": self.G, "D": self.D, "G_ema": self.G_ema,
-                "kwargs": {k: {"class_name": type(m).__name__, "init_kwargs": m.init_kwargs}
-                           for k, m in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema))}}
+        nets = {"G": self.G, "D": self.D, "G_ema": self.G_ema}
+        nets["kwargs"] = {k: {"class_name": type(m).__name__, "init_kwargs": m.init_kwargs} for k, m in nets.items()}
         return save_converted(nets, path)
 
 
@@ -346,8 +318,7 @@ class GMPIModule(GANModule):
 
     def make_fakes(self) -> PosedViews:
         hp = self.hparams
-        return PosedViews(Scene(self.preset, hp.train_planes), hp.discriminator.pose_conditioning, hp.views,
-                          hp.shading)
+        return PosedViews(Scene(self.preset, hp.train_planes), hp.discriminator.pose_conditioning, hp.views, hp.shading)
 
     @property
     def scene(self) -> Scene:

@@ -36,15 +36,11 @@ def stylegan2_backbone(init_from: str | None, preset: Preset,
         if D2d is None:
             raise InputError(f"{init} holds no discriminator; fine-tuning starts from a pretrained D")
         return G2d, D2d
-    synth = dict(channel_base=arch.channel_base or preset.channel_base,
-                 channel_max=arch.channel_max or preset.channel_max,
-                 num_fp16_res=preset.num_fp16_res, conv_clamp=preset.conv_clamp)
+    synth = dict(channel_base=arch.channel_base or preset.channel_base, channel_max=arch.channel_max or
+                 preset.channel_max, num_fp16_res=preset.num_fp16_res, conv_clamp=preset.conv_clamp)
     G2d = Generator(z_dim=arch.z_dim, c_dim=0, w_dim=arch.w_dim, img_resolution=preset.resolution, img_channels=3,
                     mapping_kwargs=dict(num_layers=arch.mapping_layers), synthesis_kwargs=synth)
-    D2d = Discriminator(c_dim=0, img_resolution=preset.resolution, img_channels=3, channel_base=synth["channel_base"],
-                        channel_max=synth["channel_max"], num_fp16_res=preset.num_fp16_res,
-                        conv_clamp=preset.conv_clamp)
-    return G2d, D2d
+    return G2d, Discriminator(c_dim=0, img_resolution=preset.resolution, img_channels=3, **synth)
 
 
 def load_checkpoint_weights(module: torch.nn.Module, path: str | Path) -> None:

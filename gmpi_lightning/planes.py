@@ -1,8 +1,8 @@
 """MPI plane geometry (docs/METHOD.md §2): depths, normalised depths, extents, the out-of-volume check.
 
-Plane index 0 is the nearest plane, index L-1 the farthest (the background). Each plane is a
-fronto-parallel rectangle ``z = d_i`` centred on the z-axis; its (height, width) in world units are
-its *extent*; texel centres sit at ``linspace(-W/2, W/2, R)`` (consistent with align_corners=True).
+Plane 0 is the nearest, L-1 the farthest (the background). Each plane is a fronto-parallel rectangle ``z = d_i``
+centred on the z-axis; its *extent* is its (height, width) in world units; texel centres sit at
+``linspace(-W/2, W/2, R)`` (consistent with align_corners=True).
 """
 
 from __future__ import annotations
@@ -20,11 +20,8 @@ MAX_PLANE_HALF_EXTENT = 5.0  # the official heuristic bound (apple/ml-gmpi issue
 
 
 def make_plane_depths(near: float, far: float, n_planes: int, method: str = "inverse") -> torch.Tensor:
-    """Plane depths (float32, length L, ascending: index 0 = near).
-
-    ``inverse`` is uniform in disparity (the paper); ``uniform`` is linear in depth; ``log-uniform``
-    is geometric. Computed in float64, clamped to [near, far].
-    """
+    """Plane depths (float32, length L, ascending: index 0 = near): ``inverse`` is uniform in disparity (the paper),
+    ``uniform`` linear in depth, ``log-uniform`` geometric. Computed in float64, clamped to [near, far]."""
     if not 0 < near < far:
         raise InputError(f"need 0 < near < far, got near={near}, far={far}")
     if n_planes < 2:
@@ -69,13 +66,10 @@ def plane_extents(depths: torch.Tensor, fov_deg: float, sphere_center_z: float, 
                   yaw_mean: float, yaw_std: float, pitch_mean: float, pitch_std: float, n_truncated_stds: float,
                   spatial_enlarge_factor: float = 1.001, confined_volume: bool = True,
                   grid_size: int = 100) -> torch.Tensor:
-    """(height, width) of each plane in world units, L x 2 (float32).
-
-    The background plane covers every training frustum (100 x 100 pose grid over the prior's range
-    plus the mean pose) at the far depth, times ``spatial_enlarge_factor``. With ``confined_volume``
-    every other plane is the canonical frustum's cross-section *at the far depth* (a box-shaped
-    volume); otherwise each plane fills the canonical view at its own depth.
-    """
+    """(height, width) of each plane in world units, L x 2 (float32). The background plane covers every training
+    frustum (100 x 100 pose grid over the prior's range plus the mean pose) at the far depth, times
+    ``spatial_enlarge_factor``. With ``confined_volume`` every other plane is the canonical frustum's cross-section
+    *at the far depth* (a box-shaped volume); otherwise each plane fills the canonical view at its own depth."""
     depths = torch.as_tensor(depths, dtype=torch.float64)
     far = float(depths[-1])
     yaw, pitch = pose_grid(yaw_mean, yaw_std, pitch_mean, pitch_std, n_truncated_stds, grid_size)
@@ -90,10 +84,7 @@ def plane_extents(depths: torch.Tensor, fov_deg: float, sphere_center_z: float, 
             f"the far plane (limit {MAX_PLANE_HALF_EXTENT}). Reduce the yaw/pitch std or n_truncated_stds.")
     half_fov = math.tan(math.radians(fov_deg) / 2.0)
     ext = torch.empty(len(depths), 2, dtype=torch.float64)
-    if confined_volume:
-        ext[:-1] = 2.0 * far * half_fov
-    else:
-        ext[:-1] = (2.0 * depths[:-1] * half_fov)[:, None]
+    ext[:-1] = 2.0 * far * half_fov if confined_volume else (2.0 * depths[:-1] * half_fov)[:, None]
     ext[-1, 0] = 2.0 * max_y * spatial_enlarge_factor
     ext[-1, 1] = 2.0 * max_x * spatial_enlarge_factor
     return ext.to(torch.float32)
@@ -129,20 +120,17 @@ class Planes:
         return self.depths.device
 
     def to(self, device) -> Planes:
-        device = torch.device(device)
-        if device == self.device:
+        if torch.device(device) == self.device:
             return self
         return Planes(*(t.to(device) for t in (self.depths, self.normalized, self.extents)))
 
 
 def preset_planes(preset, n_planes: int, method: str | None = None) -> Planes:
     """Depths, normalised depths and extents of an L-plane MPI for a preset."""
-    depths = preset.plane_depths(n_planes, method)
-    return Planes(depths=depths, normalized=normalize_depths(depths, preset.near, preset.far),
-                  extents=plane_extents(depths, preset.fov_deg, preset.sphere_center_z, preset.sphere_r,
-                                        preset.yaw_mean, preset.yaw_std, preset.pitch_mean, preset.pitch_std,
-                                        preset.n_truncated_stds, preset.spatial_enlarge_factor,
-                                        preset.confined_volume))
+    p, depths = preset, preset.plane_depths(n_planes, method)
+    return Planes(depths, normalize_depths(depths, p.near, p.far),
+                  plane_extents(depths, p.fov_deg, p.sphere_center_z, p.sphere_r, p.yaw_mean, p.yaw_std, p.pitch_mean,
+                                p.pitch_std, p.n_truncated_stds, p.spatial_enlarge_factor, p.confined_volume))
 
 
 def texel_xyz(depth, extent_hw, resolution: int) -> torch.Tensor:

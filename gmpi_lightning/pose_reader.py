@@ -1,15 +1,10 @@
-"""A pose reader taught by the generator itself: a small CNN (:class:`~gmpi_lightning.estimators.PoseCNN`) trained on
-the checkpoint's own renders, whose cameras are known because they were drawn from the preset's prior. It needs no
-labelled data, so it exists for any checkpoint, and reads a picture's camera in milliseconds.
+"""A pose reader taught by the generator itself: a :class:`~gmpi_lightning.estimators.PoseCNN` trained on the
+checkpoint's own renders, whose cameras are known because they were drawn from the preset's prior. It needs no
+labelled data, so every checkpoint has one (docs/INVERSION.md describes and measures it).
 
     reader = reader_for(ckpt, G, preset)                       # trained once, then cached next to the checkpoint
     yaw, pitch = reader(image * 2 - 1)[0]                       # image: B x 3 x H x W in [0, 1]
     SearchSettings(yaw_range=yaw_window(yaw, preset))           # the camera search, on the reader's side
-
-It reads what the generator draws: on pictures the generator cannot make (another renderer, real photos) it inherits
-the gap between the generator's heads and those pictures. It does not mistake a face's side, though, which is where
-the camera search goes wrong, so ``gmpi invert --pose-init reader`` searches the part of the prior around the
-reader's reading (docs/INVERSION.md measures both).
 """
 
 from __future__ import annotations
@@ -73,8 +68,7 @@ def train_reader(G, preset, settings: ReaderSettings | None = None, device: str 
     t0 = time.perf_counter()
     gen = torch.Generator(device).manual_seed(s.seed)
     images, poses = posed_renders(G, preset, s.samples + 256, gen)
-    held_images, held_poses = images[s.samples:], poses[s.samples:]
-    images, poses = images[:s.samples], poses[:s.samples]
+    (images, held_images), (poses, held_poses) = images.split([s.samples, 256]), poses.split([s.samples, 256])
     t_render = time.perf_counter() - t0
     reader = PoseCNN(min(G.img_resolution, 64), s.width)
     mean, std = poses.mean(0), poses.std(0).clamp_min(1e-3)

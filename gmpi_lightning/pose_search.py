@@ -3,18 +3,12 @@
     found = search_pose(G, scene, target, SearchSettings(), latent_stats(G))   # target: 1 x 3 x R x R in [0, 1]
     found.yaw, found.pitch, found.confidence, found.summary()
 
-A grid of yaw x pitch over the preset's pose prior (the centres of equal cells of mean +- n_truncated_stds * std) is
-scored by the reconstruction after a few latent steps at each pose. Each candidate has its own w (W space, started at
-the mean of mapped latents); all candidates are optimised together as one batch with their losses summed, so each w
-follows only its own loss. A candidate's score is the lowest image loss (:func:`~gmpi_lightning.inversion.image_loss`)
-it reached. The winner starts stage 1 of :func:`~gmpi_lightning.inversion.invert`, where yaw and pitch are then
-learned with the latent, inside the prior.
-
-The confidence compares the winner with the *runner-up*: the best candidate more than ``neighbourhood`` grid steps
-away from the winner in yaw or in pitch, i.e. another hypothesis rather than the winner's neighbour. ``loss_gap`` is
-the runner-up's loss minus the winner's, ``confidence`` that gap over the runner-up's loss: 0 when both poses
-explain the image equally well (a mirror-symmetric face, an image the generator cannot make), growing towards 1 as the
-runner-up explains it worse.
+A yaw x pitch grid over the preset's pose prior (centres of equal cells), each candidate with its own w (W space,
+from the mean of mapped latents) optimised a few steps, all in one batch with their losses summed (each w follows only
+its own loss), and scored by the lowest image loss it reached. The winner starts stage 1 of
+:func:`~gmpi_lightning.inversion.invert`. ``confidence``: the loss of the *runner-up* (the best candidate ending more
+than ``neighbourhood`` cells from the winner) minus the winner's, over the runner-up's: 0 when both explain the image
+equally well (a mirror-symmetric face), towards 1 as the runner-up explains it worse (docs/INVERSION.md).
 """
 
 from __future__ import annotations
@@ -53,13 +47,10 @@ class SearchSettings:
             raise InputError(f"the pose search's yaw_range must be (low, high) with low < high, got {self.yaw_range}")
 
     @property
-    def candidates(self) -> int:
-        return self.yaws * self.pitches
-
-    @property
     def total_steps(self) -> int:
         """Optimiser steps of the whole search (steps per batch of candidates): the progress bar's share."""
-        return self.steps * math.ceil(self.candidates / (self.batch or self.candidates))
+        n = self.yaws * self.pitches
+        return self.steps * math.ceil(n / (self.batch or n))
 
 
 def search_range(preset: Preset, yaw_range: tuple[float, float] | None = None):
@@ -105,17 +96,14 @@ class PoseSearch:
     def best(self) -> int:
         return int(self.losses.argmin())
 
-    def cells_from_best(self) -> torch.Tensor:
-        """N: how many grid cells each candidate's camera lies from the winner's (the larger of yaw and pitch)."""
-        b = self.best
-        return torch.maximum((self.yaws - self.yaws[b]).abs() / self.cell[0],
-                             (self.pitches - self.pitches[b]).abs() / self.cell[1])
-
     @property
     def runner_up(self) -> int | None:
-        """The best scored candidate whose camera ends more than ``neighbourhood`` cells from the winner's (None:
-        every candidate ended near the winner, or none other was scored)."""
-        other = (self.cells_from_best() > self.neighbourhood) & torch.isfinite(self.losses)
+        """The best scored candidate whose camera ends more than ``neighbourhood`` cells (the larger of yaw and pitch)
+        from the winner's (None: every candidate ended near the winner, or none other was scored)."""
+        b = self.best
+        cells = torch.maximum((self.yaws - self.yaws[b]).abs() / self.cell[0],
+                              (self.pitches - self.pitches[b]).abs() / self.cell[1])
+        other = (cells > self.neighbourhood) & torch.isfinite(self.losses)
         if not bool(other.any()):
             return None
         return int(torch.where(other, self.losses, torch.full_like(self.losses, math.inf)).argmin())
@@ -147,20 +135,19 @@ class PoseSearch:
         return self.loss_gap / float(self.losses[r])
 
     def _candidate(self, k: int | None) -> dict | None:
-        if k is None:
-            return None
-        return {"yaw": float(self.yaws[k]), "pitch": float(self.pitches[k]), "loss": float(self.losses[k]),
-                "start": [float(self.start_yaws[k]), float(self.start_pitches[k])]}
+        return None if k is None else {
+            "yaw": float(self.yaws[k]), "pitch": float(self.pitches[k]), "loss": float(self.losses[k]),
+            "start": [float(self.start_yaws[k]), float(self.start_pitches[k])]}
 
     def summary(self) -> dict:
         """What metrics.json and the pose report record: winner, runner-up, gap, confidence, every candidate."""
+        r6 = lambda v: round(float(v), 6)
         return {"best": self._candidate(self.best), "runner_up": self._candidate(self.runner_up),
                 "loss_gap": self.loss_gap, "confidence": self.confidence,
                 "grid": {"yaws": self.grid[1], "pitches": self.grid[0], "neighbourhood_cells": self.neighbourhood,
-                         "yaw_range": [round(float(self.start_yaws.min() - self.cell[0] / 2), 6),
-                                       round(float(self.start_yaws.max() + self.cell[0] / 2), 6)],
-                         "candidates": [{"start": [round(float(y0), 6), round(float(p0), 6)],
-                                         "end": [round(float(y), 6), round(float(p), 6)],
+                         "yaw_range": [r6(self.start_yaws.min() - self.cell[0] / 2),
+                                       r6(self.start_yaws.max() + self.cell[0] / 2)],
+                         "candidates": [{"start": [r6(y0), r6(p0)], "end": [r6(y), r6(p)],
                                          "loss": float(v) if math.isfinite(float(v)) else None}
                                         for y0, p0, y, p, v in zip(self.start_yaws, self.start_pitches, self.yaws,
                                                                    self.pitches, self.losses)]},
@@ -169,16 +156,13 @@ class PoseSearch:
 
 def search_pose(G, scene: Scene, target: torch.Tensor, settings: SearchSettings, stats, bar=None) -> PoseSearch:
     """Score every pose of the grid by how well a few latent steps there reproduce ``target`` (1 x 3 x R x R in
-    [0, 1]); with ``settings.pose_lr`` each candidate's camera moves too (a multi-start search), kept inside the
-    searched range (the prior, its yaw narrowed to ``settings.yaw_range`` when given). ``stats``: (mean w 1 x w_dim,
-    spread) of mapped latents (:func:`~gmpi_lightning.inversion.latent_stats`).
-    ``G`` must be in eval mode without parameter gradients (:func:`~gmpi_lightning.inversion.invert` sets that).
-    Ctrl-C stops the search and keeps the candidates scored so far (``interrupted``); with none, it propagates."""
+    [0, 1]); with ``settings.pose_lr`` each camera moves too, inside the searched range (:func:`search_range`).
+    ``stats``: (mean w 1 x w_dim, spread) of mapped latents (:func:`~gmpi_lightning.inversion.latent_stats`). ``G``:
+    eval mode, no parameter gradients. Ctrl-C keeps the candidates scored so far (``interrupted``); if none, raises."""
     s, t0 = settings, time.perf_counter()
     grid_yaws, grid_pitches = pose_grid(scene.preset, s.yaws, s.pitches, s.yaw_range)
     (y0, y1), (p0, p1) = search_range(scene.preset, s.yaw_range)
-    n, device = len(grid_yaws), target.device
-    w_mean = stats[0]
+    n, device, w_mean = len(grid_yaws), target.device, stats[0]
     losses = torch.full((n,), math.inf, dtype=torch.float64)
     best_w = w_mean.detach().expand(n, -1).clone()
     best_yaw, best_pitch = grid_yaws.clone(), grid_pitches.clone()
@@ -186,8 +170,7 @@ def search_pose(G, scene: Scene, target: torch.Tensor, settings: SearchSettings,
     try:
         for start in range(0, n, batch):
             idx = slice(start, min(start + batch, n))
-            yaw = grid_yaws[idx].to(device, torch.float32).requires_grad_(moving)
-            pitch = grid_pitches[idx].to(device, torch.float32).requires_grad_(moving)
+            yaw, pitch = (g[idx].to(device, torch.float32).requires_grad_(moving) for g in (grid_yaws, grid_pitches))
             w = w_mean.detach().expand(len(yaw), -1).clone().requires_grad_(True)
             opt = torch.optim.Adam([{"params": [w], "lr": s.lr}] +
                                    ([{"params": [yaw, pitch], "lr": s.pose_lr}] if moving else []), betas=(0.9, 0.999))
@@ -200,13 +183,10 @@ def search_pose(G, scene: Scene, target: torch.Tensor, settings: SearchSettings,
                 opt.zero_grad(set_to_none=True)
                 per_candidate.sum().backward()
                 with torch.no_grad():  # each candidate's lowest loss so far, with the w and camera that rendered it
-                    value = per_candidate.detach().double().cpu()
-                    better = value < losses[idx]
-                    on_device = better.to(device)
-                    losses[idx] = torch.where(better, value, losses[idx])
-                    best_w[idx][on_device] = w.detach()[on_device]
-                    best_yaw[idx] = torch.where(better, yaw.detach().double().cpu(), best_yaw[idx])
-                    best_pitch[idx] = torch.where(better, pitch.detach().double().cpu(), best_pitch[idx])
+                    better = per_candidate.detach().double().cpu() < losses[idx]
+                    best_w[idx][better.to(device)] = w.detach()[better.to(device)]
+                    for kept, now in ((losses, per_candidate), (best_yaw, yaw), (best_pitch, pitch)):
+                        kept[idx] = torch.where(better, now.detach().double().cpu(), kept[idx])
                 opt.step()
                 if moving:
                     with torch.no_grad():

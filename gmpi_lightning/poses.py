@@ -1,23 +1,13 @@
-"""``gmpi poses``: a folder of your own images -> the camera of each, in the file ``gmpi data folder`` reads.
+"""``gmpi poses``: a folder of your own images -> the camera of each, in the file ``gmpi data folder`` reads
+(docs/DATA.md, "Your own images without poses").
 
     gmpi poses --ckpt runs/synthetic/gmpi.pt --images my_faces/ --out my_faces_poses.json [--min-confidence 0.05]
-    gmpi data folder --images my_faces/ --poses my_faces_poses.json --preset synthetic32 --out data/mine
 
-Each image's camera is estimated by the checkpoint itself, as ``gmpi invert`` does without ``--pose``
-(:mod:`gmpi_lightning.pose_search`: a grid search over the preset's pose prior, then yaw and pitch learned with the
-latent; no pivotal tuning, which does not move the camera); ``--pose-init reader`` searches around the reading of
-the checkpoint's pose reader (:mod:`gmpi_lightning.pose_reader`); ``--mirror`` averages each camera with its
-left-right mirror's. ``--out`` gets ``{"file.png": {"yaw", "pitch", "confidence"}, ...}`` (radians on the preset's
-sphere, keyed by the path relative to ``--images``). Next to it,
-``<out>.report.json`` holds every estimate with the search's runner-up and loss gap (and ``notes`` on what reading
-changed in the image: resized, grey, alpha dropped), the images whose confidence is under the flag level
-(``--min-confidence``, or 0.05) and which of them ``--min-confidence`` left out of ``--out``, the checkpoint and the
-settings.
-
-Every image is checked before any estimation (readable, one square picture): a bad one stops the command with its
-name and nothing is written, unless ``--skip-bad`` lists it in the report instead. Both files are rewritten after
-every image, so Ctrl-C (exit code 130) keeps every finished image; the same command resumes where it stopped
-(``--overwrite`` starts again; a report from another checkpoint or other settings is never mixed in).
+Each camera is estimated by the checkpoint as ``gmpi invert`` does without ``--pose``
+(:mod:`gmpi_lightning.pose_search`; no pivotal tuning). ``--out`` gets ``{"file.png": {"yaw", "pitch",
+"confidence"}}`` (radians, keyed by the path relative to ``--images``); ``<out>.report.json`` holds every estimate,
+the unsure and skipped images, the checkpoint and the settings. Images are checked before any estimation; both files
+are rewritten after every image, so Ctrl-C keeps the finished ones and the same command resumes.
 """
 
 from __future__ import annotations
@@ -29,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .camera_fit import estimate_camera, mirror_fit
-from .data import IMAGE_EXTS, file_sha256, image_files
+from .data import IMAGE_EXTS, file_sha256, image_files, read_picture
 from .errors import InputError, warner
 from .inversion import InvertSettings
 from .pose_reader import reader_for
@@ -38,14 +28,12 @@ from .pose_search import SearchSettings
 REPORT_FORMAT = "gmpi-lightning/poses-report/v1"
 FLAG_BELOW = 0.05  # confidence under which an image is listed as unsure when no --min-confidence is given
 OPTIONAL = {"mirror": False}  # settings a report may lack: what a report without them was made with
-
-
 _warn = warner("gmpi poses")
 
 
 def report_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(f"{out.stem}.report.json")
+    """Where the report of poses file ``out`` goes: ``<stem>.report.json`` beside it."""
+    return Path(out).with_name(f"{Path(out).stem}.report.json")
 
 
 def list_images(folder: str | Path) -> list[str]:
@@ -61,8 +49,6 @@ def list_images(folder: str | Path) -> list[str]:
 
 def check_images(folder: Path, names: list[str]) -> dict[str, str]:
     """{name: why it cannot be posed} for unreadable, multi-frame or non-square files (read once, up front)."""
-    from .data import read_picture
-
     bad = {}
     for name in names:
         try:
@@ -76,21 +62,12 @@ def check_images(folder: Path, names: list[str]) -> dict[str, str]:
     return bad
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Atomically: a Ctrl-C between two images never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, search: SearchSettings | None = None,
                     min_confidence: float | None = None, skip_bad: bool = False, overwrite: bool = False,
                     device: str = "cpu", warn=_warn, pose_init: str = "search", mirror: bool = False) -> dict:
     """``gmpi poses`` as a function: writes ``out`` and its report (module docstring) and returns the report.
-    ``pose_init="reader"`` searches each image's camera around the checkpoint's pose reader's reading
-    (:func:`~gmpi_lightning.pose_reader.yaw_window`), as ``gmpi invert --pose-init reader``. ``mirror`` estimates
-    each camera on the image and on its left-right mirror too, and keeps the mean
-    (:func:`~gmpi_lightning.camera_fit.mirror_average`)."""
+    ``pose_init="reader"`` searches around the checkpoint's pose reader's reading, as ``gmpi invert --pose-init
+    reader``; ``mirror`` keeps the mean of the image's and its mirror's cameras (``camera_fit.mirror_average``)."""
     from . import export
     from .inference import load_gmpi, load_image
 
@@ -118,9 +95,8 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
             "preset": preset.name, "images": str(folder), "settings": asdict(settings), "search": asdict(search),
             "pose_init": pose_init, "mirror": mirror}
     done, digest = _resume(out, meta, overwrite), {n: file_sha256(folder / n) for n in names if n not in bad}
-    stale = sorted(n for n in done if done[n].get("sha256") != digest.get(n))
-    for name in stale:  # replaced, edited or removed since it was posed: estimated again, or dropped
-        del done[name]
+    stale = sorted(n for n in done if done[n].get("sha256") != digest.get(n))  # replaced, edited or removed since
+    done = {n: r for n, r in done.items() if n not in stale}  # so estimated again, or dropped
     if done or stale:
         print(f"resuming: {len(done)} of {len(names)} images already posed in {report_path(out)}"
               + (f"; {len(stale)} changed or gone since (e.g. {stale[0]}): posed again or dropped" if stale else ""))
@@ -171,8 +147,7 @@ def _resume(out: Path, meta: dict, overwrite: bool) -> dict:
         old = json.loads(rep.read_text())
     except (OSError, ValueError):
         old = None
-    same = isinstance(old, dict) and all(old.get(k, OPTIONAL.get(k)) == v for k, v in meta.items())
-    if not same:
+    if not (isinstance(old, dict) and all(old.get(k, OPTIONAL.get(k)) == v for k, v in meta.items())):
         raise FileExistsError(f"{out} exists from another checkpoint, folder or settings (see {rep}): pass "
                               f"--overwrite to replace it, or choose another --out")
     return dict(old.get("estimates") or {})
@@ -187,6 +162,8 @@ def _write(out: Path, meta: dict, done: dict, bad: dict, min_confidence, flag: f
     report = {**meta, "poses": str(out), "min_confidence": min_confidence, "flag_below": flag, "count": len(poses),
               "low_confidence": low, "left_out": left_out, "skipped": bad, "interrupted": interrupted,
               "estimates": done, **({"seconds": seconds} if seconds is not None else {})}
-    _write_json(out, poses)
-    _write_json(report_path(out), report)
+    for path, data in ((out, poses), (report_path(out), report)):  # atomically: Ctrl-C never leaves half a file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
     return report

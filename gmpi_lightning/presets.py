@@ -61,26 +61,21 @@ class Preset:
 _FFHQ = dict(fov_deg=12.6, near=0.95, far=1.12, sphere_center_z=1.0, sphere_r=1.0, yaw_mean=0.0, yaw_std=0.289,
              pitch_mean=0.0, pitch_std=0.127, n_truncated_stds=2)
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset("FFHQ256", resolution=256, channel_base=16384, batch_per_gpu=8,
-               pretrained_pickle="ffhq-res256-mirror-paper256-noaug.pkl", **_FFHQ),
-        Preset("FFHQ512", resolution=512, pretrained_pickle="ffhq-res512-mirror-stylegan2-noaug.pkl", **_FFHQ),
-        Preset("FFHQ1024", resolution=1024, batch_split=2, pretrained_pickle="ffhq-res1024-mirror-stylegan2-noaug.pkl",
-               **_FFHQ),
-        Preset("AFHQCat", resolution=512, fov_deg=13.39, near=2.55, far=2.80, sphere_center_z=2.7, sphere_r=2.7,
-               yaw_mean=0.0, yaw_std=0.19, pitch_mean=0.0, pitch_std=0.15, n_truncated_stds=3,
-               pretrained_pickle="afhqcat.pkl"),
-        Preset("MetFaces", resolution=1024, batch_split=2, pretrained_pickle="metfaces.pkl",
-               **dict(_FFHQ, yaw_std=0.339, pitch_std=0.133)),
-    ]
-}
-
-# Procedural heads (datamodules/synthetic.py): FFHQ geometry and pose prior, small networks for CPU runs.
-for _res in (32, 64, 128):
-    PRESETS[f"synthetic{_res}"] = Preset(f"synthetic{_res}", resolution=_res, channel_base=4096, channel_max=128,
-                                         num_fp16_res=0, conv_clamp=None, batch_per_gpu=8, **_FFHQ)
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("FFHQ256", resolution=256, channel_base=16384, batch_per_gpu=8,
+           pretrained_pickle="ffhq-res256-mirror-paper256-noaug.pkl", **_FFHQ),
+    Preset("FFHQ512", resolution=512, pretrained_pickle="ffhq-res512-mirror-stylegan2-noaug.pkl", **_FFHQ),
+    Preset("FFHQ1024", resolution=1024, batch_split=2, pretrained_pickle="ffhq-res1024-mirror-stylegan2-noaug.pkl",
+           **_FFHQ),
+    Preset("AFHQCat", resolution=512, fov_deg=13.39, near=2.55, far=2.80, sphere_center_z=2.7, sphere_r=2.7,
+           yaw_mean=0.0, yaw_std=0.19, pitch_mean=0.0, pitch_std=0.15, n_truncated_stds=3,
+           pretrained_pickle="afhqcat.pkl"),
+    Preset("MetFaces", resolution=1024, batch_split=2, pretrained_pickle="metfaces.pkl",
+           **dict(_FFHQ, yaw_std=0.339, pitch_std=0.133)),
+    # Procedural heads (datamodules/synthetic.py): FFHQ geometry and pose prior, small networks for CPU runs.
+    *(Preset(f"synthetic{res}", resolution=res, channel_base=4096, channel_max=128, num_fp16_res=0, conv_clamp=None,
+             batch_per_gpu=8, **_FFHQ) for res in (32, 64, 128)),
+]}
 
 # Shading augmentation (docs/METHOD.md §4.3): light on the camera sphere, Lambertian with ambient ka and diffuse kd.
 SHADING = dict(start_iter=1000, grow_iters=1000, max_ka=0.9, max_kd=0.1, light_yaw_mean=0.0, light_yaw_std=0.2,

@@ -1,12 +1,10 @@
-"""MPI rendering and shading (docs/METHOD.md §4). Pure functions of tensors, float32, differentiable in the MPI (and
-in the camera when ``c2w`` requires grad).
+"""MPI rendering and shading (docs/METHOD.md §4). Pure functions of tensors, float32, differentiable in the MPI (and in
+the camera when ``c2w`` requires grad).
 
-An MPI is ``B x L x 4 x Ht x Wt`` RGBA in [0, 1], plane 0 nearest, fixed in the world frame. A view
-is rendered by intersecting each pixel's ray with every plane ``z = d_i``, sampling the plane's
-texture bilinearly (``align_corners=True``, transparent outside the plane) and compositing front to
-back: ``w_i = a_i * prod_{j<i} (1 - a_j + 1e-10)``, ``rgb = sum w_i rgb_i``, ``depth = sum w_i z_i``
-where ``z_i`` is the z-depth along the camera's optical axis. Colours are *not* renormalised by
-``sum w`` (the background plane is opaque).
+An MPI is ``B x L x 4 x Ht x Wt`` RGBA in [0, 1], plane 0 nearest, fixed in the world frame. A view intersects each
+pixel's ray with every plane ``z = d_i``, samples its texture bilinearly (``align_corners=True``, transparent outside
+the plane) and composites front to back: ``w_i = a_i * prod_{j<i} (1 - a_j + 1e-10)``, ``rgb = sum w_i rgb_i``,
+``depth = sum w_i z_i`` (z along the optical axis). Colours are *not* renormalised by ``sum w`` (opaque background).
 """
 
 from __future__ import annotations
@@ -40,19 +38,14 @@ def _check_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
 
 def composite(rgb: torch.Tensor, alpha: torch.Tensor, depth: torch.Tensor | None = None,
               transmittance: torch.Tensor | None = None, plane_weights: list | None = None):
-    """Front-to-back 'over' of a plane stack. rgb: B x L x 3 x H x W, alpha: B x L x 1 x H x W,
-    depth: B x L x 1 x H x W or None; ``transmittance`` (B x 1 x H x W) carries over from nearer planes.
-
-    Returns (rgb B x 3 x H x W, depth or None, accumulated weight B x 1 x H x W, transmittance after).
-    ``plane_weights``, when a list, receives the per-plane weights w_i (B x L x 1 x H x W).
-    """
+    """Front-to-back 'over' of a plane stack. rgb: B x L x 3 x H x W, alpha and depth (or None): B x L x 1 x H x W;
+    ``transmittance`` (B x 1 x H x W) carries over from nearer planes. Returns (rgb B x 3 x H x W, depth or None,
+    accumulated weight B x 1 x H x W, transmittance after); a list ``plane_weights`` receives the weights w_i."""
     keep = torch.cumprod(1.0 - alpha + TRANSMITTANCE_EPS, dim=1)
     before = torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], dim=1)
+    keep_last = keep[:, -1]
     if transmittance is not None:
-        before = before * transmittance[:, None]
-        keep_last = keep[:, -1] * transmittance
-    else:
-        keep_last = keep[:, -1]
+        before, keep_last = before * transmittance[:, None], keep_last * transmittance
     w = alpha * before
     if plane_weights is not None:
         plane_weights.append(w)
@@ -66,14 +59,12 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
                validate: bool = True) -> dict[str, torch.Tensor]:
     """Render ``mpi`` (B x L x 4 x Ht x Wt, [0, 1]) from cameras ``c2w`` (B x 4 x 4 or 4 x 4).
 
-    Returns ``rgb`` (B x 3 x H x W in [0, 1]), ``depth`` (z-depth, B x 1 x H x W) and ``alpha``
-    (accumulated opacity, B x 1 x H x W). ``plane_chunk`` warps that many planes at a time (same
-    result, less memory: e.g. 96 planes at 1024 px); by default all planes are warped at once.
+    Returns ``rgb`` (B x 3 x H x W in [0, 1]), ``depth`` (z-depth) and ``alpha`` (accumulated opacity), B x 1 x H x W.
+    ``plane_chunk`` warps that many planes at a time (same result, less memory: e.g. 96 planes at 1024 px; default all).
     ``check_inside`` raises if any ray misses the background plane (the official renderer exits).
     ``return_weights`` adds ``weights``: every plane's compositing weight per pixel (B x L x 1 x H x W).
     ``validate=False`` skips every check that reads tensor values (finite and in [0, 1], camera in front of the
-    planes, ``check_inside``): on a GPU each of them waits for the device. The training loop renders its own
-    MPIs from prior cameras and passes False; user-facing entry points keep the checks.
+    planes, ``check_inside``), each a device wait on a GPU: for the training loop's own MPIs and prior cameras.
     """
     plane_depths = torch.as_tensor(plane_depths, dtype=torch.float32, device=mpi.device)
     plane_extents = torch.as_tensor(plane_extents, dtype=torch.float32, device=mpi.device)
@@ -98,7 +89,7 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
         slope_y = (rays[..., 1] / rays[..., 2]).to(torch.float32)[:, None]
         z_per_s = (torch.einsum("bhwi,bi->bhw", rays, c2w[:, :3, 2]) / rays[..., 2]).to(torch.float32)[:, None]
     chunk = plane_chunk or n_planes
-    rgb_acc = depth_acc = weight_acc = trans = None
+    acc = trans = None  # running (rgb, depth, alpha) over the chunks
     plane_weights = [] if return_weights else None
     with torch.autocast(device_type=mpi.device.type, enabled=False):
         mpi = mpi.float()
@@ -125,12 +116,10 @@ def render_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: tor
             tex = mpi[:, idx].reshape(b * lc, 4, *mpi.shape[-2:])
             warped = F.grid_sample(tex, grid.reshape(b * lc, height, width, 2), mode="bilinear",
                                    padding_mode="zeros", align_corners=True).reshape(b, lc, 4, height, width)
-            rgb, depth, weight, trans = composite(warped[:, :, :3], warped[:, :, 3:], z_depth, trans, plane_weights)
+            *part, trans = composite(warped[:, :, :3], warped[:, :, 3:], z_depth, trans, plane_weights)
             del warped  # one warped stack alive at a time
-            rgb_acc = rgb if rgb_acc is None else rgb_acc + rgb
-            depth_acc = depth if depth_acc is None else depth_acc + depth
-            weight_acc = weight if weight_acc is None else weight_acc + weight
-    out = {"rgb": rgb_acc, "depth": depth_acc, "alpha": weight_acc}
+            acc = part if acc is None else [a + p for a, p in zip(acc, part)]
+    out = dict(zip(("rgb", "depth", "alpha"), acc))
     if return_weights:
         out["weights"] = torch.cat(plane_weights, dim=1)
     return out
@@ -176,8 +165,7 @@ def point_cloud_normals(points: torch.Tensor) -> torch.Tensor:
 
 def light_direction(yaw, pitch, sphere_center_z: float, sphere_r: float) -> torch.Tensor:
     """Unit direction from a light on the camera sphere at (yaw, pitch) towards the sphere centre, B x 3."""
-    pos = sphere_c2w(yaw, pitch, sphere_center_z, sphere_r)[:, :3, 3]
-    d = -pos
+    d = -sphere_c2w(yaw, pitch, sphere_center_z, sphere_r)[:, :3, 3]
     d[:, 2] += sphere_center_z
     return d / d.norm(dim=-1, keepdim=True)
 
@@ -193,8 +181,7 @@ def shade_mpi(mpi: torch.Tensor, plane_depths: torch.Tensor, plane_extents: torc
               light_dir: torch.Tensor, ka: float, kd: float, blur_ksize: int = 9) -> torch.Tensor:
     """Lambertian shading of every plane's RGB by the MPI's own canonical surface: rgb * (ka + kd * max(0, -n.l)),
     clipped to [0, 1]; alpha unchanged. light_dir: 3 or B x 3."""
-    points = mpi_point_cloud(mpi[:, :, 3], plane_depths, plane_extents, blur_ksize)
-    normals = point_cloud_normals(points)
+    normals = point_cloud_normals(mpi_point_cloud(mpi[:, :, 3], plane_depths, plane_extents, blur_ksize))
     light_dir = torch.as_tensor(light_dir, dtype=mpi.dtype, device=mpi.device).reshape(-1, 1, 1, 3)
     diffuse = (-(normals * light_dir).sum(-1)).clamp(min=0)  # B x H x W
     factor = (ka + kd * diffuse)[:, None, None]
@@ -206,12 +193,9 @@ SHADING_SCHEDULES = ("as_coded", "ramp")
 
 def shading_coefficients(n_calls: int, max_ka: float = 0.9, max_kd: float = 0.1, grow_iters: int = 1000,
                          schedule: str = "as_coded") -> tuple[float, float]:
-    """(ka, kd) after ``n_calls`` shading calls (this one included).
-
-    ``as_coded`` is the official schedule: both ramp up from 0, so the shaded image starts black and
-    brightens to ka + kd*s in [0.9, 1]. ``ramp`` starts unshaded (ka = 1, kd = 0) and moves
-    monotonically to (max_ka, max_kd).
-    """
+    """(ka, kd) after ``n_calls`` shading calls (this one included). ``as_coded`` (official): both ramp up from 0, so
+    the shaded image starts black and brightens to ka + kd*s in [0.9, 1]; ``ramp``: from unshaded (ka = 1, kd = 0)
+    monotonically to (max_ka, max_kd)."""
     ratio = min(1.0, max(0, n_calls) / grow_iters)
     if schedule == "as_coded":
         return ratio * max_ka, ratio * max_kd

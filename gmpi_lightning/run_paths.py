@@ -1,10 +1,8 @@
-"""Every output of a training run under its root, ``trainer.default_root_dir``, so that one flag moves a whole run:
+"""Every output of a training run under its root, ``trainer.default_root_dir``, so that one flag moves a whole run
+(``gmpi fit --config experiments/ffhq256.yaml --trainer.default_root_dir=/scratch/ffhq256``). An output path the
+config leaves out follows the run root (ROOT); one that is spelled out is used as given:
 
-    gmpi fit --config experiments/ffhq256.yaml --trainer.default_root_dir=/scratch/ffhq256
-
-An output path an experiment leaves out follows the run root (ROOT); one that is spelled out is used as given:
-
-* a logger's ``save_dir``: left out of a :class:`RunCSVLogger` (Lightning's CSVLogger requires one), or left at
+* a logger's ``save_dir`` left out of a :class:`RunCSVLogger` (Lightning's CSVLogger requires one) or left at
   Lightning's default ``"."`` (WandbLogger, TensorBoardLogger) -> ROOT;
 * the ``dirpath`` of ``callbacks.checkpoint.IterationCheckpoint`` -> ROOT/checkpoints (not Lightning's versioned
   logger folder, so ``--ckpt_path last`` finds the run's last.ckpt after a restart);
@@ -32,7 +30,8 @@ class RunCSVLogger(CSVLogger):
         super().__init__(save_dir if save_dir is not None else ".", name, version, prefix, flush_logs_every_n_steps)
 
 
-def _entries(value) -> list:
+def entries(value) -> list:
+    """The class_path entries of a config's logger or callbacks value (one, a list, or none: None, a bool)."""
     if value is None or isinstance(value, (bool, str)):
         return []
     return [value] if hasattr(value, "get") else [v for v in value if hasattr(v, "get")]
@@ -52,11 +51,10 @@ def fill_run_paths(cfg):
     if trainer is None:
         return cfg
     root = str(trainer.get("default_root_dir") or ".")
-    for entry in _entries(trainer.get("logger")):
-        args = _args(entry)
-        if args.get("save_dir") in (None, "", "."):
-            args["save_dir"] = root
-    for entry in _entries(trainer.get("callbacks")):
+    for entry in entries(trainer.get("logger")):
+        if _args(entry).get("save_dir") in (None, "", "."):
+            _args(entry)["save_dir"] = root
+    for entry in entries(trainer.get("callbacks")):
         if str(entry.get("class_path")) in CHECKPOINT_CALLBACKS and not _args(entry).get("dirpath"):
             _args(entry)["dirpath"] = os.path.join(root, "checkpoints")
     model = cfg.get("model")

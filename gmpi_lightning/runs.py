@@ -1,12 +1,10 @@
 """Runs: the one layer under ``gmpi sweep-local``, ``gmpi ablations``, W&B agent runs and SLURM restarts.
 
-A run is a base experiment + overlays + overrides, resolved exactly as ``gmpi fit`` parses them (:func:`resolve`:
-repeated --config files merge in order, then --key=value), with every output in one folder (:func:`reroot`).
-:func:`train` writes RUN/config.yaml (and RUN/params.json, what the run varies), runs ``gmpi fit --config
-RUN/config.yaml --ckpt_path last`` (Lightning resumes from RUN/checkpoints/last*.ckpt, or starts fresh) and, when it
-succeeds, RUN/done.json with the config's hash; :func:`write_table` writes the results as CSV and markdown. A folder
-whose config.yaml is another experiment (more than ``model.max_iters`` differs) is moved aside, never resumed from.
-``python -m gmpi_lightning.runs resume fit ARGS`` prints the checkpoint a SLURM job restarts from.
+A run is a base experiment + overlays + overrides, resolved exactly as ``gmpi fit`` parses them (:func:`resolve`),
+with every output in one folder (:func:`reroot`). :func:`train` runs ``gmpi fit --config RUN/config.yaml --ckpt_path
+last`` (resuming from RUN/checkpoints/last*.ckpt, or fresh) and marks success in RUN/done.json with the config's hash;
+a folder whose config.yaml is another experiment (more than ``model.max_iters`` differs) is moved aside, never resumed
+from. ``python -m gmpi_lightning.runs resume fit ARGS`` prints the checkpoint a SLURM job restarts from.
 """
 
 import csv
@@ -28,7 +26,7 @@ import yaml
 
 from .errors import InputError
 from .hparams import migrate_argv
-from .run_paths import fill_run_paths
+from .run_paths import entries, fill_run_paths
 
 CONFIG, DONE, PARAMS = "config.yaml", "done.json", "params.json"
 
@@ -60,10 +58,6 @@ def options(cfg: dict, prefix: str = "") -> set[str]:
     return names
 
 
-def _entries(value) -> list[dict]:
-    return [value] if isinstance(value, dict) else [v for v in value or [] if isinstance(v, dict)]
-
-
 def reroot(cfg: dict, run_dir: str | os.PathLike, **wandb) -> dict:
     """A copy of ``cfg`` with every output under ``run_dir``: trainer root, loggers' save_dir, the checkpoint
     callback's dirpath (``checkpoints/``), model.export_path (same name) and any other path under the old root;
@@ -80,7 +74,7 @@ def reroot(cfg: dict, run_dir: str | os.PathLike, **wandb) -> dict:
     cfg = walk(cfg)
     trainer = cfg.setdefault("trainer", {})
     trainer["default_root_dir"] = run
-    for entry in _entries(trainer.get("logger")) + _entries(trainer.get("callbacks")):
+    for entry in entries(trainer.get("logger")) + entries(trainer.get("callbacks")):
         args = entry.setdefault("init_args", {})
         if "save_dir" in args:
             args["save_dir"] = run
@@ -167,8 +161,7 @@ def train(planned: list[Run], program, parallel: int = 1, log: str = "log.txt", 
         (r.dir / PARAMS).write_text(json.dumps(r.params, indent=1, default=str))  # what it varies, from the start
         t0 = time.perf_counter()
         with open(r.dir / log, "a") as fh:
-            fh.write(f"### {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
-            fh.flush()
+            print(f"### {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}", file=fh, flush=True)
             try:
                 rc = subprocess.call(command, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env)
             except OSError as e:  # e.g. the program does not exist
@@ -198,7 +191,7 @@ def resume_checkpoint(cfg: dict) -> Path | None:
     older): after a requeue that is the hpc checkpoint, after a resubmission last.ckpt."""
     cfg = fill_run_paths(json.loads(json.dumps(cfg, default=str)))  # paths the config leaves out: under its root
     trainer = cfg.get("trainer") or {}
-    dirs = [(e.get("init_args") or {}).get("dirpath") for e in _entries(trainer.get("callbacks"))]
+    dirs = [(e.get("init_args") or {}).get("dirpath") for e in entries(trainer.get("callbacks"))]
     found = [p for d in dirs if d for p in Path(d).glob("last*.ckpt")]
     found += Path(trainer.get("default_root_dir") or ".").glob("hpc_ckpt_*.ckpt")
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)

@@ -49,14 +49,11 @@ class Sampler:
             tensors[0].device if tensors else torch.device("cpu"))
         if resolution is not None and resolution < 1:
             raise InputError(f"resolution must be a positive number of pixels, got {resolution}")
-        self.G, self.preset = G, preset
-        self.resolution = resolution or preset.resolution
-        self.truncation_psi, self.noise_mode, self.plane_chunk = truncation_psi, noise_mode, plane_chunk
-        self.check_inside = check_inside
-        if isinstance(planes, Scene):
-            self.scene = planes.to(self.device)
-        else:
-            self.scene = Scene.for_generator(G, preset, planes, self.device) if planes is not None else None
+        self.G, self.preset, self.resolution = G, preset, resolution or preset.resolution
+        self.truncation_psi, self.noise_mode = truncation_psi, noise_mode
+        self.plane_chunk, self.check_inside = plane_chunk, check_inside
+        self.scene = planes.to(self.device) if isinstance(planes, Scene) else (
+            None if planes is None else Scene.for_generator(G, preset, planes, self.device))
 
     def latents(self, seeds) -> torch.Tensor:
         return seed_latents(seeds, self.G.z_dim, self.device)

@@ -65,15 +65,13 @@ class Scene:
 
     def camera(self, yaw, pitch) -> torch.Tensor:
         """c2w (B x 4 x 4) of cameras on the preset's sphere, on this scene's device."""
-        p = self.preset
         return sphere_c2w(torch.as_tensor(yaw, dtype=torch.float64, device=self.device), pitch,
-                          p.sphere_center_z, p.sphere_r)
+                          self.preset.sphere_center_z, self.preset.sphere_r)
 
     def sample_cameras(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n cameras (c2w) from the preset's training prior, drawn from ``generator`` on its device (default: the
         global CPU stream), returned on this scene's device."""
-        yaw, pitch = sample_preset_pose(n, self.preset, generator=generator)
-        return self.camera(yaw, pitch)
+        return self.camera(*sample_preset_pose(n, self.preset, generator=generator))
 
     # ------------------------------------------------------------------------------------------------ MPIs
     def generate(self, G, z: torch.Tensor, truncation_psi: float = 1.0, noise_mode: str = "const",

@@ -1,8 +1,7 @@
-"""Per-rank random streams: every random draw of a training iteration (latents, cameras, lights, the generator's
-noise, candidate views, augmentation) comes from one ``torch.Generator`` per rank on the rank's device, seeded
-``seed * world_size + rank`` (StyleGAN2-ADA's convention; ``seed`` is ``seed_everything``'s), so on N GPUs every rank
-draws its own fakes. Checkpoints keep every rank's stream; a resumed run continues each where it stopped, and a run
-resumed on another number of processes starts new streams seeded with the iteration too (with a warning).
+"""Per-rank random streams (docs/TRAINING.md): every random draw of a training iteration comes from one
+``torch.Generator`` per rank on the rank's device, seeded ``seed * world_size + rank`` (StyleGAN2-ADA's convention;
+``seed`` is ``seed_everything``'s). Checkpoints keep every rank's stream; a run resumed on another number of processes
+starts new streams seeded with the iteration too (with a warning).
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
-"""W&B sweep files (experiments/sweeps/*.yaml, W&B's format) on :mod:`gmpi_lightning.runs`.
+"""W&B sweep files (experiments/sweeps/*.yaml, W&B's format) on :mod:`gmpi_lightning.runs` (docs/SWEEPS.md).
 
-``make sweep`` / ``make agent`` hand the file to W&B's server and ``wandb agent``; ``gmpi sweep-local`` (``make
-sweep-local``) checks it (keys, methods, distributions, ranges; every parameter and run against the ``gmpi fit``
+``gmpi sweep-local`` checks a file (keys, distributions, ranges; every parameter and run against the ``gmpi fit``
 parser) before anything runs, writes each run's command as ``wandb agent`` does (``${args}`` -> ``--name=value``),
-trains run N in OUT/run-NNN and writes the last value of every metric to OUT/results.{csv,md}, sorted by the sweep's
-metric. ``python -m gmpi_lightning.sweeps fit ...`` (the files' ``command``; ``scripts/sweep_run.py`` is their
-``program``) is ``gmpi fit`` that, under ``wandb agent``, trains in runs/sweeps/wandb-<sweep>/<run> with an online
-WandbLogger.
+trains run N in OUT/run-NNN and tabulates every metric's last value in OUT/results.{csv,md}, sorted by the sweep's
+metric. ``python -m gmpi_lightning.sweeps fit ...`` (the files' ``command``) is ``gmpi fit`` that, under ``wandb
+agent``, trains in runs/sweeps/wandb-<sweep>/<run> with an online WandbLogger.
 """
 
 import difflib
@@ -93,7 +91,7 @@ class Sweep:
 def _suggest(word, options) -> str:
     """The closest option by its last dotted part (``model.lrr``: ``model.optim.lr``), else by its whole name."""
     word, options = str(word), [str(o) for o in options]
-    head, last = word.rpartition(".")[0], word.rpartition(".")[2]
+    head, _, last = word.rpartition(".")
     by_last = {o.rpartition(".")[2]: o for o in options if o.startswith(head)}
     close = [by_last[m] for m in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)] or \
         difflib.get_close_matches(word, options, n=1, cutoff=0.6)
@@ -281,20 +279,19 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike | None = None, parallel: int 
     runs.train(planned, lambda r: r.command[:r.command.index("fit") + 1], parallel, env=env, echo=echo)
     metrics = {r.name: runs.read_metrics(r.dir) for r in planned}
     columns = sorted({c for m in metrics.values() for c in m} - {metric})
+    measured = [metric] * bool(metric) + columns
     finished = [metrics[r.name] for r in planned if r.status == "finished"]
     if metric and finished and not any(metric in m for m in finished):  # a typo: blank, unsorted column
         echo(f"warning: no finished run logged the sweep's metric {metric!r}{_suggest(metric, columns)} "
              f"(metric.name in {sweep.path}), so its column is empty and the table is not sorted by it; the runs' "
              f"metrics.csv have: {', '.join(columns) or 'no metrics at all'}")
-    rows = [{"run": r.name, "status": r.status, **r.params, **{c: metrics[r.name].get(c) for c in [metric] * bool(
-        metric) + columns}, "seconds": r.seconds and round(r.seconds, 1), "log": str(r.dir / "log.txt")}
-        for r in planned]
+    rows = [{"run": r.name, "status": r.status, **r.params, **{c: metrics[r.name].get(c) for c in measured},
+             "seconds": r.seconds and round(r.seconds, 1), "log": str(r.dir / "log.txt")} for r in planned]
     runs.write_table(rows, out / "results.csv", out / "results.md", sort_by=metric, goal=sweep.goal,
                      title=f"Sweep {sweep.name}: {sweep.method} over {', '.join(sweep.params)}"
                      + (f"; sorted by {metric} ({sweep.goal})" if metric else ""))
     failed = sum(r.status != "finished" for r in planned)
     echo(f"results: {out / 'results.md'} and {out / 'results.csv'} ({len(planned) - failed} finished, {failed} failed)")
-    measured = [metric] * bool(metric) + columns
     summary = summarize_seeds(rows, list(sweep.params) + [k for k in SEED_KEYS if seeds], measured)
     if summary:
         runs.write_table(summary, out / "summary.csv", out / "summary.md", sort_by=metric and f"{metric}_mean",

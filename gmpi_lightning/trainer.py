@@ -1,16 +1,6 @@
-"""Training entry point: LightningCLI with the GAN-specific defaults (``gmpi fit|validate|test``).
-
-Runbook (every command also takes ``--config experiments/<name>.yaml`` and dotted overrides):
-
-    gmpi fit --config experiments/synthetic.yaml                       # one CPU/GPU
-    gmpi fit --config experiments/ffhq256.yaml --trainer.devices=8     # DDP on one node
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=R --master_addr=HOST -m gmpi_lightning fit \\
-        --config experiments/ffhq256.yaml --trainer.devices=8 --trainer.num_nodes=2   # multi-node
-    gmpi fit --config experiments/ffhq256.yaml --ckpt_path last        # resume the run in its checkpoint dir
-
-DDP needs ``find_unused_parameters`` (the G step leaves D without gradients and vice versa) and
-rank-local buffers (``broadcast_buffers=False``), as the official code; that is the default strategy
-whenever more than one device is used.
+"""Training entry point: LightningCLI with the GAN-specific defaults (``gmpi fit|validate|test``; runbook in
+docs/TRAINING.md). With more than one device the default strategy is DDP with ``find_unused_parameters`` (the G step
+leaves D without gradients and vice versa) and rank-local buffers (``broadcast_buffers=False``), as the official code.
 """
 
 from __future__ import annotations
@@ -69,8 +59,7 @@ class GMPICLI(LightningCLI):
 def run_lightning_cli(argv: list[str] | None, **parser_kwargs) -> GMPICLI:
     """``gmpi fit|validate|test ARGV`` (flat model names of older configs nested, with a deprecation notice)."""
     return GMPICLI(GANModule, PosedImageDataModule, subclass_mode_model=True,
-                   args=None if argv is None else migrate_argv(argv),
-                   save_config_kwargs={"overwrite": True},
+                   args=None if argv is None else migrate_argv(argv), save_config_kwargs={"overwrite": True},
                    trainer_defaults={"max_epochs": -1, "log_every_n_steps": 10, "num_sanity_val_steps": 0},
                    parser_kwargs={"default_env": True, **parser_kwargs})
 

@@ -1,9 +1,5 @@
-"""How a GAN's fakes are made and judged: one object per kind of GAN, used by the training phases.
-
-:class:`Images2D` is a StyleGAN2's images (no condition). :class:`PosedViews` is GMPI's (docs/METHOD.md §4-§6): an MPI
-per latent rendered at a camera from the preset's prior, the flattened world-to-camera matrix as D's condition, the
-G step's worst of ``views.per_z`` cameras as scored by the current D, and the shading augmentation after
-``shading.start`` iterations. Both answer the same four questions::
+"""How a GAN's fakes are made and judged (docs/TRAINING.md, docs/METHOD.md §4-§6): :class:`Images2D` (a StyleGAN2's
+images, no condition) and :class:`PosedViews` (GMPI's posed MPI views). Both answer the same four questions::
 
     cond = fakes.sample(n, generator)                 # what n fakes are made for (cameras, or None)
     x = fakes.images(G, z, cond, generator, it)       # the images D sees, in [-1, 1] (it: shade from then on)
@@ -55,7 +51,9 @@ class Images2D:
 
 
 class PosedViews(Images2D):
-    """GMPI's fakes (see the module docstring).
+    """GMPI's fakes: an MPI per latent rendered at a camera from the preset's prior, the flattened world-to-camera
+    matrix as D's condition, the G step's worst of ``views.per_z`` cameras as scored by the current D, and the shading
+    augmentation after ``shading.start`` iterations.
 
     Args:
         scene: the preset and the training planes.
@@ -91,10 +89,8 @@ class PosedViews(Images2D):
         yaw, pitch = sample_light(mpi.shape[0], SHADING["light_yaw_mean"], SHADING["light_yaw_std"],
                                   SHADING["light_pitch_mean"], SHADING["light_pitch_std"],
                                   SHADING["light_n_truncated_stds"], generator=generator)
-        p = self.scene.preset
-        light = light_direction(yaw, pitch, p.sphere_center_z, p.sphere_r).to(mpi)
-        self.last_shading = ka + kd
-        planes = self.scene.planes
+        light = light_direction(yaw, pitch, self.scene.preset.sphere_center_z, self.scene.preset.sphere_r).to(mpi)
+        self.last_shading, planes = ka + kd, self.scene.planes
         return shade_mpi(mpi, planes.depths, planes.extents, light, ka, kd, SHADING["blur_ksize"])
 
     def images(self, G, z, cond, generator=None, shade_at=None, noise_mode="random") -> torch.Tensor:
@@ -109,9 +105,8 @@ class PosedViews(Images2D):
 
     @torch.no_grad()
     def g_step_condition(self, G, D, z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Per z, the camera (of ``views.per_z`` prior cameras) with the lowest D logit, unshaded: c2w B x 4 x 4.
-        Scored view by view: on a CPU, 4 D calls of B images take 25 % less time than one call of 4B (measured at
-        32 px, B = 8)."""
+        """Per z, the camera (of ``views.per_z`` prior cameras) with the lowest D logit, unshaded: c2w B x 4 x 4. Scored
+        view by view: on a CPU 4 D calls of B images take 25 % less time than one of 4B (measured: 32 px, B = 8)."""
         n, b = self.views.per_z, z.shape[0]
         c2w = self.sample(b * n, generator).reshape(b, n, 4, 4)
         if self.views.selection == "random" or n == 1:

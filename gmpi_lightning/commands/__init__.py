@@ -1,8 +1,7 @@
 """The commands of ``gmpi``, one typed function each: ``gmpi_lightning.cli`` builds a command's flags from its
 signature and the ``Args:`` of its docstring, so flags, defaults and help have one source. From Python they are plain
-functions (``gmpi_lightning.commands.render.render(ckpt, out, seeds=[0, 1])``).
-
-Types for the command line: :class:`Seeds` (``0-3,7``) and :class:`Floats` (``-0.3,0,0.3``).
+functions (``gmpi_lightning.commands.render.render(ckpt, out, seeds=[0, 1])``). Command-line types: :class:`Seeds`
+(``0-3,7``) and :class:`Floats` (``-0.3,0,0.3``).
 """
 
 from __future__ import annotations
@@ -38,32 +37,23 @@ class Floats(tuple):
 
 def parse_seeds(text) -> Seeds:
     """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11] (a list of ints passes through)."""
-    if isinstance(text, (list, tuple)):
-        seeds = [int(s) for s in text]
-    else:
-        seeds = _seed_list(str(text))
+    listed = isinstance(text, (list, tuple))
+    seeds = [int(s) for s in text] if listed else []
+    for part in [] if listed else (p.strip() for p in str(text).split(",")):
+        if m := re.fullmatch(r"(\d+)-(\d+)", part):
+            if int(m[2]) < int(m[1]):
+                raise InputError(f"seed range {part!r} is empty")
+            seeds += range(int(m[1]), int(m[2]) + 1)
+        elif part.isdigit():
+            seeds.append(int(part))
+        else:
+            raise InputError(f"cannot parse seeds {str(text)!r}: use e.g. 0-3,7")
     if twice := sorted(s for s, n in Counter(seeds).items() if n > 1):
         raise InputError(f"seeds {text!r}: {', '.join(map(str, twice))} listed more than once (each seed is one "
                          f"latent: list it once)")
     if any(s >= 2**32 or s < 0 for s in seeds):
         raise InputError(f"seeds {text!r}: a seed must be in 0 .. 2**32 - 1 (numpy's seeding draws the latent)")
     return Seeds(seeds)
-
-
-def _seed_list(text: str) -> list[int]:
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if m := re.fullmatch(r"(\d+)-(\d+)", part):
-            a, b = int(m.group(1)), int(m.group(2))
-            if b < a:
-                raise InputError(f"seed range {part!r} is empty")
-            seeds += list(range(a, b + 1))
-        elif part.isdigit():
-            seeds.append(int(part))
-        else:
-            raise InputError(f"cannot parse seeds {text!r}: use e.g. 0-3,7")
-    return seeds
 
 
 def parse_floats(text) -> Floats:

@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 from ..errors import InputError
-from ..evaluation.evaluate import (
-    ALL_METRICS,
-    default_inputs,
-    evaluate,
-    evaluate_references,
-    json_safe,
-    parse_metrics,
-)
+from ..evaluation.evaluate import ALL_METRICS, default_inputs, evaluate, evaluate_references, json_safe, parse_metrics
 from ..evaluation.fakes import FakeSettings
 from ..evaluation.image_metrics import rank_world
 from ..evaluation.inception import INCEPTION_FILE
@@ -31,10 +26,6 @@ from . import default_device, invocation
 
 def init_distributed(device: str) -> str:
     """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL with one GPU per rank."""
-    import os
-
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
     if device.startswith("cuda"):
@@ -82,8 +73,6 @@ def evaluate_command(ckpt: str, metrics: str = "consistency", data: str | None =
         device: cuda or cpu (default: cuda when available).
         out: JSON file for the results (default: print only).
     """
-    import torch.distributed as dist
-
     metrics, kinds = parse_metrics(metrics), parse_kinds(reference)
     device = init_distributed(device or default_device())
     rank, world = rank_world()
@@ -91,10 +80,9 @@ def evaluate_command(ckpt: str, metrics: str = "consistency", data: str | None =
     loaded = load_generator(ckpt, config, preset, device)
     data, estimators = default_inputs(metrics, data, estimators, loaded.training_data, log)
     truth_data = (data or loaded.training_data) if kinds else None
-    if kinds:  # checked before the generator's evaluation, not after it
-        if not truth_data:
-            raise InputError("--reference renders the data's ground truth: pass --data (a `gmpi data synthetic` "
-                             "folder)")
+    if kinds and not truth_data:  # checked before the generator's evaluation, not after it
+        raise InputError("--reference renders the data's ground truth: pass --data (a `gmpi data synthetic` folder)")
+    if truth_data:
         load_truth(truth_data)  # refuses data whose ground truth cannot be rendered, naming its source
     settings = FakeSettings(planes=planes, truncation=truncation, noise_mode=noise_mode, resolution=resolution,
                             batch_size=batch_size, plane_chunk=plane_chunk)

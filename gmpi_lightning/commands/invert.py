@@ -9,19 +9,15 @@ from typing import Literal
 
 import torch
 
-from ..errors import InputError
 from ..inversion import InvertSettings
+from ..invert_cli import invert_image, parse_grid, parse_pose, parse_views
+from ..mesh_io import parse_mesh_formats
 from ..pose_search import SearchSettings
+from ..poses import estimate_folder, report_path
 from . import Floats, default_device
 
 _DI, _DS = InvertSettings(), SearchSettings()
 GRID = f"{_DS.yaws}x{_DS.pitches}"
-
-
-def _pose(pose: Floats | None) -> tuple[float, float] | None:
-    if pose is not None and len(pose) != 2:
-        raise InputError(f"cannot parse pose {','.join(map(str, pose))!r}: use YAW,PITCH in radians, e.g. 0.2,-0.05")
-    return None if pose is None else (pose[0], pose[1])
 
 
 def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
@@ -29,9 +25,9 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
            search_grid: str = GRID, search_steps: int = _DS.steps, estimators: str | None = None,
            views: str | None = None, video: bool = False, frames: int = 60, fps: int = 12, mesh: bool = False,
            mesh_level: float = 0.5, mesh_format: str | None = None, steps: int = _DI.steps,
-           pti_steps: int = _DI.pti_steps,
-           no_w_plus: bool = False, planes: int | None = None, plane_chunk: int | None = None, seed: int = _DI.seed,
-           no_crop: bool = False, mirror: bool = False, device: str | None = None, threads: int | None = None) -> int:
+           pti_steps: int = _DI.pti_steps, no_w_plus: bool = False, planes: int | None = None,
+           plane_chunk: int | None = None, seed: int = _DI.seed, no_crop: bool = False, mirror: bool = False,
+           device: str | None = None, threads: int | None = None) -> int:
     """Invert one image into a GMPI scene (latent + pivotal tuning) and render novel views, depth, a video and a mesh.
 
     Args:
@@ -39,11 +35,10 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
         image: the image (PNG/JPEG; centre-cropped and resized as needed).
         out: output folder.
         pose: camera of the image, YAW,PITCH radians (default: estimated, see --pose-init).
-        pose_init: without --pose, where the camera starts before it is refined with the latent: search (the
-            generator scores a grid over the pose prior; default), cnn (the pose estimator; default when --estimators
-            is given), reader (the search, over the half of the prior's yaw range around the reading of a pose CNN
-            trained on the checkpoint's own renders, cached next to it: minutes the first time), mean (the preset's
-            mean pose).
+        pose_init: without --pose, the camera's start before it is refined with the latent: search (the generator
+            scores a grid over the pose prior; default), cnn (the pose estimator; default with --estimators), reader
+            (the search over the half of the prior's yaw range around the reading of a pose CNN trained on the
+            checkpoint's own renders, cached next to it: minutes the first time), mean (the preset's mean pose).
         pose_lr: stage 1 step of the estimated camera's yaw and pitch (0: keep the starting camera).
         search_grid: camera search: YAWSxPITCHES candidates over the prior.
         search_steps: latent steps per candidate.
@@ -67,17 +62,15 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
         device: cuda or cpu (default: cuda when available).
         threads: CPU threads (1 is fastest at 32-64 px on a machine shared with other jobs).
     """
-    from ..invert_cli import invert_image, parse_grid, parse_views
-    from ..mesh_io import parse_mesh_formats
-
     if threads:
         torch.set_num_threads(threads)
     s = InvertSettings(steps=steps, pti_steps=pti_steps, w_plus_from=1.0 if no_w_plus else _DI.w_plus_from,
                        planes=planes, plane_chunk=plane_chunk, seed=seed, pose_lr=pose_lr)
     search = SearchSettings(*parse_grid(search_grid), steps=search_steps, plane_chunk=plane_chunk)
     formats = parse_mesh_formats("ply" if mesh_format is None else mesh_format)
+    pose = None if pose is None else parse_pose(",".join(map(str, pose)))  # YAW,PITCH: two numbers
     try:
-        m = invert_image(ckpt, image, out, _pose(pose), parse_views(views) if views is not None else None, video,
+        m = invert_image(ckpt, image, out, pose, parse_views(views) if views is not None else None, video,
                          mesh or mesh_format is not None, s, estimators, not no_crop, device or default_device(),
                          frames=frames, fps=fps, mesh_level=mesh_level, pose_init=pose_init, search=search,
                          mesh_formats=formats, mirror=mirror)
@@ -119,18 +112,14 @@ def poses(ckpt: str, images: str, out: str, min_confidence: float | None = None,
         threads: CPU threads (1 is fastest at 32-64 px next to other jobs).
         pose_init: search (the prior) or reader (the half of the prior's yaw range around the reading of a pose CNN
             trained on the checkpoint's own renders: minutes the first time, then cached next to the checkpoint).
-        mirror: estimate each camera on the image and on its left-right mirror and keep their mean: twice the time,
-            a lower error (docs/INVERSION.md, "Mirror averaging").
+        mirror: keep the mean of each camera's fits on the image and on its left-right mirror: twice the time, a
+            lower error (docs/INVERSION.md, "Mirror averaging").
     """
-    from ..invert_cli import parse_grid
-    from ..poses import estimate_folder, report_path
-
     if threads:
         torch.set_num_threads(threads)
-    settings = InvertSettings(steps=steps, pti_steps=0, pose_lr=pose_lr, planes=planes, plane_chunk=plane_chunk,
-                              seed=seed)
+    s = InvertSettings(steps=steps, pti_steps=0, pose_lr=pose_lr, planes=planes, plane_chunk=plane_chunk, seed=seed)
     search = SearchSettings(*parse_grid(search_grid), steps=search_steps, plane_chunk=plane_chunk)
-    report = estimate_folder(ckpt, images, out, settings, search, min_confidence, skip_bad, overwrite,
+    report = estimate_folder(ckpt, images, out, s, search, min_confidence, skip_bad, overwrite,
                              device or default_device(), pose_init=pose_init, mirror=mirror)
     print(f"wrote {report['count']} camera(s) to {out} ({len(report['low_confidence'])} unsure, "
           f"{len(report['left_out'])} left out, {len(report['skipped'])} skipped; report {report_path(out)})")

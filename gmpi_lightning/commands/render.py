@@ -9,7 +9,10 @@ import torch
 
 from .. import export
 from ..inference import load_generator
+from ..io import load_stylegan2_pkl, save_converted
+from ..mesh_io import parse_mesh_formats, write_mesh
 from ..sampling import Sampler
+from ..web import ViewerWriter, log_to_wandb
 from . import FOUR_SEEDS, PITCHES, YAWS, Floats, Seeds, default_device, parse_seeds
 
 
@@ -21,8 +24,6 @@ def import_stylegan2(src: str, dst: str) -> Path:
         src: NVlabs network pickle (e.g. ffhq-res256-mirror-paper256-noaug.pkl).
         dst: output file (.pt).
     """
-    from ..io import load_stylegan2_pkl, save_converted
-
     loaded = load_stylegan2_pkl(src)
     save_converted(loaded, dst)
     for key in ("G", "D", "G_ema"):
@@ -46,8 +47,7 @@ def render(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | None = 
     """Render views, depth, an RGBA plane strip, a camera-sweep video and a mesh per seed.
 
     Args:
-        ckpt: our checkpoint (.pt or a training .ckpt), an official generator.pth/ema.pth, or a StyleGAN2 .pkl (the
-            flat baseline).
+        ckpt: our checkpoint (.pt or training .ckpt), official generator.pth/ema.pth, or StyleGAN2 .pkl (flat baseline).
         out: output folder.
         seeds: e.g. 0-3,7 (z = RandomState(seed).randn, as NVlabs).
         config: official runs: config.pth or JSON with the generator kwargs.
@@ -64,59 +64,48 @@ def render(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | None = 
         fps: frames per second of the video.
         mesh: marching cubes over the alpha volume -> mesh file(s).
         mesh_level: iso-level on the smoothed alpha volume.
-        mesh_format: mesh files: ply, glb (glTF binary with vertex colours) or both, e.g. ply,glb (default ply;
-            implies --mesh).
+        mesh_format: mesh files: ply, glb (glTF binary, vertex colours) or both: ply,glb (default ply; implies --mesh).
         plane_chunk: planes per chunk in generation/compositing (memory).
         allow_outside: render rays that miss the background plane (transparent) instead of stopping.
         web: also write OUT/web/: the WebGL viewer page of these MPIs (as gmpi export-web; open index.html from disk).
         wandb_project: log that page to W&B (wandb.Html) in this project (implies --web).
         device: cuda or cpu (default: cuda when available).
     """
-    from ..mesh_io import parse_mesh_formats, write_mesh
-
     device, mesh_formats = device or default_device(), parse_mesh_formats("ply" if mesh_format is None else mesh_format)
     mesh = mesh or mesh_format is not None
     loaded = load_generator(ckpt, config, preset, device)
-    res = loaded.G.img_resolution if resolution is None else resolution
-    sampler = Sampler(loaded.G, loaded.preset, planes, device, res, truncation,
-                      noise_mode, plane_chunk, check_inside=not allow_outside)
+    sampler = Sampler(loaded.G, loaded.preset, planes, device, loaded.G.img_resolution if resolution is None else
+                      resolution, truncation, noise_mode, plane_chunk, check_inside=not allow_outside)
     out, seeds = Path(out), parse_seeds(seeds)
     views = [(y, p) for p in pitch for y in yaw]
     print(f"{loaded.kind} generator from {loaded.source} | preset {loaded.preset.name} | {len(seeds)} seeds x "
           f"{len(views)} views, {planes} planes, {sampler.resolution}px -> {out}")
-    page = None
-    if web or wandb_project:  # OUT/web: the same MPIs in a browser
-        from ..web import ViewerWriter
-
-        page = ViewerWriter(out / "web", loaded.preset, sampler.scene.planes, sampler.resolution,
-                            loaded.G.img_resolution, seeds, {"checkpoint": Path(ckpt).name,
-                                                             "truncation_psi": truncation, "noise_mode": noise_mode})
+    info = {"checkpoint": Path(ckpt).name, "truncation_psi": truncation, "noise_mode": noise_mode}
+    page = ViewerWriter(out / "web", loaded.preset, sampler.scene.planes, sampler.resolution, loaded.G.img_resolution,
+                        seeds, info) if web or wandb_project else None  # OUT/web: the same MPIs in a browser
     bar = export.progress(total=len(seeds) * (len(views) + (frames if video else 0) + mesh), unit="render",
                           desc="gmpi render")
     for seed in seeds:
-        mpi = sampler.mpi(seed)
+        mpi, stem = sampler.mpi(seed), out / f"seed{seed:04d}"
         if page is not None:
             page.add(seed, mpi[0])
-        export.save_png(out / f"seed{seed:04d}_planes.png", export.plane_strip(mpi[0]))
+        export.save_png(f"{stem}_planes.png", export.plane_strip(mpi[0]))
         for v, (y, p) in enumerate(views):
             rgb, depth = sampler.view(mpi, y, p)
-            export.save_png(out / f"seed{seed:04d}_view{v:02d}.png", rgb)
-            export.save_png(out / f"seed{seed:04d}_view{v:02d}_depth.png", depth)
+            export.save_png(f"{stem}_view{v:02d}.png", rgb)
+            export.save_png(f"{stem}_view{v:02d}_depth.png", depth)
             bar.update()
         if video:
-            export.write_video(out / f"seed{seed:04d}_{trajectory}.mp4", sampler.sweep(mpi, trajectory, frames),
-                               fps=fps)
+            export.write_video(f"{stem}_{trajectory}.mp4", sampler.sweep(mpi, trajectory, frames), fps=fps)
             bar.update(frames)
         if mesh:
-            write_mesh(out / f"seed{seed:04d}_mesh", *sampler.mesh(seed, level=mesh_level), mesh_formats)
+            write_mesh(f"{stem}_mesh", *sampler.mesh(seed, level=mesh_level), mesh_formats)
             bar.update()
     bar.close()
     print(f"wrote {len(list(out.glob('seed*')))} files to {out}")
     if page is not None:
         print(f"wrote the viewer page {page.close()}")
         if wandb_project:
-            from ..web import log_to_wandb
-
             log_to_wandb(page.out, project=wandb_project)
     return out
 
@@ -145,8 +134,6 @@ def export_web(ckpt: str, out: str, seeds: Seeds = FOUR_SEEDS, config: str | Non
         wandb_project: also log the page to W&B (wandb.Html) in this project.
         device: cuda or cpu (default: cuda when available).
     """
-    from ..web import ViewerWriter, log_to_wandb
-
     device = device or default_device()
     loaded = load_generator(ckpt, config, preset, device)
     seeds, res_g = parse_seeds(seeds), loaded.G.img_resolution

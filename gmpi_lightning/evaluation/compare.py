@@ -1,9 +1,6 @@
-"""Several generators evaluated with the same settings, side by side (``gmpi ablations``' table and figure).
-
-:func:`check_settings` picks and checks the metrics before anything is trained (what the data supports, Inception
-weights present); :func:`evaluate_cached` evaluates one generator (reusing its eval.json when the request matches:
-same metrics, fakes, planes, data, and the same generator, Inception and estimator files); :func:`table_row` is its
-line of the table with standard errors; :func:`sample_figure` shows every generator from the same seeds and views.
+"""Several generators evaluated with the same settings, side by side (``gmpi ablations``' table and figure):
+:func:`check_settings` before any training, :func:`evaluate_cached` per generator (its eval.json reused when the
+request matches), :func:`table_row` its line with standard errors, :func:`sample_figure` all from the same views.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ DEPTH_METRICS = ("depth_fd", "pose", "depth")  # need ground-truth depth in the 
 
 def data_has_depth(folder: str | Path) -> bool | None:
     """Whether a ``gmpi data`` folder's samples carry depth.npy (its first shard's first members); None when the
-    folder, its card or that shard is not there (data not built yet, or on another machine)."""
+    folder, its card or that shard is not there."""
     try:
         first = Path(resolve_shards(folder)[0][0])
     except (FileNotFoundError, IndexError):
@@ -170,15 +167,14 @@ def sample_figure(ckpts: list[tuple[str, Path]], path: Path, seeds=(0, 1), yaws=
                 + [export.depth_to_color(v["depth"][b], preset.near, preset.far, v["alpha"][b])
                    for v in views for b in range(n)])
 
-    tiles, labels, preset = [], [], None
-    for label, ckpt in ckpts:
+    tiles, labels, preset = [], [label for label, _ in ckpts], None
+    for _, ckpt in ckpts:
         loaded = load_generator(ckpt)
         scene, preset = Scene.for_generator(loaded.G, loaded.preset, settings.planes), loaded.preset
         mpi = generate(loaded.G, scene, list(seeds), settings)
         res = loaded.G.img_resolution
         tiles.append(row([scene.render_pose(mpi, torch.full((n,), y), torch.zeros(n), resolution=res)
                           for y in yaws], preset))
-        labels.append(label)
     if data is not None and preset is not None and read_card(data).get("source") in TRUTH_RENDERERS:
         truth, scene = load_truth(data, preset.resolution), Scene(preset, planes)
         gt = [truth.views(seeds, torch.full((n,), y), torch.zeros(n)) for y in yaws]

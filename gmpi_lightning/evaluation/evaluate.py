@@ -3,12 +3,8 @@
     gmpi evaluate --ckpt runs/synthetic/gmpi.pt --data data/synthetic32 \\
         --metrics fid,kid,consistency,depth_fd,pose,depth --num-samples 500 --out runs/synthetic/eval.json
 
-Metrics (docs/EVALUATION.md says what they mean and how they map to the paper's columns):
-``fid``, ``kid`` (Inception features, real statistics cached), ``pr`` (precision and recall against the reals),
-``is`` (Inception Score of the fakes), ``consistency`` (two-view reprojection error,
-semi-transparent rays, depth relief), ``depth_fd`` (needs ground-truth depth in the data), ``pose`` and
-``depth`` (need an estimator file from ``gmpi estimators train`` or an external one), ``est_fd`` (Fréchet distance
-of fakes to reals in the pose estimator's features: an image-quality number without Inception weights).
+The metrics (:data:`ALL_METRICS`), what they mean and what each needs: docs/EVALUATION.md; ``est_fd`` is the
+Fréchet distance of fakes to reals in the pose estimator's features, an image-quality number without Inception.
 """
 
 from __future__ import annotations
@@ -37,6 +33,13 @@ DEPTH_POOL = 16  # depth_fd feature: 16 x 16 pooled normalised depth
 INCEPTION_METRICS = {"fid", "kid", "pr", "is"}  # need the Inception weights file
 NEEDS_DATA = {"fid", "kid", "pr", "depth_fd", "est_fd"}
 NEEDS_ESTIMATORS = {"pose", "depth", "est_fd"}
+CONSISTENCY = ("consistency_photo_l1", "consistency_depth_err", "consistency_covisible", "semi_transparent",
+               "depth_relief")  # the per-fake values of the consistency metric
+COLLECTS = {  # metric -> the per-fake rows it collects, and their widths
+    **dict.fromkeys(("fid", "kid", "pr"), {"inception": InceptionFeatures.num_features}),
+    "is": {"inception": InceptionFeatures.num_features, "logits": InceptionFeatures.num_logits},
+    "consistency": dict.fromkeys(CONSISTENCY, 1), "depth_fd": {"fake_depth_features": DEPTH_POOL ** 2},
+    "pose": {"pose_error": 1, "pose_pred": 2, "pose_true": 2}, "depth": {"depth_error": 1}}  # est_fd: its network's
 EST_FD_REALS = 2000  # est_fd: the first reals in shard order (a fixed set, so every evaluation compares alike)
 
 
@@ -81,13 +84,10 @@ def resolve_estimators(estimators, metrics: list[str], device) -> tuple:
                          "from --metrics)")
     if isinstance(estimators, (str, Path)):
         pose, depth, info = load_estimators(estimators)
-        info = {"file": str(estimators), **{k: v for k, v in (info or {}).items()
-                                            if isinstance(v, (str, int, float, dict))}}
+        info = {"file": str(estimators), **{k: v for k, v in info.items() if isinstance(v, (str, int, float, dict))}}
     else:
-        pose, depth = (estimators.get("pose"), estimators.get("depth")) if isinstance(estimators, dict) \
-            else tuple(estimators)
-        info = {"modules": {"pose": type(pose).__name__ if pose is not None else None,
-                            "depth": type(depth).__name__ if depth is not None else None}}
+        pose, depth = map(estimators.get, ("pose", "depth")) if isinstance(estimators, dict) else estimators
+        info = {"modules": {k: None if n is None else type(n).__name__ for k, n in (("pose", pose), ("depth", depth))}}
     for name, net in (("pose", pose), ("depth", depth)):
         if name in metrics and net is None:
             raise InputError(f"metric {name!r} was asked for but no {name} estimator was given")
@@ -150,12 +150,10 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
              kid_subsets: int = 100, kid_subset_size: int = 1000, estimators: str | Path | None = None,
              cache_dir: str | Path | None = None, use_cache: bool = True, device="cpu", first_seed: int = 0,
              show_progress: bool = True, source=None) -> dict:
-    """Compute ``metrics`` for generator ``G`` (an MPI generator in eval mode) on seeds first_seed..+num_samples.
-
-    ``source`` replaces the generator's fakes by other pictures of the same seeds and cameras: a callable
-    ``(seeds, settings, device, streams, return_weights) -> batches`` as :func:`~.fakes.iter_fakes` yields them
-    (the reference rows of :mod:`.reference`); ``G`` is then None.
-    Returns {'metrics': {name: value}, 'details': {...}, 'settings': {...}}; identical on every rank."""
+    """{'metrics': {name: value}, 'details', 'warnings', 'settings', 'seconds'} of generator ``G`` (an MPI generator in
+    eval mode) on seeds first_seed..+num_samples, identical on every rank. ``source`` (``G`` then None) replaces its
+    fakes by other pictures of the same seeds and cameras: ``(seeds, settings, device, streams, return_weights) ->``
+    batches as :func:`~.fakes.iter_fakes` yields them (the reference rows of :mod:`.reference`)."""
     settings = settings or FakeSettings()
     missing = sorted(m for m in metrics if m in NEEDS_DATA and not data)
     if missing:
@@ -171,20 +169,7 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     seeds = rank_seeds(num_samples, rank, world, first_seed)
     streams = (0, 1) if "consistency" in metrics else (0,)
     # every rank gathers the same keys with the same widths, even a rank without seeds (num_samples < world)
-    widths = {"seed": 1, "nonfinite": 1}
-    if extractor is not None:
-        widths["inception"] = extractor.num_features
-    if "is" in metrics:
-        widths["logits"] = extractor.num_logits
-    if "consistency" in metrics:
-        widths.update(dict.fromkeys(("consistency_photo_l1", "consistency_depth_err", "consistency_covisible",
-                                     "semi_transparent", "depth_relief"), 1))
-    if real_depth is not None:
-        widths["fake_depth_features"] = DEPTH_POOL ** 2
-    if "pose" in metrics:
-        widths.update(pose_error=1, pose_pred=2, pose_true=2)
-    if "depth" in metrics:
-        widths["depth_error"] = 1
+    widths = {"seed": 1, "nonfinite": 1, **{k: w for m in metrics for k, w in COLLECTS.get(m, {}).items()}}
     if "est_fd" in metrics:
         widths["est_features"] = est[0].embed(torch.zeros(1, 3, res, res, device=device)).shape[1]
     if {"fid", "kid", "pr"} & set(metrics) and data is not None:
@@ -194,46 +179,38 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
                              f"the data's resolution (--resolution {real_res}) or use data made at {res}px")
     acc: dict[str, list[torch.Tensor]] = {k: [] for k in widths}
 
-    def add(name, value):
-        acc[name].append(value.detach().double().cpu().reshape(value.shape[0], -1))
+    def add(**values):
+        for name, value in values.items():
+            acc[name].append(value.detach().double().cpu().reshape(value.shape[0], -1))
 
     bar = progress(total=len(seeds), desc="gmpi evaluate", unit="fake", disable=not show_progress or rank != 0)
     fakes = source or (lambda *a: iter_fakes(G, preset, *a))
     for batch in fakes(seeds, settings, device, streams, "consistency" in metrics):
         a = batch["views"][0]
-        add("seed", torch.tensor(batch["seeds"], dtype=torch.float64))
-        add("nonfinite", _nonfinite(batch))
+        add(seed=torch.tensor(batch["seeds"], dtype=torch.float64), nonfinite=_nonfinite(batch))
         if extractor is not None:
             features, logits = extractor.features_and_logits(to_uint8_images(a["rgb"]))
-            add("inception", features)
-            if "is" in metrics:
-                add("logits", logits)
+            add(inception=features, **({"logits": logits} if "is" in metrics else {}))
         if "consistency" in metrics:
             c = geometry.two_view_consistency(a, batch["views"][1], preset.fov_deg, preset.near, preset.far)
-            for k, v in c.items():
-                add(f"consistency_{k}", v)
-            add("semi_transparent", torch.zeros(len(batch["seeds"])) if a.get("weights") is None else  # a surface
-                geometry.semi_transparent_fraction(a["weights"], batch["scene"].planes.depths, preset.near, preset.far))
-            add("depth_relief", geometry.depth_relief(a, preset.fov_deg, preset.near, preset.far))
+            add(**{f"consistency_{k}": v for k, v in c.items()},
+                semi_transparent=torch.zeros(len(batch["seeds"])) if a.get("weights") is None else  # a surface
+                geometry.semi_transparent_fraction(a["weights"], batch["scene"].planes.depths, preset.near, preset.far),
+                depth_relief=geometry.depth_relief(a, preset.fov_deg, preset.near, preset.far))
         if real_depth is not None:
-            idx = [s - first_seed for s in batch["seeds"]]
-            v = batch["render_at"](real_depth["c2w"][idx].to(device))
-            add("fake_depth_features", geometry.depth_features(geometry.surface_depth(v["depth"], v["alpha"]),
-                                                               preset.near, preset.far, DEPTH_POOL))
-        if est is not None:
-            img = a["rgb"] * 2 - 1
-            if "pose" in metrics:
-                pred = est[0](img)
-                true = torch.stack([a["yaw"], a["pitch"]], 1).to(pred)
-                add("pose_error", pose_error(pred, true))
-                add("pose_pred", pred)
-                add("pose_true", true)
-            if "depth" in metrics:
-                out = est[1](img)
-                add("depth_error", depth_error(out["depth"], geometry.surface_depth(a["depth"], a["alpha"]),
-                                               out["mask"]))
-            if "est_fd" in metrics:
-                add("est_features", est[0].embed(img))
+            v = batch["render_at"](real_depth["c2w"][[s - first_seed for s in batch["seeds"]]].to(device))
+            add(fake_depth_features=geometry.depth_features(geometry.surface_depth(v["depth"], v["alpha"]),
+                                                            preset.near, preset.far, DEPTH_POOL))
+        img = a["rgb"] * 2 - 1 if est is not None else None
+        if "pose" in metrics:
+            pred = est[0](img)
+            true = torch.stack([a["yaw"], a["pitch"]], 1).to(pred)
+            add(pose_error=pose_error(pred, true), pose_pred=pred, pose_true=true)
+        if "depth" in metrics:
+            out = est[1](img)
+            add(depth_error=depth_error(out["depth"], geometry.surface_depth(a["depth"], a["alpha"]), out["mask"]))
+        if "est_fd" in metrics:
+            add(est_features=est[0].embed(img))
         bar.update(len(batch["seeds"]))
     bar.close()
     per = {k: gather_rows(torch.cat(v) if v else torch.zeros(0, widths[k], dtype=torch.float64))
@@ -264,15 +241,11 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
             out = inception_score(per["logits"])
             result["metrics"]["is"] = out["is"]
             result["details"]["inception_score"] = dict(out, **described)
-        warn = weights_warning(extractor.weights, described["weights_sha256"])
-        if warn:
+        if warn := weights_warning(extractor.weights, described["weights_sha256"]):
             result["warnings"].append(warn)
-    if "consistency" in metrics:
-        for k in ("consistency_photo_l1", "consistency_depth_err", "consistency_covisible", "semi_transparent",
-                  "depth_relief"):
-            s = summarize(per[k])
-            result["details"][k] = s
-            result["metrics"][k] = s["mean"]
+    for k in CONSISTENCY if "consistency" in metrics else ():
+        result["details"][k] = summarize(per[k])
+        result["metrics"][k] = result["details"][k]["mean"]
     if real_depth is not None:
         real_f = geometry.depth_features(real_depth["depth"], preset.near, preset.far, DEPTH_POOL)
         result["metrics"]["depth_fd"] = geometry.frechet_distance(real_f, per["fake_depth_features"])
@@ -286,11 +259,9 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
         result["details"]["est_fd"] = {"num_real": int(real_f.shape[0]),
                                        "feature": "PoseCNN.embed: conv features, image mean",
                                        "bootstrap_se": geometry.frechet_bootstrap_se(real_f, per["est_features"])}
-    for k in ("pose_error", "depth_error"):
-        if k in per:
-            s = summarize(per[k])
-            result["details"][k] = s
-            result["metrics"][k.split("_")[0]] = s["mean"]
+    for k in [k for k in ("pose_error", "depth_error") if k in per]:
+        result["details"][k] = summarize(per[k])
+        result["metrics"][k.split("_")[0]] = result["details"][k]["mean"]
     if "pose_pred" in per:  # does the estimated pose follow the camera? 1: fully, 0: ignores it
         slope = pose_slope(per["pose_pred"], per["pose_true"])
         result["metrics"]["pose_yaw_slope"] = float(slope[0])
@@ -319,9 +290,8 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
 def evaluate_references(kinds: list[str], data: str | Path, preset, metrics: list[str], num_samples: int,
                         settings: FakeSettings | None = None, estimators=None, device="cpu", first_seed: int = 0,
                         show_progress: bool = True) -> dict:
-    """The reference rows (:mod:`.reference`: ground-truth renders, ground-truth MPI, billboard) of ``data`` on the
-    same seeds, cameras and planes as a generator's evaluation: {kind: evaluate()'s result}. The Inception metrics
-    are left out (their scale is known: FID 0 for the data itself) to keep the rows cheap."""
+    """{kind: evaluate()'s result} of the reference rows (:mod:`.reference`) of ``data``, on a generator's seeds,
+    cameras and planes, without the Inception metrics (their scale is known: FID 0 for the data itself)."""
     settings = settings or FakeSettings()
     truth = load_truth(data, settings.resolution or preset.resolution)
     metrics = [m for m in metrics if m not in INCEPTION_METRICS]

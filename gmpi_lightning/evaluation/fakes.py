@@ -32,13 +32,9 @@ class FakeSettings:
 
 def seed_poses(seeds, preset, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(yaw, pitch) per seed from the preset's prior; independent of batch size, rank and order."""
-    yaw, pitch = [], []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s) * POSE_STREAMS + stream)
-        y, p = sample_preset_pose(1, preset, generator=g)
-        yaw.append(y[0])
-        pitch.append(p[0])
-    return torch.stack(yaw), torch.stack(pitch)
+    poses = [sample_preset_pose(1, preset, generator=torch.Generator().manual_seed(int(s) * POSE_STREAMS + stream))
+             for s in seeds]
+    return torch.stack([y[0] for y, _ in poses]), torch.stack([p[0] for _, p in poses])
 
 
 def rank_seeds(num: int, rank: int = 0, world: int = 1, first: int = 0) -> list[int]:
@@ -54,11 +50,8 @@ def generate(G, scene: Scene, seeds, settings: FakeSettings) -> torch.Tensor:
     if settings.noise_mode != "random":
         return scene.generate(G, z, **kw)
     noise = torch.Generator(scene.device)
-    out = []
-    for i, s in enumerate(seeds):
-        noise.manual_seed(int(s) + 1_000_003)
-        out.append(scene.generate(G, z[i:i + 1], noise_generator=noise, **kw))
-    return torch.cat(out)
+    return torch.cat([scene.generate(G, z[i:i + 1], noise_generator=noise.manual_seed(int(s) + 1_000_003), **kw)
+                      for i, s in enumerate(seeds)])
 
 
 def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu", streams=(0,),

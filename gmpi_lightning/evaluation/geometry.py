@@ -1,22 +1,8 @@
-"""3D metrics that need no external network.
-
-* **Two-view consistency**: render a latent from cameras A and B; unproject B's pixels with B's rendered depth,
-  project them into A and sample A there (bilinear). On pixels seen by both (inside A's image, opaque in both,
-  depths agreeing within ``covis_tol`` of the depth range) the photometric error is the mean |rgb_B - rgb_A|
-  (colours in [0, 1]); the depth error is the median |z_A(X) - depth_A| over all pixels inside A and opaque in
-  both, in units of the scene's depth range (far - near) (a median: occlusion boundaries are not errors). A model
-  whose pictures follow one 3D scene scores ~0 on both; a picture that ignores the camera (the same 2D image from
-  every view) does not.
-* **Semi-transparent rays**: the fraction of opaque rays whose compositing weight is not concentrated on one
-  surface: less than ``concentration`` of the ray's weight lies within ``window`` (a fraction of the depth range)
-  of any plane. Fog-like MPIs score ~1, a surface ~0.
-* **Depth relief**: the 5-95 % spread of the world z of the visible surface over opaque pixels, in depth-range
-  units. A flat
-  billboard (everything on one plane) scores 0; this is what tells it apart from a real scene, since a flat card
-  is itself a consistent 3D scene.
-* **Depth FD**: the Fréchet distance between Gaussians fitted to depth features of real samples (ground-truth
-  depth, datasets that have it) and of fakes rendered at the same cameras. Feature: the normalised z-depth
-  ``clip((z - near) / (far - near), 0, 1)`` area-pooled to ``pool x pool`` (16 x 16 = 256 numbers).
+"""3D metrics that need no external network (docs/EVALUATION.md defines each): two-view consistency (photometric
+and depth error of B's pixels reprojected into A; occlusion boundaries are not errors, hence a median depth error),
+the semi-transparent fraction (fog-like MPIs ~1, a surface ~0), depth relief (a flat billboard scores 0: a flat card
+is itself a consistent 3D scene, so consistency alone cannot tell it apart) and depth FD (Fréchet distance of pooled
+normalised z-depth of reals and fakes at the same cameras). Depth-like errors are in units of (far - near).
 """
 
 from __future__ import annotations
@@ -66,9 +52,10 @@ def reproject(depth_b: torch.Tensor, c2w_b: torch.Tensor, c2w_a: torch.Tensor, f
 @torch.no_grad()
 def two_view_consistency(view_a: dict, view_b: dict, fov_deg: float, near: float, far: float,
                          opaque: float = 0.5, covis_tol: float = 0.05) -> dict[str, torch.Tensor]:
-    """Per image (tensors of length B): photo_l1 (mean over co-visible pixels), depth_err (median over pixels
-    opaque in both views), covisible (fraction of B's pixels). Each view: rgb B x 3 x H x W in [0, 1], depth and
-    alpha B x 1 x H x W as rendered (depth is divided by alpha here), c2w B x 4 x 4."""
+    """Per image (tensors of length B): photo_l1 (mean |rgb_B - rgb_A| over co-visible pixels: inside A, opaque in
+    both, depths within ``covis_tol`` x (far - near)), depth_err (median |z_A(X) - depth_A| / (far - near) over the
+    pixels inside A and opaque in both), covisible (fraction of B's pixels). Each view: rgb B x 3 x H x W in [0, 1],
+    depth and alpha B x 1 x H x W as rendered (depth is divided by alpha here), c2w B x 4 x 4."""
     depth_b = surface_depth(view_b["depth"], view_b["alpha"])
     grid, z_in_a = reproject(depth_b, view_b["c2w"], view_a["c2w"], fov_deg)
     inside = (grid.abs() <= 1).all(-1)[:, None]

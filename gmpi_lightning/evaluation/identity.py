@@ -1,18 +1,9 @@
-"""Identity consistency, the paper's "ID" column (docs/METHOD.md §8.2), with an embedder you supply.
+"""Identity consistency, the paper's "ID" column (docs/METHOD.md §8.2, docs/EVALUATION.md), with an embedder you
+supply: no ArcFace ships (it needs its own weights). Each seed is rendered from the two cameras of pose streams 0 and 1
+(:mod:`.fakes`) and scored by the cosine similarity of the two embeddings; an embedder that needs aligned crops aligns
+inside ``embed``, and one that finds no face returns a NaN row, counted in ``n_invalid``.
 
-The protocol: 1024 seeds, each rendered from two independent cameras of the training prior, both images
-embedded by a face-recognition network (ArcFace in the paper, through DeepFace with MTCNN alignment), score =
-mean cosine similarity of the two embeddings (higher is better). ArcFace and MTCNN need their own weights (and
-TensorFlow for DeepFace), which this machine does not have, so nothing here ships or fakes an embedder:
-:func:`identity_similarity` renders the pairs exactly as the other metrics do (latent ``RandomState(k)``, cameras
-from pose streams 0 and 1 of :mod:`.fakes`) and applies the ``embed`` callable you pass.
-
-    from gmpi_lightning.evaluation.identity import identity_similarity
     res = identity_similarity(arcface, G, preset, seeds=range(1024))   # arcface: B x 3 x H x W in [-1, 1] -> B x d
-    res["mean"], res["std"]
-
-An embedder that needs aligned crops does its own detection/alignment inside ``embed``; one that cannot find a
-face returns a NaN row, which is counted in ``n_invalid`` (never silently dropped).
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
-"""FID, KID, precision/recall and Inception Score from Inception features, with real statistics computed once per
-dataset and cached.
-
-FID and KID come from torchmetrics (``FrechetInceptionDistance`` and ``KernelInceptionDistance`` fed with
-precomputed features through a pass-through "extractor"); precision/recall and the Inception Score from
-torch-fidelity's own functions on the same features (its ``prc`` and ``isc`` metrics). Every image goes through
-Inception once and all four share that pass. Features are float64, as torch-fidelity's and StyleGAN's statistics.
-Under DDP each rank extracts its share; :func:`gather_rows` collects them once, and every rank then computes
-the same numbers (KID's subsets come from a fixed seed).
+"""FID, KID (torchmetrics, fed precomputed features), precision/recall and Inception Score (torch-fidelity's ``prc``
+and ``isc`` code) from one Inception pass, float64 features, real statistics computed once per dataset and cached.
+Under DDP each rank extracts its share, :func:`gather_rows` collects them, and every rank computes the same numbers.
 """
 
 from __future__ import annotations
@@ -30,25 +24,19 @@ PR_NEIGHBORHOOD = 3  # torch-fidelity's prc_neighborhood: k of the k-NN balls (K
 IS_SPLITS = 10  # torch-fidelity's isc_splits
 
 
-class _Passthrough(nn.Module):
-    """Lets torchmetrics consume features we computed already."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+def _passthrough(num_features: int) -> nn.Module:
+    """An identity "extractor" that lets torchmetrics consume features we computed already."""
+    net = nn.Identity()
+    net.num_features = num_features
+    return net
 
 
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, which=("fid", "kid"), kid_subsets: int = 100,
             kid_subset_size: int = 1000, seed: int = KID_SEED) -> dict:
-    """FID and/or KID between two N x d feature sets (torchmetrics' estimators, float64).
-
-    KID uses torch-fidelity's defaults (100 subsets of 1000, cubic polynomial kernel); with fewer samples the
-    subset size shrinks to the smaller set and the result says so (``kid_subset_size``). The subsets are drawn
-    by torch's CPU generator (seeded), not numpy's as in torch-fidelity: with subsets smaller than the sets the two
-    agree statistically, not digit for digit."""
+    """FID and/or KID between two N x d feature sets (torchmetrics' estimators, float64). KID: torch-fidelity's
+    defaults (100 subsets of 1000, cubic kernel), the subset size shrunk to the smaller set (``kid_subset_size``
+    says so); subsets drawn by torch's seeded CPU generator, not numpy's as in torch-fidelity, so the two agree
+    statistically, not digit for digit, when the subsets are smaller than the sets."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -58,13 +46,13 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, which=("fid", "kid"), kid_su
         raise InputError(f"FID/KID need at least 2 real and 2 fake images, got {real.shape[0]} and {fake.shape[0]}")
     out: dict = {"num_real": int(real.shape[0]), "num_fake": int(fake.shape[0])}
     if "fid" in which:
-        fid = FrechetInceptionDistance(feature=_Passthrough(d), sync_on_compute=False).set_dtype(torch.float64)
+        fid = FrechetInceptionDistance(feature=_passthrough(d), sync_on_compute=False).set_dtype(torch.float64)
         fid.update(real, real=True)
         fid.update(fake, real=False)
         out["fid"] = float(fid.compute())
     if "kid" in which:
         size = min(kid_subset_size, real.shape[0], fake.shape[0])
-        kid = KernelInceptionDistance(feature=_Passthrough(d), subsets=kid_subsets, subset_size=size,
+        kid = KernelInceptionDistance(feature=_passthrough(d), subsets=kid_subsets, subset_size=size,
                                       sync_on_compute=False)
         kid.update(real, real=True)
         kid.update(fake, real=False)
@@ -166,11 +154,9 @@ def real_cache_key(card: dict, extractor: dict, max_images: int | None, world: i
 def real_features(data: str | Path, extractor: InceptionFeatures, max_images: int | None = None,
                   cache_dir: str | Path | None = None, batch_size: int = 64, num_workers: int = 1,
                   use_cache: bool = True) -> tuple[torch.Tensor, dict]:
-    """Inception features of the dataset's images, rows sorted by sample key (all images, or ``max_images`` of
-    them: the first ones each rank reads, so that subset depends on the world size and is keyed by it).
-
-    Computed once (each rank reads its own shards, exactly once) and cached under ``cache_dir`` keyed by the
-    dataset card's checksums and the extractor's weights; a later run or evaluation loads the cache. Every rank
+    """Inception features of the dataset's images, rows sorted by sample key (all, or the first ``max_images`` the
+    ranks read: that subset depends on the world size and is keyed by it). Computed once (each rank reads its own
+    shards) and cached under ``cache_dir``, keyed by the card's checksums and the extractor's weights; every rank
     takes the same path (the cache is used only when every rank sees it)."""
     card = read_card(data)
     rank, world = rank_world()
@@ -187,19 +173,16 @@ def real_features(data: str | Path, extractor: InceptionFeatures, max_images: in
     feats, keys, bar = [], [], progress(total=limit or -(-(card.get("count") or 0) // world) or None,
                                         desc="real features", unit="img", disable=rank != 0)
     for batch in eval_loader(resolve_shards(data)[0], batch_size, num_workers):
-        imgs = to_uint8_images(batch["image"], (-1.0, 1.0))
-        if limit is not None:
-            imgs = imgs[: limit - sum(f.shape[0] for f in feats)]
+        imgs = to_uint8_images(batch["image"], (-1.0, 1.0))[: None if limit is None else limit - len(keys)]
         feats.append(extractor(imgs))
         keys += batch["key"][: imgs.shape[0]]
         bar.update(imgs.shape[0])
-        if limit is not None and sum(f.shape[0] for f in feats) >= limit:
+        if limit is not None and len(keys) >= limit:
             break
     bar.close()
     local = torch.cat(feats) if feats else torch.zeros(0, extractor.num_features, dtype=torch.float64)
     allf, allk = gather_rows(local), gather_keys(keys)
-    order = sorted(range(len(allk)), key=allk.__getitem__)  # a canonical row order, whatever the world size
-    allf = allf[order]
+    allf = allf[sorted(range(len(allk)), key=allk.__getitem__)]  # a canonical row order, whatever the world size
     if max_images:
         want = min(max_images, card.get("count") or max_images)
         if allf.shape[0] < want:  # a rank's shards hold fewer than its share: never compare against fewer silently

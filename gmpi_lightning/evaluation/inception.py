@@ -1,10 +1,7 @@
 """The Inception feature extractor: torch-fidelity's ``inception-v3-compat`` (the TF-Inception port StyleGAN,
 EG3D and GMPI use), 2048-d pool features (FID, KID, precision/recall) and the 1008 ``logits_unbiased`` (Inception
-Score) from one pass, images resized to 299 with TF1.x bilinear (no antialias).
-
-Weights come from a local file only; nothing is downloaded. Where the file is looked for, in order:
-the ``weights`` argument (``--inception`` on the command line), ``$GMPI_INCEPTION_WEIGHTS``, and torch.hub's
-cache ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth``.
+Score) from one pass, images resized to 299 with TF1.x bilinear (no antialias). Weights come from a local file
+only (:func:`resolve_weights`); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -28,7 +25,8 @@ def hub_cache_path() -> Path:
 
 
 def resolve_weights(weights: str | Path | None = None) -> Path:
-    """The local Inception weights file, or a FileNotFoundError that says how to provide it."""
+    """The local Inception weights file: ``weights`` (``--inception``), else ``$GMPI_INCEPTION_WEIGHTS``, else
+    torch.hub's cache; or a FileNotFoundError that says how to provide it."""
     candidates = [("--inception / weights argument", weights), (f"${ENV_VAR}", os.environ.get(ENV_VAR)),
                   ("torch.hub cache", hub_cache_path())]
     for origin, path in candidates:
@@ -78,15 +76,12 @@ class InceptionFeatures(torch.nn.Module):
             raise InputError(f"Inception features need uint8 B x 3 x H x W images, got {images.dtype} "
                              f"{tuple(images.shape)}")
         dev = next(self.net.parameters()).device
-        feats, logits = [], []
+        feats, logits = ([torch.zeros(0, n, dtype=torch.float64)] for n in (self.num_features, self.num_logits))
         for i in range(0, images.shape[0], self.batch_size):
             # every feature of features_list (torchmetrics' forward returns only the first)
             pool, unbiased = self.net._torch_fidelity_forward(images[i:i + self.batch_size].to(dev))
             feats.append(pool.reshape(pool.shape[0], -1).double().cpu())
             logits.append(unbiased.double().cpu())
-        if not feats:
-            return (torch.zeros(0, self.num_features, dtype=torch.float64),
-                    torch.zeros(0, self.num_logits, dtype=torch.float64))
         return torch.cat(feats), torch.cat(logits)
 
 
@@ -97,13 +92,10 @@ def to_uint8_images(x: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.
 
 
 def write_random_inception(path: str | Path, seed: int = 0) -> Path:
-    """A He-initialised random Inception file with the real file's state-dict layout (tests, smoke runs).
-
-    PyTorch's default init makes every activation vanish through ~90 layers (FID = KID = 0 exactly, see
-    ENVIRONMENT.md); He init keeps them alive, so FID/KID values move with the inputs. The classifier's weights and
-    bias are N(0, 3^2): its logits then differ by a few units between images (with PyTorch's init by 0.03, and the
-    Inception Score is 1.0005 whatever the images) and the bias, which the Inception Score leaves out, matters.
-    Not a real Inception: its numbers are only comparable with themselves."""
+    """A random Inception file with the real one's state-dict layout (tests, smoke runs; its numbers compare only
+    with themselves). He init, as PyTorch's default makes every activation vanish through ~90 layers (FID = KID = 0
+    exactly); classifier weights and bias N(0, 3^2), so logits differ by a few units between images (by 0.03 with
+    the default init: IS 1.0005 whatever the images) and the bias, which the Inception Score leaves out, matters."""
     from unittest import mock
 
     import torch_fidelity.feature_extractor_inceptionv3 as fe

@@ -1,43 +1,10 @@
-"""Reference rows: what the representation can hold, scored by the same estimators as a generator.
+"""Reference rows: what the representation can hold, scored by the same estimators as a generator (docs/3D.md §1).
 
-On data whose ground truth can be rendered at any camera (the synthetic heads), ``gmpi evaluate --reference`` scores
-three references next to the generator, on the same seeds, cameras and planes:
-
-``renders``
-    the ground truth itself, rendered by the data's renderer at every fake's camera (the estimators' best case);
-``mpi``
-    the **ground-truth MPI**: each head's frontal image and depth written into the evaluation's planes at the
-    generator's resolution (:func:`mpi_from_view`), then rendered like a fake. This is the ceiling of a generator
-    that reproduced its data perfectly in the canonical view;
-``billboard``
-    the frontal image on the one plane nearest the head's median depth (:func:`billboard_mpi`): a flat cut-out,
-    the floor a 3D-aware generator must beat;
-``card_front``, ``card_center``, ``card_back``
-    the same flat picture on the nearest plane (the face's front), on the plane nearest the camera sphere's centre
-    (the head's rotation centre) and halfway from there to the background: a metric that rewards a flat layer for
-    *where* it sits would score these apart;
-``mpi_blur``
-    the ground-truth MPI built from a blurred frontal image (Gaussian, ``BLUR_SIGMA_PX`` pixels at 32 px): the true
-    geometry without eyes, nose or mouth, so the gap to ``mpi`` is what the metrics read from the features.
-
-Head ``k`` of a reference row is the data renderer's sample ``count + k`` (held out: never in the training shards);
-its cameras are those of fake ``k`` (:func:`~gmpi_lightning.evaluation.fakes.seed_poses`).
-
-Construction of the ground-truth MPI (:func:`mpi_from_view`), from an image and z-depth seen by the canonical
-camera (yaw 0, pitch 0, on the preset's sphere):
-
-* every texel of every plane is projected into the input camera; texels outside its view are transparent;
-* the surface seen through a texel is put on the plane nearest its depth (depth quantised to the planes, as a
-  generator's MPI must), and the object is **solid behind its surface**: every plane from that one to the plane
-  before the background is opaque with the surface's colour, so a turned camera sees the silhouette's colour
-  extruded backwards instead of a hole (``thickness`` limits the extrusion);
-* the background plane is opaque everywhere: where the input camera sees it, its colour; where the object hides it
-  (or the input camera does not reach it), a harmonic fill (:func:`harmonic_fill`: each unknown texel the average
-  of its neighbours, known texels fixed) of the visible background, which reproduces smooth backgrounds such as the
-  synthetic heads' linear gradients.
-
-At the input camera the ground-truth MPI renders the input image back (up to the renderer's bilinear resampling of
-the texels), and its depth is the input depth quantised to the planes (tests/test_reference.py measures both).
+On data whose ground truth renders at any camera, ``gmpi evaluate --reference`` scores :data:`KINDS` on the
+generator's seeds, cameras and planes: the ground truth (``renders``), the ground-truth MPI (``mpi``,
+:func:`mpi_from_view`; ``mpi_blur`` from a blurred image) and flat cut-outs (``billboard``, :func:`billboard_mpi`;
+``card_*`` at :func:`card_depth`). Head ``k`` of a row is the data renderer's sample ``count + k`` (never in the
+training shards), seen from fake ``k``'s cameras (:func:`~gmpi_lightning.evaluation.fakes.seed_poses`).
 """
 
 from __future__ import annotations
@@ -51,7 +18,7 @@ import torch.nn.functional as F
 
 from ..cameras import invert_rigid, yaw_pitch_from_w2c
 from ..errors import InputError
-from ..planes import Planes, texel_xyz
+from ..planes import texel_xyz
 from ..scene import Scene
 from .fakes import fake_batch
 
@@ -92,14 +59,18 @@ def load_truth(data: str | Path, resolution: int | None = None):
     return TRUTH_RENDERERS[source](card, resolution)
 
 
-def _project(planes: Planes, resolution: int, w2c: torch.Tensor, fov_deg: float):
-    """Every texel of every plane in the input camera: normalised image coordinates (L x R x R x 2, -1..1 = the
-    image's outer pixel edges, ``align_corners=False``) and camera z (L x R x R)."""
+def _project(scene: Scene, resolution: int):
+    """(the planes on the CPU, every texel of every plane in the canonical camera: normalised image coordinates
+    L x R x R x 2 (-1..1 = the image's outer pixel edges, ``align_corners=False``), camera z L x R x R). The canonical
+    camera (yaw 0, pitch 0) looks along the planes' z, so camera depth and plane depth are the same number: the
+    quantisation of the surface to the planes relies on it."""
+    planes = scene.planes.to("cpu")
+    w2c = invert_rigid(scene.camera(0.0, 0.0)[0].double().cpu())[0]
     pts = torch.stack([texel_xyz(d, e, resolution) for d, e in zip(planes.depths.cpu(), planes.extents.cpu())])
     cam = pts.double() @ w2c[:3, :3].T.double() + w2c[:3, 3].double()
-    t = math.tan(math.radians(fov_deg) / 2)
+    t = math.tan(math.radians(scene.preset.fov_deg) / 2)
     grid = cam[..., :2] / cam[..., 2:].clamp_min(1e-9) / t
-    return grid.float(), cam[..., 2].float()
+    return planes, grid.float(), cam[..., 2].float()
 
 
 def _sample(img: torch.Tensor, grid: torch.Tensor, mode: str, padding: str = "zeros") -> torch.Tensor:
@@ -117,13 +88,11 @@ def harmonic_fill(rgb: torch.Tensor, known: torch.Tensor, iters: int = 400) -> t
     coarse-to-fine average of the known colours. Rows without a known texel come back mid-grey."""
     known = known.to(rgb.dtype)
     # coarse-to-fine start: known-weighted averages on a pyramid, each level filling the holes of the finer one
-    levels, (c, w) = [], (rgb * known, known)
-    while True:
-        levels.append((c, w))
-        if min(c.shape[-2:]) <= 1:
-            break
-        c, w = F.avg_pool2d(c, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)
-    fill = torch.where(levels[-1][1] > 0, levels[-1][0] / levels[-1][1].clamp_min(1e-12), torch.full_like(c, 0.5))
+    levels = [(rgb * known, known)]
+    while min(levels[-1][0].shape[-2:]) > 1:
+        levels.append(tuple(F.avg_pool2d(t, 2, ceil_mode=True) for t in levels[-1]))
+    c, w = levels[-1]
+    fill = torch.where(w > 0, c / w.clamp_min(1e-12), torch.full_like(c, 0.5))
     for c, w in reversed(levels[:-1]):
         up = F.interpolate(fill, size=c.shape[-2:], mode="bilinear", align_corners=False)
         fill = torch.where(w > 0, c / w.clamp_min(1e-12), up)
@@ -136,21 +105,17 @@ def harmonic_fill(rgb: torch.Tensor, known: torch.Tensor, iters: int = 400) -> t
     return x
 
 
-def _canonical_w2c(scene: Scene) -> torch.Tensor:
-    """World-to-camera of the canonical camera (yaw 0, pitch 0), whose optical axis is the planes' z: camera depth
-    and plane depth are the same number, which the quantisation of the surface to the planes relies on."""
-    return invert_rigid(scene.camera(0.0, 0.0)[0].double().cpu())[0]
-
-
 def mpi_from_view(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolution: int,
                   thickness: float | None = None, fill_iters: int = 400) -> torch.Tensor:
     """The ground-truth MPI (B x L x 4 x R x R, planes of ``scene``) of images (B x 3 x H x W in [0, 1]) and their
-    z-depths (B x 1 x H x W) seen by the canonical camera (yaw 0, pitch 0). See the module's docstring for the
-    construction; ``thickness`` (world units) keeps the extrusion behind the surface that deep (default: to the
-    plane before the background)."""
-    planes = scene.planes.to("cpu")
+    z-depths (B x 1 x H x W) seen by the canonical camera (yaw 0, pitch 0). Texels outside that camera's view are
+    transparent; the surface seen through a texel goes to the plane nearest its depth, and the object is solid
+    behind it (that colour on every plane to the one before the background, or ``thickness`` world units deep), so a
+    turned camera sees the silhouette extruded, never a hole. The background plane is opaque: what the camera sees
+    of it, elsewhere a :func:`harmonic_fill` of that. At the input camera it renders the input back (up to bilinear
+    resampling) with the depth quantised to the planes (tests/test_reference.py)."""
+    planes, grid, z_cam = _project(scene, resolution)
     n = len(planes)
-    grid, z_cam = _project(planes, resolution, _canonical_w2c(scene), scene.preset.fov_deg)
     image, depth = image.float().cpu(), depth.float().cpu()
     rgb = _sample(image, grid, "bilinear")                        # B x L x 3 x R x R
     surf = _sample(depth, grid, "nearest")[:, :, 0]               # B x L x R x R: the surface seen through the texel
@@ -179,9 +144,8 @@ def billboard_mpi(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolu
     """The flat cut-out: the whole image (edge colours beyond its view) on a single plane, over an opaque background
     plane of the same picture. The plane is the one nearest ``at`` (a depth in world units), or by default the one
     nearest the median depth of what is in front of the background."""
-    planes = scene.planes.to("cpu")
+    planes, grid, _ = _project(scene, resolution)
     n = len(planes)
-    grid, _ = _project(planes, resolution, _canonical_w2c(scene), scene.preset.fov_deg)
     rgb = _sample(image.float().cpu(), grid, "bilinear", padding="border")
     d = planes.depths
     front = depth.float().cpu().flatten(1)
@@ -198,10 +162,8 @@ def billboard_mpi(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolu
 def card_depth(kind: str, preset) -> float:
     """World depth of a ``card_*`` reference row's plane: the near plane, the camera sphere's centre, or halfway from
     the centre to the background (:data:`CARDS`)."""
-    frac = CARDS[kind]
-    if frac is None:
-        return float(preset.sphere_center_z)
-    return preset.near if frac == 0.0 else float(preset.sphere_center_z + frac * (preset.far - preset.sphere_center_z))
+    frac, centre = CARDS[kind], float(preset.sphere_center_z)
+    return centre if frac is None else preset.near if frac == 0.0 else float(centre + frac * (preset.far - centre))
 
 
 def blurred(image: torch.Tensor, sigma_px: float) -> torch.Tensor:
@@ -209,12 +171,10 @@ def blurred(image: torch.Tensor, sigma_px: float) -> torch.Tensor:
     radius = max(1, int(math.ceil(3 * sigma_px)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma_px) ** 2)
-    k = (k / k.sum()).to(image)
     c = image.shape[1]
-    out = F.conv2d(F.pad(image, (radius, radius, 0, 0), mode="reflect"), k.reshape(1, 1, 1, -1).expand(c, 1, 1, -1),
-                   groups=c)
-    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), k.reshape(1, 1, -1, 1).expand(c, 1, -1, 1),
-                    groups=c)
+    k = (k / k.sum()).to(image).reshape(1, 1, 1, -1).expand(c, 1, 1, -1)  # rows; k.transpose(2, 3): columns
+    out = F.conv2d(F.pad(image, (radius, radius, 0, 0), mode="reflect"), k, groups=c)
+    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), k.transpose(2, 3), groups=c)
 
 
 def iter_reference(kind: str, truth, preset, seeds: list[int], settings, device="cpu", streams=(0,),

@@ -1,10 +1,9 @@
 """Released GMPI checkpoints (apple/ml-gmpi) and our own GMPI checkpoint format.
 
-Official runs write ``generator.pth`` (a state dict), ``ema.pth`` (torch_ema: a list of shadow
-parameters in parameter order) and ``config.pth`` (a pickled yacs config). We read the state dicts
-with ``weights_only=True`` and the config with a restricted unpickler that rebuilds dict-like config
-nodes and nothing else. The architecture is inferred from the tensors; the config (or an equivalent
-dict / JSON) supplies the alpha-branch switches.
+Official runs write ``generator.pth`` (a state dict), ``ema.pth`` (torch_ema: a list of shadow parameters in
+parameter order) and ``config.pth`` (a pickled yacs config). The state dicts are read with ``weights_only=True``, the
+config with a restricted unpickler that rebuilds dict-like config nodes and nothing else. The architecture is
+inferred from the tensors; the config (or an equivalent dict / JSON) supplies the alpha-branch switches.
 """
 
 from __future__ import annotations
@@ -17,32 +16,21 @@ from typing import Any
 
 import torch
 
+from ..nn.discriminator import Discriminator, PoseConditionedDiscriminator
 from ..nn.gmpi import GMPIGenerator
-from .stylegan2_pkl import (
-    NetworkFormatError,
-    UnsafePickleError,
-    build_checked,
-    check_tensors_match,
-    load_tagged,
-    probe_network,
-    require_file,
-)
+from .safe_pickle import NetworkFormatError, UnsafePickleError, plain
+from .stylegan2_pkl import build_checked, check_tensors_match, load_tagged, probe_network, require_file
 
 GMPI_FORMAT = "gmpi-lightning/gmpi"
 GMPI_FORMAT_VERSION = 1
 
 # official Generator kwarg -> ours (docs/METHOD.md §3)
 _OFFICIAL_TO_OURS = {
-    "pos_enc_multires": "pos_enc_multires",
-    "gen_alpha_largest_res": "gen_alpha_largest_res",
-    "torgba_sep_background": "separate_background",
-    "build_background_from_rgb_ratio": "background_ratio",
-    "background_alpha_full": "background_alpha_full",
-    "G_final_img_act": "final_activation",
-    "depth2alpha_z_range": "depth2alpha_z_range",
-    "depth2alpha_n_z_bins": "depth2alpha_n_z_bins",
-    "n_gen_planes": "n_train_planes",
-    "n_planes": "n_train_planes",
+    "pos_enc_multires": "pos_enc_multires", "gen_alpha_largest_res": "gen_alpha_largest_res",
+    "torgba_sep_background": "separate_background", "build_background_from_rgb_ratio": "background_ratio",
+    "background_alpha_full": "background_alpha_full", "G_final_img_act": "final_activation",
+    "depth2alpha_z_range": "depth2alpha_z_range", "depth2alpha_n_z_bins": "depth2alpha_n_z_bins",
+    "n_gen_planes": "n_train_planes", "n_planes": "n_train_planes",
 }
 
 
@@ -54,24 +42,16 @@ class _ConfigNode(dict):
 
 
 class _ConfigUnpickler(pickle.Unpickler):
-    _ALLOWED = {
-        ("yacs.config", "CfgNode"): _ConfigNode,
-        ("collections", "OrderedDict"): dict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
+    _ALLOWED = {  # the only globals a config may name
+        ("yacs.config", "CfgNode"): _ConfigNode, ("collections", "OrderedDict"): dict, ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset, ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     }
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
             return self._ALLOWED[(module, name)]
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return torch._utils._rebuild_tensor_v2
         raise UnsafePickleError(f"config: refusing global '{module}.{name}'; a GMPI config may only hold "
                                 f"config nodes and plain values (nothing was executed)")
-
-
-def _restricted_load(file, **kwargs):
-    return _ConfigUnpickler(file, **kwargs).load()
 
 
 class _ConfigPickleModule:
@@ -79,15 +59,10 @@ class _ConfigPickleModule:
     format's header records) goes through the restricted unpickler."""
 
     Unpickler = _ConfigUnpickler
-    load = staticmethod(_restricted_load)
 
-
-def _plain_config(obj):
-    if isinstance(obj, dict):
-        return {str(k): _plain_config(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain_config(v) for v in obj]
-    return obj
+    @staticmethod
+    def load(file, **kwargs):
+        return _ConfigUnpickler(file, **kwargs).load()
 
 
 def read_official_config(path: str | Path) -> dict:
@@ -108,7 +83,7 @@ def read_official_config(path: str | Path) -> dict:
             raise
         except Exception as e:
             raise NetworkFormatError(f"{path}: not a readable GMPI config ({type(e).__name__}: {e})") from e
-    return _plain_config(obj)
+    return plain(obj)
 
 
 def _find_keys(tree: Any, wanted: set[str], out: dict) -> dict:
@@ -133,21 +108,17 @@ def gmpi_kwargs_from_config(config: dict) -> dict:
     kwargs = {_OFFICIAL_TO_OURS[k]: v for k, v in found.items() if k in _OFFICIAL_TO_OURS}
     mode = found.get("torgba_cond_on_pos_enc", "normalize_add_z")
     embed = found.get("torgba_cond_on_pos_enc_embed_func", "modulated_lrelu")
-    if mode in ("normalize_add_z", "add_z"):
-        if embed == "learnable_param":
-            kwargs["alpha_mode"] = "learnable_tokens"
-        elif embed == "modulated_lrelu":
-            kwargs["alpha_mode"] = mode
-        else:
-            raise NetworkFormatError(f"depth embedding {embed!r} is not supported (supported: modulated_lrelu, "
-                                     f"learnable_param)")
-    elif mode == "none":
-        kwargs["alpha_mode"] = "vanilla"
-    elif mode == "depth2alpha":
-        kwargs["alpha_mode"] = "depth2alpha"
-    else:
+    modes = {"normalize_add_z": mode, "add_z": mode, "none": "vanilla", "depth2alpha": "depth2alpha"}
+    if mode not in modes:
         raise NetworkFormatError(f"alpha branch {mode!r} is not supported; supported: normalize_add_z, add_z, "
                                  f"none (vanilla), depth2alpha")
+    kwargs["alpha_mode"] = modes[mode]
+    if mode in ("normalize_add_z", "add_z"):  # the depth embedding: learnable tokens, or modulated_lrelu (as is)
+        if embed not in ("learnable_param", "modulated_lrelu"):
+            raise NetworkFormatError(f"depth embedding {embed!r} is not supported (supported: modulated_lrelu, "
+                                     f"learnable_param)")
+        if embed == "learnable_param":
+            kwargs["alpha_mode"] = "learnable_tokens"
     for key in ("cond_on_pos_enc_only_alpha", "build_background_from_rgb"):
         if found.get(key, True) is not True:
             raise NetworkFormatError(f"official option {key}={found[key]} is not supported (the paper uses True)")
@@ -184,13 +155,11 @@ def load_official_gmpi(generator_pth: str | Path, config: str | Path | dict | No
                        backbone: dict | None = None, keep_init_buffers: bool = False) -> GMPIGenerator:
     """A released ``generator.pth`` (state dict) or ``ema.pth`` (torch_ema) -> :class:`GMPIGenerator` (eval).
 
-    ``config``: the run's ``config.pth``, a JSON file or a dict (official constructor kwargs or a yacs
-    tree); without it the paper configuration is assumed. ``ema.pth`` holds no names, so its
-    architecture comes from ``backbone`` kwargs, or from a ``generator.pth`` next to it, whose buffers
-    (``w_avg``, noise constants) are used too. ``keep_init_buffers=True`` reproduces the official
-    evaluation instead, which leaves buffers at initialisation (docs/FIDELITY.md: psi < 1 then
-    truncates towards w = 0).
-    """
+    ``config``: the run's ``config.pth``, a JSON file or a dict (official constructor kwargs or a yacs tree); without
+    it the paper configuration is assumed. ``ema.pth`` holds no names, so its architecture comes from ``backbone``
+    kwargs, or from a ``generator.pth`` next to it, whose buffers (``w_avg``, noise constants) are used too.
+    ``keep_init_buffers=True`` reproduces the official evaluation, which leaves buffers at initialisation
+    (docs/FIDELITY.md: psi < 1 then truncates towards w = 0)."""
     path = Path(generator_pth)
     require_file(path, "GMPI generator checkpoint")
     cfg = config if isinstance(config, dict) else (read_official_config(config) if config else {})
@@ -255,8 +224,6 @@ def save_gmpi_checkpoint(path: str | Path, G: GMPIGenerator, preset: dict | None
 
 def load_gmpi_checkpoint(path: str | Path) -> dict[str, Any]:
     """-> {'G': GMPIGenerator (eval), 'D': discriminator or None, 'preset': dict or None, 'extra': dict}."""
-    from ..nn.discriminator import Discriminator, PoseConditionedDiscriminator
-
     path = Path(path)
     require_file(path, "GMPI checkpoint")
     blob = load_tagged(path, GMPI_FORMAT, "checkpoint")

@@ -10,7 +10,7 @@ import collections
 import functools
 import io
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,12 +30,10 @@ class NetworkFormatError(InputError):
 
 @dataclass
 class PersistentRecord:
-    """What NVlabs' ``_reconstruct_persistent_obj`` receives, kept as data."""
+    """What NVlabs' ``_reconstruct_persistent_obj`` receives, kept as data: the class name and its attribute dict."""
 
     class_name: str
     state: dict
-    version: int
-    extra: dict = field(default_factory=dict)
 
 
 class EasyDict(dict):
@@ -63,8 +61,7 @@ def _reconstruct_persistent_obj(meta: dict, source: str = "<pickle>") -> Persist
     if not isinstance(state, dict):
         raise NetworkFormatError(f"{source}: the record of {name!r} has a {type(state).__name__} state; "
                                  f"expected a dict of module attributes")
-    return PersistentRecord(class_name=name, state=state, version=meta["version"],
-                            extra={k: v for k, v in meta.items() if k not in ("state", "module_src")})
+    return PersistentRecord(class_name=name, state=state)
 
 
 _STORAGE_ITEM_BYTES = {"FloatStorage": 4, "DoubleStorage": 8, "HalfStorage": 2, "BFloat16Storage": 2,

@@ -1,22 +1,11 @@
-"""Read NVlabs StyleGAN2-ADA network pickles without executing the code they embed.
+"""Read NVlabs StyleGAN2-ADA network pickles without executing the code they embed (docs/RENDER.md).
 
-An NVlabs snapshot (``network-snapshot-*.pkl``) is a dict ``{G, D, G_ema, augment_pipe,
-training_set_kwargs}`` whose networks are "persistent objects": a call of
-``torch_utils.persistence._reconstruct_persistent_obj(meta)`` where ``meta`` carries the Python
-source of the defining module (``module_src``), the class name and the attribute dict. NVlabs'
-own loader *executes* that source. We never do: a restricted unpickler resolves only the handful
-of globals needed to rebuild tensors and these records, the record becomes a plain
-:class:`PersistentRecord`, and our own classes are built from its constructor kwargs and loaded
-with its tensors by name. Anything else in the pickle (``os.system``, ``builtins.eval``, an unknown
-class) is refused with an error that names it.
-
-A hostile file cannot make us allocate what it does not hold: constructor kwargs are checked against
-:data:`INT_BOUNDS` first, the network is then built on the ``meta`` device (no memory) to learn the shape of
-every tensor it needs, those shapes must equal the tensors the file carries, and only then is the real network
-built. Every tensor storage must fit in the bytes that encode it.
-
-The converted format written by :func:`save_converted` (``gmpi import-stylegan2``) is a plain
-``torch.save`` of dicts, strings, numbers and tensors that ``torch.load(weights_only=True)`` reads.
+A snapshot (``network-snapshot-*.pkl``: ``{G, D, G_ema, augment_pipe, training_set_kwargs}``) holds its networks as
+"persistent objects" carrying their module's Python source, which NVlabs' own loader executes. Here
+:class:`~.safe_pickle.RestrictedUnpickler` keeps each as a plain :class:`PersistentRecord`, and our own classes are
+built from its constructor kwargs and loaded with its tensors by name. A hostile file cannot make us allocate what it
+does not hold: kwargs are checked against :data:`INT_BOUNDS`, the network is built on the ``meta`` device to learn
+every tensor's shape, those must equal the file's, and only then is it built for real.
 """
 
 from __future__ import annotations
@@ -27,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch._utils
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -41,18 +29,14 @@ NETWORK_KEYS = ("G", "D", "G_ema")
 
 # Top-level network classes we can rebuild, and every sub-module class name NVlabs uses inside them.
 NETWORK_CLASSES: dict[str, type[nn.Module]] = {"Generator": Generator, "Discriminator": Discriminator}
-KNOWN_SUBMODULES = {
-    "MappingNetwork", "FullyConnectedLayer", "SynthesisNetwork", "SynthesisBlock", "SynthesisLayer",
-    "ToRGBLayer", "Conv2dLayer", "DiscriminatorBlock", "DiscriminatorEpilogue", "MinibatchStdLayer",
-}
-
+KNOWN_SUBMODULES = {"MappingNetwork", "FullyConnectedLayer", "SynthesisNetwork", "SynthesisBlock", "SynthesisLayer",
+                    "ToRGBLayer", "Conv2dLayer", "DiscriminatorBlock", "DiscriminatorEpilogue", "MinibatchStdLayer"}
 
 # Sane bounds on constructor kwargs, checked (at any nesting depth) before anything is built. The largest released
 # configurations sit well inside: StyleGAN2/3 at 1024 px (channel_base 32768-65536, channel_max 512-1024, 8 mapping
 # layers, 4 fp16 resolutions), GMPI with 96 planes. A name not listed is left to the constructor to refuse.
-MAX_RESOLUTION = 4096
 INT_BOUNDS: dict[str, tuple[int, int]] = {
-    "img_resolution": (4, MAX_RESOLUTION), "img_channels": (1, 16), "z_dim": (0, 4096), "w_dim": (1, 4096),
+    "img_resolution": (4, 4096), "img_channels": (1, 16), "z_dim": (0, 4096), "w_dim": (1, 4096),
     "c_dim": (0, 65536), "channel_base": (1, 1 << 18), "channel_max": (1, 2048), "num_fp16_res": (0, 12),
     "num_layers": (1, 32), "embed_features": (0, 4096), "layer_features": (0, 4096), "cmap_dim": (0, 4096),
     "mbstd_group_size": (0, 1024), "mbstd_num_channels": (0, 64), "num_ws": (1, 64),
@@ -153,11 +137,11 @@ def build_checked(cls: type[nn.Module], init_kwargs: dict, state_dict: dict, whe
     return net.eval().requires_grad_(False)
 
 
-def _build_network(class_name: str, init_kwargs: dict, state_dict: dict[str, torch.Tensor], where: str) -> nn.Module:
+def _network_class(class_name: str, where: str) -> type[nn.Module]:
     cls = NETWORK_CLASSES.get(class_name) if isinstance(class_name, str) else None
     if cls is None:
         raise NetworkFormatError(f"{where}: unknown network class {class_name!r}; supported: {sorted(NETWORK_CLASSES)}")
-    return build_checked(cls, init_kwargs, state_dict, where)
+    return cls
 
 
 def _network_from_record(record: PersistentRecord, where: str) -> tuple[nn.Module, dict]:
@@ -168,17 +152,13 @@ def _network_from_record(record: PersistentRecord, where: str) -> tuple[nn.Modul
     if not isinstance(kwargs, dict) or not isinstance(args, (list, tuple)):
         raise NetworkFormatError(f"{where}: _init_kwargs / _init_args are a {type(kwargs).__name__} / "
                                  f"{type(args).__name__}, expected a dict and a tuple")
-    kwargs, args = plain(dict(kwargs)), list(args)
-    cls = NETWORK_CLASSES.get(record.class_name)
-    if cls is None:
-        raise NetworkFormatError(f"{where}: unknown network class {record.class_name!r}; "
-                                 f"supported: {sorted(NETWORK_CLASSES)}")
+    kwargs, args, cls = plain(dict(kwargs)), list(args), _network_class(record.class_name, where)
     if args:  # positional constructor arguments -> keywords, so the converted file is self-describing
         try:
             kwargs = dict(inspect.signature(cls).bind_partial(*plain(args), **kwargs).arguments)
         except TypeError as e:
             raise NetworkFormatError(f"{where}: constructor arguments not understood: {e}") from e
-    net = _build_network(record.class_name, kwargs, _record_tensors(record, where), where)
+    net = build_checked(cls, kwargs, _record_tensors(record, where), where)
     return net, {"class_name": record.class_name, "init_kwargs": kwargs}
 
 
@@ -200,18 +180,15 @@ def load_tagged(path: Path, fmt: str, what: str) -> dict:
 
 
 def load_stylegan2_pkl(path: str | Path) -> dict[str, Any]:
-    """Load an NVlabs StyleGAN2-ADA pickle (or our converted ``.pt``) safely.
-
-    Returns ``{'G', 'D', 'G_ema'}`` (our modules in eval mode, those present in the file),
-    ``'training_set_kwargs'`` (dict or None) and ``'kwargs'`` (per network: class name and constructor kwargs).
-    """
+    """An NVlabs StyleGAN2-ADA pickle (or our converted ``.pt``), loaded safely: ``{'G', 'D', 'G_ema'}`` (our modules
+    in eval mode, those in the file), ``'training_set_kwargs'`` (dict or None) and ``'kwargs'`` (per network: class
+    name and constructor kwargs)."""
     path = Path(path)
     require_file(path, "StyleGAN2 network file")
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK"):  # a torch.save zip: our converted format
-        return _load_converted(path)
-    with open(path, "rb") as f:
+        if f.read(4).startswith(b"PK"):  # a torch.save zip: our converted format
+            return _load_converted(path)
+        f.seek(0)
         try:
             data = RestrictedUnpickler(f, str(path)).load()
         except (UnsafePickleError, NetworkFormatError) as e:
@@ -239,8 +216,9 @@ def _load_converted(path: Path) -> dict[str, Any]:
     if not isinstance(networks, dict) or not all(isinstance(e, dict) for e in networks.values()):
         raise NetworkFormatError(f"{path}: 'networks' must map names to dicts of class_name, init_kwargs, state_dict")
     for key, entry in networks.items():
-        out[key] = _build_network(entry.get("class_name"), entry.get("init_kwargs"), entry.get("state_dict"),
-                                  f"{path}[{key}]")
+        where = f"{path}[{key}]"
+        out[key] = build_checked(_network_class(entry.get("class_name"), where), entry.get("init_kwargs"),
+                                 entry.get("state_dict"), where)
         out["kwargs"][key] = {"class_name": entry["class_name"], "init_kwargs": entry["init_kwargs"]}
     return out
 

@@ -1,23 +1,14 @@
-"""``gmpi export-web``: a self-contained WebGL page that orbits generated MPIs in any browser, from disk.
+"""``gmpi export-web``: a self-contained WebGL page that orbits generated MPIs in any browser (docs/VIEWER.md).
 
     gmpi export-web --ckpt runs/synthetic/gmpi.pt --seeds 0-3 --planes 32 --resolution 256 --out runs/synthetic/web
 
-writes ``OUT/index.html`` (open it by double-click: ``file://``, no server, no network), ``viewer.js`` (our WebGL2
-renderer, ``static/viewer.js``), ``manifest.js`` (the preset's camera model, plane depths and extents, the seeds,
-the depth colour map) and one ``seedNNNN.js`` per seed (the planes, zlib-compressed and base64-encoded: browsers
-refuse ``file://`` images as WebGL textures and ``fetch`` of local files, but load local scripts). The page draws
-what :func:`~gmpi_lightning.render.render_mpi` draws (``static/viewer.js`` says how, line by line); the
-MPIs are generated as ``gmpi render`` generates them (seeds, truncation, noise, planes), so the two agree to a
-fraction of a grey level (tests/test_web_viewer.py measures it in headless Chromium).
-
-From Python: ``gmpi_lightning.commands.render.export_web("runs/synthetic/gmpi.pt", "web", seeds=[0, 1])`` (the command),
-or, with MPIs already in hand (``gmpi render --web``, the ``WebViewer`` media callback)::
+writes ``OUT/index.html`` (opens from ``file://``: no server, no network), ``viewer.js`` (``static/viewer.js``, which
+draws what :func:`~gmpi_lightning.render.render_mpi` draws), ``manifest.js`` (camera model, planes, seeds, colour map)
+and one ``seedNNNN.js`` per seed (zlib + base64 planes: browsers refuse ``file://`` images as WebGL textures but load
+local scripts). With MPIs already in hand (``gmpi render --web``, the ``WebViewer`` media callback)::
 
     with ViewerWriter(out, preset, scene.planes, resolution=256, texture_resolution=32, seeds=[0]) as page:
         page.add(0, mpi[0])                                                      # L x 4 x T x T in [0, 1]
-
-Stored per texel: alpha in 16 bits per plane, colour in 8 bits per *distinct* colour layer (GMPI's planes share one
-foreground image plus the background's, so a 96-plane MPI stores 2 colour layers, not 96).
 """
 
 from __future__ import annotations
@@ -33,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cameras import pose_range
 from ..errors import InputError
 from ..planes import Planes
 from ..presets import Preset
@@ -43,29 +35,22 @@ MAX_TEXELS = 1 << 24  # planes x texture pixels per seed without --force: 64 pla
 COLOR_LAYERS_ESTIMATE = 2  # GMPI: one shared foreground image + the background plane's
 
 
-def texture_bytes(n_planes: int, texture_resolution: int, color_layers: int = COLOR_LAYERS_ESTIMATE) -> dict:
-    """Sizes of one seed: ``raw`` (the stored bytes before compression), ``file`` (their base64 upper bound: zlib only
-    shrinks it) and ``gpu`` (R16F alpha + RGBA16F colour layers with a one-texel border)."""
-    t = texture_resolution
-    raw = (2 * n_planes + 3 * color_layers) * t * t
-    return {"raw": raw, "file": 4 * math.ceil(raw / 3), "gpu": (2 * n_planes + 8 * color_layers) * (t + 2) ** 2}
-
-
 def check_budget(n_seeds: int, n_planes: int, texture_resolution: int, force: bool = False) -> str:
     """The size estimate line (printed before anything is written); a ValueError for more than MAX_TEXELS per seed
     (96 planes at 512 px) unless ``force``."""
-    size = texture_bytes(n_planes, texture_resolution)
+    t, k = texture_resolution, COLOR_LAYERS_ESTIMATE
+    disk = 4 * math.ceil((2 * n_planes + 3 * k) * t * t / 3)  # base64 of the stored bytes (zlib only shrinks them)
+    gpu = (2 * n_planes + 8 * k) * (t + 2) ** 2  # R16F alpha + RGBA16F colour layers, one-texel border
     line = (f"web viewer: {n_seeds} seed(s) x {n_planes} planes at {texture_resolution} px: at most "
-            f"{n_seeds * size['file'] / 2**20:.1f} MB on disk ({size['file'] / 2**20:.1f} MB per seed before "
-            f"compression), {size['gpu'] / 2**20:.1f} MB of GPU textures in the browser")
+            f"{n_seeds * disk / 2**20:.1f} MB on disk ({disk / 2**20:.1f} MB per seed before "
+            f"compression), {gpu / 2**20:.1f} MB of GPU textures in the browser")
     texels = n_planes * texture_resolution ** 2
     if texels > MAX_TEXELS and not force:
-        fit_planes = MAX_TEXELS // texture_resolution ** 2
-        fit_res = int(math.isqrt(MAX_TEXELS // n_planes))
         raise InputError(f"{line}. That is too heavy for a web page ({n_planes} planes x {texture_resolution}^2 = "
                          f"{texels / 1e6:.1f} M texels per seed, limit {MAX_TEXELS / 1e6:.1f} M): use --planes "
-                         f"{fit_planes} or fewer, or --resolution {fit_res} or less (textures are resampled), or pass "
-                         f"--force to write it anyway")
+                         f"{MAX_TEXELS // texture_resolution ** 2} or fewer, or --resolution "
+                         f"{math.isqrt(MAX_TEXELS // n_planes)} or less (textures are resampled), or pass --force to "
+                         f"write it anyway")
     return line
 
 
@@ -129,18 +114,16 @@ class ViewerWriter:
         self.out = Path(out)
         if self.out.exists() and any(self.out.iterdir()) and not (self.out / "manifest.js").is_file():
             raise FileExistsError(f"{self.out} is not empty and holds no viewer (manifest.js): choose a new --out")
-        if self.out.exists():
-            for old in self.out.glob("seed*.js"):
-                old.unlink()
+        for old in self.out.glob("seed*.js"):  # nothing when the folder does not exist
+            old.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
         self.preset, self.seeds, self.files = preset, [int(s) for s in seeds], {}
         self.texture_resolution = texture_resolution
-        p, n = preset, preset.n_truncated_stds
+        p, (yaw_range, pitch_range) = preset, pose_range(preset)
         self.manifest = {
             "format": FORMAT, "preset": p.name, "fov_deg": p.fov_deg, "sphere_center_z": p.sphere_center_z,
             "sphere_r": p.sphere_r, "near": p.near, "far": p.far, "yaw_mean": p.yaw_mean, "pitch_mean": p.pitch_mean,
-            "yaw_range": [p.yaw_mean - n * p.yaw_std, p.yaw_mean + n * p.yaw_std],
-            "pitch_range": [p.pitch_mean - n * p.pitch_std, p.pitch_mean + n * p.pitch_std],
+            "yaw_range": list(yaw_range), "pitch_range": list(pitch_range),
             "plane_depths": [float(d) for d in planes.depths.cpu()],
             "plane_extents": [[float(h), float(w)] for h, w in planes.extents.cpu()],
             "resolution": int(resolution), "texture_resolution": int(texture_resolution), "seeds": self.seeds,
@@ -160,8 +143,7 @@ class ViewerWriter:
 
     def close(self) -> Path:
         """Write the manifest, the page and the viewer script; returns ``index.html``."""
-        missing = sorted(set(self.seeds) - set(self.files))
-        if missing:
+        if missing := sorted(set(self.seeds) - set(self.files)):
             raise InputError(f"seeds {missing} were announced but not added")
         manifest = dict(self.manifest, files={str(s): f for s, f in self.files.items()})
         (self.out / "manifest.js").write_text(_js_assign("window.GMPI_MANIFEST", manifest))
