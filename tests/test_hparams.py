@@ -142,6 +142,10 @@ def test_groups_check_their_values():
     with pytest.raises(InputError, match="model.alpha must be a mapping"):
         group(hp.Alpha, 3, "alpha")
     assert group(hp.Alpha, {"init_gain": 0.5}, "alpha") == hp.Alpha(init_gain=0.5)
+    # a module's hyper-parameters: every group typed, each bad one named by its own key
+    assert hp.typed({"alpha": {"init_gain": 0.5}, "lr_note": 1}) == {"alpha": hp.Alpha(init_gain=0.5), "lr_note": 1}
+    with pytest.raises(InputError, match=r"^model.shading: unknown \['begin'\]"):
+        hp.typed({"alpha": {}, "shading": {"begin": 3}})
 
 
 def test_checkpoint_holds_plain_groups_and_rebuilds_the_typed_module():
