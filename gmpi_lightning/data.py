@@ -207,3 +207,17 @@ def file_sha256(path: str | Path) -> str:
     """The file's SHA-256 (hex), cached while its size and modification time stay the same."""
     st = Path(path).stat()
     return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime)
+
+
+def write_atomic(path: str | Path, write) -> Path:
+    """Write ``path`` whole or not at all: ``write(tmp)`` fills ``<name>.<pid>.partial`` beside it (the folder is made
+    if missing), which then replaces ``path``; the temporary file is removed if ``write`` raises (Ctrl-C too)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

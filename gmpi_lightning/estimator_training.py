@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import file_sha256, read_samples, resolve_shards
+from .data import file_sha256, read_samples, resolve_shards, write_atomic
 from .errors import InputError
-from .estimators import FORMAT, DepthCNN, PoseCNN, depth_error, load_estimators, pose_error, summarize
+from .estimators import FORMAT, DepthCNN, PoseCNN, depth_error, load_estimators, pose_error, summarize, zscore
 
 
 # ========================================================================================== data
@@ -79,11 +79,7 @@ def depth_target(depth: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> 
     every pixel (B x 1 x H x W): the foreground is z-scored, the background keeps its (large) offset, so pixels a
     predicted mask wrongly includes still get a consistent depth."""
     b = depth.shape[0]
-    d, m = depth.reshape(b, -1).double(), mask.reshape(b, -1).double()
-    n = m.sum(1, keepdim=True).clamp_min(1)
-    mean = (d * m).sum(1, keepdim=True) / n
-    std = (((d - mean) * m) ** 2).sum(1, keepdim=True).div(n).sqrt()
-    return ((d - mean) / (std + eps)).float().reshape(depth.shape)
+    return zscore(depth.reshape(b, -1).double(), mask.reshape(b, -1), eps, masked=False).float().reshape(depth.shape)
 
 
 # ==================================================================================== evaluation
@@ -231,11 +227,7 @@ def train_estimators(data: str | Path, out: str | Path | None = None, steps: int
              "depth": {"kwargs": depth_model.kwargs(), "state_dict": depth_model.state_dict()},
              "input_size": input_size, "info": json.loads(json.dumps(info))}
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
-        torch.save(saved, tmp)
-        tmp.replace(out)
+        write_atomic(out, lambda tmp: torch.save(saved, tmp))
     return saved
 
 

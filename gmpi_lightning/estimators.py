@@ -40,13 +40,15 @@ def pose_error(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     return ((pred.double() - true.double().to(pred.device)) ** 2).mean(dim=1)
 
 
-def zscore(values: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-image ``(v - mean) / (std + eps)`` over ``valid`` pixels (population std); B x N -> B x N (0 elsewhere)."""
+def zscore(values: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8, masked: bool = True) -> torch.Tensor:
+    """Per-image ``(v - mean) / (std + eps)`` with the mean and population std of the ``valid`` pixels; B x N -> B x N,
+    0 outside ``valid`` (``masked=False``: every pixel scaled alike)."""
     valid = valid.to(values.dtype)
     n = valid.sum(dim=1, keepdim=True).clamp_min(1)
     mean = (values * valid).sum(dim=1, keepdim=True) / n
     var = (((values - mean) * valid) ** 2).sum(dim=1, keepdim=True) / n
-    return (values - mean) / (var.sqrt() + eps) * valid
+    z = (values - mean) / (var.sqrt() + eps)
+    return z * valid if masked else z
 
 
 def depth_error(est_depth: torch.Tensor, rendered_depth: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,

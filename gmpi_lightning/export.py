@@ -28,16 +28,20 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     return (img.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def depth_to_color(depth: torch.Tensor, near: float, far: float, coverage: torch.Tensor | None = None,
-                   cmap: str = "turbo") -> np.ndarray:
-    """1 x H x W z-depth -> H x W x 3 uint8 (near and far at the colour map's ends; uncovered pixels black)."""
+def depth_to_color(depth: torch.Tensor, near: float, far: float, coverage: torch.Tensor | None = None) -> np.ndarray:
+    """1 x H x W z-depth -> H x W x 3 uint8 (near and far at turbo's ends; uncovered pixels black)."""
     import matplotlib
 
     d = ((depth.detach().float()[0] - near) / (far - near)).clamp(0, 1).cpu().numpy()
-    rgb = matplotlib.colormaps[cmap](d)[..., :3]
+    rgb = matplotlib.colormaps["turbo"](d)[..., :3]
     if coverage is not None:
         rgb = rgb * coverage.detach().float()[0].clamp(0, 1).cpu().numpy()[..., None]
     return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def view_images(render: dict, preset, i: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB, depth colour-mapped over the preset's near..far and weighted by coverage) of view ``i`` of a render."""
+    return to_uint8(render["rgb"][i]), depth_to_color(render["depth"][i], preset.near, preset.far, render["alpha"][i])
 
 
 def plane_tiles(mpi: torch.Tensor, max_planes: int = 8) -> tuple[list[int], list[np.ndarray]]:
@@ -144,9 +148,9 @@ def mesh_extent(extents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_mesh(G, z: torch.Tensor, preset, extents_hw, grid: int | None = None, level: float = 0.5,
-                 sigma: float = 1.0, plane_chunk: int = 32, **gen_kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Marching cubes over the alpha volume of one latent. Returns (vertices V x 3 world xyz, faces F x 3,
-    vertex colours V x 3 uint8). The background plane's forced opacity is switched off."""
+                 plane_chunk: int = 32, **gen_kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Marching cubes over the alpha volume of one latent, Gaussian-smoothed (sigma 1 texel). Returns (vertices V x 3
+    world xyz, faces F x 3, vertex colours V x 3 uint8). The background plane's forced opacity is switched off."""
     from scipy.ndimage import gaussian_filter
     from skimage.measure import marching_cubes
 
@@ -157,9 +161,7 @@ def extract_mesh(G, z: torch.Tensor, preset, extents_hw, grid: int | None = None
     depths = mesh_plane_depths(preset, grid)
     codes = normalize_depths(depths, preset.near, preset.far)
     mpi = G(z[:1], None, codes.to(z.device), plane_chunk=plane_chunk, opaque_background=False, **gen_kwargs)[0]
-    alpha = mpi[:, 3].float().cpu().numpy()  # L x H x W, plane 0 nearest
-    if sigma > 0:
-        alpha = gaussian_filter(alpha, sigma)
+    alpha = gaussian_filter(mpi[:, 3].float().cpu().numpy(), 1.0)  # L x H x W, plane 0 nearest
     if not alpha.min() < level < alpha.max():
         raise InputError(f"the alpha volume never crosses the iso-level {level} (range {alpha.min():.3f}..."
                          f"{alpha.max():.3f}): nothing to mesh")

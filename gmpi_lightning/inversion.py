@@ -139,10 +139,10 @@ class _Best:
             self.loss, self.value, self.step = loss, value(), step
 
 
-def _schedule(opt, step: int, total: int, base: float, ramp_up: float = 0.05, ramp_down: float = 0.25) -> None:
-    """Set ``opt``'s learning rate: a linear ramp-up, then ``base``, then a cosine ramp-down."""
+def _schedule(opt, step: int, total: int, base: float) -> None:
+    """Set ``opt``'s learning rate: linear ramp-up over the first 5 % of ``total``, ``base``, cosine ramp-down."""
     t = step / max(total, 1)
-    lr = base * min(1.0, t / ramp_up) * (0.5 + 0.5 * math.cos(math.pi * max(0.0, (t - (1 - ramp_down)) / ramp_down)))
+    lr = base * min(1.0, t / 0.05) * (0.5 + 0.5 * math.cos(math.pi * max(0.0, (t - 0.75) / 0.25)))
     for group in opt.param_groups:
         group["lr"] = lr
 

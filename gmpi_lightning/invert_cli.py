@@ -146,10 +146,10 @@ def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: b
     for old in (p for pattern in OWN_FILES for p in out.glob(pattern)):  # an earlier inversion's files go first,
         old.unlink()  # so no generator.pt, view or mesh of another image is left beside this one's latent
     extra, preset = extra or {}, inv.scene.preset
-    chunk, rgb = extra.get("settings", {}).get("plane_chunk"), lambda r: export.to_uint8(r["rgb"][0])
-    depth = lambda r: export.depth_to_color(r["depth"][0], preset.near, preset.far, r["alpha"][0])
+    chunk = extra.get("settings", {}).get("plane_chunk")
+    pictures = lambda yaw, pitch: export.view_images(inv.render(yaw, pitch, plane_chunk=chunk), preset)  # RGB, depth
     export.save_png(out / "input.png", export.to_uint8(inv.target[0]))
-    export.save_png(out / "recon.png", rgb(inv.reconstruction()))
+    export.save_png(out / "recon.png", export.to_uint8(inv.reconstruction()["rgb"][0]))
     torch.save({"format": LATENT_FORMAT, "ws": inv.ws.detach().cpu(), "yaw": inv.yaw, "pitch": inv.pitch,
                 "planes": len(inv.scene.planes), "preset": preset.name,
                 "generator": "generator.pt" if inv.tuned else str(extra.get("checkpoint"))}, out / "latent.pt")
@@ -158,9 +158,9 @@ def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: b
             "data": extra.get("training_data"), "latent": "latent.pt", "inverted_image": str(out / "input.png")})
     listed = []
     for i, (yaw, pitch) in enumerate(views):
-        r, files = inv.render(yaw, pitch, plane_chunk=chunk), (f"view_{i:02d}.png", f"view_{i:02d}_depth.png")
-        export.save_png(out / files[0], rgb(r))
-        export.save_png(out / files[1], depth(r))
+        files = (f"view_{i:02d}.png", f"view_{i:02d}_depth.png")
+        for file, image in zip(files, pictures(yaw, pitch)):
+            export.save_png(out / file, image)
         listed.append({"index": i, "yaw": yaw, "pitch": pitch, "image": files[0], "depth": files[1]})
     (out / "views.json").write_text(json.dumps({"input": {"yaw": inv.yaw, "pitch": inv.pitch,
                                                           "image": "input.png", "recon": "recon.png"},
@@ -168,8 +168,7 @@ def write_outputs(inv: Inversion, out: Path, views, video: bool = False, mesh: b
     if video:
         (y0, y1), _ = pose_range(preset)
         sweep = export.sweep_poses("yaw", frames, (y0 + y1) / 2, inv.pitch, yaw_range=(y1 - y0) / 2)
-        renders = (inv.render(yaw, pitch, plane_chunk=chunk) for yaw, pitch in sweep)
-        export.write_video(out / "yaw.mp4", [np.concatenate([rgb(r), depth(r)], axis=1) for r in renders], fps=fps)
+        export.write_video(out / "yaw.mp4", [np.concatenate(pictures(*pose), axis=1) for pose in sweep], fps=fps)
     metrics = {**inv.metrics(), "tuned": inv.tuned, "interrupted": inv.interrupted, "stages": inv.history, **extra}
     if mesh:
         try:
@@ -217,9 +216,8 @@ def camera_report(inv: Inversion, source: str, yaw0: float | None, pitch0: float
 def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
                  views: list[tuple[float, float]] | None = None, video: bool = False, mesh: bool = False,
                  settings: InvertSettings | None = None, estimators=None, crop: bool = True, device: str = "cpu",
-                 progress: bool = True, frames: int = 60, fps: int = 12, mesh_level: float = 0.5,
-                 pose_init: str | None = None, search: SearchSettings | None = None,
-                 mesh_formats=("ply",), mirror: bool = False) -> dict:
+                 frames: int = 60, fps: int = 12, mesh_level: float = 0.5, pose_init: str | None = None,
+                 search: SearchSettings | None = None, mesh_formats=("ply",), mirror: bool = False) -> dict:
     """``gmpi invert`` as a function: every file of the command written to ``out``; returns metrics.json's dict.
     ``views`` default to yaw -0.3, 0, 0.3 around the preset's mean pose. Without ``pose`` the camera is estimated
     (``pose_init``: :func:`resolve_pose`) and refined with the latent (``settings.pose_lr``; 0 keeps it). ``mirror``:
@@ -235,12 +233,12 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
     views = views if views is not None else [(preset.yaw_mean + d, preset.pitch_mean) for d in (-0.3, 0.0, 0.3)]
     check_views(Scene.for_generator(G, preset, s.planes or preset.train_planes, device), views)
     target = load_image(image, G.img_resolution, crop=crop, warn=warn).to(device)
-    reader = functools.cache(lambda: reader_for(ckpt, G, preset, device=device, progress_bar=progress))
+    reader = functools.cache(lambda: reader_for(ckpt, G, preset, device=device))
     reading, averaged, fits_seconds = None, None, 0.0
     if mirror:  # both searches and stage 1 fits, then the image inverted at their mean camera, kept fixed
         source = pose_init or "search"
         print(f"--mirror: the camera search and {s.steps} steps of stage 1 on the image, then on its mirror")
-        averaged = mirror_fit(G, preset, target, s, search, reader() if source == "reader" else None, progress)
+        averaged = mirror_fit(G, preset, target, s, search, reader() if source == "reader" else None, progress=True)
         if averaged is None:
             raise KeyboardInterrupt  # Ctrl-C in a fit: no camera yet, nothing written
         yaw, pitch, source = averaged["yaw"], averaged["pitch"], f"{source}, mirror-averaged"
@@ -251,7 +249,7 @@ def invert_image(ckpt, image, out, pose: tuple[float, float] | None = None,
         if source == "reader":  # the camera search, on the reader's side of the prior
             reading, yaw, pitch = [yaw, pitch], None, None
             search = replace(search, yaw_range=yaw_window(reading[0], preset))
-    inv = invert(G, preset, target, yaw, pitch, s, progress=progress,  # a given or averaged camera stays
+    inv = invert(G, preset, target, yaw, pitch, s, progress=True,  # a given or averaged camera stays
                  refine_pose=source != "given" and averaged is None and s.pose_lr > 0, search=search)
     if inv.interrupted:
         warn("interrupted (Ctrl-C): writing the best result so far")

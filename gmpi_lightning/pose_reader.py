@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .cameras import pose_range, sample_preset_pose
-from .data import file_sha256
+from .data import file_sha256, write_atomic
 from .errors import InputError
 from .estimators import PoseCNN
 from .scene import Scene
@@ -118,10 +118,8 @@ def reader_for(ckpt: str | Path, G, preset, settings: ReaderSettings | None = No
     reader, info = train_reader(G, preset, settings, device=device, progress_bar=progress_bar)
     log(f"pose reader: {info['seconds']['total']:.0f} s; on the checkpoint's own renders mean |yaw error| "
         f"{info['own_renders_error']['yaw']:.3f}, |pitch error| {info['own_renders_error']['pitch']:.3f} rad")
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "checkpoint_sha256": digest, "kwargs": reader.kwargs(),
-                "state_dict": reader.state_dict(), "info": info}, tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: torch.save({"format": FORMAT, "checkpoint_sha256": digest, "kwargs": reader.kwargs(),
+                                               "state_dict": reader.state_dict(), "info": info}, tmp))
     return reader.to(device)
 
 

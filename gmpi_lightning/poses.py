@@ -13,13 +13,12 @@ are rewritten after every image, so Ctrl-C keeps the finished ones and the same 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from .camera_fit import estimate_camera, mirror_fit
-from .data import IMAGE_EXTS, file_sha256, image_files, read_picture
+from .data import IMAGE_EXTS, file_sha256, image_files, read_picture, write_atomic
 from .errors import InputError, warner
 from .inversion import InvertSettings
 from .pose_reader import reader_for
@@ -163,7 +162,5 @@ def _write(out: Path, meta: dict, done: dict, bad: dict, min_confidence, flag: f
               "low_confidence": low, "left_out": left_out, "skipped": bad, "interrupted": interrupted,
               "estimates": done, **({"seconds": seconds} if seconds is not None else {})}
     for path, data in ((out, poses), (report_path(out), report)):  # atomically: Ctrl-C never leaves half a file
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(path)
+        write_atomic(path, lambda tmp, data=data: tmp.write_text(json.dumps(data, indent=1)))
     return report

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from .data import write_atomic
 from .errors import InputError
 from .hparams import migrate_argv
 from .run_paths import entries, fill_run_paths
@@ -132,10 +133,7 @@ def write_config(run: Run, echo=print) -> Path:
         aside = run.dir.with_name(f"{run.dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         echo(f"{run.dir} held a run with other settings: moved to {aside}")
         run.dir.rename(aside)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{CONFIG}.{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(run.config, sort_keys=False))
-    return tmp.replace(path)
+    return write_atomic(path, lambda tmp: tmp.write_text(yaml.safe_dump(run.config, sort_keys=False)))
 
 
 def train(planned: list[Run], program, parallel: int = 1, log: str = "log.txt", cwd=None, env=None,

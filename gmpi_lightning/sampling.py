@@ -80,9 +80,7 @@ class Sampler:
 
     def view(self, mpi: torch.Tensor, yaw: float, pitch: float) -> tuple[np.ndarray, np.ndarray]:
         """(RGB, depth colour-mapped over the preset's near..far and weighted by coverage) of the first MPI."""
-        r = self.render(mpi[:1], self.scene.camera(yaw, pitch))
-        depth = export.depth_to_color(r["depth"][0], self.preset.near, self.preset.far, r["alpha"][0])
-        return export.to_uint8(r["rgb"][0]), depth
+        return export.view_images(self.render(mpi[:1], self.scene.camera(yaw, pitch)), self.preset)
 
     def sweep(self, mpi: torch.Tensor, trajectory: str = "yaw", frames: int = 48) -> list[np.ndarray]:
         """A camera sweep about the preset's mean pose: RGB | depth side by side per frame."""

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -14,6 +15,7 @@ from datamodules.posed_images import PosedImageDataModule, mirror_w2c, xflip
 from datamodules.shards import BadSample, read_card
 from gmpi_lightning import cameras as C
 from gmpi_lightning.cli import main as gmpi_main
+from gmpi_lightning.data import write_atomic
 from gmpi_lightning.errors import InputError
 from tests.conftest import max_err
 
@@ -374,3 +376,28 @@ def test_two_process_rank_split(tmp_path, cam_refs):
     assert len(r0["eval"]) == len(r1["eval"]) == 5
     assert len(r0["train"]) == len(r1["train"]) == 5
     assert r0["train"] != r1["train"]  # each rank draws its own stream
+
+
+def test_write_atomic_gives_the_whole_file_or_leaves_the_old_one(tmp_path):
+    """The file appears whole (100,000 bytes, nothing under its name while they are written) in a folder made for it,
+    with no temporary file left; a ``write`` that raises halfway (an error, or Ctrl-C) leaves the older file's 3 bytes
+    as they were and no temporary file."""
+    target, seen = tmp_path / "sub" / "out.bin", []
+
+    def write(tmp):
+        seen.append(tmp)
+        tmp.write_bytes(b"x" * 100_000)
+        assert not target.exists()
+
+    assert write_atomic(str(target), write) == target
+    assert target.read_bytes() == b"x" * 100_000 and os.listdir(target.parent) == ["out.bin"]
+    assert seen == [target.parent / f"out.bin.{os.getpid()}.partial"]  # beside it, unique to the process
+    target.write_bytes(b"old")
+    for error in (OSError("disk full"), KeyboardInterrupt()):
+        def fail(tmp, error=error):
+            tmp.write_bytes(b"y" * 50_000)
+            raise error
+
+        with pytest.raises(type(error)):
+            write_atomic(target, fail)
+        assert target.read_bytes() == b"old" and os.listdir(target.parent) == ["out.bin"]

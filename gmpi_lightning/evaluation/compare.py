@@ -156,24 +156,23 @@ def sample_figure(ckpts: list[tuple[str, Path]], path: Path, seeds=(0, 1), yaws=
 
     from .. import export
     from ..inference import load_generator
+    from ..sampling import Sampler
     from ..scene import Scene
-    from .fakes import FakeSettings, generate
     from .reference import load_truth, mpi_from_view
 
-    n, settings = len(seeds), FakeSettings(planes=planes, noise_mode="const")
+    n = len(seeds)
 
     def row(views, preset):
-        return ([export.to_uint8(v["rgb"][b]) for v in views for b in range(n)]
-                + [export.depth_to_color(v["depth"][b], preset.near, preset.far, v["alpha"][b])
-                   for v in views for b in range(n)])
+        pairs = [export.view_images(v, preset, b) for v in views for b in range(n)]
+        return [rgb for rgb, _ in pairs] + [depth for _, depth in pairs]
 
     tiles, labels, preset = [], [label for label, _ in ckpts], None
     for _, ckpt in ckpts:
         loaded = load_generator(ckpt)
-        scene, preset = Scene.for_generator(loaded.G, loaded.preset, settings.planes), loaded.preset
-        mpi = generate(loaded.G, scene, list(seeds), settings)
-        res = loaded.G.img_resolution
-        tiles.append(row([scene.render_pose(mpi, torch.full((n,), y), torch.zeros(n), resolution=res)
+        sampler, preset = Sampler(loaded.G, loaded.preset, planes, resolution=loaded.G.img_resolution), loaded.preset
+        with torch.no_grad():
+            mpi = sampler.mpis(list(seeds))
+        tiles.append(row([sampler.render(mpi, sampler.scene.camera(torch.full((n,), y), torch.zeros(n)))
                           for y in yaws], preset))
     if data is not None and preset is not None and read_card(data).get("source") in TRUTH_RENDERERS:
         truth, scene = load_truth(data, preset.resolution), Scene(preset, planes)

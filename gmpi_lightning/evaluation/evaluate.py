@@ -23,7 +23,7 @@ from ..estimators import depth_error, load_estimators, pose_error, summarize
 from ..export import progress
 from ..scene import generated_planes
 from . import geometry
-from .fakes import FakeSettings, generate, iter_fakes, rank_seeds
+from .fakes import FakeSettings, iter_fakes, rank_seeds
 from .image_metrics import fid_kid, gather_rows, inception_score, precision_recall, rank_world, real_features
 from .inception import INCEPTION_FILE, InceptionFeatures, to_uint8_images
 from .reference import iter_reference, load_truth
@@ -331,5 +331,5 @@ def default_inputs(metrics: list[str], data: str | None, estimators: str | None,
     return data, estimators
 
 
-__all__ = ["ALL_METRICS", "INCEPTION_METRICS", "default_inputs", "evaluate", "evaluate_references", "generate",
-           "json_safe", "parse_metrics", "resolve_estimators"]
+__all__ = ["ALL_METRICS", "INCEPTION_METRICS", "default_inputs", "evaluate", "evaluate_references", "json_safe",
+           "parse_metrics", "resolve_estimators"]

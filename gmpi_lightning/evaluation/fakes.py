@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..cameras import sample_preset_pose
+from ..sampling import Sampler
 from ..scene import Scene
 
 POSE_STREAMS = 2  # stream 0: the image's camera; stream 1: the second view of two-view metrics
@@ -41,19 +42,6 @@ def rank_seeds(num: int, rank: int = 0, world: int = 1, first: int = 0) -> list[
     return list(range(first + rank, first + num, world))
 
 
-@torch.no_grad()
-def generate(G, scene: Scene, seeds, settings: FakeSettings) -> torch.Tensor:
-    """MPIs (B x L x 4 x R x R) of these seeds. With random noise each fake is generated on its own with the RNG
-    seeded by its seed, so fake k is the same whatever the batch size, rank or world size."""
-    z = scene.seed_latents(seeds, G.z_dim)
-    kw = dict(truncation_psi=settings.truncation, noise_mode=settings.noise_mode, plane_chunk=settings.plane_chunk)
-    if settings.noise_mode != "random":
-        return scene.generate(G, z, **kw)
-    noise = torch.Generator(scene.device)
-    return torch.cat([scene.generate(G, z[i:i + 1], noise_generator=noise.manual_seed(int(s) + 1_000_003), **kw)
-                      for i, s in enumerate(seeds)])
-
-
 def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu", streams=(0,),
                return_weights: bool = False) -> Iterator[dict]:
     """Batches of rendered fakes: {'seeds', 'mpi', 'scene', 'nonfinite', 'views': [per stream {rgb, depth, alpha,
@@ -61,20 +49,21 @@ def iter_fakes(G, preset, seeds: list[int], settings: FakeSettings, device="cpu"
     per-plane weights to the first view only (B x L x 1 x H x W: memory). A fake whose MPI holds NaN/inf is
     flagged in ``nonfinite`` (bool, B) and rendered as an empty MPI, so that under DDP every rank still reaches the
     gathers and the caller can stop on all ranks at once."""
-    res = settings.resolution or G.img_resolution
-    scene = Scene.for_generator(G, preset, settings.planes, device)
+    sampler = Sampler(G, preset, settings.planes, device, settings.resolution or G.img_resolution,
+                      settings.truncation, settings.noise_mode, settings.plane_chunk)
     for i in range(0, len(seeds), settings.batch_size):
         chunk = seeds[i:i + settings.batch_size]
-        mpi = generate(G, scene, chunk, settings)
+        with torch.no_grad():
+            mpi = sampler.mpis(chunk)
         nonfinite = ~torch.isfinite(mpi).flatten(1).all(1)
         if bool(nonfinite.any()):
             mpi = torch.where(nonfinite[:, None, None, None, None], torch.zeros_like(mpi), mpi)
 
         @torch.no_grad()
         def render_at(c2w, mpi=mpi, weights=False):
-            return scene.render(mpi, c2w, res, plane_chunk=settings.plane_chunk, return_weights=weights)
+            return sampler.render(mpi, c2w, return_weights=weights)
 
-        yield fake_batch(chunk, mpi, scene, render_at, streams, return_weights, nonfinite)
+        yield fake_batch(chunk, mpi, sampler.scene, render_at, streams, return_weights, nonfinite)
 
 
 def fake_batch(seeds: list[int], mpi, scene: Scene, render_at, streams=(0,), return_weights: bool = False,

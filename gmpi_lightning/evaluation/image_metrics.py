@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import eval_loader, read_card, resolve_shards
+from ..data import eval_loader, read_card, resolve_shards, write_atomic
 from ..errors import InputError
 from ..export import progress
 from .inception import InceptionFeatures, to_uint8_images
@@ -195,8 +195,6 @@ def real_features(data: str | Path, extractor: InceptionFeatures, max_images: in
                          f"missing or read twice; check the folder, then rerun")
     allf = allf.float().double()  # the cache stores float32: a miss returns exactly what a later hit will
     if use_cache and rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        torch.save({"features": allf.float(), "info": info, "extractor": extractor.describe()}, tmp)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: torch.save({"features": allf.float(), "info": info,
+                                                   "extractor": extractor.describe()}, tmp))
     return allf, dict(info, cache_hit=False)

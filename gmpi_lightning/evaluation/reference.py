@@ -106,7 +106,7 @@ def harmonic_fill(rgb: torch.Tensor, known: torch.Tensor, iters: int = 400) -> t
 
 
 def mpi_from_view(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolution: int,
-                  thickness: float | None = None, fill_iters: int = 400) -> torch.Tensor:
+                  thickness: float | None = None) -> torch.Tensor:
     """The ground-truth MPI (B x L x 4 x R x R, planes of ``scene``) of images (B x 3 x H x W in [0, 1]) and their
     z-depths (B x 1 x H x W) seen by the canonical camera (yaw 0, pitch 0). Texels outside that camera's view are
     transparent; the surface seen through a texel goes to the plane nearest its depth, and the object is solid
@@ -131,7 +131,7 @@ def mpi_from_view(image: torch.Tensor, depth: torch.Tensor, scene: Scene, resolu
     alpha = (solid & inside[None]).float()
     # the background plane: visible background where the input camera sees it, a harmonic fill elsewhere
     seen = (inside[-1][None] & (surf_plane[:, -1] == n - 1))[:, None]
-    bg = harmonic_fill(rgb[:, -1], seen, fill_iters)
+    bg = harmonic_fill(rgb[:, -1], seen)
     # colours stay where alpha is 0: the renderer interpolates straight RGB and alpha separately, so a zeroed colour
     # would darken every texel next to a transparent one
     rgb = torch.cat([rgb[:, :-1], bg[:, None]], 1)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..data import write_atomic
 from ..nn.discriminator import Discriminator, PoseConditionedDiscriminator
 from ..nn.gmpi import GMPIGenerator
 from .safe_pickle import NetworkFormatError, UnsafePickleError, plain
@@ -209,17 +210,12 @@ def load_official_gmpi(generator_pth: str | Path, config: str | Path | dict | No
 def save_gmpi_checkpoint(path: str | Path, G: GMPIGenerator, preset: dict | None = None,
                          D: torch.nn.Module | None = None, extra: dict | None = None) -> Path:
     """A plain, weights_only-loadable file: generator (and D) kwargs + state dicts + preset."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"format": GMPI_FORMAT, "version": GMPI_FORMAT_VERSION, "preset": preset, "extra": extra or {},
             "generator": {"init_kwargs": G.init_kwargs, "state_dict": G.state_dict()}}
     if D is not None:
         blob["discriminator"] = {"class_name": type(D).__name__, "init_kwargs": D.init_kwargs,
                                  "state_dict": D.state_dict()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda tmp: torch.save(blob, tmp))
 
 
 def load_gmpi_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..data import write_atomic
 from ..nn.discriminator import Discriminator
 from ..nn.synthesis import Generator
 from .safe_pickle import NetworkFormatError, PersistentRecord, RestrictedUnpickler, UnsafePickleError, plain
@@ -225,15 +226,10 @@ def _load_converted(path: Path) -> dict[str, Any]:
 
 def save_converted(loaded: dict[str, Any], out_path: str | Path) -> Path:
     """Write what :func:`load_stylegan2_pkl` returned as a ``weights_only``-loadable file."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     networks = {
         key: {**loaded["kwargs"][key], "state_dict": {k: v.clone() for k, v in loaded[key].state_dict().items()}}
         for key in NETWORK_KEYS if key in loaded
     }
     blob = {"format": FORMAT, "version": FORMAT_VERSION, "training_set_kwargs": loaded.get("training_set_kwargs"),
             "networks": networks}
-    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(out_path)  # never leave a half-written file under the final name
-    return out_path
+    return write_atomic(out_path, lambda tmp: torch.save(blob, tmp))  # never half a file under the final name
