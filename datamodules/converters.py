@@ -80,22 +80,23 @@ def _process(args) -> tuple[str, list[tuple] | None, str | None]:
         return name, None, str(e)
 
 
-def run_conversion(source: ImageSource, jobs: dict[str, Callable[[], dict]], out: str | Path, preset_name: str,
+def run_conversion(source: ImageSource, jobs: list[tuple[str, Callable[[], dict]]], out: str | Path, preset_name: str,
                    source_tag: str, resolution: int | None = None, xflip: bool = False, skip_bad: bool = False,
                    overwrite: bool = False, workers: int = 2, samples_per_shard: int = 1000,
                    extra_card: dict | None = None) -> Path:
-    """Shards of the images ``jobs`` names, each posed by its callable (-> {'w2c', 'yaw', 'pitch', 'extra'?}; may
-    raise BadSample); picklable callables, as workers run them."""
+    """Shards of the images ``jobs`` names, (name, pose callable) pairs in the source's order, a name that the source
+    lists twice included (rejected as a repeated key). The callables (-> {'w2c', 'yaw', 'pitch', 'extra'?}; may raise
+    BadSample) are picklable, as workers run them."""
     preset = get_preset(preset_name)
     if not jobs:
         raise BadSample(f"no images found in {source.path}")
     if resolution is None:  # the most common square size decides, then every image must match
-        resolution = common_size(source, list(jobs))
+        resolution = common_size(source, [name for name, _ in jobs])
     seen: dict[str, str] = {}
     with ShardSetWriter(out, preset.name, resolution, source_tag, samples_per_shard, overwrite, skip_bad,
                         extra=extra_card) as writer:
         unique = []
-        for name, pose in jobs.items():  # duplicate keys are an input error (two files would become one sample)
+        for name, pose in jobs:  # duplicate keys are an input error (two files would become one sample)
             key = make_key(name)
             if key in seen:
                 writer.reject(name, BadSample(f"{name}: same sample key '{key}' as {seen[key]}"))
@@ -152,9 +153,9 @@ def convert_ffhq(images: str | Path, poses: str | Path, out: str | Path, preset:
             raise FileNotFoundError(f"fail list not found: {Path(fail_list)}")
         failed = {Path(line.strip()).stem for line in Path(fail_list).read_text().splitlines() if line.strip()}
     names = source.names()
-    jobs = {n: partial(_deep3d_pose, poses, n, p.sphere_center_z, p.sphere_r) if is_inside_name(n) else
-            partial(_reject, f"{n}: member name leaves the archive root ('..' or an absolute path); its pose is not "
-                             f"looked up") for n in names if Path(n).stem not in failed}
+    jobs = [(n, partial(_deep3d_pose, poses, n, p.sphere_center_z, p.sphere_r) if is_inside_name(n) else
+             partial(_reject, f"{n}: member name leaves the archive root ('..' or an absolute path); its pose is not "
+                              f"looked up")) for n in names if Path(n).stem not in failed]
     extra = {"excluded_by_fail_list": len(names) - len(jobs), "fail_list": str(fail_list) if fail_list else None}
     return run_conversion(source, jobs, out, p.name, "deep3dface", extra_card=extra, **kw)
 
@@ -168,16 +169,16 @@ def _eg3d_pose(label, c: float, r: float, name: str) -> dict:
     return _pose_of_w2c(cameras.w2c_from_eg3d_label(lab[None], c, r), c)
 
 
-def _posed_jobs(source: ImageSource, records: dict, pose_fn, p, by_file_name: bool = False) -> dict:
-    """{image: pose callable} of ``source``'s images, each taking the record its name (or, ``by_file_name``, its
+def _posed_jobs(source: ImageSource, records: dict, pose_fn, p, by_file_name: bool = False) -> list:
+    """(image, pose callable) of ``source``'s images, each taking the record its name (or, ``by_file_name``, its
     file name) pops from ``records``; an image without one is rejected."""
-    jobs = {}
+    jobs = []
     for n in source.names():
         rec = records.pop(n, None)
         if rec is None and by_file_name:
             rec = records.pop(Path(n).name, None)
-        jobs[n] = (partial(pose_fn, rec, p.sphere_center_z, p.sphere_r, n) if rec is not None else
-                   partial(_reject, f"{n}: no pose for this image"))
+        jobs.append((n, partial(pose_fn, rec, p.sphere_center_z, p.sphere_r, n) if rec is not None else
+                     partial(_reject, f"{n}: no pose for this image")))
     return jobs
 
 

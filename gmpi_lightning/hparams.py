@@ -196,7 +196,9 @@ GROUPS = {"arch": Architecture, "optim": Optimisation, "ema": EMA, "augment": Au
           "discriminator": PoseDiscriminator, "views": Views, "shading": Shading}
 
 FLAT_NAMES = {  # old flat model option -> its nested name
-    **{f.name: f"{g}.{f.name}" for g in ("arch", "optim") for f in dataclasses.fields(GROUPS[g])},
+    **{k: f"arch.{k}" for k in ("z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max")},
+    **{k: f"optim.{k}" for k in ("lr", "betas", "train_mapping", "r1_gamma", "r1_every", "grad_clip",
+                                 "batch_split")},
     "ema": "ema.kind", "ema_kimg": "ema.kimg", "ema_rampup": "ema.rampup", "ema_decay": "ema.decay",
     "augment": "augment.mode", "augment_p": "augment.p", "augment_ops": "augment.ops", "ada_target": "augment.target",
     "ada_interval": "augment.interval", "ada_kimg": "augment.kimg",

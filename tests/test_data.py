@@ -281,6 +281,32 @@ def test_bad_inputs_stop_or_are_listed(tmp_path, cam_refs, case):
     assert len(rejected) == 1 and message in rejected[0]["error"] and rejected[0]["file"].startswith("00000/")
 
 
+def test_a_member_named_twice_in_a_zip_is_rejected_not_merged(tmp_path, cam_refs):
+    """A zip can hold two members of one name: the second is the repeated key it is, for FFHQ's and EG3D's
+    converters alike (never silently dropped, and never taken for an image without a pose)."""
+    recs = cam_refs["ffhq_deep3dface"][:2]
+    zpath, poses = _ffhq(tmp_path, recs)
+    eg3d = tmp_path / "eg3d.zip"
+    with zipfile.ZipFile(eg3d, "w") as z:
+        z.writestr("dataset.json", json.dumps({"labels": [[f"img{i}.png", r["label25"]]
+                                                          for i, r in enumerate(cam_refs["afhq_eg3d"][:2])]}))
+        for i in range(2):
+            z.writestr(f"img{i}.png", _png(i))
+    for path, member in ((zpath, "00000/img00000001.png"), (eg3d, "img1.png")):
+        with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(path, "a") as z:
+            z.writestr(member, _png(7))
+    for name, convert in (("ffhq", lambda out, **kw: cv.convert_ffhq(zpath, poses, out, **kw)),
+                          ("eg3d", lambda out, **kw: cv.convert_eg3d(eg3d, out, preset="AFHQCat", **kw))):
+        with pytest.raises(BadSample, match="same sample key"):
+            convert(tmp_path / f"{name}_stop", workers=0)
+        out = convert(tmp_path / f"{name}_skip", workers=0, skip_bad=True)
+        card = read_card(out)
+        rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+        assert (card["count"], card["rejected"], len(rejected)) == (2, 1, 1), name
+        assert "same sample key" in rejected[0]["error"] and rejected[0]["file"].endswith("1.png"), name
+        assert card.get("excluded_by_fail_list", 0) == 0
+
+
 def test_malformed_and_nan_poses(tmp_path, cam_refs):
     recs = cam_refs["ffhq_deep3dface"][:2]
     zpath, poses = _ffhq(tmp_path, recs)

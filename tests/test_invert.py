@@ -220,7 +220,6 @@ def test_command_writes_the_best_result_when_interrupted(tiny_ckpt, tmp_path, mo
     assert (out / "recon.png").is_file() and (out / "latent.pt").is_file() and not (out / "generator.pt").exists()
 
 
-
 def test_a_mesh_that_cannot_be_made_is_one_warning(tiny_ckpt, tmp_path, monkeypatch, capsys):
     G = load_generator(tiny_ckpt).G
     image = write_png(tmp_path / "in.png", known_target(G)[1])
@@ -231,7 +230,7 @@ def test_a_mesh_that_cannot_be_made_is_one_warning(tiny_ckpt, tmp_path, monkeypa
     monkeypatch.setattr(export, "extract_mesh", no_surface)
     out = tmp_path / "out"
     assert gmpi_main(["invert", "--ckpt", str(tiny_ckpt), "--image", str(image), "--pose", "0,0", "--steps", "2",
-                      "--mesh", "--out", str(out), "--device", "cpu"]) == 0
+                      "--pti-steps", "0", "--mesh", "--out", str(out), "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["warnings"] == ["no mesh: the alpha volume never crosses the iso-level 0.5"]
     assert "mesh" not in metrics and not list(out.glob("mesh*"))
