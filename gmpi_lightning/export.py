@@ -28,12 +28,15 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     return (img.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
+DEPTH_COLORMAP = "turbo"  # matplotlib's name; the browser page draws depth with the same map's table
+
+
 def depth_to_color(depth: torch.Tensor, near: float, far: float, coverage: torch.Tensor | None = None) -> np.ndarray:
-    """1 x H x W z-depth -> H x W x 3 uint8 (near and far at turbo's ends; uncovered pixels black)."""
+    """1 x H x W z-depth -> H x W x 3 uint8 (near and far at the colour map's ends; uncovered pixels black)."""
     import matplotlib
 
     d = ((depth.detach().float()[0] - near) / (far - near)).clamp(0, 1).cpu().numpy()
-    rgb = matplotlib.colormaps["turbo"](d)[..., :3]
+    rgb = matplotlib.colormaps[DEPTH_COLORMAP](d)[..., :3]
     if coverage is not None:
         rgb = rgb * coverage.detach().float()[0].clamp(0, 1).cpu().numpy()[..., None]
     return (rgb * 255 + 0.5).astype(np.uint8)

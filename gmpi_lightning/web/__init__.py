@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..cameras import pose_range
 from ..errors import InputError
+from ..export import DEPTH_COLORMAP
 from ..planes import Planes
 from ..presets import Preset
 
@@ -79,11 +80,11 @@ def resample_planes(mpi: torch.Tensor, texture_resolution: int) -> torch.Tensor:
                          align_corners=True, antialias=texture_resolution < mpi.shape[-1]).clamp(0, 1)
 
 
-def depth_colormap(cmap: str = "turbo") -> list[list[float]]:
+def depth_colormap() -> list[list[float]]:
     """The bins of the colour map behind :func:`~gmpi_lightning.export.depth_to_color` (matplotlib's lookup table)."""
     import matplotlib
 
-    cm = matplotlib.colormaps[cmap]
+    cm = matplotlib.colormaps[DEPTH_COLORMAP]
     return [[round(float(v), 7) for v in rgb] for rgb in cm(np.arange(cm.N))[:, :3]]
 
 
