@@ -46,13 +46,18 @@ def wandb_loggers(trainer) -> list:
     return [lg for lg in (getattr(trainer, "loggers", None) or []) if isinstance(lg, WandbLogger)]
 
 
+def is_2d(pl_module) -> bool:
+    """Whether a training module is a plain 2D StyleGAN2 (images, no planes)."""
+    return getattr(pl_module, "mode", "gmpi") == "stylegan2"
+
+
 def module_sampler(pl_module, planes: int | None = None, resolution: int | None = None, truncation_psi: float = 1.0,
                    plane_chunk: int | None = None) -> Sampler:
     """The EMA generator of a training module as a :class:`~gmpi_lightning.sampling.Sampler`: its preset, its training
     planes unless ``planes`` says otherwise, constant noise, and rays outside the planes' volume rendered transparent (a
     preview never stops training). A 2D (``stylegan2``) module's sampler has no planes (:meth:`image_2d` only)."""
-    is_2d = getattr(pl_module, "mode", "gmpi") == "stylegan2"
-    scene = None if is_2d else (pl_module.scene if planes is None else planes)  # the Sampler moves it to G's device
+    # the Sampler moves the scene to G's device
+    scene = None if is_2d(pl_module) else (pl_module.scene if planes is None else planes)
     return Sampler(pl_module.G_ema, pl_module.preset, scene, None, resolution, truncation_psi, "const", plane_chunk,
                    check_inside=False)
 

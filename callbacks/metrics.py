@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from callbacks.media import run_dir
+from callbacks.media import is_2d, run_dir
 from gmpi_lightning.errors import InputError
 from gmpi_lightning.evaluation.evaluate import (
     INCEPTION_METRICS,
@@ -51,7 +51,7 @@ class EvaluationCallback(pl.Callback):
             resolve_weights(self.inception)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._is_2d(pl_module) and set(self.metrics) - set(IMAGE_METRICS):
+        if is_2d(pl_module) and set(self.metrics) - set(IMAGE_METRICS):
             raise InputError(f"EvaluationCallback: a 2D StyleGAN2 run has images, no 3D: metrics "
                              f"{sorted(set(self.metrics) - set(IMAGE_METRICS))} do not apply; use {IMAGE_METRICS}")
         if self.data is None and NEEDS_DATA & set(self.metrics):
@@ -66,17 +66,13 @@ class EvaluationCallback(pl.Callback):
                                     f"{self.estimators}, which is not there: `make estimators` writes "
                                     f"runs/estimators/synthetic32.pt (or drop pose,depth from the metrics)")
 
-    @staticmethod
-    def _is_2d(pl_module) -> bool:
-        return getattr(pl_module, "mode", "gmpi") == "stylegan2"
-
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         settings = FakeSettings(planes=self.planes or getattr(pl_module.hparams, "train_planes", 32),
                                 truncation=self.truncation, batch_size=self.batch_size, noise_mode="const")
         was_training = pl_module.G_ema.training
         pl_module.G_ema.eval()
         G, source = pl_module.G_ema, None
-        if self._is_2d(pl_module):  # a 2D generator: its images, scored by the image metrics only
+        if is_2d(pl_module):  # a 2D generator: its images, scored by the image metrics only
             G, source = None, partial(iter_images_2d, pl_module.G_ema, pl_module.preset)
         try:
             result = evaluate(G, pl_module.preset, self.metrics, self.num_samples, self.data,
