@@ -33,13 +33,12 @@ def _model_args(cfg: dict) -> tuple[str, dict]:
 
 def time_stage(config: str, data: Path, iters: int, warmup: int, prior_arch: dict | None) -> dict:
     """Seconds per iteration of one stage (median of ``iters`` after ``warmup``) and its planned length."""
-    import importlib
-
     import lightning.pytorch as pl
     import torch
     from profiling import IterationProbe  # benchmarks/profiling.py, beside this script
 
     from datamodules.posed_images import PosedImageDataModule
+    from gmpi_lightning import module as modules
     from gmpi_lightning import runs
 
     cfg = runs.resolve(["--config", config])
@@ -50,8 +49,9 @@ def time_stage(config: str, data: Path, iters: int, warmup: int, prior_arch: dic
         args["init_from"] = None
         args["arch"] = {**(args.get("arch") or {}), **{k: v for k, v in (prior_arch or {}).items() if v is not None}}
     module, _, name = cls_path.rpartition(".")
-    model = getattr(importlib.import_module(module), name)(**{**args, "max_iters": warmup + iters,
-                                                              "export_path": None})
+    if module != modules.__name__ or not isinstance(getattr(modules, name, None), type):
+        raise SystemExit(f"{config}: model.class_path {cls_path!r} is not a module of {modules.__name__}")
+    model = getattr(modules, name)(**{**args, "max_iters": warmup + iters, "export_path": None})
     probe = IterationProbe(skip=warmup)
     dm_args = runs.init_args(cfg, "data")
     trainer = pl.Trainer(accelerator=cfg["trainer"].get("accelerator") or "auto", devices=1,

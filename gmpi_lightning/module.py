@@ -25,7 +25,7 @@ from .errors import InputError
 from .hparams import EMA, Alpha, Architecture, Augmentation, Optimisation, PoseDiscriminator, Shading, Views
 from .losses import d_logistic_loss, ema_update, g_nonsaturating_loss, r1_penalty, stylegan2_ema_beta, torch_ema_beta
 from .networks import gmpi_networks, load_checkpoint_weights, stylegan2_backbone
-from .presets import get_preset
+from .presets import Preset, get_preset
 from .scene import Scene
 from .streams import RankStreams, gather_per_rank, run_seed, world_rank
 from .training_log import IterationLog
@@ -33,14 +33,16 @@ from .views import Images2D, PosedViews
 
 
 class GANModule(pl.LightningModule):
-    """The phases every GAN here shares (manual optimisation); ``build_networks`` and ``make_fakes`` say what differs.
+    """The phases every GAN here shares (manual optimisation), on networks built before it and passed in.
 
-    Args (the groups are typed dataclasses in :mod:`.hparams`, nested on the command line: ``--model.optim.lr``):
-        preset, resolution: camera/plane/architecture constants (``gmpi_lightning.presets``); ``resolution``
-            overrides the preset's (the data's).
-        init_from: NVlabs pickle / converted .pt (StyleGAN2 weights), or a Lightning checkpoint of the same module
-            (all weights, loaded without running code). None: train from scratch with ``arch``.
-        arch: the backbone's architecture when not initialised from a file.
+    :class:`StyleGAN2Module` and :class:`GMPIModule` build G, D and ``fakes`` from their own arguments; those arguments
+    and the ones below are ``self.hparams`` (the groups are typed dataclasses in :mod:`.hparams`, nested on the command
+    line: ``--model.optim.lr``).
+
+    Args:
+        G, D: the networks to train; G_ema starts as a copy of G.
+        fakes: how fakes are made and how D judges them (:mod:`.views`).
+        preset: the run's preset (``gmpi_lightning.presets``).
         optim: Adam, R1, clipping and the G step's chunks.
         ema: the exported average of G.
         augment: pose-safe augmentation of every image D trains on (docs/SMALL_DATA.md; R1 is taken before it).
@@ -52,31 +54,23 @@ class GANModule(pl.LightningModule):
     mode = "gan"
     COUNTERS = ("iteration", "nimg", "ema_updates", "nonfinite_total")
 
-    def __init__(self, preset: str = "FFHQ256", resolution: int | None = None, init_from: str | None = None,
-                 arch: Architecture = Architecture(), optim: Optimisation = Optimisation(), ema: EMA = EMA(),
-                 augment: Augmentation = Augmentation(), max_iters: int = 5000, max_nonfinite: int = 20,
-                 export_path: str | None = None):
+    def __init__(self, G: torch.nn.Module, D: torch.nn.Module, fakes: Images2D, preset: Preset,
+                 optim: Optimisation = Optimisation(), ema: EMA = EMA(), augment: Augmentation = Augmentation(),
+                 max_iters: int = 5000, max_nonfinite: int = 20, export_path: str | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["G", "D", "fakes"])  # and the concrete module's arguments (its frame)
         self.hparams.update(hparams.typed(self.hparams))  # mappings (a checkpoint's, a YAML's) as typed groups
         aug = self.hparams.augment
         self.automatic_optimization = False
-        self.preset = get_preset(preset, **({"resolution": resolution} if resolution else {}))
-        backbone = stylegan2_backbone(init_from, self.preset, self.hparams.arch)
-        self.G, self.D = (net.train().requires_grad_(True) for net in self.build_networks(*backbone))
+        self.preset = preset
+        self.G, self.D = (net.train().requires_grad_(True) for net in (G, D))
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        self._fakes = self.make_fakes()
+        self._fakes = fakes
         self.d_augment = PoseSafeAugment(aug.ops) if aug.mode != "none" else None
         self.ada = AdaptiveP(aug.p, aug.target, aug.kimg, adaptive=aug.mode == "ada") if self.d_augment else None
         self.iteration = self.nimg = self.ema_updates = self.nonfinite_in_row = self.nonfinite_total = 0  # counters
         self.streams, self.log_iteration = RankStreams(), IterationLog()
         self._signs_since_log: torch.Tensor | None = None  # (sum of sign(D(real)), count) for the logged r_t
-
-    def build_networks(self, G2d, D2d) -> tuple[torch.nn.Module, torch.nn.Module]:
-        return G2d, D2d
-
-    def make_fakes(self) -> Images2D:
-        return Images2D()
 
     def export(self, path: str | Path) -> Path:
         raise NotImplementedError
@@ -235,7 +229,7 @@ class GANModule(pl.LightningModule):
                        f"{self.iteration}/{hp.max_iters}, random streams seeded {run_seed()} * {world} + rank")
 
     def setup(self, stage: str) -> None:
-        init = self.hparams.init_from
+        init = self.hparams.get("init_from")
         if init and str(init).endswith(".ckpt") and not getattr(self, "_initialised_from_ckpt", False):
             load_checkpoint_weights(self, init)
             self._initialised_from_ckpt = True
@@ -280,11 +274,34 @@ class GANModule(pl.LightningModule):
         return f"mode={self.mode}, preset={self.preset.name}@{self.preset.resolution}px"
 
 
+def backbone(preset: str, resolution: int | None, init_from: str | None,
+             arch: Architecture | dict) -> tuple[Preset, torch.nn.Module, torch.nn.Module]:
+    """The preset (``resolution`` overrides its own: the data's) and the 2D (G, D) a run starts from
+    (:func:`.networks.stylegan2_backbone`)."""
+    p = get_preset(preset, **({"resolution": resolution} if resolution else {}))
+    return (p, *stylegan2_backbone(init_from, p, hparams.group(Architecture, arch, "arch")))
+
+
 class StyleGAN2Module(GANModule):
-    """2D StyleGAN2 training (no planes, no poses): pretrains the 2D generator GMPI starts from where no public
-    StyleGAN2 exists (the synthetic data). Exports the networks in the converted StyleGAN2 format."""
+    """2D StyleGAN2 training (no planes, no poses), exported in the converted StyleGAN2 format.
+
+    Pretrains the 2D generator GMPI starts from where no public StyleGAN2 exists (the synthetic data). Its arguments,
+    and :class:`GANModule`'s settings (``optim``, ...):
+
+    Args:
+        preset: camera/plane/architecture constants (``gmpi_lightning.presets``).
+        resolution: the data's resolution, if not the preset's.
+        init_from: NVlabs pickle / converted .pt (StyleGAN2 weights), or a Lightning checkpoint of the same module
+            (all weights, loaded without running code). None: train from scratch with ``arch``.
+        arch: the backbone's architecture when not initialised from a file.
+    """
 
     mode = "stylegan2"
+
+    def __init__(self, preset: str = "FFHQ256", resolution: int | None = None, init_from: str | None = None,
+                 arch: Architecture = Architecture(), **settings):
+        p, G, D = backbone(preset, resolution, init_from, arch)
+        super().__init__(G, D, Images2D(), p, **settings)
 
     def export(self, path: str | Path) -> Path:
         from .io import save_converted
@@ -295,9 +312,15 @@ class StyleGAN2Module(GANModule):
 
 
 class GMPIModule(GANModule):
-    """GMPI fine-tuning of a pretrained StyleGAN2: :class:`GANModule`'s phases and arguments, plus
+    """GMPI fine-tuning of a pretrained StyleGAN2 (GMPI's generator and pose-conditioned D built on its networks).
+
+    Trained with :class:`GANModule`'s phases. Its arguments, and :class:`GANModule`'s settings (``optim``, ...):
 
     Args:
+        preset: camera/plane/architecture constants (``gmpi_lightning.presets``).
+        resolution: the data's resolution, if not the preset's.
+        init_from: the pretrained StyleGAN2 (NVlabs pickle / converted .pt), or a Lightning checkpoint of this module.
+        arch: the backbone's architecture when not initialised from a file.
         train_planes: planes per MPI during training (official 32).
         alpha: the alpha branch and how it starts.
         discriminator: the pose-conditioned discriminator (pose_conditioning False is the ablation).
@@ -307,18 +330,15 @@ class GMPIModule(GANModule):
 
     mode = "gmpi"
 
-    def __init__(self, *args, train_planes: int = 32, alpha: Alpha = Alpha(),
+    def __init__(self, preset: str = "FFHQ256", resolution: int | None = None, init_from: str | None = None,
+                 arch: Architecture = Architecture(), train_planes: int = 32, alpha: Alpha = Alpha(),
                  discriminator: PoseDiscriminator = PoseDiscriminator(), views: Views = Views(),
-                 shading: Shading = Shading(), **kwargs):
-        super().__init__(*args, **kwargs)
-
-    def build_networks(self, G2d, D2d):
-        hp = self.hparams
-        return gmpi_networks(G2d, D2d, self.preset, hp.train_planes, hp.alpha, hp.discriminator)
-
-    def make_fakes(self) -> PosedViews:
-        hp = self.hparams
-        return PosedViews(Scene(self.preset, hp.train_planes), hp.discriminator.pose_conditioning, hp.views, hp.shading)
+                 shading: Shading = Shading(), **settings):
+        p, G2d, D2d = backbone(preset, resolution, init_from, arch)
+        g = hparams.typed({"alpha": alpha, "discriminator": discriminator, "views": views, "shading": shading})
+        G, D = gmpi_networks(G2d, D2d, p, train_planes, g["alpha"], g["discriminator"])
+        fakes = PosedViews(Scene(p, train_planes), g["discriminator"].pose_conditioning, g["views"], g["shading"])
+        super().__init__(G, D, fakes, p, **settings)
 
     @property
     def scene(self) -> Scene:

@@ -16,10 +16,14 @@ import torch.nn.functional as F
 from gmpi_lightning import module as module_mod
 from gmpi_lightning.augment import PoseSafeAugment
 from gmpi_lightning.errors import InputError
+from gmpi_lightning.hparams import Architecture, Optimisation
 from gmpi_lightning.io.gmpi_ckpt import load_gmpi_checkpoint
 from gmpi_lightning.io.stylegan2_pkl import load_stylegan2_pkl
 from gmpi_lightning.losses import stylegan2_ema_beta, torch_ema_beta
 from gmpi_lightning.module import GMPIModule, StyleGAN2Module
+from gmpi_lightning.networks import stylegan2_backbone
+from gmpi_lightning.presets import get_preset
+from gmpi_lightning.views import Images2D
 from tests.conftest import max_err
 from tests.test_module import SG2_ARGS, TINY, tiny
 
@@ -549,6 +553,50 @@ def test_networks_are_built_with_the_modules_settings():
     assert float(_gmpi().D.mapping.weight.abs().max()) > 0
     flat = _gmpi(discriminator=dict(pose_conditioning=False, mbstd_group_size=2))
     assert flat.D.c_dim == 0 and flat.D.b4.mbstd.group_size == 2
+
+
+def test_the_recipe_trains_the_networks_it_is_given():
+    """GANModule takes G, D and the fakes built before it and trains those very networks; G_ema is a copy, and the
+    hyper-parameters hold the settings, never the networks: rules out a recipe that builds networks of its own, an
+    EMA sharing G's tensors, and networks pickled into the checkpoint's hyper-parameters."""
+    torch.manual_seed(0)
+    preset = get_preset("synthetic32", resolution=16)
+    G, D = stylegan2_backbone(None, preset, Architecture(**TINY["arch"]))
+    D.b4.mbstd.group_size = 2
+    model = module_mod.GANModule(G, D, Images2D(), preset, optim=dict(grad_clip=None), max_iters=2)
+    assert model.G is G and model.D is D and model.preset is preset
+    assert not {id(p) for p in model.G_ema.parameters()} & {id(p) for p in G.parameters()}
+    assert {"G", "D", "fakes"}.isdisjoint(model.hparams) and model.hparams.max_iters == 2
+    assert model.hparams.optim == Optimisation(grad_clip=None)
+    _, (opt_g, opt_d) = _attach(model)
+    g0, d0 = _params(G), _params(D)
+    model.g_step(B, opt_g)
+    assert any(not torch.equal(g0[n], p) for n, p in G.named_parameters())
+    assert all(torch.equal(d0[n], p) for n, p in D.named_parameters())
+    model.d_step({"image": torch.rand(B, 3, 16, 16) * 2 - 1}, opt_d)
+    assert any(not torch.equal(d0[n], p) for n, p in D.named_parameters())
+    assert all(torch.equal(g0[n], p) for n, p in model.G_ema.named_parameters())
+
+
+def test_the_backbone_is_the_presets_at_the_datas_resolution_from_the_given_file(tmp_path):
+    """Both modules start from ``backbone``: the preset at its own resolution unless one is given, the networks of
+    ``init_from`` (weights equal to the file's), and an unknown architecture field named under model.arch: rules out
+    always overriding the resolution, ignoring init_from, and an error that does not say which group."""
+    preset, G, _ = module_mod.backbone("synthetic32", None, None, TINY["arch"])
+    assert preset.resolution == 32 and G.img_resolution == 32
+    preset, G, _ = module_mod.backbone("synthetic32", 16, None, TINY["arch"])
+    assert preset.resolution == 16 and G.img_resolution == 16 and G.z_dim == TINY["arch"]["z_dim"]
+    torch.manual_seed(0)
+    sg2 = StyleGAN2Module(**{k: v for k, v in TINY.items() if k in SG2_ARGS})
+    with torch.no_grad():
+        for q in sg2.G_ema.parameters():
+            q.add_(0.25)
+    path = sg2.export(tmp_path / "sg2.pt")
+    _, G, D = module_mod.backbone("synthetic32", 16, str(path), {})
+    assert all(torch.equal(q, sg2.G_ema.state_dict()[n]) for n, q in G.state_dict().items())
+    assert all(torch.equal(q, sg2.D.state_dict()[n]) for n, q in D.state_dict().items())
+    with pytest.raises(InputError, match=r"model\.arch: unknown \['depth'\]"):
+        module_mod.backbone("synthetic32", 16, None, {"depth": 3})
 
 
 def test_loading_a_checkpoint_without_state_starts_the_counters_at_zero():
