@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from callbacks.schedule import check_every, due
 from gmpi_lightning.errors import InputError
 
 
@@ -19,8 +20,7 @@ class IterationCheckpoint(ModelCheckpoint):
 
     def __init__(self, every_n_iters: int | None = None, filename: str | None = "it{iteration:06d}",
                  auto_insert_metric_name: bool = False, **kwargs):
-        if every_n_iters is not None and every_n_iters < 1:
-            raise InputError(f"every_n_iters must be a positive number of iterations or None, got {every_n_iters}")
+        check_every(every_n_iters)
         for k in ("every_n_train_steps", "train_time_interval"):
             if kwargs.get(k):
                 raise InputError(f"IterationCheckpoint counts iterations: use every_n_iters, not {k}")
@@ -37,8 +37,8 @@ class IterationCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         it = int(pl_module.iteration)
-        due = it >= pl_module.hparams.max_iters or (self.every_n_iters and it % self.every_n_iters == 0)
-        if not due or it == 0 or it == self._last_iteration_saved or self._should_skip_saving_checkpoint(trainer):
+        due_now = due(self.every_n_iters, it) or it >= pl_module.hparams.max_iters
+        if not due_now or it == 0 or it == self._last_iteration_saved or self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)

@@ -21,6 +21,7 @@ import numpy as np
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.schedule import check_every, due
 from gmpi_lightning import export
 from gmpi_lightning.errors import InputError
 from gmpi_lightning.nn.alpha import fixed_planes
@@ -71,19 +72,16 @@ class MediaCallback(Callback):
     def __init__(self, every_n_iters: int | None = None, at_end: bool = True, planes: int | None = None,
                  resolution: int | None = None, truncation_psi: float = 1.0, plane_chunk: int | None = None,
                  out_dir: str | None = None):
-        if every_n_iters is not None and every_n_iters < 1:
-            raise InputError(f"every_n_iters must be a positive number of iterations or None, got {every_n_iters}")
         if resolution is not None and resolution < 1:  # checked here, not at the first render mid-run
             raise InputError(f"resolution must be a positive number of pixels or None (the preset's), got {resolution}")
-        self.every_n_iters, self.at_end, self.out_dir = every_n_iters, at_end, out_dir
+        self.every_n_iters, self.at_end, self.out_dir = check_every(every_n_iters), at_end, out_dir
         self.renderer_kwargs = dict(planes=planes, resolution=resolution, truncation_psi=truncation_psi,
                                     plane_chunk=plane_chunk)
         self.last_iteration: int | None = None  # the iteration rendered last (no duplicate at the end)
         self.written: list[Path] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        it = int(pl_module.iteration)
-        if self.every_n_iters and it > 0 and it % self.every_n_iters == 0:
+        if due(self.every_n_iters, int(pl_module.iteration)):
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -6,10 +6,10 @@ generator, with constant noise (``gmpi evaluate``: random, seeded per fake) and 
         - class_path: callbacks.metrics.EvaluationCallback
           init_args: {every_n_iters: 200, metrics: [consistency, depth_fd], num_samples: 64}
 
-Runs every ``every_n_iters`` GMPI iterations (the module's counter, not ``global_step``) and at the end of training.
-Under DDP every rank renders its share and the results are gathered once; rank 0 logs ``eval/<metric>`` to every
-logger and appends a line to ``<run>/eval.jsonl``. Inception metrics (fid, kid, pr, is) need the weights file: a
-missing one is an error when the callback is made, so ``gmpi fit`` stops before any logger starts.
+Runs every ``every_n_iters`` GMPI iterations (the module's counter, not ``global_step``; None: never) and at the end
+of training. Under DDP every rank renders its share and the results are gathered once; rank 0 logs ``eval/<metric>``
+to every logger and appends a line to ``<run>/eval.jsonl``. Inception metrics (fid, kid, pr, is) need the weights
+file: a missing one is an error when the callback is made, so ``gmpi fit`` stops before any logger starts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from callbacks.media import is_2d, run_dir
+from callbacks.schedule import check_every, due
 from gmpi_lightning.errors import InputError
 from gmpi_lightning.evaluation.evaluate import (
     INCEPTION_METRICS,
@@ -36,11 +37,12 @@ from gmpi_lightning.evaluation.fakes import IMAGE_METRICS, FakeSettings, iter_im
 class EvaluationCallback(pl.Callback):
     """Evaluates the EMA generator on a schedule (see the module docstring)."""
 
-    def __init__(self, every_n_iters: int = 1000, metrics: list[str] | str = "consistency", num_samples: int = 64,
-                 planes: int | None = None, truncation: float = 1.0, batch_size: int = 4, data: str | None = None,
-                 num_real: int | None = None, inception: str | None = None, estimators: str | None = None,
-                 kid_subset_size: int = 1000, at_end: bool = True):
-        self.every, self.metrics, self.num_samples = every_n_iters, parse_metrics(metrics), num_samples
+    def __init__(self, every_n_iters: int | None = 1000, metrics: list[str] | str = "consistency",
+                 num_samples: int = 64, planes: int | None = None, truncation: float = 1.0, batch_size: int = 4,
+                 data: str | None = None, num_real: int | None = None, inception: str | None = None,
+                 estimators: str | None = None, kid_subset_size: int = 1000, at_end: bool = True):
+        self.every, self.metrics = check_every(every_n_iters), parse_metrics(metrics)
+        self.num_samples = num_samples
         self.planes, self.truncation, self.batch_size, self.data = planes, truncation, batch_size, data
         self.num_real, self.inception, self.estimators = num_real, inception, estimators
         self.kid_subset_size, self.at_end = kid_subset_size, at_end
@@ -96,7 +98,7 @@ class EvaluationCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         it = pl_module.iteration
-        if self.every and it > 0 and it % self.every == 0 and it != self._last:
+        if due(self.every, it) and it != self._last:
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
