@@ -41,8 +41,7 @@ class EvaluationCallback(pl.Callback):
                  num_samples: int = 64, planes: int | None = None, truncation: float = 1.0, batch_size: int = 4,
                  data: str | None = None, num_real: int | None = None, inception: str | None = None,
                  estimators: str | None = None, kid_subset_size: int = 1000, at_end: bool = True):
-        self.every, self.metrics = check_every(every_n_iters), parse_metrics(metrics)
-        self.num_samples = num_samples
+        self.every, self.metrics, self.num_samples = check_every(every_n_iters), parse_metrics(metrics), num_samples
         self.planes, self.truncation, self.batch_size, self.data = planes, truncation, batch_size, data
         self.num_real, self.inception, self.estimators = num_real, inception, estimators
         self.kid_subset_size, self.at_end = kid_subset_size, at_end

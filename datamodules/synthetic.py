@@ -266,18 +266,16 @@ def render_heads(indices: Sequence[int] | torch.Tensor, cfg: SyntheticConfig, ya
     outs = []
     for j, i in enumerate(idx):
         g = _generator(cfg.seed, i)
-        y, p = sample_preset_pose(1, preset, generator=g)     # always drawn: the scene stream follows it
-        y = overrides[0][j:j + 1] if overrides[0] is not None else y.float()
-        p = overrides[1][j:j + 1] if overrides[1] is not None else p.float()
+        drawn = sample_preset_pose(1, preset, generator=g)     # always drawn: the scene stream follows it
+        y, p = (v.float() if over is None else over[j:j + 1] for v, over in zip(drawn, overrides))
         c2w = sphere_c2w(y, p, preset.sphere_center_z, preset.sphere_r)[0]
         w2c = invert_rigid(c2w)[0]
         one = _render_one(_scene(g), c2w, w2c, res, ss, preset.fov_deg, preset.far)
         outs.append(dict(one, yaw=y[0], pitch=p[0], c2w=c2w, w2c=w2c))
     if not idx:
-        shapes = dict(image=(0, res, res, 3), depth=(0, res, res), mask=(0, res, res), yaw=(0,), pitch=(0,),
-                      c2w=(0, 4, 4), w2c=(0, 4, 4))
+        shapes = dict(image=(res, res, 3), depth=(res, res), mask=(res, res), yaw=(), pitch=(), c2w=(4, 4), w2c=(4, 4))
         dtypes = dict(image=torch.uint8, mask=torch.bool)
-        return {key: torch.zeros(shapes[key], dtype=dtypes.get(key, torch.float32)) for key in KEYS}
+        return {key: torch.zeros((0, *shapes[key]), dtype=dtypes.get(key, torch.float32)) for key in KEYS}
     return {key: torch.stack([one[key] for one in outs]) for key in KEYS}
 
 

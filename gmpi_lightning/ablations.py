@@ -148,9 +148,8 @@ def ablations(data: str = "synthetic", rows: str = "all", out: str | None = None
         print(f"training the pose/depth estimators on {data} -> {est}", flush=True)
         train_estimators(data, est)
     table = evaluate_rows(planned, metrics, num_samples, planes, inception, est and str(est), device)
-    first = planned[0].dir.with_name(planned[0].same_as or planned[0].name) / "gmpi.pt"
-    table += compare.reference_rows(data, load_generator(first).preset, metrics, num_samples, planes,
-                                    est and str(est), out / "reference.json", device)
+    table += compare.reference_rows(data, load_generator(planned[0].dir / "gmpi.pt").preset, metrics, num_samples,
+                                    planes, est and str(est), out / "reference.json", device)
     runs.write_table(table, out / "results.csv", out / "results.md", title=f"Ablations on {base}: "
                      f"{num_samples} fakes per row, {planes} planes; ± standard error over the fakes "
                      f"(depth FD: bootstrap)", plus_minus={c: f"{c}_se" for c in compare.COLUMNS})

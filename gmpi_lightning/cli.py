@@ -16,6 +16,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable
+from functools import partial
 
 from jsonargparse import ArgumentParser
 
@@ -83,12 +84,10 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
-def _lightning(subcommand: str) -> Callable[[list[str]], None]:
-    def run_cli(argv: list[str]) -> None:
-        from .trainer import run_lightning_cli
+def _lightning(subcommand: str, argv: list[str]) -> None:
+    from .trainer import run_lightning_cli
 
-        run_lightning_cli([subcommand, *argv])
-    return run_cli
+    run_lightning_cli([subcommand, *argv])
 
 
 def _commands() -> dict:
@@ -103,7 +102,7 @@ def _commands() -> dict:
     return {
         "import-stylegan2": (render_commands.import_stylegan2, True),
         "render": (render_commands.render, False), "export-web": (render_commands.export_web, False),
-        "fit": _lightning("fit"), "validate": _lightning("validate"), "test": _lightning("test"),
+        **{sub: partial(_lightning, sub) for sub in ("fit", "validate", "test")},
         "sweep-local": (sweeps.sweep_local, True),
         "data": {"synthetic": (data_cli.synthetic, False), "ffhq": (data_cli.ffhq, False),
                  "eg3d": (data_cli.eg3d, False), "folder": (data_cli.folder, False)},

@@ -189,8 +189,6 @@ def train_estimators(data: str | Path, out: str | Path | None = None, steps: int
     opt = torch.optim.Adam([*pose_model.parameters(), *depth_model.parameters()], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     gen = torch.Generator().manual_seed(seed)
-    pose_model.train()
-    depth_model.train()
     bar = progress(range(steps), desc="gmpi estimators train", unit="step", disable=not progress_bar)
     ema = None
     for step in bar:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cameras import deep3dface_dataset_angles
 from .errors import InputError
 
 FORMAT = "gmpi-estimators/v1"
@@ -82,10 +83,7 @@ def summarize(values) -> dict:
 
 def deep3d_to_yaw_pitch(angle) -> torch.Tensor:
     """Deep3DFaceRecon ``angle`` (N x 3: ax, ay, az radians) -> ``N x 2 [yaw, pitch]``: yaw = -ay, pitch = ax."""
-    from .cameras import deep3dface_dataset_angles
-
-    yaw, pitch = deep3dface_dataset_angles(angle)
-    return torch.stack([yaw, pitch], dim=1)
+    return torch.stack(deep3dface_dataset_angles(angle), dim=1)
 
 
 def yaw_pitch_to_deep3d(yaw, pitch) -> torch.Tensor:

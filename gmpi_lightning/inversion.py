@@ -4,12 +4,10 @@
     out = inv.render(0.4, 0.0)                              # {'rgb', 'depth', 'alpha'} from a novel camera
     inv = invert(G, preset, target)                         # camera unknown: searched, then learned (inv.yaw)
 
-Stage 1 optimises the latent so that the MPI rendered at the input's camera reproduces the image (one w, then one per
-synthesis layer); stage 2 (PTI, Roich et al. 2021) fine-tunes the synthesis network of a copy of G around that
-latent, regularised to keep the pivot's depth at prior cameras and the MPIs of nearby latents. The loss is L1 +
-pyramid SSIM (offline: no pretrained network). Ctrl-C ends the current stage and keeps its best step. Without a
-camera, :mod:`~gmpi_lightning.pose_search` finds a start and stage 1 learns yaw and pitch too. Choices and
-measurements: docs/INVERSION.md; the command and its files: :mod:`gmpi_lightning.invert_cli`.
+Stage 1 optimises the latent (one w, then one per synthesis layer) to reproduce the image at its camera; stage 2
+(PTI, Roich et al. 2021) tunes a copy of G's synthesis network around it. The loss is L1 + pyramid SSIM (offline: no
+pretrained network); Ctrl-C ends a stage, keeping its best step. Choices and measurements: docs/INVERSION.md; the
+command and its files: :mod:`gmpi_lightning.invert_cli`.
 """
 
 from __future__ import annotations
@@ -225,8 +223,8 @@ def pivotal_tuning(G, ws: torch.Tensor, scene: Scene, c2w, target, s: InvertSett
             with torch.no_grad():  # a latent between the pivot and a random mapped sample
                 z = torch.randn(1, G.z_dim, generator=gen, device=device)
                 c = torch.zeros(1, G.c_dim, device=device) if G.c_dim else None
-                w_near = ws.lerp(G.mapping(z, c, skip_w_avg_update=True), float(torch.rand((), generator=gen,
-                                                                                            device=device)))
+                w_sample = G.mapping(z, c, skip_w_avg_update=True)
+                w_near = ws.lerp(w_sample, float(torch.rand((), generator=gen, device=device)))
                 mpi_near0 = _synthesize(G, w_near, scene, chunk)
                 cams = scene.sample_cameras(s.depth_cameras, generator=gen) if s.depth_weight else None
                 depth0 = depth(mpi0, cams) if s.depth_weight else None
@@ -285,7 +283,7 @@ def invert(G, preset: Preset, target: torch.Tensor, yaw: float | None = None, pi
             found = search_pose(G, scene, target, search, stats, bar)
             history["pose_search"] = found.summary()
             yaw, pitch, w_start = found.yaw, found.pitch, found.w
-        if history.get("pose_search", {}).get("interrupted"):  # keep the best candidate's latent and camera
+        if searched and found.interrupted:  # keep the best candidate's latent and camera
             ws = w_start[:, None].expand(-1, G.num_ws, -1).clone()
         else:
             ws, h1 = optimise_latent(G, scene, (yaw, pitch), target, s, stats, bar, refine_pose, w_start)

@@ -191,14 +191,14 @@ LOW_CONFIDENCE = 0.05  # search confidence under which the camera is reported as
 def _check_mirror(pose, pose_init: str | None, estimators) -> None:
     """``--mirror`` repeats the generator's camera search on the mirror image: refused, before any work, where the
     camera is not searched."""
+    averages = "--mirror averages the camera the generator searches for"
     if pose is not None:
-        raise InputError("--mirror averages the camera the generator searches for; --pose gives it: drop one of them")
+        raise InputError(f"{averages}; --pose gives it: drop one of them")
     if pose_init not in (None, "search", "reader"):
-        raise InputError(f"--mirror averages the camera the generator searches for; --pose-init {pose_init} does not "
-                         f"search: use --pose-init search or reader")
+        raise InputError(f"{averages}; --pose-init {pose_init} does not search: use --pose-init search or reader")
     if pose_init is None and estimators is not None:
-        raise InputError("--mirror averages the camera the generator searches for, and --estimators makes the pose "
-                         "CNN's reading the start (--pose-init cnn): add --pose-init search or reader")
+        raise InputError(f"{averages}, and --estimators makes the pose CNN's reading the start (--pose-init cnn): add "
+                         f"--pose-init search or reader")
 
 
 def camera_report(inv: Inversion, source: str, yaw0: float | None, pitch0: float | None) -> dict:

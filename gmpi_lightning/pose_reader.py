@@ -64,8 +64,7 @@ def train_reader(G, preset, settings: ReaderSettings | None = None, device: str 
     ``augment(images, generator)``, if given, transforms every training batch (benchmarks/pose_reader_gap.py)."""
     from .export import progress
 
-    s = settings or ReaderSettings()
-    t0 = time.perf_counter()
+    s, t0 = settings or ReaderSettings(), time.perf_counter()
     gen = torch.Generator(device).manual_seed(s.seed)
     images, poses = posed_renders(G, preset, s.samples + 256, gen)
     (images, held_images), (poses, held_poses) = images.split([s.samples, 256]), poses.split([s.samples, 256])
@@ -97,8 +96,7 @@ def train_reader(G, preset, settings: ReaderSettings | None = None, device: str 
 
 def reader_path(ckpt: str | Path) -> Path:
     """Where the reader of a checkpoint is cached: next to it, ``<name>.pose_reader.pt``."""
-    ckpt = Path(ckpt)
-    return ckpt.with_name(ckpt.stem + ".pose_reader.pt")
+    return Path(ckpt).with_name(f"{Path(ckpt).stem}.pose_reader.pt")
 
 
 def reader_for(ckpt: str | Path, G, preset, settings: ReaderSettings | None = None, device: str = "cpu",

@@ -3,12 +3,10 @@
     found = search_pose(G, scene, target, SearchSettings(), latent_stats(G))   # target: 1 x 3 x R x R in [0, 1]
     found.yaw, found.pitch, found.confidence, found.summary()
 
-A yaw x pitch grid over the preset's pose prior (centres of equal cells), each candidate with its own w (W space,
-from the mean of mapped latents) optimised a few steps, all in one batch with their losses summed (each w follows only
-its own loss), and scored by the lowest image loss it reached. The winner starts stage 1 of
-:func:`~gmpi_lightning.inversion.invert`. ``confidence``: the loss of the *runner-up* (the best candidate ending more
-than ``neighbourhood`` cells from the winner) minus the winner's, over the runner-up's: 0 when both explain the image
-equally well (a mirror-symmetric face), towards 1 as the runner-up explains it worse (docs/INVERSION.md).
+A yaw x pitch grid over the preset's pose prior, each candidate with its own w (W space, from the mean of mapped
+latents) optimised a few steps, all in one batch with their losses summed (each w follows only its own loss), and
+scored by the lowest image loss it reached. The winner starts stage 1 of :func:`~gmpi_lightning.inversion.invert`;
+the runner-up and the confidence: :class:`PoseSearch` (docs/INVERSION.md, "Confidence").
 """
 
 from __future__ import annotations

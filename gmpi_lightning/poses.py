@@ -3,11 +3,10 @@
 
     gmpi poses --ckpt runs/synthetic/gmpi.pt --images my_faces/ --out my_faces_poses.json [--min-confidence 0.05]
 
-Each camera is estimated by the checkpoint as ``gmpi invert`` does without ``--pose``
-(:mod:`gmpi_lightning.pose_search`; no pivotal tuning). ``--out`` gets ``{"file.png": {"yaw", "pitch",
-"confidence"}}`` (radians, keyed by the path relative to ``--images``); ``<out>.report.json`` holds every estimate,
-the unsure and skipped images, the checkpoint and the settings. Images are checked before any estimation; both files
-are rewritten after every image, so Ctrl-C keeps the finished ones and the same command resumes.
+Each camera is estimated as ``gmpi invert`` does without ``--pose`` (:mod:`gmpi_lightning.pose_search`; no pivotal
+tuning). ``--out`` gets ``{"file.png": {"yaw", "pitch", "confidence"}}`` (radians, keyed by the path relative to
+``--images``); ``<out>.report.json`` holds every estimate, the unsure and skipped images, the checkpoint and the
+settings. Both are rewritten after every image, so Ctrl-C keeps the finished ones and the same command resumes.
 """
 
 from __future__ import annotations
@@ -123,10 +122,9 @@ def estimate_folder(ckpt, images, out, settings: InvertSettings | None = None, s
         bar.close()
     report = _write(out, meta, done, bad, min_confidence, flag, interrupted, time.perf_counter() - t0)
     for name in report["low_confidence"]:
-        c = done[name]["confidence"]
+        c, left_out = done[name]["confidence"], name in report["left_out"]
         warn(f"{name}: camera unsure (confidence {'none' if c is None else f'{c:.3f}'} < {flag}): "
-             + ("left out of " + str(out) if name in report["left_out"] else f"kept; --min-confidence {flag} would "
-                                                                            f"leave it out"))
+             + (f"left out of {out}" if left_out else f"kept; --min-confidence {flag} would leave it out"))
     for name, why in bad.items():
         warn(f"{name}: skipped ({why})")
     changed = [n for n in done if done[n].get("notes")]

@@ -58,7 +58,7 @@ def fill_run_paths(cfg):
         if str(entry.get("class_path")) in CHECKPOINT_CALLBACKS and not _args(entry).get("dirpath"):
             _args(entry)["dirpath"] = os.path.join(root, "checkpoints")
     model = cfg.get("model")
-    if model is not None and hasattr(model, "get"):
+    if hasattr(model, "get"):  # a dict or Namespace, not None
         model = model.get("init_args") if model.get("class_path") and model.get("init_args") is not None else model
         export = model.get("export_path")
         if export and os.path.basename(str(export)) == str(export):

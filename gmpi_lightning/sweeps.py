@@ -66,6 +66,7 @@ SPEC_RULES = (  # (distributions, ok(spec), message): checked in order, the firs
     (("q_uniform", "q_log_uniform_values"), lambda s: _number(s.get("q", 1)) and s.get("q", 1) > 0,
      "`q` must be a positive number, got {q!r}"),
 )
+SEED_KEYS = ("seed_everything", "data.seed")  # what a seed axis sets: the module's streams and the data order
 EXAMPLE = "[${env}, ${interpreter}, -m, gmpi_lightning.sweeps, fit, --config, experiments/synthetic.yaml, ${args}]"
 
 
@@ -213,23 +214,18 @@ def build_command(sweep: Sweep, params: dict, interpreter: str | None = None, en
     return [x for t in sweep.command for x in fill.get(t, [env.get(t[9:-1], t[9:-1]) if t[:9] == "${envvar:" else t])]
 
 
-def with_seeds(values: list[dict], seeds: list[int] | None) -> list[dict]:
-    """Every arm (a run's parameter values) once per seed: ``seed_everything`` and ``data.seed`` set to it (a seed
-    axis; arm-major, so an arm's repeats are neighbours). No seeds: ``values`` unchanged."""
-    if not seeds:
-        return values
-    _check(len(set(seeds)) == len(seeds), "--seeds", f"repeats a seed: {seeds}")
-    return [{**params, **dict.fromkeys(SEED_KEYS, s)} for params in values for s in seeds]
-
-
 def plan(sweep: Sweep, out: str | os.PathLike, count: int | None = None, seed: int = 0, extra=(),
          interpreter: str | None = None, seeds: list[int] | None = None) -> list[runs.Run]:
     """The runs, each resolved by the ``gmpi fit`` parser (a typo or a bad value stops the sweep here, before
-    anything runs) and rerooted to OUT/run-NNN; with ``seeds``, each arm once per seed (:func:`with_seeds`)."""
+    anything runs) and rerooted to OUT/run-NNN; with ``seeds``, each arm once per seed (``seed_everything`` and
+    ``data.seed`` set to it; arm-major, so an arm's repeats are neighbours)."""
     at = str(sweep.path)
     clash = sorted(set(SEED_KEYS) & set(sweep.params)) if seeds else []
     _check(not clash, at, f"the sweep varies {clash} itself; drop --seeds or that parameter")
-    values = with_seeds(expand(sweep, count=count, seed=seed), seeds)
+    values = expand(sweep, count=count, seed=seed)
+    if seeds:
+        _check(len(set(seeds)) == len(seeds), "--seeds", f"repeats a seed: {seeds}")
+        values = [{**params, **dict.fromkeys(SEED_KEYS, s)} for params in values for s in seeds]
     fit_args = lambda command: command[command.index("fit") + 1:] + list(extra)  # what `gmpi fit` parses
     try:
         known = runs.options(runs.resolve(fit_args(build_command(sweep, {}, interpreter))))
@@ -299,9 +295,6 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike | None = None, parallel: int 
                          title=f"Sweep {sweep.name}: mean ± sd over seeds, per arm (finished runs)")
         echo(f"per arm over seeds: {out / 'summary.md'}")
     return int(failed > 0), rows
-
-
-SEED_KEYS = ("seed_everything", "data.seed")  # what a seed axis sets: the module's streams and the data order
 
 
 def summarize_seeds(rows: list[dict], params: list[str], metrics: list[str]) -> list[dict]:

@@ -17,15 +17,13 @@ from .hparams import migrate_argv
 from .module import GANModule
 from .run_paths import fill_run_paths
 
-DEFAULT_MODEL = "gmpi_lightning.module.GMPIModule"
-
 
 class GMPICLI(LightningCLI):
     """``model:`` takes the init args of GMPIModule directly (the default class), or ``class_path:`` another
     GANModule (``gmpi_lightning.module.StyleGAN2Module`` for 2D pretraining) with its ``init_args``."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}})
+        parser.set_defaults({"model": {"class_path": "gmpi_lightning.module.GMPIModule"}})
 
     def _parse_ckpt_path(self) -> None:
         """Resuming keeps the run's YAML/CLI configuration (LightningCLI would overwrite it with the hparams saved

@@ -78,9 +78,9 @@ def invert(ckpt: str, image: str, out: str, pose: Floats | None = None,
         print(f"interrupted (Ctrl-C) before the inversion: nothing written to {out}", file=sys.stderr)
         return 130
     cam = m["camera"]
+    confidence = "" if cam.get("confidence") is None else f", search confidence {cam['confidence']:.3f}"
     print(f"camera ({cam['source']}{', refined' if cam['refined'] else ''}): yaw {cam['yaw']:.3f}, pitch "
-          f"{cam['pitch']:.3f}" + (f", search confidence {cam['confidence']:.3f}" if cam.get("confidence") is not None
-                                   else ""))
+          f"{cam['pitch']:.3f}{confidence}")
     print(f"reconstruction at the input camera: PSNR {m['recon_psnr']:.2f} dB, SSIM {m['recon_ssim']:.3f} "
           f"({m['seconds_inversion']:.1f} s) -> {out}")
     return 130 if m["interrupted"] else 0

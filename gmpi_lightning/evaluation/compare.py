@@ -103,15 +103,6 @@ def evaluate_cached(ckpt: Path, cache: Path, data: str, metrics: list[str], num_
     return blob
 
 
-REFERENCE_SETTINGS = {"renders": "reference: the ground truth rendered at each camera",
-                      "mpi": "reference: MPI built from the ground truth (frontal RGB + depth)",
-                      "billboard": "reference: the frontal image on one plane",
-                      "card_front": "reference: the frontal image on the nearest plane",
-                      "card_center": "reference: the frontal image on the plane of the rotation centre",
-                      "card_back": "reference: the frontal image halfway from the centre to the background",
-                      "mpi_blur": "reference: MPI built from the ground truth with a blurred frontal image"}
-
-
 def reference_rows(data: str, preset, metrics: list[str], num_samples: int, planes: int, estimators: str | None,
                    cache: Path, device: str = "cpu") -> list[dict]:
     """The reference rows (:mod:`.reference`) as table rows, for data whose ground truth can be rendered (else
@@ -130,7 +121,7 @@ def reference_rows(data: str, preset, metrics: list[str], num_samples: int, plan
                                             FakeSettings(planes=planes, batch_size=8), estimators, device),
                 "request": want}
         cache.write_text(json.dumps(blob, indent=2))
-    return [{"row": f"ref_{kind}", "setting": REFERENCE_SETTINGS[kind], "same_as": "", **table_row(r)}
+    return [{"row": f"ref_{kind}", "setting": f"reference: {KINDS[kind]}", "same_as": "", **table_row(r)}
             for kind, r in blob["rows"].items()]
 
 

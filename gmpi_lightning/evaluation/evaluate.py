@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from . import geometry
 from .fakes import FakeSettings, iter_fakes, rank_seeds
 from .image_metrics import fid_kid, gather_rows, inception_score, precision_recall, rank_world, real_features
 from .inception import INCEPTION_FILE, InceptionFeatures, to_uint8_images
-from .reference import iter_reference, load_truth
+from .reference import iter_reference, load_truth, parse_names
 
 ALL_METRICS = ("fid", "kid", "pr", "is", "consistency", "depth_fd", "pose", "depth", "est_fd")
 DEPTH_POOL = 16  # depth_fd feature: 16 x 16 pooled normalised depth
@@ -44,13 +45,7 @@ EST_FD_REALS = 2000  # est_fd: the first reals in shard order (a fixed set, so e
 
 
 def parse_metrics(text: str | list[str]) -> list[str]:
-    names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
-    if names == ["all"]:
-        return list(ALL_METRICS)
-    bad = [m for m in names if m not in ALL_METRICS]
-    if bad or not names:
-        raise InputError(f"unknown metric(s) {bad or names}; choose from {', '.join(ALL_METRICS)} (or all)")
-    return names
+    return parse_names(text, ALL_METRICS, "metric(s)", required=True)
 
 
 def json_safe(obj):
@@ -155,8 +150,7 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
     fakes by other pictures of the same seeds and cameras: ``(seeds, settings, device, streams, return_weights) ->``
     batches as :func:`~.fakes.iter_fakes` yields them (the reference rows of :mod:`.reference`)."""
     settings = settings or FakeSettings()
-    missing = sorted(m for m in metrics if m in NEEDS_DATA and not data)
-    if missing:
+    if missing := sorted(m for m in metrics if m in NEEDS_DATA and not data):
         raise InputError(f"metrics {missing} compare with real data: pass --data (a folder written by `gmpi data`)")
     if num_samples < 2:
         raise InputError(f"--num-samples must be at least 2, got {num_samples}")
@@ -228,8 +222,7 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
         described = extractor.describe()
         if {"fid", "kid", "pr"} & set(metrics):
             real, info = real_features(data, extractor, num_real, cache_dir, use_cache=use_cache)
-        which = tuple(m for m in ("fid", "kid") if m in metrics)
-        if which:
+        if which := tuple(m for m in ("fid", "kid") if m in metrics):
             out = fid_kid(real, per["inception"], which, kid_subsets, kid_subset_size)
             result["metrics"].update({k: out[k] for k in ("fid", "kid") if k in out})
             result["details"]["fid_kid"] = dict(out, real=info, **described)
@@ -275,7 +268,7 @@ def evaluate(G, preset, metrics: list[str], num_samples: int, data: str | Path |
             result["warnings"].append(f"{k}: {s['n_invalid']} of {s['n'] + s['n_invalid']} fakes gave no value (no "
                                       f"valid pixels: nothing opaque, co-visible or inside the estimator's mask) "
                                       f"and are left out of its mean")
-    result["settings"] = dict(settings.to_dict(), resolution=res, num_samples=num_samples, first_seed=first_seed,
+    result["settings"] = dict(asdict(settings), resolution=res, num_samples=num_samples, first_seed=first_seed,
                               seeds=f"{first_seed}-{first_seed + num_samples - 1}", world_size=world,
                               num_real=num_real or "all", kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                               latent="z_k = RandomState(k).randn(z_dim)", pose="preset prior, Generator(2k) "

@@ -7,7 +7,7 @@ with ``planes`` planes (paper: 96) and truncation psi (paper: 1.0). Under DDP ra
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -26,9 +26,6 @@ class FakeSettings:
     resolution: int | None = None
     batch_size: int = 4
     plane_chunk: int | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def seed_poses(seeds, preset, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,20 +22,32 @@ from ..planes import texel_xyz
 from ..scene import Scene
 from .fakes import fake_batch
 
-KINDS = ("renders", "mpi", "billboard", "card_front", "card_center", "card_back", "mpi_blur")
+KINDS = {  # row -> what it shows (the "setting" of its line in `gmpi ablations`' table, after "reference: ")
+    "renders": "the ground truth rendered at each camera",
+    "mpi": "MPI built from the ground truth (frontal RGB + depth)",
+    "billboard": "the frontal image on one plane",
+    "card_front": "the frontal image on the nearest plane",
+    "card_center": "the frontal image on the plane of the rotation centre",
+    "card_back": "the frontal image halfway from the centre to the background",
+    "mpi_blur": "MPI built from the ground truth with a blurred frontal image"}
 CARDS = {"card_front": 0.0, "card_center": None, "card_back": 0.5}  # where between the centre (0) and background (1)
 BLUR_SIGMA_PX = 1.5  # mpi_blur at 32 px (scaled with the resolution)
 TRUTH_RENDERERS: dict = {}  # card "source" -> (card, resolution) -> a ground-truth renderer; see register_truth
 
 
-def parse_kinds(text: str | list[str] | None) -> list[str]:
+def parse_names(text: str | list[str] | None, choices, what: str, required: bool = False) -> list[str]:
+    """Comma-separated (or listed) names out of ``choices`` (``all``: every one); none is an error if ``required``."""
     names = [k.strip() for k in (text.split(",") if isinstance(text, str) else text or []) if k.strip()]
     if names == ["all"]:
-        return list(KINDS)
-    bad = [k for k in names if k not in KINDS]
-    if bad:
-        raise InputError(f"unknown reference row(s) {bad}; choose from {', '.join(KINDS)} (or all)")
+        return list(choices)
+    bad = [k for k in names if k not in choices]
+    if bad or (required and not names):
+        raise InputError(f"unknown {what} {bad or names}; choose from {', '.join(choices)} (or all)")
     return names
+
+
+def parse_kinds(text: str | list[str] | None) -> list[str]:
+    return parse_names(text, KINDS, "reference row(s)")
 
 
 def register_truth(source: str, factory) -> None:

@@ -227,14 +227,13 @@ def load_gmpi_checkpoint(path: str | Path) -> dict[str, Any]:
     if "generator" not in nets or not all(isinstance(v, dict) for v in nets.values()):
         raise NetworkFormatError(f"{path}: 'generator' (and 'discriminator') must be dicts of init_kwargs and "
                                  f"state_dict")
-    G = build_checked(GMPIGenerator, nets["generator"].get("init_kwargs"), nets["generator"].get("state_dict"),
-                      f"{path}[generator]")
-    D = None
+    build = lambda cls, key: build_checked(cls, nets[key].get("init_kwargs"), nets[key].get("state_dict"),
+                                           f"{path}[{key}]")
+    G, D = build(GMPIGenerator, "generator"), None
     if "discriminator" in nets:
         classes = {c.__name__: c for c in (Discriminator, PoseConditionedDiscriminator)}
         name = nets["discriminator"].get("class_name", "PoseConditionedDiscriminator")
         if name not in classes:
             raise NetworkFormatError(f"{path}: unknown discriminator class {name!r}; expected one of {list(classes)}")
-        D = build_checked(classes[name], nets["discriminator"].get("init_kwargs"),
-                          nets["discriminator"].get("state_dict"), f"{path}[discriminator]").requires_grad_(True)
+        D = build(classes[name], "discriminator").requires_grad_(True)
     return {"G": G, "D": D, "preset": blob.get("preset"), "extra": blob.get("extra")}

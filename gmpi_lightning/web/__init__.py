@@ -118,8 +118,7 @@ class ViewerWriter:
         for old in self.out.glob("seed*.js"):  # nothing when the folder does not exist
             old.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.preset, self.seeds, self.files = preset, [int(s) for s in seeds], {}
-        self.texture_resolution = texture_resolution
+        self.seeds, self.files = [int(s) for s in seeds], {}
         p, (yaw_range, pitch_range) = preset, pose_range(preset)
         self.manifest = {
             "format": FORMAT, "preset": p.name, "fov_deg": p.fov_deg, "sphere_center_z": p.sphere_center_z,
@@ -135,7 +134,7 @@ class ViewerWriter:
         """Write ``seedNNNN.js`` for one MPI (L x 4 x T x T in [0, 1])."""
         if mpi.shape[0] != len(self.manifest["plane_depths"]):
             raise InputError(f"seed {seed}: {mpi.shape[0]} planes, the page has {len(self.manifest['plane_depths'])}")
-        entry = pack_mpi(resample_planes(mpi, self.texture_resolution))
+        entry = pack_mpi(resample_planes(mpi, self.manifest["texture_resolution"]))
         name = f"seed{int(seed):04d}.js"
         (self.out / name).write_text("window.GMPI_SEEDS = window.GMPI_SEEDS || {};\n" +
                                      _js_assign(f"window.GMPI_SEEDS[{int(seed)}]", entry))
