@@ -1,6 +1,8 @@
 """When the periodic callbacks run (callbacks/schedule.py): every N of the module's iterations after the first, and a
 schedule that could not mean that is refused when the callback is made, in every callback alike."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from callbacks.checkpoint import IterationCheckpoint
@@ -30,6 +32,28 @@ def test_every_callback_refuses_a_schedule_of_no_iterations(kind, bad):
         MAKERS[kind](bad)
 
 
-@pytest.mark.parametrize("kind", MAKERS)
-def test_every_callback_takes_none_for_only_at_the_end(kind):
-    MAKERS[kind](None)
+@pytest.mark.parametrize("kind", ["media", "evaluation"])
+@pytest.mark.parametrize("every, runs_at", [(None, []), (100, [100, 200])])
+def test_a_callback_runs_at_its_due_iterations_and_at_the_end(kind, every, runs_at):
+    """None: only at the end of training; N: at every multiple of N as well. Rules out None read as "never, not even
+    at the end" or as "every iteration", and a schedule the callback does not consult."""
+    cb, ran = MAKERS[kind](every), []
+    cb.run = lambda trainer, module: ran.append(module.iteration)
+    for it in range(0, 251, 50):
+        cb.on_train_batch_end(None, SimpleNamespace(iteration=it), None, None, 0)
+    cb.on_train_end(None, SimpleNamespace(iteration=250))
+    assert ran == [*runs_at, 250]
+
+
+@pytest.mark.parametrize("every, saved_at", [(None, [250]), (100, [100, 200, 250])])
+def test_the_checkpoint_saves_at_its_due_iterations_and_the_last(every, saved_at, monkeypatch):
+    """None: only after the last iteration (max_iters); N: at every multiple of N as well, never at iteration 0."""
+    ck, saved = IterationCheckpoint(every_n_iters=every), []
+    monkeypatch.setattr(ck, "_should_skip_saving_checkpoint", lambda trainer: False)
+    monkeypatch.setattr(ck, "_monitor_candidates", lambda trainer: {})
+    monkeypatch.setattr(ck, "_save_topk_checkpoint", lambda trainer, c: saved.append(it))  # `it`: the loop's, now
+    monkeypatch.setattr(ck, "_save_last_checkpoint", lambda trainer, c: None)
+    for it in range(0, 251, 50):
+        ck.on_train_batch_end(None, SimpleNamespace(iteration=it, hparams=SimpleNamespace(max_iters=250)), None, None,
+                              0)
+    assert saved == saved_at
